@@ -1,0 +1,333 @@
+"""Lightning data modules for weak supervision with census counts.
+
+:class:`CensusDataModule` trains on coarse census regions (one region per sample, loss on region
+sums), validates on held-out regions and tests/predicts on tiles covering the whole imagery.
+:class:`SyntheticCensusDataModule` does the same on the embedded synthetic world.
+Batch formats: :mod:`popcorn.datamodules.samples` and docs/interfaces.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from popcorn.errors import PopcornInputError
+
+from .augmentation import BatchAugmentation
+from .census import CensusRegions
+from .grid import RasterGrid
+from .samplers import RegionSampler, TileSampler, oversized_regions
+from .samples import RegionSamples, TileSamples, collate_regions, collate_tiles
+from .sentinel import SEASONS, Sentinel1Composite, Sentinel2Composite, check_same_grid, check_seasons
+
+log = logging.getLogger(__name__)
+
+
+def split_ids(ids: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/val split of region ids (sorted lists, disjoint).
+
+    ``round(val_fraction * N)`` regions (at least 1 if ``val_fraction > 0`` and N >= 2, and never
+    all of them) are drawn for validation with ``numpy.random.default_rng(seed)``.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise PopcornInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    ids = sorted(int(i) for i in ids)
+    n = len(ids)
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    else:
+        n_val = min(n_val, max(n - 1, 0))
+    perm = np.random.default_rng(seed).permutation(n)
+    val = sorted(ids[i] for i in perm[:n_val])
+    val_set = set(val)
+    return [i for i in ids if i not in val_set], val
+
+
+def open_imagery(
+    imagery_root: str | os.PathLike[str], seasons: Sequence[str], max_gap_px: int = 64
+) -> tuple[Sentinel1Composite, Sentinel2Composite, RasterGrid]:
+    """Open the S1/S2 composites under ``imagery_root``, check every season is there and both
+    share one grid; the datasets are re-based onto the joint grid."""
+    root = Path(imagery_root)
+    if not root.exists():
+        raise PopcornInputError(f"imagery folder {root} does not exist")
+    s1 = Sentinel1Composite(str(root), max_gap_px=max_gap_px)
+    s2 = Sentinel2Composite(str(root))
+    for ds in (s1, s2):
+        missing = [s for s in seasons if s not in ds.seasons]
+        if missing:
+            raise PopcornInputError(
+                f"{root}: no {ds.sensor} composite for season(s) {missing} "
+                f"(expected {ds.sensor}_<season>.tif); found seasons {list(ds.seasons)}"
+            )
+    grid = check_same_grid(s1, s2)
+    s1.grid = grid
+    s2.grid = grid
+    return s1, s2, grid
+
+
+def _existing(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    if not Path(path).exists():
+        raise PopcornInputError(f"{what} {path} does not exist")
+    return str(path)
+
+
+class CensusDataModule(L.LightningDataModule):
+    """Census-region weak supervision data (see docs/interfaces.md for batches and attributes).
+
+    Training: every training region once per epoch, shuffled, random season per sample,
+    ``batch_size`` regions per batch (padded, with ``valid_mask`` / ``region_mask``), augmented on
+    the device. Validation: held-out regions (deterministic split by ``split_seed``), fixed
+    seasons. Test/predict: tiles of ``test_tile_size`` px (+ ``test_margin`` px context) covering
+    the whole imagery, for every season of ``test_seasons``.
+
+    Args:
+        imagery_root: folder with ``S1_<season>*.tif`` and ``S2_<season>*.tif``.
+        census_regions: vector file of the regions (GeoPackage/Shapefile/GeoJSON, any CRS).
+        census_counts: CSV with id and count columns; None = count column of the vector file.
+        id_column: name of the region id column (vector and CSV).
+        count_column: name of the count column (people).
+        fine_truth: 1 ha truth raster for evaluation (optional).
+        builtup_labels: built-up labels raster on the imagery grid (optional).
+        seasons: seasons drawn for training/validation.
+        test_seasons: seasons predicted at test/predict time.
+        val_fraction: fraction of regions held out for validation.
+        split_seed: seed of the train/val split.
+        max_region_pixels: regions whose bounding box has more pixels are skipped (None = all).
+        batch_size: regions (or tiles) per batch; the paper uses 2.
+        num_workers: DataLoader workers.
+        test_tile_size: tile core size in px (multiple of 10 so tiles align with 1 ha cells).
+        test_margin: px of context read on each side of a tile core.
+        augment: apply training augmentation (on the device, training only).
+        shuffle_seed: seed of the training order/seasons; None = drawn from torch's global RNG
+            at setup (so ``seed_everything`` controls it).
+        max_gap_px: S1 NaN gaps up to this many connected pixels are filled from neighbours.
+    """
+
+    def __init__(
+        self,
+        imagery_root: str,
+        census_regions: str,
+        census_counts: str | None = None,
+        id_column: str = "region_id",
+        count_column: str = "count",
+        fine_truth: str | None = None,
+        builtup_labels: str | None = None,
+        seasons: Sequence[str] = SEASONS,
+        test_seasons: Sequence[str] = SEASONS,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        max_region_pixels: int | None = 1_000_000,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        test_tile_size: int = 500,
+        test_margin: int = 32,
+        augment: bool = True,
+        shuffle_seed: int | None = None,
+        max_gap_px: int = 64,
+    ) -> None:
+        super().__init__()
+        self.imagery_root = str(imagery_root)
+        self.census_regions_path = str(census_regions)
+        self.census_counts_path = None if census_counts is None else str(census_counts)
+        self.id_column = id_column
+        self.count_column = count_column
+        self.fine_truth_path = None if fine_truth is None else str(fine_truth)
+        self.builtup_labels_path = None if builtup_labels is None else str(builtup_labels)
+        self.seasons = check_seasons(seasons, "seasons")
+        self.test_seasons = check_seasons(test_seasons, "test_seasons")
+        if not 0.0 <= val_fraction < 1.0:
+            raise PopcornInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+        if max_region_pixels is not None and max_region_pixels <= 0:
+            raise PopcornInputError(f"max_region_pixels must be positive, got {max_region_pixels}")
+        self.max_region_pixels = max_region_pixels
+        if batch_size < 1:
+            raise PopcornInputError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        if test_tile_size <= 0 or test_tile_size % 10:
+            raise PopcornInputError(
+                f"test_tile_size must be a positive multiple of 10 (tiles align with 1 ha "
+                f"cells), got {test_tile_size}"
+            )
+        if test_margin < 0:
+            raise PopcornInputError(f"test_margin must be >= 0, got {test_margin}")
+        self.test_tile_size = int(test_tile_size)
+        self.test_margin = int(test_margin)
+        self.augment = bool(augment)
+        self.shuffle_seed = shuffle_seed
+        self.max_gap_px = int(max_gap_px)
+        self.augmentation = BatchAugmentation()
+        self.census_regions: CensusRegions | None = None
+        self.skipped_ids: list[int] = []
+        self.difficulty: float = float("nan")
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.census_regions is not None:
+            return
+        self.fine_truth_path = _existing(self.fine_truth_path, "fine truth raster")
+        self.builtup_labels_path = _existing(self.builtup_labels_path, "built-up labels raster")
+        all_seasons = tuple(s for s in SEASONS if s in set(self.seasons) | set(self.test_seasons))
+        self.s1, self.s2, self.grid = open_imagery(self.imagery_root, all_seasons, self.max_gap_px)
+        regions = CensusRegions(
+            self.census_regions_path, self.census_counts_path, self.grid,
+            id_column=self.id_column, count_column=self.count_column,
+        )
+        train, val = split_ids(regions.ids, self.val_fraction, self.split_seed)
+        skipped = set(oversized_regions(regions.windows, regions.ids, self.max_region_pixels))
+        if skipped:
+            log.warning(
+                "skipping %d region(s) whose bounding box exceeds max_region_pixels=%d: %s",
+                len(skipped), self.max_region_pixels,
+                ", ".join(f"{i} ({regions.windows[i][2]}x{regions.windows[i][3]} px)"
+                          for i in sorted(skipped)[:50]),
+            )
+        self.skipped_ids = sorted(skipped)
+        regions.train_ids = [i for i in train if i not in skipped]
+        regions.val_ids = [i for i in val if i not in skipped]
+        if not regions.train_ids:
+            raise PopcornInputError(
+                f"{self.census_regions_path}: no training region left (all {len(train)} are "
+                f"larger than max_region_pixels={self.max_region_pixels} or held out); raise "
+                "max_region_pixels or lower val_fraction"
+            )
+        self.census_regions = regions
+        self.grid_shape = self.grid.shape
+        self.transform = self.grid.transform
+        self.crs = self.grid.crs
+        n = len(regions.train_ids)
+        mean_ha = float(np.mean([regions.area_ha(i) for i in regions.train_ids]))
+        self.difficulty = mean_ha / n
+        log.info(
+            "census data: %d train regions, %d val regions, %d skipped; grid %dx%d px; mean "
+            "training region %.1f ha; difficulty D = S/N = %.4g",
+            n, len(regions.val_ids), len(self.skipped_ids), *self.grid_shape, mean_ha,
+            self.difficulty,
+        )
+        if self.shuffle_seed is None:
+            self.shuffle_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        self._train_sampler = RegionSampler(
+            regions.windows, regions.train_ids, self.seasons, shuffle=True, seed=self.shuffle_seed
+        )
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Any, sampler: Any, collate: Any, batch_size: int) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def _require_setup(self) -> CensusRegions:
+        if self.census_regions is None:
+            self.setup()
+        assert self.census_regions is not None
+        return self.census_regions
+
+    def train_dataloader(self) -> DataLoader:
+        regions = self._require_setup()
+        return self._loader(
+            RegionSamples(self.s1, self.s2, regions), self._train_sampler, collate_regions,
+            self.batch_size,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        regions = self._require_setup()
+        if not regions.val_ids:
+            return []
+        sampler = RegionSampler(regions.windows, regions.val_ids, self.seasons, shuffle=False)
+        return self._loader(
+            RegionSamples(self.s1, self.s2, regions), sampler, collate_regions, self.batch_size
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        self._require_setup()
+        sampler = TileSampler(
+            *self.grid_shape, self.test_tile_size, self.test_margin, self.test_seasons
+        )
+        return self._loader(TileSamples(self.s1, self.s2), sampler, collate_tiles, self.batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if self.augment and trainer is not None and trainer.training:
+            batch = self.augmentation(batch)
+        return batch
+
+
+class SyntheticCensusDataModule(CensusDataModule):
+    """:class:`CensusDataModule` on the embedded synthetic world (generated in prepare_data).
+
+    Paths come from ``popcorn.datamodules.synthetic.world_dir(root, size_px, seed)``: imagery in
+    the world folder, ``census_regions.gpkg``, ``census_counts.csv``, ``population_1ha.tif`` as
+    fine truth and ``builtup_fraction.tif`` as built-up labels.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        size_px: int = 1200,
+        seed: int = 0,
+        n_regions: int = 200,
+        count_noise: float = 0.0,
+        seasons: Sequence[str] = SEASONS,
+        test_seasons: Sequence[str] = SEASONS,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        max_region_pixels: int | None = 1_000_000,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        test_tile_size: int = 500,
+        test_margin: int = 32,
+        augment: bool = True,
+        shuffle_seed: int | None = None,
+        max_gap_px: int = 64,
+    ) -> None:
+        from .synthetic import world_dir
+
+        self.root = str(root)
+        self.size_px = int(size_px)
+        self.seed = int(seed)
+        self.n_regions = int(n_regions)
+        self.count_noise = float(count_noise)
+        directory = Path(world_dir(root, size_px, seed))
+        super().__init__(
+            imagery_root=str(directory),
+            census_regions=str(directory / "census_regions.gpkg"),
+            census_counts=str(directory / "census_counts.csv"),
+            fine_truth=str(directory / "population_1ha.tif"),
+            builtup_labels=str(directory / "builtup_fraction.tif"),
+            seasons=seasons, test_seasons=test_seasons, val_fraction=val_fraction,
+            split_seed=split_seed, max_region_pixels=max_region_pixels, batch_size=batch_size,
+            num_workers=num_workers, test_tile_size=test_tile_size, test_margin=test_margin,
+            augment=augment, shuffle_seed=shuffle_seed, max_gap_px=max_gap_px,
+        )
+        self.world_directory = directory
+
+    def prepare_data(self) -> None:
+        from .synthetic import make_synthetic_world
+
+        make_synthetic_world(
+            root=self.root, size_px=self.size_px, seed=self.seed, n_regions=self.n_regions,
+            count_noise=self.count_noise,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if not (self.world_directory / "world.json").exists():
+            self.prepare_data()
+        super().setup(stage)

@@ -1,0 +1,186 @@
+"""Samplers: one census region per sample; tiles covering the whole grid; random patches.
+
+Samplers yield small keys (named tuples) that the map-style datasets in
+:mod:`popcorn.datamodules.samples` turn into tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import Sampler
+
+from .grid import Window
+from .sentinel import check_seasons
+
+log = logging.getLogger(__name__)
+
+
+class RegionKey(NamedTuple):
+    """One training/validation sample: a census region's bounding box in one season."""
+
+    region_id: int
+    season: str
+    window: Window
+
+
+class TileKey(NamedTuple):
+    """One test tile: ``core`` window of the grid plus ``margin`` px of context, one season."""
+
+    season: str
+    core: Window
+    margin: int
+
+
+class PatchKey(NamedTuple):
+    """One built-up pretraining patch (window of the grid) in one season."""
+
+    season: str
+    window: Window
+
+
+def oversized_regions(
+    windows: dict[int, Window], ids: Sequence[int], max_region_pixels: int | None
+) -> list[int]:
+    """Ids whose bounding box has more than ``max_region_pixels`` pixels (None = no limit)."""
+    if max_region_pixels is None:
+        return []
+    return [i for i in ids if windows[i][2] * windows[i][3] > max_region_pixels]
+
+
+class RegionSampler(Sampler[RegionKey]):
+    """Yield every region of ``ids`` exactly once per epoch, as :class:`RegionKey`.
+
+    Training (``shuffle=True``): the order is a fresh permutation each epoch and the season is
+    drawn uniformly from ``seasons`` per sample, both from one ``torch.Generator`` seeded with
+    ``seed`` (so a run is reproducible, epochs differ). Validation (``shuffle=False``): regions in
+    id order, the season fixed per region (cycling through ``seasons`` over the sorted ids), the
+    same every epoch.
+
+    Regions whose bounding box exceeds ``max_region_pixels`` are skipped (logged once, by id);
+    see :attr:`skipped_ids`.
+    """
+
+    def __init__(
+        self,
+        windows: dict[int, Window],
+        ids: Sequence[int],
+        seasons: Sequence[str],
+        shuffle: bool = True,
+        seed: int = 0,
+        max_region_pixels: int | None = None,
+    ) -> None:
+        self.windows = windows
+        self.seasons = check_seasons(seasons)
+        self.shuffle = shuffle
+        self.skipped_ids = oversized_regions(windows, ids, max_region_pixels)
+        if self.skipped_ids:
+            log.warning(
+                "skipping %d region(s) whose bounding box exceeds max_region_pixels=%s: %s",
+                len(self.skipped_ids), max_region_pixels,
+                ", ".join(
+                    f"{i} ({windows[i][2]}x{windows[i][3]} px)" for i in self.skipped_ids[:50]
+                ),
+            )
+        skipped = set(self.skipped_ids)
+        self.ids = sorted(i for i in ids if i not in skipped)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[RegionKey]:
+        n = len(self.ids)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).tolist()
+            seasons = torch.randint(len(self.seasons), (n,), generator=self.generator).tolist()
+        else:
+            order = list(range(n))
+            seasons = [i % len(self.seasons) for i in range(n)]
+        for pos, k in enumerate(order):
+            rid = self.ids[k]
+            yield RegionKey(rid, self.seasons[seasons[pos]], self.windows[rid])
+
+
+def tile_windows(height: int, width: int, tile: int) -> list[Window]:
+    """Non-overlapping ``tile`` x ``tile`` cores covering ``height`` x ``width`` (row-major);
+    the last row/column of tiles is cut at the grid edge."""
+    return [
+        (r, c, min(tile, height - r), min(tile, width - c))
+        for r in range(0, height, tile)
+        for c in range(0, width, tile)
+    ]
+
+
+class TileSampler(Sampler[TileKey]):
+    """Every tile core of the grid for every season (season-major, tiles row-major)."""
+
+    def __init__(
+        self, height: int, width: int, tile_size: int, margin: int, seasons: Sequence[str]
+    ) -> None:
+        self.seasons = check_seasons(seasons)
+        self.margin = int(margin)
+        self.cores = tile_windows(height, width, int(tile_size))
+
+    def __len__(self) -> int:
+        return len(self.cores) * len(self.seasons)
+
+    def __iter__(self) -> Iterator[TileKey]:
+        for season in self.seasons:
+            for core in self.cores:
+                yield TileKey(season, core, self.margin)
+
+
+class RandomPatchSampler(Sampler[PatchKey]):
+    """``length`` random ``patch_size`` windows inside ``area`` (a window of the grid), random
+    season each, from a generator seeded with ``seed``."""
+
+    def __init__(
+        self, area: Window, patch_size: int, length: int, seasons: Sequence[str], seed: int = 0
+    ) -> None:
+        self.area = area
+        self.patch_size = int(patch_size)
+        self.length = int(length)
+        self.seasons = check_seasons(seasons)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[PatchKey]:
+        row, col, h, w = self.area
+        ph, pw = min(self.patch_size, h), min(self.patch_size, w)
+        g = self.generator
+        rows = torch.randint(0, h - ph + 1, (self.length,), generator=g).tolist()
+        cols = torch.randint(0, w - pw + 1, (self.length,), generator=g).tolist()
+        seasons = torch.randint(len(self.seasons), (self.length,), generator=g).tolist()
+        for r, c, s in zip(rows, cols, seasons, strict=True):
+            yield PatchKey(self.seasons[s], (row + r, col + c, ph, pw))
+
+
+class FixedPatchSampler(Sampler[PatchKey]):
+    """Deterministic patches tiling ``area`` (seasons cycling), at most ``max_patches``."""
+
+    def __init__(
+        self, area: Window, patch_size: int, seasons: Sequence[str], max_patches: int | None = None
+    ) -> None:
+        row, col, h, w = area
+        ps = int(patch_size)
+        self.seasons = check_seasons(seasons)
+        wins = [
+            (row + r, col + c, min(ps, h), min(ps, w))
+            for r in range(0, max(h - ps, 0) + 1, ps)
+            for c in range(0, max(w - ps, 0) + 1, ps)
+        ]
+        if max_patches is not None:
+            wins = wins[: int(max_patches)]
+        self.keys = [PatchKey(self.seasons[i % len(self.seasons)], w_) for i, w_ in enumerate(wins)]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[PatchKey]:
+        return iter(self.keys)

@@ -1,0 +1,82 @@
+"""Small file helpers shared by every writer: nothing is ever half-written under its final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    from affine import Affine
+    from rasterio.crs import CRS
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds.
+
+    The temporary name keeps the suffix so drivers that guess the format from it still work.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_geotiff(
+    path: str | os.PathLike[str],
+    array: "np.ndarray",
+    *,
+    transform: "Affine",
+    crs: "CRS | str",
+    nodata: float | None = None,
+    band_names: list[str] | None = None,
+    tags: dict[str, str] | None = None,
+) -> Path:
+    """Write a (bands, H, W) or (H, W) array as a tiled, deflate-compressed GeoTIFF, atomically.
+
+    Provenance ``tags`` (checkpoints, seasons, software version) are stored as dataset tags;
+    the popcorn version is always added.
+    """
+    import numpy as np
+    import rasterio
+
+    from popcorn import __version__
+
+    data = np.asarray(array)
+    if data.ndim == 2:
+        data = data[None]
+    bands, height, width = data.shape
+    profile = {
+        "driver": "GTiff",
+        "height": height,
+        "width": width,
+        "count": bands,
+        "dtype": data.dtype.name,
+        "crs": crs,
+        "transform": transform,
+        "nodata": nodata,
+        "compress": "deflate",
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+    }
+    if width < 256 or height < 256:
+        profile.update(tiled=False)
+        profile.pop("blockxsize")
+        profile.pop("blockysize")
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(data)
+            dst.update_tags(software=f"popcorn {__version__}", **(tags or {}))
+            for i, name in enumerate(band_names or [], start=1):
+                dst.set_band_description(i, name)
+    return Path(path)

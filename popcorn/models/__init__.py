@@ -1,0 +1,7 @@
+"""Networks: dual-stream U-Net, pretrained built-up extractor, and the POPCORN model."""
+
+from popcorn.models.builtup import PUBLISHED_SHA256, PUBLISHED_URL, BuiltUpExtractor
+from popcorn.models.popcorn import Popcorn
+from popcorn.models.unet import DualStreamUNet
+
+__all__ = ["PUBLISHED_SHA256", "PUBLISHED_URL", "BuiltUpExtractor", "DualStreamUNet", "Popcorn"]

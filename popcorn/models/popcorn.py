@@ -1,0 +1,145 @@
+"""POPCORN: frozen built-up extractor x trainable occupancy branch = people per 10 m pixel."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from popcorn.errors import PopcornInputError
+from popcorn.models.builtup import BuiltUpExtractor, _extract_state_dict
+from popcorn.models.unet import DualStreamUNet
+
+Modalities = Literal["s1s2", "s1", "s2"]
+
+
+class Popcorn(nn.Module):
+    """population = builtup_score (frozen extractor) * occupancy (dual-stream U-Net + 1x1 head).
+
+    With ``occupancy_split=False`` ("direct estimation") the head output is the population itself.
+    The built-up extractor and every BatchNorm stay in eval mode and get no gradient: batches of
+    two census regions are far too small for batch statistics.
+    """
+
+    def __init__(
+        self,
+        builtup: BuiltUpExtractor | None = None,
+        occupancy_init: Literal["pretrained", "scratch"] = "pretrained",
+        modalities: Modalities = "s1s2",
+        occupancy_split: bool = True,
+        occupancy_bias: float = 0.2267,
+    ) -> None:
+        super().__init__()
+        if occupancy_init not in ("pretrained", "scratch"):
+            raise PopcornInputError(f"occupancy_init must be 'pretrained' or 'scratch', got {occupancy_init!r}.")
+        if modalities not in ("s1s2", "s1", "s2"):
+            raise PopcornInputError(f"modalities must be 's1s2', 's1' or 's2', got {modalities!r}.")
+        self.occupancy_init = occupancy_init
+        self.modalities = modalities
+        self.occupancy_split = occupancy_split
+        self.use_s1 = modalities in ("s1s2", "s1")
+        self.use_s2 = modalities in ("s1s2", "s2")
+
+        self.builtup = builtup if builtup is not None else BuiltUpExtractor()
+        self.occupancy = DualStreamUNet()
+        if occupancy_init == "pretrained":
+            self.occupancy.load_state_dict(self.builtup.state_dict())
+        in_ch = 8 * (int(self.use_s1) + int(self.use_s2))
+        self.head = nn.Sequential(
+            nn.Conv2d(in_ch, 64, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(64, 2, 1),
+        )
+        self.set_occupancy_bias(occupancy_bias)
+        self._freeze()
+        self.train(self.training)
+
+    # -- freezing ------------------------------------------------------------------------------
+    def _freeze(self) -> None:
+        """No gradient for the extractor, BN affine params and parts of the branch never used."""
+        self.builtup.requires_grad_(False)
+        occ = self.occupancy
+        unused: list[nn.Module] = [occ.sar_out_conv, occ.optical_out_conv, occ.fusion_out_conv]
+        unused += [occ.sar_stream.outc, occ.optical_stream.outc]
+        if not self.use_s1:
+            unused.append(occ.sar_stream)
+        if not self.use_s2:
+            unused.append(occ.optical_stream)
+        for m in unused:
+            m.requires_grad_(False)
+        for m in occ.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Popcorn:
+        """Set train/eval mode but keep the extractor and every BatchNorm in eval mode."""
+        super().train(mode)
+        self.builtup.eval()
+        for m in self.occupancy.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    # -- weights -------------------------------------------------------------------------------
+    def load_builtup(
+        self, extractor_or_state_dict: DualStreamUNet | Mapping[str, Tensor], init_occupancy: bool = True
+    ) -> None:
+        """Load built-up weights; copy them into the occupancy branch too if it is "pretrained"."""
+        if isinstance(extractor_or_state_dict, nn.Module):
+            sd = extractor_or_state_dict.state_dict()
+        else:
+            sd = _extract_state_dict(extractor_or_state_dict, "state dict")  # type: ignore[arg-type]
+        self.builtup.load_checked(sd, "the given built-up state dict")
+        if init_occupancy and self.occupancy_init == "pretrained":
+            self.occupancy.load_state_dict(self.builtup.state_dict())
+        self._freeze()
+        self.train(self.training)
+
+    @property
+    def head_last_layer(self) -> nn.Conv2d:
+        """Last 1x1 conv of the head (its bias is the occupancy prior; no weight decay)."""
+        last = self.head[-1]
+        assert isinstance(last, nn.Conv2d)
+        return last
+
+    def set_occupancy_bias(self, value: float) -> None:
+        """Set the prior occupancy (people per built-up pixel): bias of head output channel 0."""
+        with torch.no_grad():
+            self.head_last_layer.bias[0] = float(value)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, s1: Tensor | None, s2: Tensor | None) -> dict[str, Tensor]:
+        """Raw s1 (dB) / s2 (reflectance x 1e4), NaN = missing -> population, builtup_score, occupancy."""
+        if self.use_s1 and s1 is None:
+            raise PopcornInputError(f"modalities={self.modalities!r} needs s1 (VV,VH in dB), got None.")
+        if self.use_s2 and s2 is None:
+            raise PopcornInputError(f"modalities={self.modalities!r} needs s2 (B02,B03,B04,B08), got None.")
+        # Normalisation and padding are computed once and shared by both branches.
+        prep = self.builtup.prepare(s1 if self.use_s1 else None, s2 if self.use_s2 else None)
+        with torch.no_grad():
+            builtup_score = torch.sigmoid(self.builtup.logits(*self.builtup.stream_features(prep)))
+        f1, f2 = self.occupancy.stream_features(prep)
+        feats = torch.cat([f for f in (f1, f2) if f is not None], dim=1)
+        raw = self.head(feats)[:, :1]
+        if self.occupancy_split:
+            occupancy = torch.relu(raw)
+            population = builtup_score * occupancy
+        else:
+            population = torch.relu(raw)
+            occupancy = population
+        return {"population": population, "builtup_score": builtup_score, "occupancy": occupancy}
+
+    def extra_repr(self) -> str:
+        return (
+            f"modalities={self.modalities!r}, occupancy_init={self.occupancy_init!r}, "
+            f"occupancy_split={self.occupancy_split}"
+        )
+
+
+__all__ = ["Popcorn"]

@@ -1,0 +1,6 @@
+"""Lightning tasks: how each model is trained, validated and tested."""
+
+from popcorn.tasks.builtup import BuiltUpTask
+from popcorn.tasks.weak_supervision import WeakSupervisionTask
+
+__all__ = ["BuiltUpTask", "WeakSupervisionTask"]

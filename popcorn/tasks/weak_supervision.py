@@ -1,0 +1,304 @@
+"""WeakSupervisionTask: train POPCORN's occupancy branch from census counts of coarse regions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+
+from popcorn.dasymetric import block_sum, dasymetric_rescale
+from popcorn.errors import PopcornInputError
+from popcorn.io import write_geotiff
+from popcorn.metrics import format_table, regression_metrics
+from popcorn.models import BuiltUpExtractor, Popcorn
+
+log = logging.getLogger(__name__)
+
+FINE_FACTOR = 10
+"""10 m imagery pixels per side of a 1 ha evaluation cell."""
+
+
+def region_log_l1(pred_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean over regions of |log(1 + c_j) - log(1 + sum_k p_k)| (the paper's log-L1)."""
+    return (torch.log1p(counts) - torch.log1p(pred_sums.clamp(min=0))).abs().mean()
+
+
+def sum_by_region(
+    per_sample_sums: torch.Tensor, region_id: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add up the sums of samples that are windows of the same region (one count per region)."""
+    unique, inverse = torch.unique(region_id, return_inverse=True)
+    sums = torch.zeros(len(unique), dtype=per_sample_sums.dtype, device=per_sample_sums.device)
+    sums = sums.index_add(0, inverse, per_sample_sums)
+    region_counts = torch.zeros_like(sums).scatter(0, inverse, counts.to(sums.dtype))
+    return sums, region_counts
+
+
+class WeakSupervisionTask(LightningModule):
+    """POPCORN: a frozen built-up extractor times an occupancy branch, trained on region sums.
+
+    Loss: log-L1 between census counts and predicted region sums, plus
+    ``occupancy_regularisation`` x mean occupancy. Test: the whole imagery in tiles, averaged
+    over the test seasons, evaluated at 1 ha against the fine truth for POPCORN raw, POPCORN
+    rescaled to the census counts (dasymetric) and BuiltUp disaggregation.
+    """
+
+    def __init__(
+        self,
+        builtup_weights: str | None = None,
+        occupancy_init: Literal["pretrained", "scratch"] = "pretrained",
+        modalities: Literal["s1s2", "s1", "s2"] = "s1s2",
+        occupancy_split: bool = True,
+        occupancy_bias_init: float | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 5e-7,
+        lr_step_size: int = 5,
+        lr_gamma: float = 0.75,
+        occupancy_regularisation: float = 0.01,
+        output_dir: str | None = None,
+    ) -> None:
+        """Args:
+        builtup_weights: path or URL of built-up weights (the published checkpoint or an
+            export of BuiltUpTask); None = pretrain them first (``popcorn.fit`` does it).
+        occupancy_init: initialise the occupancy branch from the built-up weights or randomly.
+        modalities: Sentinel-1 and -2, or one of them (paper's ablation).
+        occupancy_split: False = direct estimation of population, no built-up x occupancy.
+        occupancy_bias_init: initial occupancy (people per built-up 10 m pixel) put in the last
+            head bias; None = estimated from the training regions (total count / total
+            built-up score) before the first epoch.
+        lr, weight_decay, lr_step_size, lr_gamma: Adam and StepLR settings (paper: 1e-4,
+            dataset dependent, 5, 0.75); the last head layer has no weight decay.
+        occupancy_regularisation: weight of the mean-occupancy sparsity term (paper: 0.01).
+        output_dir: where test maps and tables go; default the logger's directory.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        builtup = BuiltUpExtractor.from_pretrained(builtup_weights) if builtup_weights else None
+        self.model = Popcorn(
+            builtup=builtup,
+            occupancy_init=occupancy_init,
+            modalities=modalities,
+            occupancy_split=occupancy_split,
+            occupancy_bias=occupancy_bias_init if occupancy_bias_init is not None else 0.2267,
+        )
+        # Saved in checkpoints so a resumed run does not estimate the bias again.
+        self.register_buffer("bias_initialised", torch.tensor(occupancy_bias_init is not None))
+        self._val_sums: list[torch.Tensor] = []
+        self._val_counts: list[torch.Tensor] = []
+        self._test_acc: dict[str, np.ndarray] = {}
+        self.test_results: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def load_builtup_weights(self, path_or_url: str) -> None:
+        """Load built-up weights (and copy them into the occupancy branch when pretrained)."""
+        extractor = BuiltUpExtractor.from_pretrained(path_or_url)
+        self.model.load_builtup(extractor, init_occupancy=self.hparams.occupancy_init == "pretrained")
+
+    def on_fit_start(self) -> None:
+        if not bool(self.bias_initialised):
+            self.model.set_occupancy_bias(self.estimate_occupancy_bias())
+            self.bias_initialised.fill_(True)
+
+    @torch.no_grad()
+    def estimate_occupancy_bias(self) -> float:
+        """Average occupancy of the training regions: total count / total built-up score.
+
+        For direct estimation it is the average population per pixel instead.
+        """
+        datamodule = self.trainer.datamodule
+        total_count = 0.0
+        total_weight = 0.0
+        was_training = self.model.training
+        self.model.eval()
+        for batch in datamodule.train_dataloader():
+            mask = batch["region_mask"].to(self.device)
+            if self.hparams.occupancy_split:
+                s1, s2 = (x.to(self.device) if x is not None else None for x in self._inputs(batch))
+                score = self.model.builtup(s1, s2)[:, 0]
+                total_weight += float((score * mask).sum())
+            else:
+                total_weight += float(mask.sum())
+            total_count += float(batch["count"].sum())
+        self.model.train(was_training)
+        if total_weight <= 0:
+            raise PopcornInputError(
+                "the built-up extractor finds no built-up area in any training region, so the "
+                "average occupancy cannot be estimated: check the imagery and built-up weights, "
+                "or set model.occupancy_bias_init"
+            )
+        bias = total_count / total_weight
+        rank_zero_info(f"occupancy bias initialised from the training regions: {bias:.4f}")
+        return bias
+
+    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        modalities = self.hparams.modalities
+        s1 = batch["s1"] if modalities in ("s1s2", "s1") else None
+        s2 = batch["s2"] if modalities in ("s1s2", "s2") else None
+        return s1, s2
+
+    def forward(self, s1: torch.Tensor | None, s2: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return self.model(s1, s2)
+
+    # ------------------------------------------------------------ train / val
+    def _region_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        out = self(*self._inputs(batch))
+        mask = batch["region_mask"].to(out["population"].dtype)
+        per_sample = (out["population"][:, 0] * mask).sum(dim=(1, 2))
+        sums, counts = sum_by_region(per_sample, batch["region_id"], batch["count"].float())
+        data_loss = region_log_l1(sums, counts)
+        occupancy = (out["occupancy"][:, 0] * mask).sum() / mask.sum().clamp(min=1)
+        loss = data_loss + self.hparams.occupancy_regularisation * occupancy
+        return loss, data_loss, occupancy, sums, counts
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, data_loss, occupancy, _, _ = self._region_step(batch)
+        n = len(batch["count"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/log_l1", data_loss, on_epoch=True, batch_size=n)
+        self.log("train/mean_occupancy", occupancy, on_epoch=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, data_loss, _, sums, counts = self._region_step(batch)
+        n = len(batch["count"])
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=n)
+        self.log("val/log_l1", data_loss, on_epoch=True, batch_size=n)
+        self._val_sums.append(sums.detach().float().cpu())
+        self._val_counts.append(counts.detach().float().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_sums:
+            pred = torch.cat(self._val_sums).numpy()
+            true = torch.cat(self._val_counts).numpy()
+            if len(true) >= 2:
+                m = regression_metrics(pred, true)
+                self.log("val/region_r2", m["r2"], prog_bar=True)
+                self.log("val/region_mae", m["mae"])
+                self.log("val/region_rmse", m["rmse"])
+        self._val_sums.clear()
+        self._val_counts.clear()
+
+    # ------------------------------------------------------------------- test
+    def on_test_epoch_start(self) -> None:
+        h, w = self.trainer.datamodule.grid_shape
+        self._test_acc = {
+            name: np.zeros((h, w), dtype=np.float64)
+            for name in ("population", "builtup_score", "occupancy")
+        }
+        self._test_acc["hits"] = np.zeros((h, w), dtype=np.float64)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self(*self._inputs(batch))
+        margin = int(batch["margin"])
+        for i, (row, col, height, width) in enumerate(batch["window"].tolist()):
+            core = (slice(row, row + height), slice(col, col + width))
+            for name in ("population", "builtup_score", "occupancy"):
+                tile = out[name][i, 0, margin : margin + height, margin : margin + width]
+                self._test_acc[name][core] += tile.float().cpu().numpy()
+            self._test_acc["hits"][core] += 1
+
+    def on_test_epoch_end(self) -> None:
+        dm = self.trainer.datamodule
+        hits = self._test_acc.pop("hits")
+        if (hits == 0).any():
+            raise RuntimeError(f"{int((hits == 0).sum())} pixels were never predicted in the test")
+        maps = {k: (v / hits).astype(np.float32) for k, v in self._test_acc.items()}
+        self._test_acc = {}
+        regions = dm.census_regions
+        ids = regions.id_raster
+        raw = maps["population"]
+        rescaled, scale = dasymetric_rescale(raw, ids, regions.counts)
+        builtup_disagg, _ = dasymetric_rescale(maps["builtup_score"], ids, regions.counts)
+        out_dir = self._output_dir()
+        seasons = ",".join(dm.test_seasons)
+        tags = {"seasons": seasons, "model": "POPCORN", "units": "people per 1 ha cell"}
+        fine = {
+            "POPCORN": block_sum(raw, FINE_FACTOR),
+            "POPCORN rescaled": block_sum(rescaled, FINE_FACTOR),
+            "BuiltUp disaggregation": block_sum(builtup_disagg, FINE_FACTOR),
+        }
+        fine_transform = dm.transform @ dm.transform.scale(FINE_FACTOR, FINE_FACTOR)
+        for name, array in (("population_1ha", fine["POPCORN"]),
+                            ("population_1ha_rescaled", fine["POPCORN rescaled"])):
+            write_geotiff(out_dir / f"{name}.tif", array.astype(np.float32), transform=fine_transform,
+                          crs=dm.crs, nodata=-1.0, band_names=["population"], tags=tags)
+        write_geotiff(out_dir / "builtup_score_10m.tif", maps["builtup_score"], transform=dm.transform,
+                      crs=dm.crs, nodata=-1.0, band_names=["builtup_score"], tags=tags)
+        factors = np.array([v for v in scale.values() if np.isfinite(v)])
+        if factors.size:
+            p10, p50, p90 = np.percentile(factors, [10, 50, 90])
+            rank_zero_info(f"dasymetric scale factors p10/p50/p90: {p10:.2f}/{p50:.2f}/{p90:.2f}")
+        truth_path = dm.fine_truth_path
+        if truth_path is None:
+            rank_zero_info("no fine truth raster configured: maps written, no fine-level metrics")
+            return
+        truth = self._read_fine_truth(Path(truth_path), fine_transform, fine["POPCORN"].shape)
+        valid = np.isfinite(truth) & (block_sum((ids > 0).astype(np.float32), FINE_FACTOR) > 0)
+        self.test_results = {
+            name: regression_metrics(array[valid], truth[valid]) for name, array in fine.items()
+        }
+        for name, m in self.test_results.items():
+            key = name.lower().replace(" ", "_")
+            for metric in ("r2", "mae", "rmse"):
+                self.log(f"test/{key}_{metric}", m[metric])
+        table = format_table(self.test_results, title=f"Fine level (1 ha), seasons {seasons}")
+        (out_dir / "fine_metrics.md").write_text(table + "\n")
+        rank_zero_info("\n" + table)
+        print("\n" + table + "\n", flush=True)
+
+    def _output_dir(self) -> Path:
+        if self.hparams.output_dir:
+            path = Path(self.hparams.output_dir)
+        elif self.trainer.log_dir:
+            path = Path(self.trainer.log_dir)
+        else:
+            path = Path(self.trainer.default_root_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @staticmethod
+    def _read_fine_truth(path: Path, transform: Any, shape: tuple[int, int]) -> np.ndarray:
+        """Read the 1 ha truth raster, which must lie on the 1 ha grid of the imagery."""
+        try:
+            with rasterio.open(path) as src:
+                truth = src.read(1).astype(np.float64)
+                nodata = src.nodata
+                src_transform = src.transform
+        except rasterio.errors.RasterioIOError as err:
+            raise PopcornInputError(f"cannot read the fine truth raster {path}: {err}") from err
+        if truth.shape != shape or not src_transform.almost_equals(transform):
+            raise PopcornInputError(
+                f"fine truth raster {path} ({truth.shape[0]} x {truth.shape[1]}, {src_transform}) "
+                f"is not on the 1 ha grid of the imagery ({shape[0]} x {shape[1]}, {transform}): "
+                "resample it onto that grid first"
+            )
+        if nodata is not None:
+            truth[truth == nodata] = np.nan
+        return truth
+
+    # -------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        last = set(id(p) for p in self.model.head_last_layer.parameters())
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in trainable if id(p) not in last]
+        no_decay = [p for p in trainable if id(p) in last]
+        optimizer = torch.optim.Adam(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+            betas=(0.9, 0.999),
+        )
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=self.hparams.lr_step_size, gamma=self.hparams.lr_gamma
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+

@@ -1,0 +1,357 @@
+"""Sampler, collate, augmentation, split, test tiles and the data modules (tiny world)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import H, REGIONS, W
+
+from popcorn.datamodules import (
+    SEASONS,
+    BatchAugmentation,
+    BuiltUpDataModule,
+    CensusDataModule,
+    RegionSampler,
+    collate_regions,
+    split_ids,
+    tile_windows,
+)
+from popcorn.errors import PopcornInputError
+
+WINDOWS = {rid: (r0, c0, r1 - r0, c1 - c0) for rid, (r0, r1, c0, c1) in REGIONS.items()}
+
+
+def make_dm(root: Path, **kw) -> CensusDataModule:
+    kw.setdefault("val_fraction", 0.2)
+    kw.setdefault("test_tile_size", 30)
+    kw.setdefault("test_margin", 4)
+    kw.setdefault("shuffle_seed", 0)
+    return CensusDataModule(
+        imagery_root=str(root), census_regions=str(root / "census_regions.gpkg"),
+        census_counts=str(root / "census_counts.csv"),
+        builtup_labels=str(root / "builtup_fraction.tif"), **kw,
+    )
+
+
+# ---------------------------------------------------------------------------- sampler
+def test_sampler_visits_each_region_once_per_epoch_with_varying_seasons() -> None:
+    ids = [1, 2, 3, 4, 5]
+    sampler = RegionSampler(WINDOWS, ids, SEASONS, shuffle=True, seed=3)
+    orders, seasons = [], Counter()
+    for _ in range(8):
+        keys = list(sampler)
+        assert sorted(k.region_id for k in keys) == ids
+        assert all(k.window == WINDOWS[k.region_id] for k in keys)
+        orders.append(tuple(k.region_id for k in keys))
+        seasons.update(k.season for k in keys)
+    assert len(set(orders)) > 1  # reshuffled every epoch
+    assert set(seasons) == set(SEASONS)  # random season per sample
+    again = RegionSampler(WINDOWS, ids, SEASONS, shuffle=True, seed=3)
+    assert [tuple(k.region_id for k in again) for _ in range(8)] == orders  # seedable
+
+
+def test_validation_sampler_is_fixed() -> None:
+    sampler = RegionSampler(WINDOWS, [5, 1, 3], SEASONS, shuffle=False)
+    first = list(sampler)
+    assert first == list(sampler)
+    assert [k.region_id for k in first] == [1, 3, 5]
+    assert [k.season for k in first] == ["spring", "summer", "autumn"]
+
+
+def test_oversized_regions_are_skipped_and_named(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        sampler = RegionSampler(WINDOWS, [1, 2, 3], SEASONS, max_region_pixels=700)
+    assert sampler.skipped_ids == [2, 3]  # 20x50 and 20x80 px > 700
+    assert [k.region_id for k in sampler] == [1]
+    assert "2 (20x50 px)" in caplog.text and "3 (20x80 px)" in caplog.text
+
+
+# ---------------------------------------------------------------------------- collate
+def test_collate_pads_and_masks() -> None:
+    a = {"s1": torch.zeros(2, 3, 5), "s2": torch.ones(4, 3, 5),
+         "region_mask": torch.ones(3, 5, dtype=torch.bool), "count": 10.0, "region_id": 7,
+         "season": "spring"}
+    rm = torch.zeros(6, 2, dtype=torch.bool)
+    rm[1, 1] = True
+    b = {"s1": torch.zeros(2, 6, 2), "s2": torch.ones(4, 6, 2), "region_mask": rm,
+         "count": 2.5, "region_id": 9, "season": "winter"}
+    batch = collate_regions([a, b])
+    assert batch["s1"].shape == (2, 2, 6, 5) and batch["s2"].shape == (2, 4, 6, 5)
+    assert batch["valid_mask"].dtype == torch.bool and batch["region_mask"].dtype == torch.bool
+    assert batch["valid_mask"][0].sum() == 15 and batch["valid_mask"][0, :3, :5].all()
+    assert batch["valid_mask"][1].sum() == 12 and batch["valid_mask"][1, :6, :2].all()
+    assert torch.isnan(batch["s2"][0, :, 3:]).all() and torch.isnan(batch["s1"][1, :, :, 2:]).all()
+    assert not torch.isnan(batch["s2"][batch["valid_mask"][:, None].expand(-1, 4, -1, -1)]).any()
+    assert batch["region_mask"][0].sum() == 15 and batch["region_mask"][1].sum() == 1
+    assert batch["region_mask"][1, 1, 1]
+    assert batch["count"].dtype == torch.float32 and batch["count"].tolist() == [10.0, 2.5]
+    assert batch["region_id"].dtype == torch.int64 and batch["region_id"].tolist() == [7, 9]
+    assert batch["season"] == ["spring", "winter"]
+
+
+# ---------------------------------------------------------------------------- augmentation
+def test_augmentation_keeps_images_and_masks_aligned() -> None:
+    b, h, w = 4, 5, 7  # non-square batch
+    s1 = torch.full((b, 2, h, w), -15.0)
+    s2 = torch.full((b, 4, h, w), 1000.0)
+    region = torch.zeros(b, h, w, dtype=torch.bool)
+    valid = torch.ones(b, h, w, dtype=torch.bool)
+    marks = [(0, 0), (1, 5), (4, 5), (2, 3)]
+    for i, (r, c) in enumerate(marks):
+        s1[i, :, r, c] = 0.0
+        s2[i, :, r, c] = 5000.0
+        region[i, r, c] = True
+        valid[i, :, 6] = False  # padding column on the right
+    s2[:, 2, 4, 0] = float("nan")  # a missing value must stay missing
+    batch = {"s1": s1, "s2": s2, "region_mask": region, "valid_mask": valid,
+             "count": torch.ones(b), "region_id": torch.arange(b), "season": ["spring"] * b}
+    aug = BatchAugmentation()
+    seen_shapes = set()
+    for seed in range(12):
+        out = aug(batch, generator=torch.Generator().manual_seed(seed))
+        seen_shapes.add(tuple(out["s1"].shape[-2:]))
+        assert out["region_mask"].dtype == torch.bool and out["valid_mask"].dtype == torch.bool
+        assert out["s2"].shape[-2:] == out["region_mask"].shape[-2:] == out["s1"].shape[-2:]
+        for i in range(b):
+            pos_s1 = (out["s1"][i, 0] == 0).nonzero().tolist()
+            pos_s2 = (out["s2"][i, 0] == out["s2"][i, 0].nan_to_num(0).max()).nonzero().tolist()
+            pos_region = out["region_mask"][i].nonzero().tolist()
+            assert pos_s1 == pos_s2 == pos_region and len(pos_region) == 1
+            assert out["valid_mask"][i].sum() == h * (w - 1)
+            # the padding column moves with the image: marker stays on a valid pixel
+            assert out["valid_mask"][i][tuple(pos_region[0])]
+        assert torch.isnan(out["s2"]).sum() == b  # NaN kept, nothing else became NaN
+        assert (out["s1"][out["s1"] != 0] == -15).all()  # S1 has no radiometric change
+        assert out["count"] is batch["count"] and out["season"] == batch["season"]
+    assert seen_shapes == {(h, w), (w, h)}  # rotations by 90 degrees happen
+
+
+def test_radiometric_augmentation_changes_s2_within_range() -> None:
+    s2 = torch.full((64, 4, 2, 2), 2000.0)
+    out = BatchAugmentation(linear_p=0.0).radiometric(s2, torch.Generator().manual_seed(0))
+    lo, hi = 1e4 * 0.2 ** 1.5, 1e4 * 0.2 ** (2 / 3)
+    assert (out >= lo - 1e-2).all() and (out <= hi + 1e-2).all()
+    assert (out != 2000).float().mean() > 0.7  # p = 0.9
+
+
+# ---------------------------------------------------------------------------- split
+def test_split_disjoint_deterministic() -> None:
+    ids = list(range(1, 101))
+    train, val = split_ids(ids, 0.1, seed=5)
+    assert len(val) == 10 and not set(train) & set(val) and sorted(train + val) == ids
+    assert split_ids(ids, 0.1, seed=5) == (train, val)
+    assert split_ids(ids, 0.1, seed=6)[1] != val
+    assert split_ids([1, 2, 3], 0.1, seed=0)[1] != []  # at least one val region
+    assert split_ids([1, 2, 3], 0.0, seed=0) == ([1, 2, 3], [])
+
+
+# ---------------------------------------------------------------------------- test tiles
+def test_tile_cores_cover_every_pixel_once() -> None:
+    for h, w, t in [(60, 80, 30), (61, 79, 20), (5, 7, 10)]:
+        cover = np.zeros((h, w), np.int32)
+        for r, c, th, tw in tile_windows(h, w, t):
+            assert th <= t and tw <= t
+            cover[r : r + th, c : c + tw] += 1
+        assert (cover == 1).all()
+
+
+def test_test_batches_cover_grid_with_margin(tiny_world: Path) -> None:
+    dm = make_dm(tiny_world, batch_size=3, test_seasons=["summer", "winter"])
+    dm.setup("test")
+    cover = {s: np.zeros((H, W), np.int32) for s in ("summer", "winter")}
+    n = 0
+    for batch in dm.test_dataloader():
+        m = batch["margin"]
+        assert m == 4 and batch["window"].dtype == torch.int64
+        for i, (r, c, h, w) in enumerate(batch["window"].tolist()):
+            season = batch["season"][i]
+            cover[season][r : r + h, c : c + w] += 1
+            core = batch["s2"][i, :, m : m + h, m : m + w]
+            assert torch.equal(core, dm.s2.read_window(season, (r, c, h, w)))
+            ctx = batch["s1"][i]
+            assert ctx.shape[-2] >= h + 2 * m and ctx.shape[-1] >= w + 2 * m
+            if r == 0:  # context above the grid is missing
+                assert torch.isnan(ctx[:, :m]).all()
+            else:  # context inside the grid is real imagery
+                assert not torch.isnan(ctx[:, :m, m : m + w]).any()
+            n += 1
+    assert n == 2 * len(tile_windows(H, W, 30))
+    assert all((c == 1).all() for c in cover.values())
+    assert len(dm.predict_dataloader()) == len(dm.test_dataloader())
+
+
+# ---------------------------------------------------------------------------- datamodule
+def test_datamodule_setup_attributes_and_train_batches(
+    tiny_world: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dm = make_dm(tiny_world)
+    with caplog.at_level(logging.INFO):
+        dm.setup("fit")
+    regions = dm.census_regions
+    assert dm.grid_shape == (H, W) and regions.id_raster.shape == (H, W)
+    assert dm.transform == regions.transform and dm.crs == regions.crs
+    assert dm.seasons == SEASONS and dm.test_seasons == SEASONS
+    assert dm.imagery_root == str(tiny_world) and dm.fine_truth_path is None
+    assert dm.builtup_labels_path == str(tiny_world / "builtup_fraction.tif")
+    assert len(regions.val_ids) == 1 and len(regions.train_ids) == 4
+    assert not set(regions.train_ids) & set(regions.val_ids)
+    mean_ha = np.mean([regions.pixel_counts[i] / 100 for i in regions.train_ids])
+    assert dm.difficulty == pytest.approx(mean_ha / 4)
+    assert "4 train regions" in caplog.text and "difficulty" in caplog.text
+    # same split with a new module (deterministic)
+    dm2 = make_dm(tiny_world)
+    dm2.setup("fit")
+    assert dm2.census_regions.val_ids == regions.val_ids
+
+    seen = []
+    for batch in dm.train_dataloader():
+        for i, rid in enumerate(batch["region_id"].tolist()):
+            seen.append(rid)
+            assert batch["count"][i] == 100.0 * rid
+            assert batch["region_mask"][i].sum() == regions.pixel_counts[rid]
+            r, c, h, w = regions.windows[rid]
+            assert batch["valid_mask"][i].sum() == h * w
+            s = SEASONS.index(batch["season"][i])
+            assert (batch["s2"][i, 3, :h, :w] == 1000 + 100 * s + 30).all()
+    assert sorted(seen) == sorted(regions.train_ids)
+    val = [rid for b in dm.val_dataloader() for rid in b["region_id"].tolist()]
+    assert val == regions.val_ids
+
+
+def test_augmentation_only_while_training(tiny_world: Path) -> None:
+    dm = make_dm(tiny_world)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.on_after_batch_transfer(batch, 0) is batch  # no trainer: untouched
+    dm.trainer = SimpleNamespace(training=False)
+    assert dm.on_after_batch_transfer(batch, 0) is batch
+    dm.trainer = SimpleNamespace(training=True)
+    torch.manual_seed(0)
+    out = dm.on_after_batch_transfer(batch, 0)
+    assert out is not batch and out["region_mask"].sum() == batch["region_mask"].sum()
+    dm.augment = False
+    assert dm.on_after_batch_transfer(batch, 0) is batch
+
+
+def test_max_region_pixels_skips_in_datamodule(tiny_world: Path) -> None:
+    dm = make_dm(tiny_world, max_region_pixels=700, val_fraction=0.0)
+    dm.setup("fit")
+    assert dm.skipped_ids == [2, 3, 4, 5]  # only region 1 (20x30 px) fits
+    assert dm.census_regions.train_ids == [1]
+
+
+@pytest.mark.parametrize(
+    ("kw", "pattern"),
+    [({"test_tile_size": 25}, "test_tile_size"), ({"seasons": ["monsoon"]}, "monsoon"),
+     ({"val_fraction": 1.0}, "val_fraction")],
+)
+def test_bad_datamodule_arguments(tiny_world: Path, kw: dict, pattern: str) -> None:
+    with pytest.raises(PopcornInputError, match=pattern):
+        make_dm(tiny_world, **kw)
+
+
+def test_missing_fine_truth_is_named(tiny_world: Path) -> None:
+    dm = make_dm(tiny_world, fine_truth=str(tiny_world / "nope_1ha.tif"))
+    with pytest.raises(PopcornInputError, match="nope_1ha.tif"):
+        dm.setup()
+
+
+# ---------------------------------------------------------------------------- built-up
+def test_builtup_datamodule(tiny_world: Path) -> None:
+    dm = BuiltUpDataModule.from_census_datamodule(
+        make_dm(tiny_world), patch_size=16, batch_size=3, batches_per_epoch=4, val_fraction=0.25
+    )
+    dm.setup("fit")
+    train = list(dm.train_dataloader())
+    assert len(train) == 4
+    for batch in train:
+        assert batch["s1"].shape == (3, 2, 16, 16) and batch["s2"].shape == (3, 4, 16, 16)
+        assert batch["builtup"].shape == (3, 1, 16, 16) and batch["builtup"].dtype == torch.float32
+        assert (batch["builtup"] >= 0).all() and (batch["builtup"] <= 1).all()
+    _, vcol, _, vw = dm.val_area
+    assert dm.train_area[3] <= vcol and vcol + vw == W  # held-out strip on the right
+    val = list(dm.val_dataloader())
+    assert val and all(b["builtup"].shape[-2:] == (16, 16) for b in val)
+    assert [b["season"] for b in val] == [b["season"] for b in dm.val_dataloader()]
+    # label content: the 10x10 built-up block at rows/cols 10..19 is read in place
+    from popcorn.datamodules.samplers import PatchKey
+
+    sample = dm._samples[PatchKey("summer", (8, 8, 16, 16))]
+    assert sample["builtup"][0, 2:12, 2:12].eq(1).all() and sample["builtup"].sum() == 100
+
+
+# ---------------------------------------------------------------------------- synthetic
+def test_synthetic_datamodule_paths_and_prepare_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uses a stand-in generator (the tiny world) so this test does not depend on synthetic.py's
+    output; it checks the wiring: prepare_data -> make_synthetic_world, paths from world_dir."""
+    synthetic = pytest.importorskip("popcorn.datamodules.synthetic")
+    from conftest import make_tiny_world
+
+    calls = []
+
+    def fake_make(root, size_px, seed, n_regions, count_noise, **kw):
+        calls.append((root, size_px, seed, n_regions, count_noise))
+        directory = make_tiny_world(synthetic.world_dir(root, size_px, seed))
+        (directory / "world.json").write_text("{}")
+        (directory / "population_1ha.tif").write_bytes((directory / "S2_spring.tif").read_bytes())
+
+    monkeypatch.setattr(synthetic, "make_synthetic_world", fake_make)
+    from popcorn.datamodules import SyntheticCensusDataModule
+
+    dm = SyntheticCensusDataModule(root=str(tmp_path), size_px=80, seed=3, n_regions=5,
+                                   count_noise=0.1, test_tile_size=30, shuffle_seed=0)
+    directory = synthetic.world_dir(tmp_path, 80, 3)
+    assert dm.imagery_root == str(directory)
+    assert dm.fine_truth_path == str(directory / "population_1ha.tif")
+    assert dm.builtup_labels_path == str(directory / "builtup_fraction.tif")
+    dm.prepare_data()
+    assert calls == [(str(tmp_path), 80, 3, 5, 0.1)]
+    dm.setup("fit")
+    assert dm.census_regions.ids == [1, 2, 3, 4, 5] and dm.grid_shape == (H, W)
+    assert len(calls) == 1  # world present: setup does not regenerate
+
+
+def test_lightning_fit_and_test_loop(tiny_world: Path) -> None:
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+            self.train_ids: list[int] = []
+            self.val_ids: list[int] = []
+            self.tiles = 0
+
+        def training_step(self, batch, idx):
+            assert batch["region_mask"].shape == batch["valid_mask"].shape
+            self.train_ids += batch["region_id"].tolist()
+            return self.w * torch.nan_to_num(batch["s2"]).mean() / 1e3
+
+        def validation_step(self, batch, idx):
+            self.val_ids += batch["region_id"].tolist()
+
+        def test_step(self, batch, idx):
+            self.tiles += batch["window"].shape[0]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = make_dm(tiny_world)
+    probe = Probe()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(probe, dm)
+    regions = dm.census_regions
+    assert sorted(probe.train_ids) == sorted(regions.train_ids * 2)
+    assert probe.val_ids == regions.val_ids * 2
+    trainer.test(probe, dm, verbose=False)
+    assert probe.tiles == len(tile_windows(H, W, 30)) * len(SEASONS)
