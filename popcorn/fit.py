@@ -63,7 +63,7 @@ class PopcornCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,
                 "checkpoint.filename": "best-{epoch:03d}",
                 "trainer.max_epochs": 100,
                 "trainer.gradient_clip_val": 0.01,
@@ -87,9 +87,26 @@ class PopcornCLI(LightningCLI):
             return
         if self.trainer.interrupted:
             return
-        callback = self.trainer.checkpoint_callback
-        ckpt = "best" if callback is not None and callback.best_model_path else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+        monitored = [cb for cb in self.trainer.checkpoint_callbacks if cb.monitor and cb.best_model_path]
+        path = monitored[0].best_model_path if monitored else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path or None)
+        # Maps, baselines, evaluation and the HTML report for the best checkpoint.
+        if not path:
+            path = self.trainer.checkpoint_callback.last_model_path if self.trainer.checkpoint_callback else ""
+        dm = self.datamodule
+        if not path or not self.trainer.is_global_zero or not hasattr(dm, "imagery_root"):
+            return
+        from popcorn.report import predict_evaluate_report
+
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        world = Path(dm.imagery_root)
+        footprints = world / "builtup_fraction.tif" if (world / "world.json").exists() else None
+        predict_evaluate_report(
+            [path], dm.imagery_root, log_dir / "report", seasons=list(dm.test_seasons),
+            census=dm.census_regions_path, counts=dm.census_counts_path, truth=dm.fine_truth_path,
+            buildings=str(footprints) if footprints is not None and footprints.exists() else None,
+            id_column=dm.id_column, count_column=dm.count_column,
+        )
 
 
 def pretrain_builtup(datamodule: CensusDataModule, settings: BuiltUpPretraining, trainer: Trainer) -> Path:
@@ -126,6 +143,14 @@ def pretrain_builtup(datamodule: CensusDataModule, settings: BuiltUpPretraining,
     return output
 
 
+def last_checkpoint() -> ModelCheckpoint:
+    """``last.ckpt``, rewritten after every epoch so an interrupted run resumes where it stopped.
+
+    (Lightning's ``save_last`` only refreshes it when a best checkpoint is written.)
+    """
+    return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+
+
 def main(args: list[str] | None = None) -> PopcornCLI:
     """Entry point; ``fit`` is the default subcommand."""
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -138,7 +163,7 @@ def main(args: list[str] | None = None) -> PopcornCLI:
         subclass_mode_data=True,
         args=argv,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="epoch")]},
+        trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="epoch"), last_checkpoint()]},
     )
 
 

@@ -76,11 +76,11 @@ def test_oversized_regions_are_skipped_and_named(caplog: pytest.LogCaptureFixtur
 def test_collate_pads_and_masks() -> None:
     a = {"s1": torch.zeros(2, 3, 5), "s2": torch.ones(4, 3, 5),
          "region_mask": torch.ones(3, 5, dtype=torch.bool), "count": 10.0, "region_id": 7,
-         "season": "spring"}
+         "season": "spring", "window": (0, 0, 3, 5)}
     rm = torch.zeros(6, 2, dtype=torch.bool)
     rm[1, 1] = True
     b = {"s1": torch.zeros(2, 6, 2), "s2": torch.ones(4, 6, 2), "region_mask": rm,
-         "count": 2.5, "region_id": 9, "season": "winter"}
+         "count": 2.5, "region_id": 9, "season": "winter", "window": (10, 20, 6, 2)}
     batch = collate_regions([a, b])
     assert batch["s1"].shape == (2, 2, 6, 5) and batch["s2"].shape == (2, 4, 6, 5)
     assert batch["valid_mask"].dtype == torch.bool and batch["region_mask"].dtype == torch.bool
@@ -93,6 +93,7 @@ def test_collate_pads_and_masks() -> None:
     assert batch["count"].dtype == torch.float32 and batch["count"].tolist() == [10.0, 2.5]
     assert batch["region_id"].dtype == torch.int64 and batch["region_id"].tolist() == [7, 9]
     assert batch["season"] == ["spring", "winter"]
+    assert batch["window"].tolist() == [[0, 0, 3, 5], [10, 20, 6, 2]]
 
 
 # ---------------------------------------------------------------------------- augmentation
@@ -216,9 +217,11 @@ def test_datamodule_setup_attributes_and_train_batches(
             assert batch["count"][i] == 100.0 * rid
             assert batch["region_mask"][i].sum() == regions.pixel_counts[rid]
             r, c, h, w = regions.windows[rid]
-            assert batch["valid_mask"][i].sum() == h * w
+            m = dm.region_context_px  # the crop is the bounding box plus context on each side
+            assert batch["window"][i].tolist() == [r - m, c - m, h + 2 * m, w + 2 * m]
+            assert batch["valid_mask"][i].sum() == (h + 2 * m) * (w + 2 * m)
             s = SEASONS.index(batch["season"][i])
-            assert (batch["s2"][i, 3, :h, :w] == 1000 + 100 * s + 30).all()
+            assert (batch["s2"][i, 3, m : m + h, m : m + w] == 1000 + 100 * s + 30).all()
     assert sorted(seen) == sorted(regions.train_ids)
     val = [rid for b in dm.val_dataloader() for rid in b["region_id"].tolist()]
     assert val == regions.val_ids

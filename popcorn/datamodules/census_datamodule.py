@@ -23,7 +23,7 @@ from popcorn.errors import PopcornInputError
 
 from .augmentation import BatchAugmentation
 from .census import CensusRegions
-from .grid import RasterGrid
+from .grid import RasterGrid, Window
 from .samplers import RegionSampler, TileSampler, oversized_regions
 from .samples import RegionSamples, TileSamples, collate_regions, collate_tiles
 from .sentinel import SEASONS, Sentinel1Composite, Sentinel2Composite, check_same_grid, check_seasons
@@ -109,6 +109,9 @@ class CensusDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         test_tile_size: tile core size in px (multiple of 10 so tiles align with 1 ha cells).
         test_margin: px of context read on each side of a tile core.
+        region_context_px: px of imagery read around each region's bounding box, so the
+            networks see the same surroundings as in tiled inference (the region mask still
+            limits the sum to the region's own pixels).
         augment: apply training augmentation (on the device, training only).
         shuffle_seed: seed of the training order/seasons; None = drawn from torch's global RNG
             at setup (so ``seed_everything`` controls it).
@@ -133,6 +136,7 @@ class CensusDataModule(L.LightningDataModule):
         num_workers: int = 0,
         test_tile_size: int = 500,
         test_margin: int = 32,
+        region_context_px: int = 16,
         augment: bool = True,
         shuffle_seed: int | None = None,
         max_gap_px: int = 64,
@@ -145,6 +149,9 @@ class CensusDataModule(L.LightningDataModule):
         self.count_column = count_column
         self.fine_truth_path = None if fine_truth is None else str(fine_truth)
         self.builtup_labels_path = None if builtup_labels is None else str(builtup_labels)
+        if region_context_px < 0:
+            raise PopcornInputError(f"region_context_px must be >= 0, got {region_context_px}")
+        self.region_context_px = int(region_context_px)
         self.seasons = check_seasons(seasons, "seasons")
         self.test_seasons = check_seasons(test_seasons, "test_seasons")
         if not 0.0 <= val_fraction < 1.0:
@@ -221,7 +228,8 @@ class CensusDataModule(L.LightningDataModule):
         if self.shuffle_seed is None:
             self.shuffle_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         self._train_sampler = RegionSampler(
-            regions.windows, regions.train_ids, self.seasons, shuffle=True, seed=self.shuffle_seed
+            self._sample_windows(regions), regions.train_ids, self.seasons, shuffle=True,
+            seed=self.shuffle_seed,
         )
 
     # ------------------------------------------------------------------ loaders
@@ -237,6 +245,11 @@ class CensusDataModule(L.LightningDataModule):
         assert self.census_regions is not None
         return self.census_regions
 
+    def _sample_windows(self, regions: CensusRegions) -> dict[int, Window]:
+        """Each region's bounding box grown by ``region_context_px`` on every side."""
+        m = self.region_context_px
+        return {i: (r - m, c - m, h + 2 * m, w + 2 * m) for i, (r, c, h, w) in regions.windows.items()}
+
     def train_dataloader(self) -> DataLoader:
         regions = self._require_setup()
         return self._loader(
@@ -248,7 +261,9 @@ class CensusDataModule(L.LightningDataModule):
         regions = self._require_setup()
         if not regions.val_ids:
             return []
-        sampler = RegionSampler(regions.windows, regions.val_ids, self.seasons, shuffle=False)
+        sampler = RegionSampler(
+            self._sample_windows(regions), regions.val_ids, self.seasons, shuffle=False
+        )
         return self._loader(
             RegionSamples(self.s1, self.s2, regions), sampler, collate_regions, self.batch_size
         )
@@ -294,6 +309,7 @@ class SyntheticCensusDataModule(CensusDataModule):
         num_workers: int = 0,
         test_tile_size: int = 500,
         test_margin: int = 32,
+        region_context_px: int = 16,
         augment: bool = True,
         shuffle_seed: int | None = None,
         max_gap_px: int = 64,
@@ -315,7 +331,7 @@ class SyntheticCensusDataModule(CensusDataModule):
             seasons=seasons, test_seasons=test_seasons, val_fraction=val_fraction,
             split_seed=split_seed, max_region_pixels=max_region_pixels, batch_size=batch_size,
             num_workers=num_workers, test_tile_size=test_tile_size, test_margin=test_margin,
-            augment=augment, shuffle_seed=shuffle_seed, max_gap_px=max_gap_px,
+            region_context_px=region_context_px, augment=augment, shuffle_seed=shuffle_seed, max_gap_px=max_gap_px,
         )
         self.world_directory = directory
 

@@ -4,8 +4,9 @@ Batch formats (see docs/interfaces.md):
 
 - regions (train/val): ``s1`` (B,2,H,W) float32 dB, ``s2`` (B,4,H,W) float32, NaN = missing
   (also on padding), ``region_mask`` (B,H,W) bool, ``valid_mask`` (B,H,W) bool (False on padding),
-  ``count`` (B,) float32, ``region_id`` (B,) int64, ``season`` list[str]. Crops of different sizes
-  are placed at the top-left and padded at the bottom/right.
+  ``count`` (B,) float32, ``region_id`` (B,) int64, ``window`` (B,4) int64 ``(row_off, col_off,
+  height, width)`` of the crop in the full grid (before augmentation), ``season`` list[str].
+  Crops of different sizes are placed at the top-left and padded at the bottom/right.
 - tiles (test/predict): ``s1``, ``s2`` of the tile core plus ``margin`` px of context on each side
   (NaN beyond the grid and on padding at the bottom/right), ``window`` (B,4) int64
   ``(row_off, col_off, height, width)`` of the core, ``margin`` int, ``season`` list[str].
@@ -56,6 +57,7 @@ class RegionSamples(Dataset[dict[str, Any]]):
             "count": float(self.regions.counts[rid]),
             "region_id": int(rid),
             "season": season,
+            "window": tuple(int(v) for v in window),
         }
 
 
@@ -167,6 +169,7 @@ def collate_regions(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "valid_mask": _pad_stack(valid, h, w, False),
         "count": torch.tensor([s["count"] for s in samples], dtype=torch.float32),
         "region_id": torch.tensor([s["region_id"] for s in samples], dtype=torch.int64),
+        "window": torch.tensor([s["window"] for s in samples], dtype=torch.int64),
         "season": [s["season"] for s in samples],
     }
 

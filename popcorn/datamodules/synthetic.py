@@ -73,6 +73,7 @@ __all__ = [
     "load_world_metadata",
     "LAND_COVER_CLASSES",
     "OCCUPANCY",
+    "NON_RESIDENTIAL_BLOCKS",
     "SYNTHETIC_CRS",
     "PIXEL_SIZE",
 ]
@@ -110,12 +111,22 @@ LAND_COVER_CLASSES: dict[int, str] = {
 RESIDENTIAL = (URBAN_CENTRE, INNER_TOWN, SUBURB, VILLAGE)
 #: Mean people per fully built 10 m pixel (100 m2 of roof), before the multiplicative
 #: neighbourhood / block / building variation. Zones not listed hold nobody.
+#: Multi-storey apartment blocks in the centre hold ~4x the residents of a detached house
+#: per m2 of roof (floors x dwelling size), as in European towns.
 OCCUPANCY: dict[str, float] = {
-    "urban_centre": 3.7,
-    "inner_town": 2.6,
-    "suburb": 1.9,
-    "village": 1.5,
+    "urban_centre": 5.5,
+    "inner_town": 3.2,
+    "suburb": 1.4,
+    "village": 1.2,
     "industrial_commercial": 0.0,
+}
+#: Share of the blocks in a residential zone that hold no residents (shops, offices and
+#: schools in towns, farm buildings in villages). Their roofs are flat commercial roofs.
+NON_RESIDENTIAL_BLOCKS: dict[str, float] = {
+    "urban_centre": 0.15,
+    "inner_town": 0.10,
+    "suburb": 0.05,
+    "village": 0.15,
 }
 #: Relative std (lognormal sigma) of the multiplicative occupancy variation.
 OCCUPANCY_SIGMA = {"neighbourhood": 0.2, "block": 0.3, "building": 0.15}
@@ -303,7 +314,7 @@ def make_synthetic_world(
 
 # ============================================================================================
 # Validation and paths
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 
 
 def _validate(size_px: Any, seed: Any, n_regions: Any, count_noise: Any) -> tuple[int, int, int, float]:
@@ -439,7 +450,6 @@ class _Settlement:
 def _place(
     rng: np.random.Generator,
     n: int,
-    radius: float,
     margin: float,
     ok,
     tries: int = 300,
@@ -497,12 +507,12 @@ def _layout(rng: np.random.Generator, n: int) -> dict[str, Any]:
 
     for _ in range(n_towns):
         r = max(0.05 * n * rng.uniform(0.9, 1.4), 20.0)
-        pos = _place(rng, n, r, 0.6 * r, lambda y, x: far_enough(y, x, r, 0.04 * n))
+        pos = _place(rng, n, 0.6 * r, lambda y, x: far_enough(y, x, r, 0.04 * n))
         if pos is not None:
             settlements.append(_Settlement("town", pos[0], pos[1], r, float(rng.uniform(0, np.pi / 2))))
     for _ in range(n_villages):
         r = float(rng.uniform(13.0, 26.0))
-        pos = _place(rng, n, r, 0.5 * r, lambda y, x: far_enough(y, x, r, 10.0))
+        pos = _place(rng, n, 0.5 * r, lambda y, x: far_enough(y, x, r, 10.0))
         if pos is not None:
             settlements.append(_Settlement("village", pos[0], pos[1], r, float(rng.uniform(0, np.pi / 2))))
 
@@ -510,7 +520,7 @@ def _layout(rng: np.random.Generator, n: int) -> dict[str, Any]:
     lake = None
     if area_km2 >= 16:
         r_lake = float(rng.uniform(0.025, 0.045) * n)
-        pos = _place(rng, n, r_lake, r_lake, lambda y, x: far_enough(y, x, r_lake, 15.0))
+        pos = _place(rng, n, r_lake, lambda y, x: far_enough(y, x, r_lake, 15.0))
         if pos is not None:
             lake = {"cy": pos[0], "cx": pos[1], "radius": r_lake, "aspect": float(rng.uniform(0.5, 0.9)),
                     "angle": float(rng.uniform(0, np.pi))}
@@ -738,19 +748,17 @@ def _build_scene(n: int, seed: int, progress: tqdm) -> dict[str, Any]:
     progress.set_postfix_str("buildings")
     built_zone = np.isin(lc, RESIDENTIAL + (INDUSTRIAL,))
     # neighbourhoods: Voronoi cells inside the settlements, each with its own street grid
-    nb_pts, nb_angle, nb_set = [], [], []
-    for k, s in enumerate(settlements):
+    nb_pts, nb_angle = [], []
+    for s in settlements:
         cnt = max(1, int(round(math.pi * (1.1 * s.radius) ** 2 / 55.0**2)))
         rr = 1.1 * s.radius * np.sqrt(rng.random(cnt))
         aa = rng.uniform(0, 2 * np.pi, cnt)
         nb_pts.append(np.stack([s.cy + rr * np.sin(aa), s.cx + rr * np.cos(aa)], axis=1))
         spread = 0.1 if s.kind == "village" else 0.35
         nb_angle.append(s.angle + rng.normal(0, spread, cnt))
-        nb_set.append(np.full(cnt, k))
     for e in lay["industrial"]:  # industrial zones get a grid of their own
         nb_pts.append(np.array([[e["cy"], e["cx"]]]))
         nb_angle.append(np.array([e["angle"]]))
-        nb_set.append(np.array([-1]))
     nb_pts = np.concatenate(nb_pts)
     nb_angle = np.concatenate(nb_angle).astype(np.float32)
     n_nb = len(nb_pts)
@@ -820,14 +828,22 @@ def _build_scene(n: int, seed: int, progress: tqdm) -> dict[str, Any]:
                       ("residential", np.isin(zone, (INNER_TOWN, SUBURB, VILLAGE)))):
         cdf = np.cumsum(_MATERIAL_P[key])
         mat[zsel] = np.searchsorted(cdf, r[5][zsel] * cdf[-1], side="right")
+    # mixed use: some blocks of residential zones hold no residents, under commercial roofs
+    p_nonres = np.zeros(16, dtype=np.float64)
+    for code, name in LAND_COVER_CLASSES.items():
+        p_nonres[code] = NON_RESIDENTIAL_BLOCKS.get(name, 0.0)
+    nonres = _hash_u01(salt + 103, nid, iu_i, iv_i) < p_nonres[zone]
+    if nonres.any():
+        cdf = np.cumsum(_MATERIAL_P["industrial"])
+        mat[nonres] = np.searchsorted(cdf, r[5][nonres] * cdf[-1], side="right")
     mat = np.minimum(mat, len(_ROOF_MATERIALS) - 1)
     roof_bright = (0.88 + 0.24 * r[6]).astype(np.float32)
     # per-block and per-building occupancy variation
     sb, sbd = OCCUPANCY_SIGMA["block"], OCCUPANCY_SIGMA["building"]
-    rb = _hash_u01(salt + 101, nid, iu_i, iv_i)
-    zb = special.ndtri(np.clip(rb, 1e-9, 1 - 1e-9))
+    zb = special.ndtri(np.clip(_hash_u01(salt + 101, nid, iu_i, iv_i), 1e-9, 1 - 1e-9))
     zbd = special.ndtri(np.clip(_hash_u01(salt + 102, nid, iu_i, iv_i, li_i, lj_i), 1e-9, 1 - 1e-9))
     occ_var = nb_pop[nid] * np.exp(sb * zb - sb**2 / 2) * np.exp(sbd * zbd - sbd**2 / 2)
+    occ_var = np.where(nonres, 0.0, occ_var)
     bvv = nb_vv[nid] + rng.normal(0, 0.3, m).astype(np.float32) + (1.5 * (r[6] - 0.5)).astype(np.float32)
     bvv = np.where(is_ind, bvv - 1.0, bvv)
     del u, v, a, b, lu, lv, r, iu, iv, li, lj
@@ -1269,6 +1285,7 @@ def _metadata(world, sc, census, n_regions, count_noise, pop1ha, seconds) -> dic
         "residential_classes": [LAND_COVER_CLASSES[c] for c in RESIDENTIAL],
         "occupancy_people_per_built_pixel": dict(OCCUPANCY),
         "occupancy_variation_sigma": dict(OCCUPANCY_SIGMA),
+        "non_residential_block_share": dict(NON_RESIDENTIAL_BLOCKS),
         "n_regions": n_regions,
         "total_population": float(pop10.sum(dtype=np.float64)),
         "max_people_per_ha": float(pop1ha.max()),

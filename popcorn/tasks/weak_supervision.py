@@ -91,6 +91,8 @@ class WeakSupervisionTask(LightningModule):
         self.register_buffer("bias_initialised", torch.tensor(occupancy_bias_init is not None))
         self._val_sums: list[torch.Tensor] = []
         self._val_counts: list[torch.Tensor] = []
+        self._val_cells: list[tuple[np.ndarray, np.ndarray]] = []
+        self._fine_truth_cache: np.ndarray | None = None
         self._test_acc: dict[str, np.ndarray] = {}
         self.test_results: dict[str, dict[str, float]] = {}
 
@@ -154,10 +156,10 @@ class WeakSupervisionTask(LightningModule):
         data_loss = region_log_l1(sums, counts)
         occupancy = (out["occupancy"][:, 0] * mask).sum() / mask.sum().clamp(min=1)
         loss = data_loss + self.hparams.occupancy_regularisation * occupancy
-        return loss, data_loss, occupancy, sums, counts
+        return loss, data_loss, occupancy, sums, counts, out["population"]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, data_loss, occupancy, _, _ = self._region_step(batch)
+        loss, data_loss, occupancy, _, _, _ = self._region_step(batch)
         n = len(batch["count"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/log_l1", data_loss, on_epoch=True, batch_size=n)
@@ -165,12 +167,24 @@ class WeakSupervisionTask(LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss, data_loss, _, sums, counts = self._region_step(batch)
+        loss, data_loss, _, sums, counts, population = self._region_step(batch)
         n = len(batch["count"])
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=n)
         self.log("val/log_l1", data_loss, on_epoch=True, batch_size=n)
         self._val_sums.append(sums.detach().float().cpu())
         self._val_counts.append(counts.detach().float().cpu())
+        if "window" in batch and self._fine_truth() is not None:
+            self._collect_fine_cells(population.detach(), batch)
+
+    def _collect_fine_cells(self, population: torch.Tensor, batch: dict[str, Any]) -> None:
+        """Add the region pixels of each sample to their 1 ha cells (sparse, by cell index)."""
+        width_cells = self._fine_truth().shape[1]
+        masks = batch["region_mask"].cpu().numpy()
+        values = population[:, 0].float().cpu().numpy()
+        for i, (row, col, _, _) in enumerate(batch["window"].tolist()):
+            rows, cols = np.nonzero(masks[i])
+            cells = ((row + rows) // FINE_FACTOR) * width_cells + (col + cols) // FINE_FACTOR
+            self._val_cells.append((cells, values[i][rows, cols]))
 
     def on_validation_epoch_end(self) -> None:
         if self._val_sums:
@@ -181,8 +195,36 @@ class WeakSupervisionTask(LightningModule):
                 self.log("val/region_r2", m["r2"], prog_bar=True)
                 self.log("val/region_mae", m["mae"])
                 self.log("val/region_rmse", m["rmse"])
+        if self._val_cells:
+            cells = np.concatenate([c for c, _ in self._val_cells])
+            values = np.concatenate([v for _, v in self._val_cells])
+            unique, inverse, pixels = np.unique(cells, return_inverse=True, return_counts=True)
+            sums = np.bincount(inverse, weights=values)
+            # Only cells lying wholly in validation regions have a comparable truth.
+            whole = pixels == FINE_FACTOR * FINE_FACTOR
+            truth = self._fine_truth().ravel()[unique[whole]]
+            ok = np.isfinite(truth)
+            if ok.sum() >= 2:
+                m = regression_metrics(sums[whole][ok], truth[ok])
+                self.log("val/fine_r2", m["r2"], prog_bar=True)
+                self.log("val/fine_mae", m["mae"])
+                self.log("val/fine_rmse", m["rmse"])
         self._val_sums.clear()
         self._val_counts.clear()
+        self._val_cells.clear()
+
+    def _fine_truth(self) -> np.ndarray | None:
+        """The 1 ha truth raster of the data module (read once), or None when there is none."""
+        if self._fine_truth_cache is None:
+            dm = self.trainer.datamodule
+            path = getattr(dm, "fine_truth_path", None)
+            if path is None:
+                return None
+            h, w = dm.grid_shape
+            fine_transform = dm.transform @ dm.transform.scale(FINE_FACTOR, FINE_FACTOR)
+            shape = (h // FINE_FACTOR, w // FINE_FACTOR)
+            self._fine_truth_cache = self._read_fine_truth(Path(path), fine_transform, shape)
+        return self._fine_truth_cache
 
     # ------------------------------------------------------------------- test
     def on_test_epoch_start(self) -> None:
@@ -238,7 +280,7 @@ class WeakSupervisionTask(LightningModule):
         if truth_path is None:
             rank_zero_info("no fine truth raster configured: maps written, no fine-level metrics")
             return
-        truth = self._read_fine_truth(Path(truth_path), fine_transform, fine["POPCORN"].shape)
+        truth = self._fine_truth()
         valid = np.isfinite(truth) & (block_sum((ids > 0).astype(np.float32), FINE_FACTOR) > 0)
         self.test_results = {
             name: regression_metrics(array[valid], truth[valid]) for name, array in fine.items()

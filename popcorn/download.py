@@ -1,0 +1,981 @@
+"""``python -m popcorn.download``: seasonal Sentinel-1/2 composites from a STAC API.
+
+For a bounding box (lon/lat) or a vector file, it builds the four seasonal composites of the
+POPCORN paper on one UTM 10 m grid and writes them as the files the S1/S2 datasets read::
+
+    <out>/S2_<season>.tif   4 bands uint16 B02 B03 B04 B08 (reflectance x 1e4), nodata 0:
+                            per-pixel median of the cloud/shadow-free observations
+    <out>/S1_<season>.tif   2 bands float32 VV VH in dB, nodata NaN: per-pixel mean in linear
+                            power of every observation (both orbits by default), then 10 log10
+
+Seasons of year Y (``--year``, paper: 2020): spring Y-03-01..05-31, summer 06-01..08-31,
+autumn 09-01..11-30, winter Y-12-01..(Y+1)-02-28/29.
+
+Examples::
+
+    python -m popcorn.download --bbox 8.45 47.30 8.65 47.45 --out data/zurich/imagery --dry-run
+    python -m popcorn.download --bbox 8.45 47.30 8.65 47.45 --out data/zurich/imagery
+    python -m popcorn.download --aoi kigali.gpkg --out data/rwa/imagery --memory-gb 8 --workers 4
+    python -m popcorn.download --bbox ... --stac-url https://earth-search.aws.element84.com/v1 \
+        --s2-assets blue green red nir scl --sensors s2
+
+How it works: the grid (UTM zone of the area's centre, 10 m, snapped outward to whole 100 m
+cells) is cut into square chunks whose side follows from ``--memory-gb`` (or ``--chunk-size``).
+For every season and sensor the STAC API is searched once; each chunk is loaded with odc-stac
+(dask, ``--workers`` threads), composited in numpy and written to
+``<out>/.popcorn-chunks/<S2_season>-<hash>/r<row>_c<col>.tif`` (atomically); the final GeoTIFF
+(tiled, deflate) is assembled from the chunks under a temporary name and renamed at the end.
+An interrupted run resumes: finished chunks and finished final files are reused (the hash in the
+chunk folder name pins every setting that changes the pixels). Searches and chunks are retried
+on transient errors (HTTP 5xx/429, connection resets, GDAL read errors) with exponential
+back-off; GDAL also retries single HTTP requests.
+
+Cloud masking (S2): ``--cloud-mask scl`` (default) drops the Sen2Cor scene-classification
+classes ``--scl-mask`` (default 0 no data, 1 saturated/defective, 3 cloud shadow, 8/9 cloud
+medium/high probability, 10 thin cirrus); ``--cloud-mask s2cloudless`` uses the s2cloudless
+package (optional; it needs the 10 L1C bands of its model) with the paper's 60 % threshold, plus
+SCL shadows when the SCL asset exists; ``--mask-dilation`` (metres) grows the mask (paper: 60 m).
+
+Microsoft Planetary Computer (the default ``--stac-url``) needs signed asset URLs: the
+``planetary-computer`` package is imported (only then) and every chunk re-signs its items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from popcorn.errors import PopcornInputError
+from popcorn.io import atomic_path
+
+log = logging.getLogger("popcorn.download")
+
+SEASONS: tuple[str, ...] = ("spring", "summer", "autumn", "winter")
+PLANETARY_COMPUTER_URL = "https://planetarycomputer.microsoft.com/api/stac/v1"
+DEFAULT_S2_COLLECTION = "sentinel-2-l2a"
+DEFAULT_S1_COLLECTION = "sentinel-1-rtc"
+S2_BANDS = ("B02", "B03", "B04", "B08")
+S1_BANDS = ("VV", "VH")
+DEFAULT_S2_ASSETS = ("B02", "B03", "B04", "B08", "SCL")
+DEFAULT_S1_ASSETS = ("vv", "vh")
+DEFAULT_SCL_MASK = (0, 1, 3, 8, 9, 10)
+S2CLOUDLESS_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
+CHUNK_DIR = ".popcorn-chunks"
+
+
+# ---------------------------------------------------------------------------- seasons, grid
+def season_dates(season: str, year: int = 2020) -> tuple[date, date]:
+    """First and last day (inclusive) of a season of ``year`` (winter ends in February of Y+1)."""
+    if season == "spring":
+        return date(year, 3, 1), date(year, 5, 31)
+    if season == "summer":
+        return date(year, 6, 1), date(year, 8, 31)
+    if season == "autumn":
+        return date(year, 9, 1), date(year, 11, 30)
+    if season == "winter":
+        return date(year, 12, 1), date(year + 1, 2, calendar.monthrange(year + 1, 2)[1])
+    raise PopcornInputError(f"unknown season {season!r}; choose from {list(SEASONS)}")
+
+
+def season_datetime(season: str, year: int = 2020) -> str:
+    """STAC datetime interval of a season (RFC 3339, whole days, UTC)."""
+    start, end = season_dates(season, year)
+    return f"{start.isoformat()}T00:00:00Z/{end.isoformat()}T23:59:59Z"
+
+
+def utm_epsg(lon: float, lat: float) -> int:
+    """EPSG code of the WGS 84 / UTM zone holding a point (north 326xx, south 327xx)."""
+    zone = int(math.floor((lon + 180.0) / 6.0)) % 60 + 1
+    return (32600 if lat >= 0 else 32700) + zone
+
+
+def choose_utm(bbox: Sequence[float]) -> tuple[int, str | None]:
+    """UTM EPSG code for a lon/lat bbox: the zone of its centre.
+
+    Returns the code and a note when the bbox spans several zones (or the equator).
+    """
+    west, south, east, north = bbox
+    epsg = utm_epsg((west + east) / 2, (south + north) / 2)
+    zones = {utm_epsg(west, 0) % 100, utm_epsg(east - 1e-9, 0) % 100}
+    note = None
+    if len(zones) > 1 or (south < 0 < north):
+        first, last = utm_epsg(west, 0) % 100, utm_epsg(east - 1e-9, 0) % 100
+        note = (
+            f"the area {tuple(round(v, 5) for v in bbox)} spans UTM zones {first}..{last}"
+            + (" and the equator" if south < 0 < north else "")
+            + f"; using EPSG:{epsg} (the zone of its centre) for the whole grid. "
+            "Pass --crs to choose another one."
+        )
+    return epsg, note
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Output grid: CRS, pixel size, top-left corner and shape (north-up)."""
+
+    crs: str
+    res: float
+    left: float
+    top: float
+    height: int
+    width: int
+
+    @property
+    def transform(self):  # noqa: ANN201 - affine.Affine
+        from affine import Affine
+
+        return Affine(self.res, 0.0, self.left, 0.0, -self.res, self.top)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        return (self.left, self.top - self.height * self.res, self.left + self.width * self.res,
+                self.top)
+
+    def geobox(self, rows: slice | None = None, cols: slice | None = None):  # noqa: ANN201
+        from odc.geo.geobox import GeoBox
+
+        box = GeoBox((self.height, self.width), self.transform, self.crs)
+        if rows is None:
+            return box
+        return box[rows, cols]
+
+    def lonlat_bounds(self, rows: slice | None = None, cols: slice | None = None) -> tuple[float, ...]:
+        from rasterio.warp import transform_bounds
+
+        r0, r1 = (0, self.height) if rows is None else (rows.start, rows.stop)
+        c0, c1 = (0, self.width) if cols is None else (cols.start, cols.stop)
+        left = self.left + c0 * self.res
+        right = self.left + c1 * self.res
+        top = self.top - r0 * self.res
+        bottom = self.top - r1 * self.res
+        return tuple(transform_bounds(self.crs, "EPSG:4326", left, bottom, right, top, densify_pts=21))
+
+
+def make_grid(bbox: Sequence[float], crs: str | int | None = None, res: float = 10.0,
+              snap: float = 100.0, geometry: Any = None) -> tuple[Grid, str | None]:
+    """Grid covering a lon/lat bbox (or a shapely geometry in EPSG:4326), snapped outward to
+    multiples of ``snap`` metres so 1 ha cells align with the 10 m pixels."""
+    from pyproj import CRS
+    from rasterio.warp import transform_bounds
+
+    west, south, east, north = (float(v) for v in bbox)
+    if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+        raise PopcornInputError(
+            f"bounding box {tuple(bbox)} is not 'west south east north' in degrees "
+            "(west < east, south < north, lon in [-180, 180], lat in [-90, 90])"
+        )
+    note = None
+    if crs is None:
+        epsg, note = choose_utm((west, south, east, north))
+        crs_str = f"EPSG:{epsg}"
+    else:
+        crs_str = str(crs) if not isinstance(crs, int) else f"EPSG:{crs}"
+        try:
+            parsed = CRS.from_user_input(crs_str)
+        except Exception as err:
+            raise PopcornInputError(f"--crs {crs!r} is not a valid CRS ({err})") from err
+        if not parsed.is_projected:
+            raise PopcornInputError(f"--crs {crs!r} must be a projected CRS in metres (e.g. UTM)")
+    if geometry is not None:
+        import shapely
+        from pyproj import Transformer
+
+        tr = Transformer.from_crs("EPSG:4326", crs_str, always_xy=True)
+        left, bottom, right, top = shapely.transform(
+            geometry, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1]))
+        ).bounds
+    else:
+        left, bottom, right, top = transform_bounds("EPSG:4326", crs_str, west, south, east, north,
+                                                    densify_pts=21)
+    snap = max(snap, res)
+    left = math.floor(left / snap) * snap
+    bottom = math.floor(bottom / snap) * snap
+    right = math.ceil(right / snap) * snap
+    top = math.ceil(top / snap) * snap
+    grid = Grid(crs_str, float(res), left, top, int(round((top - bottom) / res)),
+                int(round((right - left) / res)))
+    return grid, note
+
+
+def read_aoi(path: str | os.PathLike[str]) -> tuple[tuple[float, float, float, float], Any]:
+    """Bounding box (lon/lat) and union geometry (EPSG:4326) of a vector file."""
+    import geopandas as gpd
+
+    path = Path(path)
+    if not path.exists():
+        raise PopcornInputError(f"area-of-interest file {path} does not exist")
+    try:
+        gdf = gpd.read_file(path)
+    except Exception as err:
+        raise PopcornInputError(f"cannot read area-of-interest file {path} ({err})") from err
+    if gdf.empty:
+        raise PopcornInputError(f"area-of-interest file {path} holds no geometry")
+    if gdf.crs is None:
+        raise PopcornInputError(f"area-of-interest file {path} has no CRS; set one")
+    geom = gdf.to_crs("EPSG:4326").geometry.union_all()
+    return tuple(float(v) for v in geom.bounds), geom
+
+
+def chunk_size_for_budget(memory_bytes: float, n_times: int, n_assets: int,
+                          multiple: int = 100, max_size: int = 8192) -> int:
+    """Side (px) of square chunks so that loading + compositing one chunk fits the budget.
+
+    Per pixel: ``n_times`` x ``n_assets`` float32 values, counted three times (the loaded cube,
+    its float copy and the sorted copy of the median), plus the output. Rounded down to a
+    multiple of ``multiple`` px (1 ha alignment), at least ``multiple``.
+    """
+    per_px = max(n_times, 1) * max(n_assets, 1) * 4 * 3 + 64
+    side = int(math.sqrt(max(memory_bytes, 1) / per_px))
+    side = (side // multiple) * multiple
+    return int(min(max(side, multiple), max_size))
+
+
+def chunk_windows(height: int, width: int, size: int) -> list[tuple[int, int, slice, slice]]:
+    """``(chunk_row, chunk_col, rows, cols)`` of square chunks covering the grid."""
+    out = []
+    for i, r in enumerate(range(0, height, size)):
+        for j, c in enumerate(range(0, width, size)):
+            out.append((i, j, slice(r, min(r + size, height)), slice(c, min(c + size, width))))
+    return out
+
+
+# ---------------------------------------------------------------------------- settings
+@dataclasses.dataclass
+class DownloadConfig:
+    """Every setting of a download (the CLI flags); see ``python -m popcorn.download --help``."""
+
+    out: str
+    bbox: tuple[float, float, float, float] | None = None
+    aoi: str | None = None
+    year: int = 2020
+    seasons: tuple[str, ...] = SEASONS
+    sensors: tuple[str, ...] = ("s2", "s1")
+    stac_url: str = PLANETARY_COMPUTER_URL
+    s2_collection: str = DEFAULT_S2_COLLECTION
+    s1_collection: str = DEFAULT_S1_COLLECTION
+    s2_assets: tuple[str, ...] = DEFAULT_S2_ASSETS
+    s1_assets: tuple[str, ...] = DEFAULT_S1_ASSETS
+    s1_units: str = "auto"
+    s1_orbit: str = "both"
+    cloud_mask: str = "scl"
+    scl_mask: tuple[int, ...] = DEFAULT_SCL_MASK
+    cloud_probability: float = 0.6
+    mask_dilation: float = 0.0
+    max_cloud_cover: float = 100.0
+    crs: str | None = None
+    resolution: float = 10.0
+    resampling: str = "nearest"
+    memory_gb: float = 4.0
+    chunk_size: int | None = None
+    workers: int = 2
+    retries: int = 5
+    retry_delay: float = 2.0
+    dry_run: bool = False
+    keep_chunks: bool = False
+    overwrite: bool = False
+    sign: str = "auto"
+    progress: bool = True
+
+    def check(self) -> None:
+        if (self.bbox is None) == (self.aoi is None):
+            raise PopcornInputError("give exactly one of --bbox WEST SOUTH EAST NORTH or --aoi FILE")
+        bad = [s for s in self.seasons if s not in SEASONS]
+        if bad or not self.seasons:
+            raise PopcornInputError(f"unknown season(s) {bad}; choose from {list(SEASONS)}")
+        bad = [s for s in self.sensors if s not in ("s1", "s2")]
+        if bad or not self.sensors:
+            raise PopcornInputError(f"unknown sensor(s) {bad}; choose from ['s1', 's2']")
+        if len(self.s2_assets) != 5:
+            raise PopcornInputError(
+                f"--s2-assets needs 5 asset keys (B02 B03 B04 B08 SCL in that order), got "
+                f"{list(self.s2_assets)}"
+            )
+        if len(self.s1_assets) != 2:
+            raise PopcornInputError(
+                f"--s1-assets needs 2 asset keys (VV VH in that order), got {list(self.s1_assets)}"
+            )
+        if self.cloud_mask not in ("scl", "s2cloudless"):
+            raise PopcornInputError(f"--cloud-mask must be 'scl' or 's2cloudless', got {self.cloud_mask!r}")
+        if self.s1_units not in ("auto", "linear", "db"):
+            raise PopcornInputError(f"--s1-units must be auto, linear or db, got {self.s1_units!r}")
+        if self.s1_orbit not in ("both", "ascending", "descending"):
+            raise PopcornInputError(f"--s1-orbit must be both, ascending or descending, got {self.s1_orbit!r}")
+        if self.memory_gb <= 0:
+            raise PopcornInputError(f"--memory-gb must be positive, got {self.memory_gb}")
+        if self.chunk_size is not None and self.chunk_size < 16:
+            raise PopcornInputError(f"--chunk-size must be >= 16 px, got {self.chunk_size}")
+        if self.resolution <= 0:
+            raise PopcornInputError(f"--resolution must be positive, got {self.resolution}")
+
+    def s1_linear_input(self) -> bool:
+        """True if the S1 assets hold linear power (RTC, GRD backscatter) rather than dB."""
+        if self.s1_units == "auto":
+            return "db" not in self.s1_collection.lower()
+        return self.s1_units == "linear"
+
+
+# ---------------------------------------------------------------------------- retries
+def _is_transient(err: BaseException) -> bool:
+    if isinstance(err, PopcornInputError):
+        return False
+    status = getattr(err, "status_code", None)
+    if status is None and getattr(err, "response", None) is not None:
+        status = getattr(err.response, "status_code", None)
+    if status is not None:
+        try:
+            return int(status) >= 500 or int(status) in (408, 429)
+        except (TypeError, ValueError):
+            return True
+    text = str(err)
+    if "404" in text or "Not Found" in text:
+        return False
+    for code in ("500", "502", "503", "504", "429", "timed out", "Timeout", "Connection",
+                 "reset", "temporarily", "HTTP"):
+        if code in text:
+            return True
+    import rasterio.errors
+
+    return isinstance(err, (ConnectionError, TimeoutError, OSError, rasterio.errors.RasterioIOError))
+
+
+def with_retries(fn: Callable[[], Any], what: str, retries: int, delay: float) -> Any:
+    """Call ``fn``; on a transient error wait ``delay * 2**attempt`` s and try again."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - classified below
+            if attempt >= retries or not _is_transient(err):
+                raise
+            wait = delay * (2**attempt)
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(err).__name__,
+                        str(err)[:200], attempt + 1, retries, wait)
+            time.sleep(wait)
+            attempt += 1
+
+
+# ---------------------------------------------------------------------------- STAC
+def _signer(cfg: DownloadConfig) -> Callable[[str], str] | None:
+    use = cfg.sign == "planetary-computer" or (
+        cfg.sign == "auto" and "planetarycomputer.microsoft.com" in cfg.stac_url
+    )
+    if not use:
+        return None
+    try:
+        import planetary_computer
+    except ImportError as err:
+        raise PopcornInputError(
+            f"{cfg.stac_url} (Microsoft Planetary Computer) needs signed asset URLs: install the "
+            "'planetary-computer' package (pip install planetary-computer) or use --sign none "
+            "with another STAC API"
+        ) from err
+    return planetary_computer.sign
+
+
+def open_catalog(cfg: DownloadConfig):  # noqa: ANN201 - pystac_client.Client
+    import pystac_client
+
+    def _open():
+        return pystac_client.Client.open(cfg.stac_url)
+
+    try:
+        return with_retries(_open, f"opening the STAC API {cfg.stac_url}", cfg.retries, cfg.retry_delay)
+    except PopcornInputError:
+        raise
+    except Exception as err:
+        raise PopcornInputError(f"cannot open the STAC API {cfg.stac_url} ({err})") from err
+
+
+def check_collection(client: Any, collection: str, cfg: DownloadConfig) -> None:
+    """Raise a PopcornInputError naming the collection (and the ones available) if unknown."""
+    def _get():
+        try:
+            return client.get_collection(collection)
+        except Exception as err:  # noqa: BLE001
+            if _is_transient(err) and "404" not in str(err):
+                raise
+            return None
+
+    found = with_retries(_get, f"looking up collection {collection}", cfg.retries, cfg.retry_delay)
+    if found is None:
+        try:
+            available = sorted(c.id for c in client.get_collections())
+        except Exception:  # noqa: BLE001
+            available = []
+        hint = f"; available: {available[:30]}" if available else ""
+        raise PopcornInputError(f"collection {collection!r} not found at {cfg.stac_url}{hint}")
+
+
+def search_items(client: Any, collection: str, bbox: Sequence[float], season: str,
+                 cfg: DownloadConfig) -> list[Any]:
+    """Items of ``collection`` intersecting ``bbox`` during ``season`` (with retries)."""
+    datetime = season_datetime(season, cfg.year)
+
+    def _search():
+        search = client.search(collections=[collection], bbox=list(bbox), datetime=datetime,
+                               limit=500)
+        return list(search.items())
+
+    items = with_retries(_search, f"searching {collection} ({season})", cfg.retries, cfg.retry_delay)
+    return sorted(items, key=lambda it: (str(it.datetime), it.id))
+
+
+def filter_items(items: Sequence[Any], sensor: str, cfg: DownloadConfig) -> tuple[list[Any], list[str]]:
+    """Keep the items a composite can use; return them and notes on what was dropped."""
+    notes: list[str] = []
+    keep = []
+    assets = cfg.s2_assets if sensor == "s2" else cfg.s1_assets
+    needed = list(assets)
+    if sensor == "s2" and cfg.cloud_mask == "s2cloudless":
+        needed = list(assets[:4])
+    missing_assets = cloudy = orbit = 0
+    for it in items:
+        if any(a not in it.assets for a in needed):
+            missing_assets += 1
+            continue
+        if sensor == "s2":
+            cc = it.properties.get("eo:cloud_cover")
+            if cc is not None and cc > cfg.max_cloud_cover:
+                cloudy += 1
+                continue
+        if sensor == "s1" and cfg.s1_orbit != "both":
+            state = str(it.properties.get("sat:orbit_state", "")).lower()
+            if state != cfg.s1_orbit:
+                orbit += 1
+                continue
+        keep.append(it)
+    if missing_assets:
+        notes.append(f"{missing_assets} item(s) without the assets {needed}")
+    if cloudy:
+        notes.append(f"{cloudy} item(s) above --max-cloud-cover {cfg.max_cloud_cover}")
+    if orbit:
+        notes.append(f"{orbit} item(s) not in orbit {cfg.s1_orbit}")
+    return keep, notes
+
+
+def _stac_cfg(cfg: DownloadConfig) -> dict:
+    s2 = {a: {"data_type": "uint16", "nodata": 0} for a in cfg.s2_assets[:4]}
+    s2[cfg.s2_assets[4]] = {"data_type": "uint8", "nodata": 0}
+    for b in S2CLOUDLESS_BANDS:
+        s2.setdefault(b, {"data_type": "uint16", "nodata": 0})
+    s1 = {a: {"data_type": "float32", "nodata": float("nan")} for a in cfg.s1_assets}
+    return {cfg.s2_collection: {"assets": s2}, cfg.s1_collection: {"assets": s1}}
+
+
+def _solar_days(items: Iterable[Any]) -> int:
+    days = set()
+    for it in items:
+        dt = it.datetime
+        lon = 0.0
+        if it.bbox:
+            lon = (it.bbox[0] + it.bbox[2]) / 2
+        if dt is not None:
+            days.add((dt.timestamp() + lon / 15 * 3600) // 86400)
+    return max(len(days), 1)
+
+
+def _bbox_intersects(a: Sequence[float], b: Sequence[float]) -> bool:
+    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
+
+
+# ---------------------------------------------------------------------------- compositing
+def _dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    if pixels <= 0:
+        return mask
+    import scipy.ndimage as ndi
+
+    yy, xx = np.mgrid[-pixels : pixels + 1, -pixels : pixels + 1]
+    disk = (yy**2 + xx**2) <= pixels**2
+    out = np.empty_like(mask)
+    for t in range(mask.shape[0]):
+        out[t] = ndi.binary_dilation(mask[t], structure=disk)
+    return out
+
+
+def s2_median(bands: np.ndarray, scl: np.ndarray | None, scl_mask: Sequence[int],
+              extra_mask: np.ndarray | None = None, dilation_px: int = 0) -> np.ndarray:
+    """Median composite: ``bands`` (T, 4, H, W) uint16 (0 = nodata), ``scl`` (T, H, W).
+
+    Observations with an SCL class in ``scl_mask`` (or ``extra_mask`` True) are dropped (the
+    mask is dilated by ``dilation_px``); the median of the rest is rounded to the nearest integer
+    (ties to even) and returned as (4, H, W) uint16, 0 where no observation is left.
+    """
+    data = bands.astype(np.float32)
+    data[bands == 0] = np.nan
+    mask = np.zeros((bands.shape[0], *bands.shape[2:]), bool)
+    if scl is not None:
+        mask |= np.isin(scl, np.asarray(list(scl_mask), dtype=scl.dtype))
+    if extra_mask is not None:
+        mask |= extra_mask
+    mask = _dilate(mask, dilation_px)
+    data[np.broadcast_to(mask[:, None], data.shape)] = np.nan
+    out = np.zeros(bands.shape[1:], np.uint16)
+    if data.shape[0] == 0:
+        return out
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels
+        med = np.nanmedian(data, axis=0)
+    ok = np.isfinite(med)
+    out[ok] = np.clip(np.rint(med[ok]), 1, 65535).astype(np.uint16)
+    return out
+
+
+def s1_mean_db(bands: np.ndarray, linear_input: bool = True) -> np.ndarray:
+    """Mean composite in dB: ``bands`` (T, 2, H, W) float32 (NaN / <= 0 = nodata when linear).
+
+    The mean is taken in linear power, then converted to dB; NaN where no observation."""
+    data = bands.astype(np.float64)
+    if not linear_input:
+        data = np.power(10.0, data / 10.0)
+    data[~np.isfinite(data) | (data <= 0)] = np.nan
+    out = np.full(bands.shape[1:], np.nan, np.float32)
+    if data.shape[0] == 0:
+        return out
+    n = np.sum(np.isfinite(data), axis=0)
+    total = np.nansum(data, axis=0)
+    ok = n > 0
+    out[ok] = (10.0 * np.log10(total[ok] / n[ok])).astype(np.float32)
+    return out
+
+
+def _s2cloudless_mask(ds: Any, threshold: float) -> np.ndarray:
+    try:
+        from s2cloudless import S2PixelCloudDetector
+    except ImportError as err:
+        raise PopcornInputError(
+            "--cloud-mask s2cloudless needs the 's2cloudless' package, which is not installed "
+            "(pip install s2cloudless; it pulls lightgbm and sentinelhub). Use --cloud-mask scl "
+            "(Sen2Cor classes) otherwise."
+        ) from err
+    stack = np.stack([ds[b].values for b in S2CLOUDLESS_BANDS], axis=-1).astype(np.float32) / 1e4
+    detector = S2PixelCloudDetector(threshold=threshold, average_over=0, dilation_size=0,
+                                    all_bands=False)
+    return detector.get_cloud_probability_maps(stack) > threshold
+
+
+def _check_s2cloudless(cfg: DownloadConfig, items: Sequence[Any]) -> None:
+    try:
+        import s2cloudless  # noqa: F401
+    except ImportError as err:
+        raise PopcornInputError(
+            "--cloud-mask s2cloudless needs the 's2cloudless' package, which is not installed "
+            "(pip install s2cloudless; it pulls lightgbm and sentinelhub). Use --cloud-mask scl "
+            "(Sen2Cor classes) otherwise."
+        ) from err
+    for it in items[:1]:
+        missing = [b for b in S2CLOUDLESS_BANDS if b not in it.assets]
+        if missing:
+            raise PopcornInputError(
+                f"--cloud-mask s2cloudless needs the bands {list(S2CLOUDLESS_BANDS)} (its model "
+                f"was trained on L1C); collection {cfg.s2_collection!r} lacks {missing}. Use an "
+                "L1C collection with --s2-collection, or --cloud-mask scl."
+            )
+
+
+def composite_chunk(items: Sequence[Any], sensor: str, grid: Grid, rows: slice, cols: slice,
+                    cfg: DownloadConfig, signer: Callable[[str], str] | None = None) -> np.ndarray:
+    """Load the items over one chunk of the grid and composite them (bands, h, w)."""
+    h, w = rows.stop - rows.start, cols.stop - cols.start
+    box = grid.lonlat_bounds(rows, cols)
+    items = [it for it in items if not it.bbox or _bbox_intersects(it.bbox, box)]
+    if sensor == "s2":
+        empty = np.zeros((4, h, w), np.uint16)
+    else:
+        empty = np.full((2, h, w), np.nan, np.float32)
+    if not items:
+        return empty
+    import odc.stac
+
+    assets = list(cfg.s2_assets if sensor == "s2" else cfg.s1_assets)
+    if sensor == "s2" and cfg.cloud_mask == "s2cloudless":
+        assets = assets[:4] + [a for a in S2CLOUDLESS_BANDS if a not in assets[:4]]
+        if cfg.s2_assets[4] in items[0].assets:
+            assets.append(cfg.s2_assets[4])
+    resampling = {"*": cfg.resampling}
+    if sensor == "s2":
+        resampling[cfg.s2_assets[4]] = "nearest"
+    csize = max(256, min(2048, max(h, w)))
+    ds = odc.stac.load(
+        items, bands=assets, geobox=grid.geobox(rows, cols), groupby="solar_day",
+        resampling=resampling, chunks={"x": csize, "y": csize}, stac_cfg=_stac_cfg(cfg),
+        patch_url=signer, fail_on_error=True,
+    )
+    ds = ds.compute(scheduler="threads", num_workers=max(1, cfg.workers))
+    if sensor == "s2":
+        bands = np.stack([ds[a].values for a in assets[:4]], axis=1)
+        scl_key = cfg.s2_assets[4]
+        scl = ds[scl_key].values if scl_key in ds else None
+        extra = None
+        if cfg.cloud_mask == "s2cloudless":
+            extra = _s2cloudless_mask(ds, cfg.cloud_probability)
+            scl_mask = [c for c in cfg.scl_mask if c in (0, 1, 3)]  # shadows / invalid only
+        else:
+            scl_mask = cfg.scl_mask
+        dil = int(round(cfg.mask_dilation / grid.res))
+        return s2_median(bands, scl, scl_mask, extra, dil)
+    bands = np.stack([ds[a].values for a in assets], axis=1)
+    return s1_mean_db(bands, cfg.s1_linear_input())
+
+
+# ---------------------------------------------------------------------------- files
+def _profile(sensor: str, h: int, w: int, grid: Grid, block: int = 256) -> dict:
+    dtype = "uint16" if sensor == "s2" else "float32"
+    profile = {
+        "driver": "GTiff", "height": h, "width": w, "count": 4 if sensor == "s2" else 2,
+        "dtype": dtype, "crs": grid.crs, "transform": grid.transform,
+        "nodata": 0 if sensor == "s2" else float("nan"), "compress": "deflate",
+        "predictor": 2 if sensor == "s2" else 3, "BIGTIFF": "IF_SAFER",
+    }
+    if h >= block and w >= block:
+        profile.update(tiled=True, blockxsize=block, blockysize=block)
+    return profile
+
+
+def _write_chunk(path: Path, data: np.ndarray, sensor: str, grid: Grid, rows: slice, cols: slice) -> None:
+    import rasterio
+
+    g = dataclasses.replace(grid, left=grid.left + cols.start * grid.res,
+                            top=grid.top - rows.start * grid.res)
+    profile = _profile(sensor, data.shape[1], data.shape[2], g)
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(data)
+
+
+def assemble(final: Path, chunks: Sequence[tuple[Path, slice, slice]], sensor: str, grid: Grid,
+             tags: dict[str, str]) -> Path:
+    """Write the final GeoTIFF from its chunk files, atomically."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from popcorn import __version__
+
+    profile = _profile(sensor, grid.height, grid.width, grid)
+    with atomic_path(final) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            for path, rows, cols in chunks:
+                with rasterio.open(path) as src:
+                    dst.write(src.read(), window=Window(cols.start, rows.start,
+                                                        cols.stop - cols.start, rows.stop - rows.start))
+            for i, name in enumerate(S2_BANDS if sensor == "s2" else S1_BANDS, start=1):
+                dst.set_band_description(i, name)
+            dst.update_tags(software=f"popcorn {__version__}", **tags)
+    return final
+
+
+def _settings_hash(cfg: DownloadConfig, sensor: str, season: str, grid: Grid, size: int) -> str:
+    keys = {
+        "grid": dataclasses.asdict(grid), "size": size, "year": cfg.year, "season": season,
+        "url": cfg.stac_url, "resampling": cfg.resampling,
+    }
+    if sensor == "s2":
+        keys.update(collection=cfg.s2_collection, assets=cfg.s2_assets, mask=cfg.cloud_mask,
+                    scl=cfg.scl_mask, p=cfg.cloud_probability, dil=cfg.mask_dilation,
+                    cc=cfg.max_cloud_cover)
+    else:
+        keys.update(collection=cfg.s1_collection, assets=cfg.s1_assets, units=cfg.s1_units,
+                    orbit=cfg.s1_orbit)
+    return hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------------------- driver
+@dataclasses.dataclass
+class Plan:
+    """What a run will do for one sensor and season (the dry run prints these)."""
+
+    sensor: str
+    season: str
+    collection: str
+    items: list[Any]
+    n_found: int
+    notes: list[str]
+    output: Path
+    output_bytes: int
+    download_bytes: float
+
+
+def _estimate_download(items: Sequence[Any], assets: Sequence[str], aoi: Sequence[float]) -> float:
+    """Bytes to read: per item and asset, the file size (``file:size``) or, without it, the
+    pixels at the asset's resolution (10 m guessed), times the share of the item inside the area
+    (bbox overlap), assuming ~50 % compression of 2-byte samples; COG reads are windowed."""
+    total = 0.0
+    for it in items:
+        frac = 1.0
+        if it.bbox:
+            b = it.bbox
+            ix = max(0.0, min(b[2], aoi[2]) - max(b[0], aoi[0]))
+            iy = max(0.0, min(b[3], aoi[3]) - max(b[1], aoi[1]))
+            area = max((b[2] - b[0]) * (b[3] - b[1]), 1e-12)
+            frac = min(1.0, ix * iy / area)
+        for a in assets:
+            asset = it.assets.get(a)
+            if asset is None:
+                continue
+            size = asset.extra_fields.get("file:size")
+            if size is None:
+                lat = math.radians((it.bbox[1] + it.bbox[3]) / 2) if it.bbox else 0.0
+                w_m = (it.bbox[2] - it.bbox[0]) * 111_320 * math.cos(lat) if it.bbox else 1e5
+                h_m = (it.bbox[3] - it.bbox[1]) * 110_540 if it.bbox else 1e5
+                res = 10.0
+                gsd = asset.extra_fields.get("gsd") or it.properties.get("gsd")
+                if gsd:
+                    res = float(gsd)
+                size = w_m * h_m / res**2 * 2 * 0.5
+            total += float(size) * frac
+    return total
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def plan_download(cfg: DownloadConfig) -> tuple[Grid, list[Plan], str | None, Any]:
+    """Grid and per-(sensor, season) plans; searches the STAC API (no pixel is read)."""
+    cfg.check()
+    geometry = None
+    if cfg.aoi is not None:
+        bbox, geometry = read_aoi(cfg.aoi)
+    else:
+        bbox = tuple(float(v) for v in cfg.bbox)  # type: ignore[arg-type]
+    grid, note = make_grid(bbox, cfg.crs, cfg.resolution, geometry=geometry)
+    if note:
+        log.warning(note)
+    if grid.height * grid.width == 0:
+        raise PopcornInputError(f"the area {bbox} gives an empty grid")
+    search_box = grid.lonlat_bounds()
+    client = open_catalog(cfg)
+    out = Path(cfg.out)
+    plans = []
+    for sensor in cfg.sensors:
+        collection = cfg.s2_collection if sensor == "s2" else cfg.s1_collection
+        check_collection(client, collection, cfg)
+        for season in cfg.seasons:
+            found = search_items(client, collection, search_box, season, cfg)
+            items, notes = filter_items(found, sensor, cfg)
+            if not items:
+                start, end = season_dates(season, cfg.year)
+                why = f" (dropped: {'; '.join(notes)})" if notes else ""
+                raise PopcornInputError(
+                    f"no usable {collection!r} scene at {cfg.stac_url} for {season} {cfg.year} "
+                    f"({start}..{end}) in the bbox {tuple(round(v, 5) for v in search_box)}{why}. "
+                    "Check the area, the year, the collection and --max-cloud-cover."
+                )
+            if sensor == "s2" and cfg.cloud_mask == "s2cloudless":
+                _check_s2cloudless(cfg, items)
+            nb = 4 if sensor == "s2" else 2
+            assets = cfg.s2_assets if sensor == "s2" else cfg.s1_assets
+            plans.append(Plan(
+                sensor, season, collection, items, len(found), notes,
+                out / f"{sensor.upper()}_{season}.tif", grid.height * grid.width * nb * (2 if sensor == "s2" else 4),
+                _estimate_download(items, assets, search_box),
+            ))
+    return grid, plans, note, client
+
+
+def _chunk_size(cfg: DownloadConfig, plans: Sequence[Plan]) -> int:
+    if cfg.chunk_size is not None:
+        return int(cfg.chunk_size)
+    worst = 1
+    for p in plans:
+        n_assets = len(cfg.s2_assets) if p.sensor == "s2" else 2
+        if p.sensor == "s2" and cfg.cloud_mask == "s2cloudless":
+            n_assets = 4 + len(S2CLOUDLESS_BANDS)
+        worst = max(worst, _solar_days(p.items) * n_assets)
+    return chunk_size_for_budget(cfg.memory_gb * 1e9, worst, 1)
+
+
+def print_plan(grid: Grid, plans: Sequence[Plan], size: int, file: Any = None) -> None:
+    file = file or sys.stdout
+    n_chunks = len(chunk_windows(grid.height, grid.width, size))
+    print(f"grid: {grid.crs}, {grid.res:g} m, {grid.height} x {grid.width} px, bounds "
+          f"{tuple(round(v, 1) for v in grid.bounds)}; {n_chunks} chunk(s) of {size} px", file=file)
+    total_out = total_dl = 0.0
+    n_scenes = 0
+    for p in plans:
+        extra = f" (dropped: {'; '.join(p.notes)})" if p.notes else ""
+        print(f"  {p.output.name:<18} {p.collection}: {len(p.items)} scene(s) of {p.n_found} found, "
+              f"{_solar_days(p.items)} acquisition day(s); output {_fmt_bytes(p.output_bytes)} "
+              f"uncompressed; download ~{_fmt_bytes(p.download_bytes)}{extra}", file=file)
+        total_out += p.output_bytes
+        total_dl += p.download_bytes
+        n_scenes += len(p.items)
+    print(f"total: {n_scenes} scene(s), output {_fmt_bytes(total_out)} uncompressed "
+          f"(less once deflated), estimated download {_fmt_bytes(total_dl)}", file=file)
+
+
+def run(cfg: DownloadConfig) -> list[Path]:
+    """Plan, then build every missing composite (or only print the plan with ``dry_run``)."""
+    grid, plans, _, _ = plan_download(cfg)
+    size = _chunk_size(cfg, plans)
+    if cfg.dry_run:
+        print_plan(grid, plans, size)
+        return []
+    signer = _signer(cfg)
+    try:
+        import odc.stac
+
+        odc.stac.configure_rio(
+            cloud_defaults=True, GDAL_HTTP_MAX_RETRY=str(cfg.retries),
+            GDAL_HTTP_RETRY_DELAY=str(max(cfg.retry_delay, 0.1)),
+        )
+    except Exception as err:  # noqa: BLE001 - best effort
+        log.debug("configure_rio failed: %s", err)
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    windows = chunk_windows(grid.height, grid.width, size)
+    written = []
+    todo = [p for p in plans if cfg.overwrite or not p.output.exists()]
+    for p in plans:
+        if p not in todo:
+            log.info("%s exists; kept (use --overwrite to rebuild)", p.output)
+    bar = tqdm(total=len(todo) * len(windows), unit="chunk", desc="composites",
+               disable=not cfg.progress)
+    try:
+        for p in todo:
+            key = _settings_hash(cfg, p.sensor, p.season, grid, size)
+            cdir = out / CHUNK_DIR / f"{p.output.stem}-{key}"
+            cdir.mkdir(parents=True, exist_ok=True)
+            chunk_files = []
+            bar.set_postfix_str(p.output.name)
+            for i, j, rows, cols in windows:
+                path = cdir / f"r{i:04d}_c{j:04d}.tif"
+                if not path.exists():
+                    def _do(rows=rows, cols=cols, path=path, p=p):
+                        data = composite_chunk(p.items, p.sensor, grid, rows, cols, cfg, signer)
+                        _write_chunk(path, data, p.sensor, grid, rows, cols)
+                    with_retries(_do, f"{p.output.name} chunk ({i}, {j})", cfg.retries, cfg.retry_delay)
+                chunk_files.append((path, rows, cols))
+                bar.update(1)
+            start, end = season_dates(p.season, cfg.year)
+            tags = {
+                "season": p.season, "period": f"{start}/{end}", "collection": p.collection,
+                "stac_url": cfg.stac_url, "scenes": str(len(p.items)),
+                "composite": "median, clouds masked" if p.sensor == "s2" else "mean of linear power, in dB",
+            }
+            if p.sensor == "s2":
+                tags["cloud_mask"] = cfg.cloud_mask + (f" {list(cfg.scl_mask)}" if cfg.cloud_mask == "scl" else "")
+            assemble(p.output, chunk_files, p.sensor, grid, tags)
+            written.append(p.output)
+            if not cfg.keep_chunks:
+                shutil.rmtree(cdir, ignore_errors=True)
+    finally:
+        bar.close()
+    root = out / CHUNK_DIR
+    if root.exists() and not any(root.iterdir()):
+        root.rmdir()
+    return written
+
+
+# ---------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m popcorn.download",
+        description=(
+            "Download Sentinel-1/2 scenes from a STAC API and build the four seasonal composites "
+            "of POPCORN (S2 cloud-free median of B02 B03 B04 B08, S1 mean of VV VH in dB) on one "
+            "UTM 10 m grid, as S2_<season>.tif / S1_<season>.tif in --out. Resumable: run the "
+            "same command again after an interruption."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m popcorn.download --bbox 8.45 47.30 8.65 47.45 --out data/zurich/imagery --dry-run\n"
+            "  python -m popcorn.download --bbox 8.45 47.30 8.65 47.45 --out data/zurich/imagery\n"
+            "  python -m popcorn.download --aoi kigali.gpkg --out data/rwa/imagery --memory-gb 8\n"
+            "Then train: python -m popcorn.fit --config experiments/rwa.yaml "
+            "(see docs/data-preparation.md)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    area = p.add_argument_group("area and time")
+    area.add_argument("--bbox", type=float, nargs=4, metavar=("WEST", "SOUTH", "EAST", "NORTH"),
+                      help="area in degrees (WGS 84 lon/lat)")
+    area.add_argument("--aoi", help="vector file (GeoPackage, Shapefile, GeoJSON; any CRS) of the area")
+    area.add_argument("--out", required=True, help="output folder for S1_<season>.tif / S2_<season>.tif")
+    area.add_argument("--year", type=int, default=2020, help="year of spring..autumn; winter runs Dec..Feb of the next year (default 2020, as the paper)")
+    area.add_argument("--seasons", nargs="+", default=list(SEASONS), choices=SEASONS, help="seasons to build (default all four)")
+    area.add_argument("--sensors", nargs="+", default=["s2", "s1"], choices=("s1", "s2"), help="sensors to build (default both)")
+    area.add_argument("--crs", help="output CRS (default: the UTM zone of the area's centre)")
+    area.add_argument("--resolution", type=float, default=10.0, help="pixel size in metres (default 10)")
+    src = p.add_argument_group("STAC source")
+    src.add_argument("--stac-url", default=PLANETARY_COMPUTER_URL, help="STAC API URL (default Microsoft Planetary Computer)")
+    src.add_argument("--s2-collection", default=DEFAULT_S2_COLLECTION, help="Sentinel-2 L2A collection (default %(default)s)")
+    src.add_argument("--s1-collection", default=DEFAULT_S1_COLLECTION, help="Sentinel-1 collection (default %(default)s; sentinel-1-grd on the Planetary Computer is not geocoded, prefer RTC)")
+    src.add_argument("--s2-assets", nargs=5, default=list(DEFAULT_S2_ASSETS), metavar=("B02", "B03", "B04", "B08", "SCL"), help="asset keys of blue green red nir scl (Earth Search: blue green red nir scl)")
+    src.add_argument("--s1-assets", nargs=2, default=list(DEFAULT_S1_ASSETS), metavar=("VV", "VH"), help="asset keys of VV VH (default vv vh)")
+    src.add_argument("--s1-units", default="auto", choices=("auto", "linear", "db"), help="units of the S1 assets (auto: linear power unless the collection name says dB)")
+    src.add_argument("--sign", default="auto", choices=("auto", "planetary-computer", "none"), help="sign asset URLs (auto: with planetary-computer when --stac-url is the Planetary Computer)")
+    comp = p.add_argument_group("compositing")
+    comp.add_argument("--cloud-mask", default="scl", choices=("scl", "s2cloudless"), help="S2 cloud/shadow mask: Sen2Cor SCL classes, or s2cloudless probabilities (optional package)")
+    comp.add_argument("--scl-mask", type=int, nargs="+", default=list(DEFAULT_SCL_MASK), help="SCL classes dropped (default 0 1 3 8 9 10: no data, defective, shadow, clouds, cirrus)")
+    comp.add_argument("--cloud-probability", type=float, default=0.6, help="s2cloudless threshold (paper 0.6)")
+    comp.add_argument("--mask-dilation", type=float, default=0.0, help="grow the cloud mask by this many metres (paper with s2cloudless: 60)")
+    comp.add_argument("--max-cloud-cover", type=float, default=100.0, help="skip S2 scenes whose eo:cloud_cover exceeds this %% (default: keep all)")
+    comp.add_argument("--s1-orbit", default="both", choices=("both", "ascending", "descending"), help="S1 orbit direction(s) averaged (default both)")
+    comp.add_argument("--resampling", default="nearest", help="resampling onto the grid (nearest, bilinear, ...; SCL always nearest)")
+    run_ = p.add_argument_group("running")
+    run_.add_argument("--memory-gb", type=float, default=4.0, help="memory budget; the chunk size follows from it (default 4)")
+    run_.add_argument("--chunk-size", type=int, help="chunk side in pixels (overrides --memory-gb)")
+    run_.add_argument("--workers", type=int, default=2, help="reader threads (default 2)")
+    run_.add_argument("--retries", type=int, default=5, help="retries on transient errors (default 5)")
+    run_.add_argument("--retry-delay", type=float, default=2.0, help="first retry delay in s, doubled each time (default 2)")
+    run_.add_argument("--dry-run", action="store_true", help="only print scenes, output size and estimated download volume")
+    run_.add_argument("--keep-chunks", action="store_true", help="keep the chunk files after assembling")
+    run_.add_argument("--overwrite", action="store_true", help="rebuild composites that already exist")
+    run_.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> DownloadConfig:
+    return DownloadConfig(
+        out=ns.out, bbox=tuple(ns.bbox) if ns.bbox else None, aoi=ns.aoi, year=ns.year,
+        seasons=tuple(ns.seasons), sensors=tuple(ns.sensors), stac_url=ns.stac_url,
+        s2_collection=ns.s2_collection, s1_collection=ns.s1_collection,
+        s2_assets=tuple(ns.s2_assets), s1_assets=tuple(ns.s1_assets), s1_units=ns.s1_units,
+        s1_orbit=ns.s1_orbit, cloud_mask=ns.cloud_mask, scl_mask=tuple(ns.scl_mask),
+        cloud_probability=ns.cloud_probability, mask_dilation=ns.mask_dilation,
+        max_cloud_cover=ns.max_cloud_cover, crs=ns.crs, resolution=ns.resolution,
+        resampling=ns.resampling, memory_gb=ns.memory_gb, chunk_size=ns.chunk_size,
+        workers=ns.workers, retries=ns.retries, retry_delay=ns.retry_delay, dry_run=ns.dry_run,
+        keep_chunks=ns.keep_chunks, overwrite=ns.overwrite, sign=ns.sign,
+        progress=not ns.no_progress,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ns = build_parser().parse_args(argv)
+    try:
+        written = run(config_from_args(ns))
+    except PopcornInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,493 @@
+"""popcorn.download against a local STAC API (no internet).
+
+A threaded http.server on 127.0.0.1 serves a minimal STAC API (landing page, conformance,
+collections, /search with bbox/datetime/collection filtering, GET and POST) and the scenes as
+small Cloud-Optimized GeoTIFFs with HTTP range requests. It stops itself after a deadline.
+
+The scenes (UTM 32N, around 9.0 E 45.0 N):
+- sentinel-2-l2a: 4 summer scenes + 1 autumn scene; B02..B08 uint16 at 10 m with nodata
+  pixels, SCL uint8 at 20 m with clouds (9), shadows (3), cirrus (10) and clear classes.
+- sentinel-1-rtc: 3 summer scenes (2 ascending, 1 descending; one at 20 m), VV/VH linear
+  power float32 with NaN holes.
+Expected composites are computed here with numpy, independently of the download code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from popcorn import download as dl
+from popcorn.errors import PopcornInputError
+
+BBOX = (9.0, 45.0, 9.008, 45.006)
+MARGIN = 200.0  # m of scene beyond the output grid
+SCL_MASK = (0, 1, 3, 8, 9, 10)
+
+
+# ---------------------------------------------------------------------------- the STAC server
+class StacServer:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.items: list[dict] = []
+        self.collections = {"sentinel-2-l2a": {}, "sentinel-1-rtc": {}}
+        self.fail = {"search": 0, "data": 0}
+        self.requests = {"search": 0, "data": 0}
+        self.lock = threading.Lock()
+        handler = self._handler()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.deadline = threading.Timer(300, self.httpd.shutdown)  # stops itself
+        self.deadline.daemon = True
+
+    def start(self) -> StacServer:
+        self.thread.start()
+        self.deadline.start()
+        return self
+
+    def stop(self) -> None:
+        self.deadline.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+    def _take_failure(self, kind: str) -> bool:
+        with self.lock:
+            self.requests[kind] += 1
+            if self.fail[kind] > 0:
+                self.fail[kind] -= 1
+                return True
+        return False
+
+    def search(self, params: dict) -> dict:
+        cols = params.get("collections")
+        if isinstance(cols, str):
+            cols = cols.split(",")
+        bbox = params.get("bbox")
+        if isinstance(bbox, str):
+            bbox = [float(v) for v in bbox.split(",")]
+        dt = params.get("datetime")
+        start = end = None
+        if dt:
+            a, _, b = dt.partition("/")
+            start = None if a in ("", "..") else a.replace("Z", "")
+            end = None if b in ("", "..") else b.replace("Z", "")
+        out = []
+        for it in self.items:
+            if cols and it["collection"] not in cols:
+                continue
+            ib = it["bbox"]
+            if bbox and (ib[2] < bbox[0] or bbox[2] < ib[0] or ib[3] < bbox[1] or bbox[3] < ib[1]):
+                continue
+            t = it["properties"]["datetime"].replace("Z", "")
+            if (start and t < start) or (end and t > end):
+                continue
+            out.append(it)
+        return {"type": "FeatureCollection", "features": out, "links": []}
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _json(self, obj, status=200):
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _fail(self):
+                body = b"busy"
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _landing(self):
+                u = server.url
+                return {
+                    "type": "Catalog", "id": "test", "description": "local test STAC API",
+                    "stac_version": "1.0.0",
+                    "conformsTo": [
+                        "https://api.stacspec.org/v1.0.0/core",
+                        "https://api.stacspec.org/v1.0.0/item-search",
+                        "https://api.stacspec.org/v1.0.0/collections",
+                        "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/core",
+                    ],
+                    "links": [
+                        {"rel": "self", "href": u + "/", "type": "application/json"},
+                        {"rel": "root", "href": u + "/", "type": "application/json"},
+                        {"rel": "search", "href": u + "/search", "type": "application/geo+json", "method": "GET"},
+                        {"rel": "search", "href": u + "/search", "type": "application/geo+json", "method": "POST"},
+                        {"rel": "data", "href": u + "/collections", "type": "application/json"},
+                        {"rel": "conformance", "href": u + "/conformance", "type": "application/json"},
+                    ],
+                }
+
+            def _collection(self, cid):
+                u = server.url
+                return {
+                    "type": "Collection", "id": cid, "stac_version": "1.0.0", "description": cid,
+                    "license": "proprietary",
+                    "extent": {"spatial": {"bbox": [[-180, -90, 180, 90]]},
+                               "temporal": {"interval": [[None, None]]}},
+                    "links": [{"rel": "self", "href": f"{u}/collections/{cid}"},
+                              {"rel": "root", "href": u + "/"}],
+                }
+
+            def _file(self, head: bool):
+                if server._take_failure("data"):
+                    return self._fail()
+                rel = urllib.parse.unquote(self.path.split("?")[0][len("/data/"):])
+                path = server.root / rel
+                if not path.is_file():
+                    return self._json({"error": "not found"}, 404)
+                data = path.read_bytes()
+                rng = self.headers.get("Range")
+                status, start, end = 200, 0, len(data) - 1
+                if rng:
+                    m = re.match(r"bytes=(\d*)-(\d*)", rng)
+                    if m:
+                        a, b = m.groups()
+                        start = int(a) if a else max(0, len(data) - int(b))
+                        end = min(int(b), len(data) - 1) if (a and b) else len(data) - 1
+                        status = 206
+                body = data[start : end + 1]
+                self.send_response(status)
+                self.send_header("Content-Type", "image/tiff")
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(len(body)))
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def do_HEAD(self):
+                if self.path.startswith("/data/"):
+                    return self._file(head=True)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):
+                path, _, query = self.path.partition("?")
+                if path.startswith("/data/"):
+                    return self._file(head=False)
+                if path in ("/", ""):
+                    return self._json(self._landing())
+                if path == "/conformance":
+                    return self._json({"conformsTo": self._landing()["conformsTo"]})
+                if path == "/collections":
+                    return self._json({"collections": [self._collection(c) for c in server.collections],
+                                       "links": []})
+                m = re.fullmatch(r"/collections/([^/]+)", path)
+                if m:
+                    if m.group(1) not in server.collections:
+                        return self._json({"code": "NotFound", "description": "no such collection"}, 404)
+                    return self._json(self._collection(m.group(1)))
+                if path == "/search":
+                    if server._take_failure("search"):
+                        return self._fail()
+                    params = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
+                    return self._json(server.search(params))
+                return self._json({"error": "not found"}, 404)
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length", 0))
+                payload = json.loads(self.rfile.read(n) or b"{}")
+                if self.path.split("?")[0] == "/search":
+                    if server._take_failure("search"):
+                        return self._fail()
+                    return self._json(server.search(payload))
+                return self._json({"error": "not found"}, 404)
+
+        return Handler
+
+
+# ---------------------------------------------------------------------------- the scenes
+def write_cog(path: Path, data: np.ndarray, transform, crs: str, nodata) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="COG", height=data.shape[1], width=data.shape[2],
+                       count=data.shape[0], dtype=data.dtype, crs=crs, transform=transform,
+                       nodata=nodata, blocksize=64, compress="deflate") as dst:
+        dst.write(data)
+
+
+def _item(server: StacServer, iid: str, collection: str, dt: str, assets: dict, props=None) -> dict:
+    bbox = list(dl.make_grid(BBOX)[0].lonlat_bounds())
+    pad = 0.004
+    bbox = [bbox[0] - pad, bbox[1] - pad, bbox[2] + pad, bbox[3] + pad]
+    return {
+        "type": "Feature", "stac_version": "1.0.0", "id": iid, "collection": collection,
+        "bbox": bbox,
+        "geometry": {"type": "Polygon", "coordinates": [[[bbox[0], bbox[1]], [bbox[2], bbox[1]],
+                                                         [bbox[2], bbox[3]], [bbox[0], bbox[3]],
+                                                         [bbox[0], bbox[1]]]]},
+        "properties": {"datetime": dt, **(props or {})},
+        "assets": {k: {"href": f"{server.url}/data/{v}", "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                       "roles": ["data"]} for k, v in assets.items()},
+        "links": [],
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stac")
+    server = StacServer(root).start()
+    grid, _ = dl.make_grid(BBOX)
+    crs = grid.crs
+    x0, y0 = grid.left - MARGIN, grid.top + MARGIN
+    n10 = int(grid.height + 2 * MARGIN / 10), int(grid.width + 2 * MARGIN / 10)
+    n20 = n10[0] // 2, n10[1] // 2
+    t10, t20 = from_origin(x0, y0, 10, 10), from_origin(x0, y0, 20, 20)
+    r0, c0 = int(MARGIN / 10), int(MARGIN / 10)
+    crop = (slice(r0, r0 + grid.height), slice(c0, c0 + grid.width))
+    rng = np.random.default_rng(0)
+
+    s2_summer, s2_valid = [], []
+    dates = ["2020-06-05T10:20:00Z", "2020-06-15T10:20:00Z", "2020-06-25T10:20:00Z",
+             "2020-07-05T10:20:00Z", "2020-09-10T10:20:00Z"]
+    for k, dt in enumerate(dates):
+        bands = rng.integers(300, 4000, size=(4, *n10)).astype(np.uint16)
+        holes = rng.random(n10) < 0.03
+        bands[:, holes] = 0
+        scl = rng.choice(np.array([4, 5, 6, 3, 8, 9, 10], np.uint8), size=n20,
+                         p=[0.4, 0.2, 0.1, 0.08, 0.08, 0.08, 0.06])
+        assets = {}
+        for b, name in enumerate(dl.S2_BANDS):
+            write_cog(root / f"s2_{k}_{name}.tif", bands[b : b + 1], t10, crs, 0)
+            assets[name] = f"s2_{k}_{name}.tif"
+        write_cog(root / f"s2_{k}_SCL.tif", scl[None], t20, crs, 0)
+        assets["SCL"] = f"s2_{k}_SCL.tif"
+        server.items.append(_item(server, f"S2_{k}", "sentinel-2-l2a", dt, assets,
+                                  {"eo:cloud_cover": 30.0 + k}))
+        if k < 4:
+            scl10 = np.repeat(np.repeat(scl, 2, 0), 2, 1)[crop]
+            b = bands[(slice(None), *crop)].astype(np.float64)
+            ok = (b > 0) & ~np.isin(scl10, SCL_MASK)[None]
+            s2_summer.append(np.where(ok, b, np.nan))
+
+    s1_linear, orbits = [], []
+    s1_specs = [("2020-06-03T05:40:00Z", "ascending", 10), ("2020-06-15T17:20:00Z", "descending", 10),
+                ("2020-07-09T05:40:00Z", "ascending", 20)]
+    for k, (dt, orbit, res) in enumerate(s1_specs):
+        shape = n10 if res == 10 else n20
+        lin = rng.uniform(0.005, 0.5, size=(2, *shape)).astype(np.float32)
+        lin[:, rng.random(shape) < 0.05] = np.nan
+        tr = t10 if res == 10 else t20
+        assets = {}
+        for b, name in enumerate(("vv", "vh")):
+            write_cog(root / f"s1_{k}_{name}.tif", lin[b : b + 1], tr, crs, float("nan"))
+            assets[name] = f"s1_{k}_{name}.tif"
+        server.items.append(_item(server, f"S1_{k}", "sentinel-1-rtc", dt, assets,
+                                  {"sat:orbit_state": orbit}))
+        if res == 20:
+            lin = np.repeat(np.repeat(lin, 2, 1), 2, 2)
+        s1_linear.append(lin[(slice(None), *crop)].astype(np.float64))
+        orbits.append(orbit)
+    yield {"server": server, "grid": grid, "s2": np.stack(s2_summer), "s1": np.stack(s1_linear),
+           "orbits": orbits}
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+def cfg_for(world, out: Path, **kw) -> dl.DownloadConfig:
+    base = dict(out=str(out), bbox=BBOX, stac_url=world["server"].url, seasons=("summer",),
+                chunk_size=40, workers=1, retries=3, retry_delay=0.01, progress=False, sign="none")
+    base.update(kw)
+    return dl.DownloadConfig(**base)
+
+
+def expected_s2(stack: np.ndarray) -> np.ndarray:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(stack, axis=0)
+    return np.where(np.isfinite(med), np.rint(np.nan_to_num(med)), 0).astype(np.uint16)
+
+
+def expected_s1(stack: np.ndarray) -> np.ndarray:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return (10 * np.log10(np.nanmean(stack, axis=0))).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- tests
+def test_seasons_grid_and_budget():
+    assert dl.season_dates("winter", 2020) == (dl.date(2020, 12, 1), dl.date(2021, 2, 28))
+    assert dl.season_dates("winter", 2023)[1] == dl.date(2024, 2, 29)
+    assert dl.season_datetime("spring") == "2020-03-01T00:00:00Z/2020-05-31T23:59:59Z"
+    grid, note = dl.make_grid(BBOX)
+    assert grid.crs == "EPSG:32632" and note is None
+    assert grid.left % 100 == 0 and grid.top % 100 == 0 and grid.res == 10
+    # crossing the 6 E zone border: the zone of the centre, and a note saying so
+    grid, note = dl.make_grid((5.5, 45.0, 6.3, 45.2))
+    assert grid.crs == "EPSG:32631" and "spans UTM zones 31..32" in note and "EPSG:32631" in note
+    # memory budget -> chunk side (multiple of 100 px), monotone in the budget
+    small = dl.chunk_size_for_budget(0.5e9, 40, 5)
+    big = dl.chunk_size_for_budget(8e9, 40, 5)
+    assert small % 100 == 0 and big % 100 == 0 and 100 <= small < big
+    assert 40 * 5 * 4 * 3 * big**2 <= 8e9
+    assert len(dl.chunk_windows(95, 130, 40)) == 3 * 4
+
+
+def test_composites_pixel_by_pixel(world, tmp_path):
+    out = tmp_path / "imagery"
+    written = dl.run(cfg_for(world, out))
+    assert sorted(p.name for p in written) == ["S1_summer.tif", "S2_summer.tif"]
+    assert not (out / dl.CHUNK_DIR).exists()  # chunks removed after assembly
+    grid = world["grid"]
+    with rasterio.open(out / "S2_summer.tif") as src:
+        assert src.count == 4 and src.dtypes[0] == "uint16" and src.nodata == 0
+        assert [src.descriptions[i] for i in range(4)] == ["B02", "B03", "B04", "B08"]
+        assert src.crs.to_epsg() == 32632 and src.transform == grid.transform
+        assert src.shape == (grid.height, grid.width)
+        assert src.tags()["season"] == "summer" and src.tags()["scenes"] == "4"
+        s2 = src.read()
+    exp = expected_s2(world["s2"])
+    np.testing.assert_array_equal(s2, exp)
+    assert (exp == 0).any() or True  # masked-everywhere pixels may or may not occur
+    with rasterio.open(out / "S1_summer.tif") as src:
+        assert src.count == 2 and src.dtypes[0] == "float32"
+        assert [src.descriptions[i] for i in range(2)] == ["VV", "VH"]
+        s1 = src.read()
+    np.testing.assert_allclose(s1, expected_s1(world["s1"]), rtol=0, atol=1e-4, equal_nan=True)
+    # the S1/S2 datasets of popcorn find and read the files
+    from popcorn.datamodules.sentinel import Sentinel1Composite, Sentinel2Composite
+
+    assert "summer" in Sentinel2Composite(str(out)).seasons
+    assert "summer" in Sentinel1Composite(str(out)).seasons
+
+
+def test_orbit_filter_and_dry_run(world, tmp_path, capsys):
+    out = tmp_path / "asc"
+    dl.run(cfg_for(world, out, sensors=("s1",), s1_orbit="ascending"))
+    with rasterio.open(out / "S1_summer.tif") as src:
+        s1 = src.read()
+    asc = world["s1"][[i for i, o in enumerate(world["orbits"]) if o == "ascending"]]
+    np.testing.assert_allclose(s1, expected_s1(asc), atol=1e-4, equal_nan=True)
+    # dry run: scenes, output size and download estimate, nothing written
+    dry = tmp_path / "dry"
+    assert dl.run(cfg_for(world, dry, seasons=("summer", "autumn"), sensors=("s2",), dry_run=True)) == []
+    text = capsys.readouterr().out
+    assert "S2_summer.tif" in text and "4 scene(s)" in text and "S2_autumn.tif" in text
+    assert "estimated download" in text and "uncompressed" in text
+    assert not dry.exists()
+
+
+def test_resume_and_retries(world, tmp_path, monkeypatch):
+    out = tmp_path / "resume"
+    calls = []
+    real = dl.composite_chunk
+
+    def flaky(items, sensor, grid, rows, cols, cfg, signer=None):
+        calls.append((rows.start, cols.start))
+        if len(calls) == 3:
+            raise PopcornInputError("simulated crash")  # not transient: the run stops
+        return real(items, sensor, grid, rows, cols, cfg, signer)
+
+    monkeypatch.setattr(dl, "composite_chunk", flaky)
+    cfg = cfg_for(world, out, sensors=("s2",))
+    with pytest.raises(PopcornInputError, match="simulated"):
+        dl.run(cfg)
+    assert not (out / "S2_summer.tif").exists()  # nothing half-written
+    kept = list((out / dl.CHUNK_DIR).rglob("*.tif"))
+    assert len(kept) == 2 and not list((out / dl.CHUNK_DIR).rglob("*.tmp-*"))
+    n_chunks = len(dl.chunk_windows(world["grid"].height, world["grid"].width, 40))
+    calls.clear()
+    # transient failures of the search endpoint and of data reads are retried
+    world["server"].fail.update(search=1, data=2)
+    dl.run(cfg)
+    assert len(calls) == n_chunks - 2  # finished chunks were reused
+    assert world["server"].fail == {"search": 0, "data": 0}
+    with rasterio.open(out / "S2_summer.tif") as src:
+        np.testing.assert_array_equal(src.read(), expected_s2(world["s2"]))
+    # a finished file is kept on the next run
+    calls.clear()
+    dl.run(cfg)
+    assert calls == []
+
+
+def test_bad_inputs(world, tmp_path):
+    out = tmp_path / "bad"
+    with pytest.raises(PopcornInputError, match="collection 'sentinel-2-nope' not found"):
+        dl.run(cfg_for(world, out, s2_collection="sentinel-2-nope"))
+    with pytest.raises(PopcornInputError, match="no usable 'sentinel-2-l2a' scene.*winter 2020"):
+        dl.run(cfg_for(world, out, seasons=("winter",)))
+    with pytest.raises(PopcornInputError, match="no usable.*max-cloud-cover"):
+        dl.run(cfg_for(world, out, max_cloud_cover=5))
+    with pytest.raises(PopcornInputError, match="exactly one of --bbox"):
+        dl.run(dl.DownloadConfig(out=str(out)))
+    with pytest.raises(PopcornInputError, match="bounding box"):
+        dl.run(cfg_for(world, out, bbox=(10, 45, 9, 46)))
+    assert not out.exists() or not any(out.rglob("*.tif"))
+
+
+def test_s2cloudless_missing_is_explained(world, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_s2cloudless(name, *args, **kwargs):
+        if name.startswith("s2cloudless"):
+            raise ImportError("No module named 's2cloudless'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_s2cloudless)
+    with pytest.raises(PopcornInputError, match="needs the 's2cloudless' package"):
+        dl.run(cfg_for(world, tmp_path / "c", sensors=("s2",), cloud_mask="s2cloudless"))
+
+
+def test_planetary_computer_signing_is_optional(monkeypatch):
+    import builtins
+
+    cfg = dl.DownloadConfig(out="x", bbox=BBOX)
+    real_import = builtins.__import__
+
+    def no_pc(name, *args, **kwargs):
+        if name == "planetary_computer":
+            raise ImportError("nope")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pc)
+    with pytest.raises(PopcornInputError, match="pip install planetary-computer"):
+        dl._signer(cfg)
+    assert dl._signer(dl.DownloadConfig(out="x", bbox=BBOX, stac_url="http://127.0.0.1:1")) is None
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        dl.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--bbox" in text and "--dry-run" in text and "--memory-gb" in text

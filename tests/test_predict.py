@@ -1,0 +1,194 @@
+"""popcorn.predict / popcorn.predictor: tiling, ensembles, dasymetric rescaling, resume, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import torch
+
+from popcorn.dasymetric import block_sum, dasymetric_rescale
+from popcorn.datamodules import CensusRegions, open_imagery
+from popcorn.datamodules.synthetic import make_synthetic_world
+from popcorn.errors import PopcornInputError
+from popcorn.inference import FastPopcorn, load_popcorn
+from popcorn.predict import main as predict_main
+from popcorn.predictor import PredictSettings, predict
+from popcorn.tasks import BuiltUpTask, WeakSupervisionTask
+
+SEASONS2 = ["summer", "winter"]
+
+
+def _checkpoint(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    task = WeakSupervisionTask(occupancy_bias_init=0.5)
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a loaded 2-core machine OpenMP barriers make 2 threads ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("predict")
+    world = make_synthetic_world(root / "world", size_px=200, seed=3, n_regions=12)
+    ckpts = [_checkpoint(root / f"m{i}.ckpt", 100 + i) for i in range(2)]
+    return root, world, ckpts
+
+
+def _reference(ckpts, world, seasons, window=(0, 0, 200, 200)):
+    """Whole-raster eager forward of every member: list of (population, builtup) arrays."""
+    s1, s2, _ = open_imagery(world.imagery_dir, seasons)
+    outs = []
+    with torch.no_grad():
+        for season in seasons:
+            a, b = s1.read_window(season, window)[None], s2.read_window(season, window)[None]
+            for ckpt in ckpts:
+                model, _ = load_popcorn(ckpt)
+                o = model(a, b)
+                outs.append((o["population"][0, 0].numpy().astype(np.float64), o["builtup_score"][0, 0].numpy()))
+    return outs
+
+
+def _read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read(1)
+
+
+def test_fast_model_equals_popcorn_forward(setup) -> None:
+    _, _, ckpts = setup
+    model, meta = load_popcorn(ckpts[0])
+    assert meta["modalities"] == "s1s2"
+    torch.manual_seed(0)
+    s1 = torch.randn(1, 2, 72, 90) * 3 - 12
+    s2 = torch.rand(1, 4, 72, 90) * 3000
+    with torch.no_grad():
+        ref = model(s1, s2)
+        fast = FastPopcorn(model, threshold=0.0)(s1, s2)
+    for key in ("population", "builtup_score", "occupancy"):
+        assert torch.allclose(fast[key], ref[key], atol=1e-5), key
+
+
+def test_tiled_equals_whole_raster(setup) -> None:
+    root, world, ckpts = setup
+    settings = PredictSettings(checkpoints=[str(ckpts[0])], imagery_root=str(world.imagery_dir), seasons=["summer"],
+                               tile_size=60, overlap=64, write_10m=True)
+    result = predict(settings, root / "tiled", progress=False)
+    assert result.tiles_total == 16
+    got = _read(result.outputs["population_10m"])
+    (ref, ref_bu), = _reference(ckpts[:1], world, ["summer"])
+    inner = (slice(32, -32), slice(32, -32))
+    assert np.abs(got - ref)[inner].max() < 1e-4
+    assert np.abs(got - ref).max() < 1e-4  # also at the raster edge (context clipped to the grid)
+    assert np.abs(_read(result.outputs["builtup_score"]) - ref_bu).max() < 1e-4
+    one_ha = _read(result.outputs["population_1ha"])
+    assert np.allclose(one_ha, block_sum(ref), atol=1e-3)
+    with rasterio.open(result.outputs["population_1ha"]) as src:
+        tags = src.tags()
+        assert src.crs.to_epsg() == 32632 and src.nodata == -1.0
+        assert tags["seasons"] == "summer" and "m0.ckpt" in tags["checkpoints"] and "software" in tags
+        assert src.profile.get("tiled") or src.profile.get("blockxsize")
+
+
+def test_ensemble_mean_std_and_dasymetric(setup) -> None:
+    root, world, ckpts = setup
+    out = root / "bag"
+    result = predict_main([
+        "--checkpoint", str(ckpts[0]), str(ckpts[1]), "--imagery", str(world.imagery_dir),
+        "--seasons", *SEASONS2, "--tile-size", "100", "--overlap", "64", "--write-10m", "--quiet",
+        "--census", str(world.census_regions), "--counts", str(world.census_counts), "--out", str(out),
+    ])
+    assert result.n_members == 4
+    members = _reference(ckpts, world, SEASONS2)
+    pops = np.stack([p for p, _ in members])
+    assert np.allclose(_read(out / "population_10m.tif"), pops.mean(0), atol=1e-5)
+    assert np.allclose(_read(out / "population_10m_std.tif"), pops.std(0), atol=1e-5)  # ddof=0
+    sums = np.stack([block_sum(p) for p in pops])
+    assert np.allclose(_read(out / "population_1ha.tif"), sums.mean(0), atol=1e-3)
+    assert np.allclose(_read(out / "population_1ha_std.tif"), sums.std(0), atol=1e-3)
+    # dasymetric: the rescaled map matches dasymetric_rescale on the whole raster, and region sums
+    # equal the census counts exactly (up to float32 storage)
+    _, _, grid = open_imagery(world.imagery_dir, ["summer"])
+    regions = CensusRegions(world.census_regions, world.census_counts, grid)
+    rescaled, scale = dasymetric_rescale(pops.mean(0).astype(np.float32), regions.id_raster, regions.counts)
+    got = _read(out / "population_1ha_rescaled.tif")
+    assert np.allclose(got, block_sum(rescaled), atol=1e-3)
+    table = pd.read_csv(out / "scale_factors.csv").set_index("region_id")
+    for rid, count in regions.counts.items():
+        assert table.loc[rid, "predicted"] * table.loc[rid, "scale_factor"] == pytest.approx(count, rel=1e-9)
+        assert table.loc[rid, "scale_factor"] == pytest.approx(scale[rid], rel=1e-5)
+        assert rescaled[regions.id_raster == rid].sum() == pytest.approx(count, rel=1e-5)
+    assert got.sum() == pytest.approx(sum(regions.counts.values()), rel=1e-5)
+    assert result.scale_percentiles is not None
+
+
+def test_resume_after_crash(setup) -> None:
+    root, world, ckpts = setup
+    settings = PredictSettings(checkpoints=[str(ckpts[0])], imagery_root=str(world.imagery_dir), seasons=["summer"],
+                               tile_size=60, overlap=32)
+    fresh = predict(settings, root / "fresh", progress=False)
+    out = root / "crash"
+    first: list = []
+    with pytest.raises(KeyboardInterrupt):
+        predict(settings, out, progress=False, stop_after=3, on_tile=first.append)
+    assert len(first) == 3
+    assert not (out / "population_1ha.tif").exists()  # no final GeoTIFF after a crash
+    assert not list(out.glob("*.tif"))
+    second: list = []
+    resumed = predict(settings, out, progress=False, on_tile=second.append)
+    assert len(second) == fresh.tiles_total - 3 and not set(first) & set(second)
+    for key, path in fresh.outputs.items():
+        assert np.array_equal(_read(path), _read(resumed.outputs[key]), equal_nan=True), key
+    assert not (out / ".popcorn-partial").exists()
+
+
+def test_bbox_and_vector_area(setup) -> None:
+    import geopandas as gpd
+    import shapely
+
+    root, world, ckpts = setup
+    full = root / "tiled" / "builtup_score_10m.tif"  # from test_tiled_equals_whole_raster's settings
+    base = dict(checkpoints=[str(ckpts[0])], imagery_root=str(world.imagery_dir), seasons=["summer"], tile_size=60, overlap=64)
+    x0, y0 = 480000.0, 5260000.0
+    r = predict(PredictSettings(**base, bbox=[x0 + 450, y0 - 1450, x0 + 1150, y0 - 650]), root / "bbox", progress=False)
+    assert r.window == (60, 40, 100, 80)  # snapped outwards to 20 px
+    if full.exists():
+        assert np.abs(_read(r.outputs["builtup_score"]) - _read(full)[60:160, 40:120]).max() < 1e-4
+    poly = gpd.GeoDataFrame(geometry=[shapely.box(x0 + 500, y0 - 1000, x0 + 1000, y0 - 500)], crs="EPSG:32632")
+    poly.to_crs("EPSG:4326").to_file(root / "area.gpkg")
+    r2 = predict(PredictSettings(**base, area=str(root / "area.gpkg")), root / "vec", progress=False)
+    bu = _read(r2.outputs["builtup_score"])
+    assert (bu == -1).any() and (bu != -1).any()  # nodata outside the polygon
+
+
+def test_bad_inputs(setup, tmp_path: Path) -> None:
+    root, world, ckpts = setup
+    bt = tmp_path / "builtup.ckpt"
+    torch.save({"state_dict": BuiltUpTask().state_dict(), "hyper_parameters": {}}, bt)
+    settings = PredictSettings(checkpoints=[str(bt)], imagery_root=str(world.imagery_dir), seasons=["summer"], tile_size=100)
+    with pytest.raises(PopcornInputError, match="builtup.ckpt.*not a POPCORN"):
+        predict(settings, tmp_path / "o1", progress=False)
+    counts = pd.read_csv(world.census_counts)
+    counts.iloc[1:].to_csv(tmp_path / "counts.csv", index=False)
+    missing = int(counts.region_id.iloc[0])
+    settings = PredictSettings(checkpoints=[str(ckpts[0])], imagery_root=str(world.imagery_dir), seasons=["summer"],
+                               tile_size=100, census=str(world.census_regions), counts=str(tmp_path / "counts.csv"))
+    with pytest.raises(PopcornInputError, match=rf"without a count.*{missing}"):
+        predict(settings, tmp_path / "o2", progress=False)
+    settings = PredictSettings(checkpoints=[str(ckpts[0])], imagery_root=str(world.imagery_dir), seasons=["summer"],
+                               tile_size=100, bbox=[0, 0, 1, 1], bbox_crs="EPSG:4326")
+    with pytest.raises(PopcornInputError, match="does not overlap the imagery"):
+        predict(settings, tmp_path / "o3", progress=False)
+    with pytest.raises(PopcornInputError, match="multiple of 20"):
+        predict(PredictSettings(checkpoints=[str(ckpts[0])], imagery_root=str(world.imagery_dir), tile_size=50),
+                tmp_path / "o4", progress=False)

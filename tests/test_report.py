@@ -1,0 +1,58 @@
+"""popcorn.report: figures, HTML report, and the predict + evaluate + report pipeline of the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from popcorn.datamodules.synthetic import make_synthetic_world
+from popcorn.evaluate import Evaluation
+from popcorn.metrics import regression_metrics
+from popcorn.report import make_report, predict_evaluate_report, scatter_figure
+from popcorn.tasks import WeakSupervisionTask
+
+
+def test_scatter_and_report_from_arrays(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    truth = np.concatenate([np.zeros(50), rng.lognormal(2, 1, 200)])
+    pred = {"a": truth * rng.lognormal(0, 0.3, truth.size), "b": np.full(truth.size, 0.1)}
+    ev = Evaluation("hand", truth, pred, {"a": 0, "b": 3}, {k: regression_metrics(v, truth) for k, v in pred.items()})
+    png = scatter_figure(ev.predictions, ev.truth, tmp_path / "s.png", ev.metrics)
+    assert png.stat().st_size > 1000
+    index = make_report(ev, tmp_path / "rep")
+    text = index.read_text()
+    assert "<table>" in text and "scatter.png" in text and "| b |" in text
+
+
+def test_predict_evaluate_report_on_a_tiny_world(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        world = make_synthetic_world(tmp_path / "world", size_px=200, seed=5, n_regions=12)
+        torch.manual_seed(0)
+        task = WeakSupervisionTask(occupancy_bias_init=0.5)
+        ckpt = tmp_path / "m.ckpt"
+        torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+        index = predict_evaluate_report(
+            [str(ckpt)], str(world.imagery_dir), tmp_path / "report", seasons=["summer"],
+            census=str(world.census_regions), counts=str(world.census_counts), truth=str(world.population_1ha),
+            buildings=str(world.builtup_fraction), tile_size=100,
+        )
+    finally:
+        torch.set_num_threads(before)
+    out = tmp_path / "report"
+    assert index == out / "index.html"
+    for name in ("scatter.png", "scale_factors.png", "panels.png", "map.html", "comparison.md", "comparison.csv"):
+        assert (out / name).exists(), name
+    table = (out / "comparison.md").read_text()
+    for method in ("POPCORN", "POPCORN rescaled", "BuiltUp disaggregation", "Building-count disaggregation",
+                   "Uniform areal weighting"):
+        assert f"| {method} |" in table
+    assert "leaflet" in (out / "map.html").read_text().lower()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    # the rescaled map and every baseline reproduce the census total
+    total = float(rows["POPCORN rescaled"].split("|")[6].replace(",", ""))
+    assert total == pytest.approx(float(rows["POPCORN rescaled"].split("|")[5].replace(",", "")), rel=1e-3)
