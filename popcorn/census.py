@@ -54,6 +54,7 @@ import pandas as pd
 
 from popcorn.errors import PopcornInputError
 from popcorn.io import atomic_path
+from popcorn.datamodules.grid import RasterGrid
 
 log = logging.getLogger("popcorn.census")
 
@@ -264,21 +265,8 @@ def _norm_id(value: Any) -> str:
 
 
 # ============================================================================ grid
-@dataclass(frozen=True)
-class Grid:
-    crs: Any
-    transform: Any
-    height: int
-    width: int
-
-    @property
-    def res(self) -> float:
-        return float(self.transform.a)
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float]:
-        left, top = self.transform.c, self.transform.f
-        return (left, top + self.height * self.transform.e, left + self.width * self.transform.a, top)
+Grid = RasterGrid
+"""The imagery grid the region ids are rasterised on (one definition: popcorn.datamodules.grid)."""
 
 
 def grid_from_reference(path: str | os.PathLike[str]) -> Grid:

@@ -1,0 +1,301 @@
+"""popVAE (issue 5): model shapes, KL term, training, tiled prediction, normalisation, census sums."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from popcorn.datamodules.covariates import (
+    CovariateStack,
+    Normalizer,
+    PixelBatchSampler,
+    PixelDataModule,
+    PixelSampler,
+    extract_patches,
+    nonempty_patches,
+)
+from popcorn.io import write_geotiff
+from popcorn.models import PopVAE
+from popcorn.models.popvae import LOG_CLIP_MAX, kl_divergence
+from popcorn.popvae_predict import evaluate_region_raster, predict_array, predict_map
+from popcorn.tasks import PixelRegressionTask
+
+torch.set_num_threads(1)
+
+TUNISIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tunisia"
+CRS = "EPSG:32632"
+T100 = from_origin(500000.0, 4000000.0, 100.0, 100.0)
+H, W = 24, 20
+
+
+def tiny_covariates(root: Path) -> tuple[list[str], str]:
+    """Two covariate rasters (3 bands + 1 band) on a 24 x 20 grid at 100 m and a reference whose
+    log1p is a smooth function of them. Rows 0..7 are all zero (so the patches of rows 0..2 are
+    empty) and (5, 5) is nodata."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    built = np.clip(1.5 - np.hypot(yy - 12, xx - 10) / 6, 0, None)
+    a = np.stack([built * 50, 1000 + 10 * xx + rng.normal(0, 5, (H, W)), np.sin(yy / 3)]).astype(np.float32)
+    b = (rng.random((1, H, W)) * built).astype(np.float32)
+    a[:, :8] = 0
+    b[:, :8] = 0
+    a[:, 5, 5] = -3.4e38
+    b[:, 5, 5] = -3.4e38
+    pop = np.expm1(3.0 * built + b[0]).astype(np.float32)
+    pop[:8] = 0
+    paths = [root / "a.tif", root / "b.tif"]
+    write_geotiff(paths[0], a, transform=T100, crs=CRS, nodata=-3.4e38, band_names=["built", "x", "sin"])
+    write_geotiff(paths[1], b, transform=T100, crs=CRS, nodata=-3.4e38, band_names=["noise"])
+    ref = root / "ref.tif"
+    write_geotiff(ref, pop, transform=T100, crs=CRS, nodata=-999.0)
+    return [str(p) for p in paths], str(ref)
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path) -> tuple[list[str], str]:
+    return tiny_covariates(tmp_path)
+
+
+def small_task(bands: int = 4, **kw) -> PixelRegressionTask:
+    torch.manual_seed(0)
+    return PixelRegressionTask(in_bands=bands, latent_dim=16, **kw)
+
+
+# ----------------------------------------------------------------------------- model
+def test_popvae_shapes_and_defaults():
+    net = PopVAE(in_bands=10)  # paper values: 11 x 11 patch, latent 900
+    assert (net.patch_size, net.latent_dim) == (11, 900)
+    x = torch.rand(3, 10, 11, 11)
+    out = net(x)
+    assert out["pred"].shape == (3,) and (out["pred"] >= 0).all()  # softplus
+    assert out["recon"].shape == x.shape and out["recon"].min() >= 0 and out["recon"].max() <= 1
+    assert out["mu"].shape == out["logvar"].shape == out["z"].shape == (3, 900)
+    net.eval()
+    assert torch.equal(net(x)["z"], net(x)["mu"])  # deterministic in eval mode
+    small = PopVAE(in_bands=2, patch_size=5, latent_dim=4, conv_width=4, res_width=8, dense_width=6)
+    assert small(torch.rand(2, 2, 5, 5))["recon"].shape == (2, 2, 5, 5)
+    with pytest.raises(ValueError, match="expects patches"):
+        net(torch.rand(1, 9, 11, 11))
+    with pytest.raises(ValueError, match="odd"):
+        PopVAE(3, patch_size=10)
+
+
+def test_kl_divergence_hand_values():
+    zeros = torch.zeros(4, 900)
+    assert kl_divergence(zeros, zeros).item() == 0.0
+    assert kl_divergence(torch.ones(4, 900), zeros).item() == pytest.approx(0.5 * 900)  # 0.5 per dim
+    # sigma^2 = 2, mu = 0: -0.5 (1 + ln 2 - 2) per dim; averaged over samples, summed over dims
+    lv = torch.full((2, 3), math.log(2.0))
+    assert kl_divergence(torch.zeros(2, 3), lv).item() == pytest.approx(3 * 0.5 * (1 - math.log(2.0)), rel=1e-6)
+    mu = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    assert kl_divergence(mu, torch.zeros(2, 2)).item() == pytest.approx(0.25)  # (0.5 + 0) / 2 samples
+
+
+# ----------------------------------------------------------------------------- data
+def test_stack_preprocessing_floor_merge_and_nodata(tmp_path: Path):
+    x = np.ones((4, 6, 6), np.float32) * np.array([1, 10, 20, 30], np.float32)[:, None, None]
+    x[:, 0, 0] = -3.4e38
+    x[0, 1, 1] = 7  # raster nodata value (7) -> 0
+    p = tmp_path / "c.tif"
+    write_geotiff(p, x, transform=T100, crs=CRS, nodata=7.0, band_names=["dem", "f1", "f2", "f3"])
+    stack = CovariateStack([p], floor_bands=[1, 2, 3])
+    assert stack.band_names == ["dem", "floors_weighted"]
+    data, missing = stack.read_window(-1, 7, 0, 6)
+    assert data.shape == (2, 8, 6)
+    assert np.isnan(data[:, 0]).all() and np.isnan(data[:, -1]).all()  # beyond the grid
+    assert data[1, 3, 3] == pytest.approx(0.7 * 10 + 0.13 * 20 + 0.17 * 30)
+    assert (data[:, 1, 0] == 0).all() and missing[1, 0] and missing.sum() == 1  # -3.4e38 -> 0
+    assert data[0, 2, 1] == 0 and not missing[2, 1]
+    with pytest.raises(ValueError, match="floor_bands"):
+        CovariateStack([p], floor_bands=[1, 2, 9])
+
+
+def test_sampler_split_and_empty_patches():
+    raw = np.zeros((2, 30, 30), np.float32)
+    raw[0, 10, 10] = 1.0  # one non-zero value: only patches within 2 px of it are non-empty (P=5)
+    ne = nonempty_patches(np.pad(raw, ((0, 0), (2, 2), (2, 2)), constant_values=np.nan), 5)
+    assert ne.sum() == 25 and ne[8:13, 8:13].all()
+    valid = np.ones((40, 50), bool)
+    valid[:, :10] = False
+    s = PixelSampler(valid, fraction=0.5, split=(0.7, 0.15, 0.15), seed=1)
+    n = len(s.train) + len(s.val) + len(s.test)
+    assert n == 800 and (len(s.train), len(s.val)) == (560, 120)
+    allidx = np.concatenate([s.train, s.val, s.test])
+    assert len(np.unique(allidx)) == n and valid.ravel()[allidx].all()
+    batches = list(PixelBatchSampler(10, 4, shuffle=True, seed=0))
+    assert [len(b) for b in batches] == [4, 4, 2] and sorted(np.concatenate(batches)) == list(range(10))
+
+
+def test_patch_extraction_matches_slicing():
+    padded = torch.arange(2 * 9 * 8, dtype=torch.float32).view(2, 9, 8)  # grid 5 x 4, r = 2
+    p = extract_patches(padded, np.array([0, 4, 2]), np.array([3, 0, 1]), 5)
+    assert p.shape == (3, 2, 5, 5)
+    assert torch.equal(p[0], padded[:, 0:5, 3:8]) and torch.equal(p[1], padded[:, 4:9, 0:5])
+
+
+# ----------------------------------------------------------------------------- training
+def test_loss_falls_on_tiny_world(tiny):
+    cov, ref = tiny
+    dm = PixelDataModule(covariates=cov, reference=ref, batch_size=32, seed=0)
+    dm.setup("fit")
+    assert dm.num_bands == 4 and len(dm.train_set) > 100
+    assert not np.isin(np.concatenate([dm.sampler.train, dm.sampler.val]), np.arange(3 * W)).any()  # empty patches
+    task = small_task(kl_weight=0.01)
+    opt = torch.optim.Adam(task.parameters(), lr=3e-3)
+    batch = dm.train_set[np.arange(len(dm.train_set))]
+    task.eval()
+    with torch.no_grad():
+        before = task.losses(batch)
+    task.train()
+    for _ in range(3):
+        for idx in PixelBatchSampler(len(dm.train_set), 32, seed=0):
+            loss = task.losses(dm.train_set[idx])["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    task.eval()
+    with torch.no_grad():
+        after = task.losses(batch)
+    assert after["loss"] < 0.7 * before["loss"]
+    assert after["pred"] < before["pred"]
+
+
+def test_normalisation_stored_in_json_and_checkpoint_and_reused(tiny, tmp_path: Path):
+    from lightning.pytorch import Trainer
+
+    cov, ref = tiny
+    norm_json = tmp_path / "run" / "normalization.json"
+    dm = PixelDataModule(covariates=cov, reference=ref, batch_size=64, normalization_out=str(norm_json))
+    task = PixelRegressionTask(latent_dim=8)  # in_bands from the data module
+    trainer = Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(task, datamodule=dm)
+    stored = json.loads(norm_json.read_text())
+    assert task.hparams.in_bands == 4 and task.hparams.normalization == stored
+    assert stored["band_names"] == ["built", "x", "sin", "noise"]
+    assert stored["min"][0] == 0.0 and stored["max"][0] == pytest.approx(75.0, rel=1e-3)
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    loaded = PixelRegressionTask.load_from_checkpoint(ckpt)
+    assert loaded.hparams.normalization == stored and loaded.model.in_bands == 4
+    # a data module given the JSON reuses it instead of refitting on its (different) data
+    other = Normalizer(np.zeros(4), np.full(4, 2.0), stored["band_names"])
+    other_json = other.save(tmp_path / "other.json")
+    dm2 = PixelDataModule(covariates=cov, reference=ref, normalization=str(other_json))
+    dm2.setup("fit")
+    assert dm2.normalizer.to_dict() == other.to_dict()
+    # a checkpointed task pushes its stored normalisation into a data module that fitted another
+    dm3 = PixelDataModule(covariates=cov, reference=ref, normalization=str(other_json))
+    dm3.setup("fit")
+    t3 = Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                 enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", default_root_dir=tmp_path)
+    t3.fit(loaded, datamodule=dm3)
+    assert dm3.normalizer.to_dict() == stored and dm3.train_set.normalizer.to_dict() == stored
+
+
+# ----------------------------------------------------------------------------- prediction
+def test_tiled_prediction_equals_one_piece_and_training_patches(tiny, tmp_path: Path):
+    cov, ref = tiny
+    dm = PixelDataModule(covariates=cov, reference=ref)
+    dm.setup("fit")
+    task = small_task()
+    with torch.no_grad():  # a sizeable head bias so predictions are not all clipped to 0
+        task.model.head_out.bias.fill_(2.0)
+    stack = CovariateStack(cov)
+    whole = predict_map(task, stack, dm.normalizer, tmp_path / "whole.tif", strip_rows=H, batch_size=10_000)
+    tiled = predict_map(task, stack, dm.normalizer, tmp_path / "tiled.tif", strip_rows=5, batch_size=7)
+    with rasterio.open(whole) as a, rasterio.open(tiled) as b:
+        wa, wb = a.read(1), b.read(1)
+        assert a.crs == CRS and a.transform == T100 and math.isnan(a.nodata)
+        tags = a.tags()
+        assert tags["model"] == "popVAE" and json.loads(tags["normalization"]) == dm.normalizer.to_dict()
+    np.testing.assert_allclose(wa, wb, rtol=1e-6, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(predict_array(task, stack, dm.normalizer, strip_rows=3), wa, rtol=1e-6, equal_nan=True)
+    assert np.isnan(wa[5, 5]) and np.isnan(wa).sum() == 1  # nodata covariates -> nodata
+    assert (wa[:3] == 0).all() and (wa[3:][~np.isnan(wa[3:])] > 0).all()  # empty patches -> 0 people
+    assert np.nanmax(wa) <= math.expm1(LOG_CLIP_MAX) + 1e-3 and (wa[~np.isnan(wa)] >= 0).all()
+    # the map equals the model applied to the training patches of the same pixels
+    batch = dm.train_set[np.arange(20)]
+    task.eval()
+    with torch.no_grad():
+        direct = torch.expm1(task.model.predict_log(batch["patch"], batch["pixel"])).numpy()
+    rows, cols = np.divmod(batch["index"].numpy(), W)
+    np.testing.assert_allclose(wa[rows, cols], direct, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_region_raster_evaluation_hand_values(tmp_path: Path):
+    ids = np.zeros((4, 6), np.int32)
+    ids[:2, :3], ids[:2, 3:], ids[2:, :] = 1, 2, 3
+    ids[3, 5] = 0
+    pop = np.arange(24, dtype=np.float32).reshape(4, 6)
+    m = write_geotiff(tmp_path / "m.tif", pop, transform=T100, crs=CRS)
+    ev = evaluate_region_raster({"m": str(m)}, ids, {1: 0 + 1 + 2 + 6 + 7 + 8, 2: 3 + 4 + 5 + 9 + 10 + 11, 3: 1.0},
+                                transform=T100, crs=CRS)
+    np.testing.assert_allclose(ev.predictions["m"], [24, 42, sum(range(12, 23))])
+    assert ev.metrics["m"]["total_true"] == 24 + 42 + 1
+
+
+def test_region_sums_on_real_tunisian_census(tmp_path: Path):
+    """A raster on the grid of the 24 governorate masks holding count / pixels in every pixel of
+    each governorate: the region sums of our evaluation must give back the INS counts."""
+    if not TUNISIA.exists():
+        pytest.skip(f"real Tunisian census not available ({TUNISIA} is absent)")
+    from popcorn.census import find_masks, read_masks, read_table
+
+    files = find_masks(str(TUNISIA / "Tunisia_Region_*.tif"))
+    table = read_table(TUNISIA / "ins_population.csv", "code_gov", "population", "gov")
+    counts = dict(zip(table.frame.source_id, table.frame["count"], strict=True))
+    assert len(files) == 24 and sum(counts.values()) == 11_726_178
+    labels, grid, pixels, _ = read_masks(files, workers=2, progress=False)  # label k+1 = k-th file
+    lab_count = {k + 1: counts[sid] for k, (sid, _) in enumerate(files)}
+    per_pixel = np.zeros(len(files) + 1)
+    for k, (sid, _) in enumerate(files):
+        per_pixel[k + 1] = counts[sid] / pixels[sid]
+    m = tmp_path / "gov_density.tif"
+    with rasterio.open(m, "w", driver="GTiff", height=grid.height, width=grid.width, count=1, dtype="float32",
+                       crs=grid.crs, transform=grid.transform, nodata=None) as dst:
+        dst.write(per_pixel[labels].astype(np.float32), 1)
+    ev = evaluate_region_raster({"gov": str(m)}, labels, lab_count, transform=grid.transform, crs=grid.crs)
+    np.testing.assert_allclose(ev.predictions["gov"], ev.truth, rtol=1e-5)
+    assert ev.metrics["gov"]["total_true"] == 11_726_178
+    assert ev.metrics["gov"]["total_pred"] == pytest.approx(11_726_178, rel=1e-6)
+    assert ev.metrics["gov"]["r2"] == pytest.approx(1.0, abs=1e-9) and ev.missing["gov"] == 0
+
+
+def test_region_evaluation_resamples_a_finer_map(tmp_path: Path):
+    ids = np.array([[1, 1, 2], [0, 2, 2]], np.int32)  # 100 m id raster
+    fine = np.ones((4, 6), np.float32)  # 50 m map, 1 person per cell = 4 per 100 m cell
+    m = write_geotiff(tmp_path / "fine.tif", fine, transform=from_origin(500000.0, 4000000.0, 50.0, 50.0), crs=CRS)
+    ev = evaluate_region_raster({"m": str(m)}, ids, {1: 8.0, 2: 12.0}, transform=T100, crs=CRS)
+    np.testing.assert_allclose(ev.predictions["m"], [8.0, 12.0])
+
+
+@pytest.mark.parametrize("name", ["demo_popvae.yaml", "tunisia_popvae.yaml", "distill_popvae.yaml"])
+def test_experiment_configs_parse(name):
+    import contextlib
+    import io
+
+    import yaml
+
+    from popcorn.popvae import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "experiments" / name), "--print_config"])
+    assert exc.value.code in (0, None), out.getvalue()
+    cfg = yaml.safe_load(out.getvalue())
+    assert (cfg["model"]["lr"], cfg["model"]["latent_dim"], cfg["model"]["patch_size"]) == (1e-3, 900, 11)
+    assert cfg["early_stopping"]["monitor"] == "val/loss" and cfg["early_stopping"]["patience"] == 5
+    assert cfg["data"]["init_args"]["batch_size"] == 64 and cfg["data"]["init_args"]["split"] == [0.7, 0.15, 0.15]
+    if name == "tunisia_popvae.yaml":
+        assert cfg["data"]["init_args"]["floor_bands"] == [9, 10, 11]
+        assert cfg["data"]["init_args"]["floor_weights"] == [0.7, 0.13, 0.17]
