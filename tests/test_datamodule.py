@@ -358,3 +358,27 @@ def test_lightning_fit_and_test_loop(tiny_world: Path) -> None:
     assert probe.val_ids == regions.val_ids * 2
     trainer.test(probe, dm, verbose=False)
     assert probe.tiles == len(tile_windows(H, W, 30)) * len(SEASONS)
+
+
+def test_size_bucketing_visits_every_region_once_and_pads_less() -> None:
+    from popcorn.datamodules.samplers import RegionSampler
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(10, 300, size=(60, 2))
+    windows = {i + 1: (0, 0, int(h), int(w)) for i, (h, w) in enumerate(sizes)}
+    ids = list(windows)
+
+    def padded(sampler: RegionSampler) -> int:
+        keys = list(sampler)
+        assert sorted(k.region_id for k in keys) == ids  # each region exactly once
+        total = 0
+        for i in range(0, len(keys), 2):
+            pair = keys[i : i + 2]
+            total += len(pair) * max(k.window[2] for k in pair) * max(k.window[3] for k in pair)
+        return total
+
+    plain = padded(RegionSampler(windows, ids, SEASONS, seed=1, batch_size=2, bucket_batches=1))
+    bucketed = RegionSampler(windows, ids, SEASONS, seed=1, batch_size=2, bucket_batches=8)
+    first, second = padded(bucketed), padded(bucketed)
+    assert first < 0.9 * plain and second < 0.9 * plain
+    assert [k.region_id for k in bucketed] != [k.region_id for k in bucketed]  # epochs differ

@@ -229,7 +229,7 @@ class CensusDataModule(L.LightningDataModule):
             self.shuffle_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         self._train_sampler = RegionSampler(
             self._sample_windows(regions), regions.train_ids, self.seasons, shuffle=True,
-            seed=self.shuffle_seed,
+            seed=self.shuffle_seed, batch_size=self.batch_size,
         )
 
     # ------------------------------------------------------------------ loaders
