@@ -8,7 +8,8 @@ Examples::
 
 When ``model.builtup_weights`` is empty, the built-up extractor is first pretrained on the
 data module's built-up labels (``builtup_pretraining.*``); its export is cached and reused.
-After ``fit`` the best checkpoint is tested at 1 ha (``--test_after_fit false`` to skip).
+After ``fit`` the best checkpoint is predicted, evaluated at 1 ha and reported
+(``<log_dir>/report/``; ``--test_after_fit false`` to skip).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class PopcornCLI(LightningCLI):
         parser.add_class_arguments(BuiltUpPretraining, "builtup_pretraining")
         parser.add_argument(
             "--test_after_fit", type=bool, default=True,
-            help="after fit, test the best checkpoint at the fine level and print the table",
+            help="after fit, predict, evaluate and report the best checkpoint at the fine level",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -83,18 +84,22 @@ class PopcornCLI(LightningCLI):
         model.load_builtup_weights(str(weights))
 
     def after_fit(self) -> None:
+        """Predict, evaluate and report the best checkpoint at the fine level.
+
+        The report's table holds the Lightning test stage's three rows (POPCORN, rescaled,
+        BuiltUp disaggregation) plus more baselines, so the test stage is not run twice
+        (``python -m popcorn.fit test --ckpt_path ...`` runs it on its own).
+        """
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
-        if self.trainer.interrupted:
+        if self.trainer.interrupted or not self.trainer.is_global_zero:
             return
         monitored = [cb for cb in self.trainer.checkpoint_callbacks if cb.monitor and cb.best_model_path]
         path = monitored[0].best_model_path if monitored else ""
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path or None)
-        # Maps, baselines, evaluation and the HTML report for the best checkpoint.
-        if not path:
-            path = self.trainer.checkpoint_callback.last_model_path if self.trainer.checkpoint_callback else ""
+        if not path and self.trainer.checkpoint_callback is not None:
+            path = self.trainer.checkpoint_callback.last_model_path
         dm = self.datamodule
-        if not path or not self.trainer.is_global_zero or not hasattr(dm, "imagery_root"):
+        if not path or not hasattr(dm, "imagery_root"):
             return
         from popcorn.report import predict_evaluate_report
 
@@ -136,6 +141,8 @@ def pretrain_builtup(datamodule: CensusDataModule, settings: BuiltUpPretraining,
         precision=trainer.precision,
         enable_model_summary=False,
         log_every_n_steps=max(1, min(50, settings.batches_per_epoch // 2)),
+        check_val_every_n_epoch=settings.max_epochs,  # the export is the last epoch's weights
+        num_sanity_val_steps=0,
     )
     rank_zero_info(f"pretraining the built-up extractor for {settings.max_epochs} epochs -> {output}")
     pretrainer.fit(task, datamodule=builtup_data, ckpt_path=str(last) if last.exists() else None)

@@ -57,13 +57,30 @@ def test_fit_pretrains_trains_and_tests(trained: tuple[Path, Path]) -> None:
     assert epoch_loss.iloc[-1] < epoch_loss.iloc[0]
     for key in ("val/region_r2", "val/fine_r2", "val/fine_mae", "val/fine_rmse"):
         assert metrics[key].notna().any(), key
-    # The test after fit evaluated all three methods at 1 ha.
-    for key in ("test/popcorn_r2", "test/popcorn_rescaled_r2", "test/builtup_disaggregation_r2"):
-        assert metrics[key].notna().any(), key
-    table = (run / "popcorn" / "version_0" / "fine_metrics.md").read_text()
-    assert "POPCORN rescaled" in table and "BuiltUp disaggregation" in table
+    # After fit, the best checkpoint was predicted, evaluated at 1 ha and reported.
+    report = run / "popcorn" / "version_0" / "report"
+    comparison = pd.read_csv(report / "comparison.csv")
+    methods = set(comparison.iloc[:, 0])
+    assert {"POPCORN", "POPCORN rescaled", "BuiltUp disaggregation"} <= methods, methods
+    assert (report / "index.html").exists()
     ckpts = list((run / "popcorn" / "version_0" / "checkpoints").glob("*.ckpt"))
     assert any(p.name == "last.ckpt" for p in ckpts) and any(p.name.startswith("best") for p in ckpts)
+
+
+def test_test_subcommand_evaluates_at_1ha(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    first, world_root = trained
+    best = next((first / "run" / "popcorn" / "version_0" / "checkpoints").glob("best*.ckpt"))
+    args = _args(tmp_path, world_root, max_epochs=1)
+    args[0] = "test"
+    args = [a for a in args if not a.startswith("--builtup_pretraining")] + [f"--ckpt_path={best}"]
+    main(args)
+    out = tmp_path / "run" / "popcorn" / "version_0"
+    metrics = pd.read_csv(out / "metrics.csv")
+    for key in ("test/popcorn_r2", "test/popcorn_rescaled_r2", "test/builtup_disaggregation_r2"):
+        assert metrics[key].notna().any(), key
+    table = (out / "fine_metrics.md").read_text()
+    assert "POPCORN rescaled" in table and "BuiltUp disaggregation" in table
+    assert (out / "population_1ha_rescaled.tif").exists()
 
 
 def test_fit_resumes_from_checkpoint(trained: tuple[Path, Path], tmp_path: Path) -> None:
