@@ -555,15 +555,21 @@ def s1_mean_db(bands: np.ndarray, linear_input: bool = True) -> np.ndarray:
     return out
 
 
-def _s2cloudless_mask(ds: Any, threshold: float) -> np.ndarray:
+def _import_s2cloudless() -> Any:
+    """The optional s2cloudless package, or a clear error saying how to get it."""
     try:
-        from s2cloudless import S2PixelCloudDetector
+        import s2cloudless
     except ImportError as err:
         raise PopcornInputError(
             "--cloud-mask s2cloudless needs the 's2cloudless' package, which is not installed "
             "(pip install s2cloudless; it pulls lightgbm and sentinelhub). Use --cloud-mask scl "
             "(Sen2Cor classes) otherwise."
         ) from err
+    return s2cloudless
+
+
+def _s2cloudless_mask(ds: Any, threshold: float) -> np.ndarray:
+    S2PixelCloudDetector = _import_s2cloudless().S2PixelCloudDetector
     stack = np.stack([ds[b].values for b in S2CLOUDLESS_BANDS], axis=-1).astype(np.float32) / 1e4
     detector = S2PixelCloudDetector(threshold=threshold, average_over=0, dilation_size=0,
                                     all_bands=False)
@@ -571,14 +577,7 @@ def _s2cloudless_mask(ds: Any, threshold: float) -> np.ndarray:
 
 
 def _check_s2cloudless(cfg: DownloadConfig, items: Sequence[Any]) -> None:
-    try:
-        import s2cloudless  # noqa: F401
-    except ImportError as err:
-        raise PopcornInputError(
-            "--cloud-mask s2cloudless needs the 's2cloudless' package, which is not installed "
-            "(pip install s2cloudless; it pulls lightgbm and sentinelhub). Use --cloud-mask scl "
-            "(Sen2Cor classes) otherwise."
-        ) from err
+    _import_s2cloudless()
     for it in items[:1]:
         missing = [b for b in S2CLOUDLESS_BANDS if b not in it.assets]
         if missing:
