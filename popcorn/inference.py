@@ -31,11 +31,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from popcorn.errors import PopcornInputError
 from popcorn.models import Popcorn
-from popcorn.models.unet import DoubleConv, DualStreamUNet
+from popcorn.models.unet import DualStreamUNet
 
 DEFAULT_THRESHOLD = 1e-5
 """Default sparse-head threshold on the built-up score (see the module docstring)."""
@@ -112,16 +111,13 @@ def load_popcorn(path: str | os.PathLike[str]) -> tuple[Popcorn, dict[str, Any]]
     return model, meta
 
 
-def fold_unet(unet: DualStreamUNet) -> DualStreamUNet:
-    """Copy of ``unet`` with every (conv, BN) pair folded into one conv (eval-mode BN)."""
+def frozen_copy(unet: DualStreamUNet) -> DualStreamUNet:
+    """Eval-mode, gradient-free, channels-last copy of ``unet``.
+
+    In eval mode every ``DoubleConv`` folds its BatchNorm into the convolution on the fly, so
+    the copy runs one conv per (conv, BN) pair.
+    """
     net = copy.deepcopy(unet).eval()
-    for module in net.modules():
-        if isinstance(module, DoubleConv):
-            c0, b0, _, c1, b1, _ = module.conv
-            module.conv = nn.Sequential(
-                fuse_conv_bn_eval(c0, b0), nn.ReLU(inplace=True),
-                fuse_conv_bn_eval(c1, b1), nn.ReLU(inplace=True),
-            )
     for p in net.parameters():
         p.requires_grad_(False)
     return net.to(memory_format=torch.channels_last)
@@ -137,8 +133,8 @@ class FastPopcorn(nn.Module):
         self.threshold = float(threshold)
         self.use_s1, self.use_s2 = model.use_s1, model.use_s2
         self.occupancy_split = model.occupancy_split
-        self.builtup = fold_unet(model.builtup)
-        self.occupancy = fold_unet(model.occupancy)
+        self.builtup = frozen_copy(model.builtup)
+        self.occupancy = frozen_copy(model.occupancy)
         convs = [m for m in model.head if isinstance(m, nn.Conv2d)]
         # The 1x1 head as a chain of matrices on (N, C) pixel rows.
         self.weights = nn.ParameterList(
@@ -193,4 +189,4 @@ class FastPopcorn(nn.Module):
         return {"population": population, "builtup_score": builtup, "occupancy": occupancy}
 
 
-__all__ = ["DEFAULT_THRESHOLD", "FastPopcorn", "fold_unet", "load_popcorn"]
+__all__ = ["DEFAULT_THRESHOLD", "FastPopcorn", "frozen_copy", "load_popcorn"]

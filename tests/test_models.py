@@ -478,3 +478,28 @@ def test_popcorn_bad_args() -> None:
         Popcorn(modalities="rgb")  # type: ignore[arg-type]
     with pytest.raises(PopcornInputError):
         Popcorn(occupancy_init="imagenet")  # type: ignore[arg-type]
+
+
+def test_double_conv_folds_frozen_bn_exactly() -> None:
+    """Eval-mode DoubleConv (BN folded on the fly) = conv -> BN -> ReLU, values and gradients."""
+    from popcorn.models.unet import DoubleConv
+
+    torch.manual_seed(0)
+    block = DoubleConv(4, 8)
+    for bn in (block.conv[1], block.conv[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    block.eval()
+    x = torch.randn(2, 4, 17, 23)
+    fused = block(x)
+    fused.square().sum().backward()
+    fused_grad = block.conv[0].weight.grad.clone()
+    block.zero_grad()
+    plain = block.conv(x)  # the unfused modules
+    plain.square().sum().backward()
+    assert torch.allclose(fused, plain, atol=1e-5)
+    assert torch.allclose(fused_grad, block.conv[0].weight.grad, rtol=1e-4, atol=1e-5)
+    block.train()  # training-mode BN (batch statistics) takes the unfused path
+    assert torch.allclose(block(x), block.conv(x))
