@@ -12,7 +12,8 @@ Examples::
 ``popcorn.fit`` cannot host this task: its CLI fixes the model class to ``WeakSupervisionTask``.
 
 After ``fit`` (unless ``--predict_after_fit false``): the best checkpoint is tested on the held-out
-pixels, the full map is predicted in row strips (``<log_dir>/popvae_population.tif``) and
+pixels, the full map is predicted through the tiled, resumable engine of ``popcorn.predictor``
+(the one POPCORN's maps use; ``<log_dir>/popvae_population.tif``, or ``--map_out``) and
 evaluated: region sums vs census counts (R^2, MAE, RMSE) and pixel R^2 against the reference
 (and against the fine truth when the data module has one, e.g. the synthetic world). Metrics go to
 ``<log_dir>/popvae_metrics.json`` and ``popvae_metrics.md``.
@@ -30,6 +31,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from popcorn.datamodules.covariates import Normalizer, PixelDataModule
+from popcorn.popvae_predict import DEFAULT_TILE
 from popcorn.tasks.pixel_regression import PixelRegressionTask
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -41,7 +43,8 @@ class PopVAECLI(LightningCLI):
                             help="after fit: test the best checkpoint, predict the full map and evaluate it")
         parser.add_argument("--map_out", type=str | None, default=None,
                             help="predicted map (default <log_dir>/popvae_population.tif)")
-        parser.add_argument("--strip_rows", type=int, default=256, help="rows per prediction strip")
+        parser.add_argument("--tile_size", type=int, default=DEFAULT_TILE,
+                            help="tile side (covariate pixels) of the map prediction")
         parser.add_argument("--predict_batch_size", type=int, default=4096, help="patches per prediction batch")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
@@ -62,12 +65,13 @@ class PopVAECLI(LightningCLI):
             return
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         run_map_and_metrics(self.model, self.datamodule, Path(cfg.get("map_out") or log_dir / "popvae_population.tif"),
-                            log_dir, cfg.get("strip_rows", 256), cfg.get("predict_batch_size", 4096),
+                            log_dir, cfg.get("tile_size", DEFAULT_TILE), cfg.get("predict_batch_size", 4096),
                             checkpoint=best, test_metrics={k: float(v) for k, v in self.trainer.callback_metrics.items()
                                                            if k.startswith("test/")})
 
 
-def run_map_and_metrics(task: PixelRegressionTask, dm: PixelDataModule, out: Path, log_dir: Path, strip_rows: int = 256,
+def run_map_and_metrics(task: PixelRegressionTask, dm: PixelDataModule, out: Path, log_dir: Path,
+                        tile_size: int = DEFAULT_TILE,
                         batch_size: int = 4096, checkpoint: str = "", test_metrics: dict | None = None) -> dict:
     """Predict the full map with ``task`` on ``dm``'s covariates and evaluate it; print and store."""
     from popcorn.evaluate import format_comparison
@@ -76,7 +80,7 @@ def run_map_and_metrics(task: PixelRegressionTask, dm: PixelDataModule, out: Pat
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     norm = Normalizer.from_dict(task.hparams.normalization)
-    path = predict_map(task, dm.open_stack(), norm, out, strip_rows, batch_size,
+    path = predict_map(task, dm.open_stack(), norm, out, tile_size=tile_size, batch_size=batch_size,
                        tags={"checkpoint": str(checkpoint), "reference": str(dm.reference)})
     t_pred = time.perf_counter() - t0
     ev = evaluate_map(path, reference=dm.reference, census_regions=dm.census_regions, census_counts=dm.census_counts,
@@ -103,11 +107,14 @@ def run_map_and_metrics(task: PixelRegressionTask, dm: PixelDataModule, out: Pat
 
 
 def main(args: list[str] | None = None) -> PopVAECLI:
-    argv = list(sys.argv[1:] if args is None else args)
+    from_command_line = args is None
+    argv = list(sys.argv[1:] if from_command_line else args)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "fit")
-    return PopVAECLI(PixelRegressionTask, PixelDataModule, subclass_mode_data=True, args=argv,
-                     save_config_kwargs={"overwrite": True})
+    if from_command_line:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = argv
+    return PopVAECLI(PixelRegressionTask, PixelDataModule, subclass_mode_data=True,
+                     args=None if from_command_line else argv, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

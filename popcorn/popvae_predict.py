@@ -1,14 +1,22 @@
 """Full-map prediction and evaluation of popVAE.
 
-:func:`predict_map` streams the covariate grid in row strips (``strip_rows`` rows plus a context
-margin of ``patch_size // 2`` rows/cols, NaN beyond the grid -> 0 after normalisation, exactly as
-in training), cuts the patches of a strip as a strided view (``Tensor.unfold``, no copy), gathers
-``batch_size`` patches at a time, predicts log1p(population), clips to ``[0, 6.125]`` and applies
-``expm1``. Pixels whose patch is empty (all covariates 0) get 0 people (the paper predicts only
-non-empty patches); pixels whose covariates are all no-data are written as nodata (NaN). The
-GeoTIFF (float32 people per pixel, CRS and transform of the first covariate, nodata NaN) is
-written strip by strip under a temporary name and renamed at the end; its tags record the
-checkpoint, covariates, normalisation and clip. Memory is bounded by the strip and batch size.
+:func:`predict_map` runs popVAE through the same tiled, streamed, resumable engine as POPCORN's
+maps (:func:`popcorn.predictor.run_tiles` + :func:`popcorn.predictor.assemble`):
+
+- tiles of ``tile_size`` x ``tile_size`` pixels of the covariate grid, each read with a margin of
+  ``patch_size // 2`` px on every side *beyond* the grid if need be (NaN there -> 0 after
+  normalisation, exactly as in training), in a background reader thread;
+- the model runner (:class:`PopVAERunner`) cuts all patches of a tile as a strided view
+  (``Tensor.unfold``, no copy, no per-pixel Python loop), gathers ``batch_size`` patches at a
+  time, predicts log1p(population), clips to ``[0, 6.125]`` in log space (paper) and applies
+  ``expm1``. Pixels whose patch is empty (all covariates 0) get 0 people (the paper predicts only
+  non-empty patches); pixels whose covariates are all no-data are nodata. As every pixel sees the
+  same patch whatever the tiling, a tiled map equals the one-piece map;
+- finished tiles are kept in ``.<map name>.partial/`` next to the map, so an interrupted run
+  resumes (same model weights, covariates, normalisation and tile size); the GeoTIFF (float32
+  people per pixel, CRS and transform of the first covariate, nodata -1, Cloud-Optimized when
+  GDAL has the COG driver) is assembled under a temporary name and renamed at the end; its tags
+  record the checkpoint, model digest, covariates, normalisation and clip.
 
 :func:`evaluate_map` compares a map with census regions (``popcorn.evaluate``: polygons +
 counts, or a region-id raster + counts) and with the reference raster (pixel R^2), using the
@@ -24,122 +32,180 @@ Example::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from popcorn.datamodules.covariates import CovariateStack, Normalizer
+from popcorn.datamodules.covariates import CovariateStack, Normalizer, nonempty_patches
+from popcorn.datamodules.grid import RasterGrid, Window
 from popcorn.errors import PopcornInputError
 from popcorn.models.popvae import LOG_CLIP_MAX, PopVAE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_map", "predict_array", "predict_map", "region_sums", "evaluate_region_raster"]
+__all__ = ["PopVAERunner", "covariate_reader", "evaluate_map", "evaluate_region_raster", "predict_map",
+           "raster_region_sums"]
+
+STATE_VERSION = 1
+DEFAULT_TILE = 256
+"""Default tile side in covariate pixels (256 x 256 at 100 m = 6.6 km)."""
 
 
 def _model_of(model: Any) -> PopVAE:
-    return model.model if hasattr(model, "model") and isinstance(model.model, PopVAE) else model
+    net = model.model if hasattr(model, "model") and isinstance(model.model, PopVAE) else model
+    if not isinstance(net, PopVAE):
+        raise PopcornInputError(f"expected a PopVAE or a PixelRegressionTask holding one, got {type(model).__name__}")
+    return net
 
 
-@torch.no_grad()
-def predict_strip(model: PopVAE, stack: CovariateStack, normalizer: Normalizer, row0: int, row1: int,
-                  batch_size: int = 4096, device: str | torch.device = "cpu") -> np.ndarray:
-    """People per pixel (row1 - row0, W) float32 for rows [row0, row1) of the grid."""
-    p = model.patch_size
-    r = p // 2
-    raw, missing = stack.read_window(row0 - r, row1 + r, -r, stack.width + r)
-    missing = missing[r : raw.shape[1] - r, r : raw.shape[2] - r]
-    h, w = row1 - row0, stack.width
-    nz = torch.from_numpy((np.isfinite(raw) & (raw != 0)).any(axis=0).astype(np.float32))
-    nonempty = torch.nn.functional.max_pool2d(nz[None, None], p, stride=1)[0, 0].numpy() > 0
-    x = torch.nan_to_num(normalizer.apply(torch.from_numpy(raw), band_dim=0), nan=0.0).to(device)
-    view = x.unfold(1, p, 1).unfold(2, p, 1)  # (C, h, w, P, P): a view, nothing copied
-    out = np.zeros((h, w), np.float32)
-    todo = np.flatnonzero((nonempty & ~missing).ravel())
-    for s in range(0, todo.size, batch_size):
-        idx = todo[s : s + batch_size]
-        rows = torch.as_tensor(idx // w, device=device)
-        cols = torch.as_tensor(idx % w, device=device)
-        patch = view[:, rows, cols].permute(1, 0, 2, 3).contiguous()  # (B, C, P, P)
-        pixel = x[:, rows + r, cols + r].T
-        logp = model.forward(patch, pixel, reconstruct=False)["pred"].clamp(0.0, LOG_CLIP_MAX)
-        out.reshape(-1)[idx] = torch.expm1(logp).float().cpu().numpy()
-    out[missing] = np.nan
-    return out
+def model_digest(net: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights (names, shapes and values): the resume key of a map."""
+    h = hashlib.sha256()
+    for name, value in net.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
-def predict_array(model: Any, stack: CovariateStack, normalizer: Normalizer, strip_rows: int = 256,
-                  batch_size: int = 4096, device: str = "cpu") -> np.ndarray:
-    """The whole map in memory (for small grids and tests)."""
-    net = _model_of(model).eval().to(device)
-    normalizer.check(stack.band_names)
-    return np.concatenate([predict_strip(net, stack, normalizer, r, min(r + strip_rows, stack.height), batch_size, device)
-                           for r in range(0, stack.height, strip_rows)])
+# ============================================================================ engine parts
+def covariate_reader(stack: CovariateStack) -> Callable[[], Callable[[Window], tuple[np.ndarray, np.ndarray]]]:
+    """Reader factory of the prediction engine: ``read(window) -> (raw (C, h, w), missing (h, w))``
+    of the preprocessed covariate stack; the window may extend beyond the grid (NaN there)."""
+
+    def open_reader() -> Callable[[Window], tuple[np.ndarray, np.ndarray]]:
+        def read(window: Window) -> tuple[np.ndarray, np.ndarray]:
+            r, c, h, w = window
+            return stack.read_window(r, r + h, c, c + w)
+
+        return read
+
+    return open_reader
 
 
-def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: str | os.PathLike[str],
-                strip_rows: int = 256, batch_size: int = 4096, device: str = "cpu",
-                tags: dict[str, str] | None = None) -> Path:
-    """Predict the whole grid strip by strip into a GeoTIFF (people per pixel, nodata NaN)."""
-    import rasterio
+class PopVAERunner:
+    """Model runner of the prediction engine: people per pixel of one tile core.
 
+    ``data`` is ``(raw, missing)`` of the core grown by ``patch_size // 2`` px on every side.
+    """
+
+    def __init__(self, model: Any, normalizer: Normalizer, batch_size: int = 4096,
+                 device: str | torch.device = "cpu") -> None:
+        self.net = _model_of(model).eval().to(device)
+        self.normalizer, self.batch_size, self.device = normalizer, int(batch_size), torch.device(device)
+        if self.batch_size < 1:
+            raise PopcornInputError(f"batch size must be >= 1, got {batch_size}")
+
+    def __call__(self, core: Window, read: Window, data: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+        raw, missing = data
+        p = self.net.patch_size
+        r = p // 2
+        _, _, h, w = core
+        if raw.shape[1:] != (h + 2 * r, w + 2 * r) or read[:2] != (core[0] - r, core[1] - r):
+            raise ValueError(f"tile {core}: expected the read window grown by {r} px, got {read} {raw.shape}")
+        missing = missing[r : r + h, r : r + w]
+        todo = np.flatnonzero((nonempty_patches(raw, p) & ~missing).ravel())  # same rule as training
+        out = np.zeros((h, w), np.float32)
+        if todo.size:
+            x = torch.nan_to_num(self.normalizer.apply(torch.from_numpy(raw), band_dim=0), nan=0.0).to(self.device)
+            view = x.unfold(1, p, 1).unfold(2, p, 1)  # (C, h, w, P, P): a view, nothing copied
+            with torch.inference_mode():
+                for s in range(0, todo.size, self.batch_size):
+                    idx = todo[s : s + self.batch_size]
+                    rows = torch.as_tensor(idx // w, device=self.device)
+                    cols = torch.as_tensor(idx % w, device=self.device)
+                    patch = view[:, rows, cols].permute(1, 0, 2, 3).contiguous()  # (B, C, P, P)
+                    pixel = x[:, rows + r, cols + r].T
+                    logp = self.net.predict_log(patch, pixel)  # clipped to [0, LOG_CLIP_MAX] in log1p space
+                    out.reshape(-1)[idx] = torch.expm1(logp).float().cpu().numpy()
+        out[missing] = np.nan
+        return {"population": out}
+
+
+def _stack_settings(stack: CovariateStack) -> dict[str, Any]:
+    files = []
+    for path in stack.paths:
+        st = path.stat()
+        files.append([str(path), st.st_size, st.st_mtime_ns])
+    return {"covariates": files, "band_names": stack.band_names, "floor_bands": stack.floor_bands,
+            "floor_weights": stack.floor_weights, "nodata_threshold": stack.nodata_threshold,
+            "resampling": [str(r) for r in stack._resampling]}
+
+
+def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: str | os.PathLike[str], *,
+                tile_size: int = DEFAULT_TILE, batch_size: int = 4096, device: str | torch.device = "cpu",
+                tags: dict[str, str] | None = None, resume: bool = True, progress: bool = False,
+                stop_after: int | None = None, on_tile: Callable[[Window], None] | None = None) -> Path:
+    """Predict the whole covariate grid into a GeoTIFF (people per pixel, nodata -1) through the
+    tiled engine of :mod:`popcorn.predictor` (see the module docstring)."""
     from popcorn import __version__
-    from popcorn.io import atomic_path
+    from popcorn.predictor import Product, assemble, run_tiles, tile_cores
 
-    net = _model_of(model).eval().to(device)
+    runner = PopVAERunner(model, normalizer, batch_size, device)
+    net = runner.net
     normalizer.check(stack.band_names)
-    profile = {"driver": "GTiff", "height": stack.height, "width": stack.width, "count": 1, "dtype": "float32",
-               "crs": stack.crs, "transform": stack.transform, "nodata": float("nan"), "compress": "deflate",
-               "tiled": True, "blockxsize": 256, "blockysize": 256}
-    if stack.width < 256 or stack.height < 256:
-        profile.update(tiled=False)
-        profile.pop("blockxsize")
-        profile.pop("blockysize")
-    meta = {"software": f"popcorn {__version__}", "model": "popVAE", "units": "people per pixel",
+    if net.in_bands != stack.num_bands:
+        raise PopcornInputError(f"the model takes {net.in_bands} bands but the covariates have {stack.num_bands} "
+                                f"({stack.band_names}): use the covariates the model was trained on")
+    if tile_size < 1:
+        raise PopcornInputError(f"tile size must be >= 1 px, got {tile_size}")
+    out = Path(out)
+    grid = RasterGrid(stack.crs, stack.transform, stack.height, stack.width)
+    window: Window = (0, 0, stack.height, stack.width)
+    digest = model_digest(net)
+    settings = {"model_sha256": digest, **_stack_settings(stack), "normalization": normalizer.to_dict(),
+                "patch_size": net.patch_size, "tile_size": int(tile_size), "log_clip": LOG_CLIP_MAX,
+                "version": STATE_VERSION}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    run = run_tiles(tile_cores(window, tile_size), net.patch_size // 2, grid.shape, covariate_reader(stack), runner,
+                    out.parent / f".{out.name}.partial", key, {"settings": settings}, clip_reads=False,
+                    resume=resume, progress=progress, desc="popVAE", stop_after=stop_after, on_tile=on_tile)
+    meta = {"software": f"popcorn {__version__}", "model": "popVAE", "product": "population",
+            "units": "people per pixel", "model_sha256": digest,
             "covariates": json.dumps([str(p) for p in stack.paths]), "band_names": json.dumps(stack.band_names),
             "normalization": json.dumps(normalizer.to_dict()), "log_clip": f"[0, {LOG_CLIP_MAX}]",
-            "empty_patches": "0 people", **(tags or {})}
-    with atomic_path(out) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-        from rasterio.windows import Window
-
-        for r in range(0, stack.height, strip_rows):
-            r1 = min(r + strip_rows, stack.height)
-            dst.write(predict_strip(net, stack, normalizer, r, r1, batch_size, device)[None],
-                      window=Window(0, r, stack.width, r1 - r))
-        dst.update_tags(**meta)
-        dst.set_band_description(1, "population")
-    return Path(out)
+            "empty_patches": "0 people", "tile_size": str(tile_size), **(tags or {})}
+    path = assemble([Product("population", out, "population", meta)], grid, window, run)["population"]
+    run.cleanup()
+    return path
 
 
-def load_task(ckpt: str | os.PathLike[str]) -> Any:
+def load_task(ckpt: str | os.PathLike[str], need_normalization: bool = True) -> Any:
+    """A :class:`PixelRegressionTask` from its checkpoint (CPU)."""
     from popcorn.tasks.pixel_regression import PixelRegressionTask
 
+    if not Path(ckpt).is_file():
+        raise PopcornInputError(f"checkpoint {ckpt} does not exist")
     task = PixelRegressionTask.load_from_checkpoint(str(ckpt), map_location="cpu")
-    if task.hparams.get("normalization") is None:
+    if need_normalization and task.hparams.get("normalization") is None:
         raise PopcornInputError(f"checkpoint {ckpt} stores no covariate normalisation; give --normalization JSON")
     return task
 
 
 # ============================================================================ evaluation
-def region_sums(map_path: str | os.PathLike[str], ids: np.ndarray, transform: Any, crs: Any,
-                block_pixels: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
-    """Sums of a population map over the regions of an id raster (0 = none), and the number of
-    pixels without data per region. The map is brought onto the id grid by
-    ``popcorn.evaluate.map_on_grid`` (exact block sums on the same grid family, else
-    sum-preserving area-weighted resampling), in full-width row strips of about ``block_pixels``
-    pixels (rows are contiguous on disk); strips without any region are skipped."""
+def raster_region_sums(map_path: str | os.PathLike[str], ids: np.ndarray, transform: Any, crs: Any,
+                       block_pixels: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of a population map *file* over the regions of an id raster (0 = none), and the number
+    of pixels without data per region (:func:`popcorn.dasymetric.region_sums` does the sums).
+
+    The map is brought onto the id grid by ``popcorn.evaluate.map_on_grid`` (exact block sums on
+    the same grid family, else sum-preserving area-weighted resampling), or read as is when it is
+    on that grid, in full-width row strips of about ``block_pixels`` pixels (rows are contiguous
+    on disk); strips without any region are skipped."""
     import rasterio
     from affine import Affine
     from rasterio.crs import CRS
-    from rasterio.windows import Window
+    from rasterio.windows import Window as RioWindow
 
+    from popcorn.dasymetric import region_sums
     from popcorn.evaluate import map_on_grid
 
     n = int(ids.max()) + 1
@@ -149,25 +215,23 @@ def region_sums(map_path: str | os.PathLike[str], ids: np.ndarray, transform: An
     with rasterio.open(map_path) as src:
         same = (src.crs is not None and CRS.from_user_input(src.crs) == CRS.from_user_input(crs)
                 and src.transform.almost_equals(transform, 1e-9) and src.shape == ids.shape)
-        _strip_sums(src, same, map_path, ids, transform, crs, rows, sums, nan_px, map_on_grid, Affine, Window)
+        for r in range(0, h, rows):
+            sub = ids[r : r + rows]
+            inside = sub > 0
+            if not inside.any():
+                continue
+            if same:
+                p = src.read(1, window=RioWindow(0, r, w, sub.shape[0]), out_dtype="float32")
+                bad = ~np.isfinite(p)
+                if src.nodata is not None:
+                    bad |= p == np.float32(src.nodata)
+                p[bad] = np.nan
+            else:
+                p = map_on_grid(map_path, crs, transform @ Affine.translation(0, r), sub.shape)
+            values, regions = p[inside], sub[inside]
+            sums += region_sums(np.nan_to_num(values), regions, n)
+            nan_px += region_sums(np.isnan(values).astype(np.float64), regions, n)
     return sums, nan_px
-
-
-def _strip_sums(src, same, map_path, ids, transform, crs, rows, sums, nan_px, map_on_grid, Affine, Window):  # noqa: ANN001, ANN202
-    h, w = ids.shape
-    n = sums.size
-    for r in range(0, h, rows):
-        sub = ids[r : r + rows]
-        inside = sub > 0
-        if not inside.any():
-            continue
-        if same:  # fast path: rows of the map itself (what map_on_grid computes, in float32)
-            p = src.read(1, window=Window(0, r, w, sub.shape[0]), out_dtype="float32")
-            p[~np.isfinite(p) | ((p == src.nodata) if src.nodata is not None else False)] = np.nan
-        else:
-            p = map_on_grid(map_path, crs, transform @ Affine.translation(0, r), sub.shape)
-        sums += np.bincount(sub[inside], weights=np.nan_to_num(p[inside]), minlength=n)[:n]
-        nan_px += np.bincount(sub[inside & np.isnan(p)], minlength=n)[:n]
 
 
 def _read_counts(path: str | os.PathLike[str], id_column: str, count_column: str) -> dict[int, float]:
@@ -203,7 +267,7 @@ def evaluate_region_raster(maps: dict[str, str], region_ids: str | os.PathLike[s
         log.warning("region(s) %s have a count but no pixel in the region raster", absent[:10])
     ev = Evaluation(ref, np.array([counts[k] for k in keys]))
     for name, path in maps.items():
-        sums, nan_px = region_sums(path, ids, transform, crs)
+        sums, nan_px = raster_region_sums(path, ids, transform, crs)
         sums = np.concatenate([sums, np.zeros(max(0, keys.max() + 1 - sums.size))])
         nan_px = np.concatenate([nan_px, np.zeros(max(0, keys.max() + 1 - nan_px.size))])
         ev.predictions[name] = sums[keys]
@@ -241,8 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--floor-bands", type=int, nargs=3, default=None)
     p.add_argument("--normalization", help="normalisation JSON (default: the one stored in the checkpoint)")
     p.add_argument("--out", required=True, help="output GeoTIFF")
-    p.add_argument("--strip-rows", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE, help=f"tile side in pixels (default {DEFAULT_TILE})")
+    p.add_argument("--batch-size", type=int, default=4096, help="patches per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--restart", action="store_true", help="ignore a partial run of --out and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--reference", help="reference raster for the pixel R^2")
     p.add_argument("--census", help="census polygons")
     p.add_argument("--region-ids", help="region id raster (instead of --census)")
@@ -258,10 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        task = load_task(args.ckpt)
+        task = load_task(args.ckpt, need_normalization=not args.normalization)
         norm = Normalizer.load(args.normalization) if args.normalization else Normalizer.from_dict(task.hparams.normalization)
         stack = CovariateStack(args.covariates, args.floor_bands)
-        path = predict_map(task, stack, norm, args.out, args.strip_rows, args.batch_size, tags={"checkpoint": str(args.ckpt)})
+        path = predict_map(task, stack, norm, args.out, tile_size=args.tile_size, batch_size=args.batch_size,
+                           device=args.device, tags={"checkpoint": str(args.ckpt)}, resume=not args.restart,
+                           progress=not args.quiet)
         print(f"map: {path}")
         ev = evaluate_map(path, reference=args.reference, census_regions=args.census, census_counts=args.counts,
                           region_ids=args.region_ids, id_column=args.id_column, count_column=args.count_column)

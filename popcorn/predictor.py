@@ -1,30 +1,44 @@
-"""Tiled, streamed, resumable ensemble inference: checkpoints x seasons -> GeoTIFF maps.
+"""One tiled, streamed, resumable prediction engine, and POPCORN's ensemble maps on top of it.
 
-Design (see ``python -m popcorn.predict --help`` for the user's view):
+**The engine** (:func:`run_tiles` + :func:`assemble`) is model-agnostic; POPCORN
+(:func:`predict`, ``python -m popcorn.predict``) and popVAE
+(:func:`popcorn.popvae_predict.predict_map`) both use it. A caller gives
+
+- tile cores covering a pixel window of a grid (:func:`tile_cores`) and a context ``margin``;
+  each core is read with ``margin`` px on every side, clipped to the grid (POPCORN: the network
+  then sees at the raster edge exactly what a whole-raster pass sees) or not (popVAE: the
+  reader pads beyond the grid exactly as training did);
+- a *reader factory*: called once inside a background thread (which owns its dataset handles,
+  GDAL handles are not shared between threads), it returns ``read(window) -> data``; the thread
+  reads the next tiles while the current one is predicted (prefetch queue), so memory is bounded
+  by a few tiles whatever the area;
+- a *model runner* ``runner(core, read, data) -> {name: float32 array on the core}`` (NaN =
+  nodata; an array may be on a coarser grid, e.g. 1 ha cells);
+- a resume ``key``: each finished tile is saved atomically to ``<work>/tiles/`` and listed in
+  ``<work>/state.json``; a rerun with the same key skips finished tiles, another key discards
+  the partial run;
+- the products (:class:`Product`): GeoTIFFs assembled window by window from the finished tiles
+  into temporary files and renamed to their final names only when complete (Cloud-Optimized
+  GeoTIFF through GDAL's COG driver, nodata -1, provenance tags), so no truncated GeoTIFF ever
+  carries a final name.
+
+**POPCORN** (:func:`predict`):
 
 - **Area**: the whole imagery grid, a bounding box or the extent of a vector file, snapped
   outwards to multiples of 20 px (so 1 ha cells and the U-Net's 4 px pooling phase line up with
   the full grid) and clipped to it. With a vector file, pixels outside its polygons are nodata.
-- **Tiles**: cores of ``tile_size`` px (a multiple of 20) read with ``margin`` px of real
-  context on every side (``margin`` = overlap / 2 rounded up to a multiple of 4), clipped to the
-  imagery grid, so at the raster edge the network sees exactly what a whole-raster forward pass
-  sees. Since every read window starts on a multiple of 4 px of the grid and the margin exceeds
-  the receptive field, tiled maps equal a whole-raster prediction up to float rounding (tested
-  to 1e-4; 1e-6 measured), also at the raster edge. Only the core of a tile is kept.
+- **Tiles**: cores of ``tile_size`` px (a multiple of 20) with ``margin`` = overlap / 2 rounded
+  up to a multiple of 4, reads clipped to the imagery grid. Since every read window starts on a
+  multiple of 4 px of the grid and the margin exceeds the receptive field, tiled maps equal a
+  whole-raster prediction up to float rounding (tested to 1e-4; 1e-6 measured), also at the
+  raster edge. Only the core of a tile is kept.
 - **Ensemble**: for each tile, each season is read once and every checkpoint predicts it;
   per-pixel mean and population standard deviation (ddof=0) over the members (checkpoints x
   seasons) are accumulated with Welford's update. The 1 ha std is the std of the members'
   1 ha sums (not a sum of 10 m stds).
-- **Streaming**: a background thread reads the next tiles while the current one is predicted;
-  memory is bounded by a few tiles whatever the area. Each finished tile is saved to
-  ``<out>/.popcorn-partial/tiles/`` (atomic ``.npz``) and listed in ``state.json``; a rerun with
-  the same settings skips finished tiles (resume). The GeoTIFFs are then assembled window by
-  window into temporary files and renamed to their final names only when complete
-  (Cloud-Optimized GeoTIFF through GDAL's COG driver), so no truncated GeoTIFF ever carries a
-  final name.
 - **Dasymetric rescaling** (optional): census regions are rasterised per tile (never for the
-  whole area at once), region sums are accumulated over tiles, and the rescaled map is written
-  in a second streamed pass; per-region scale factors go to a CSV.
+  whole area at once), region sums are accumulated over the finished tiles, and the rescaled map
+  is made per tile during assembly; per-region scale factors go to a CSV.
 """
 
 from __future__ import annotations
@@ -53,6 +67,7 @@ from affine import Affine
 from rasterio.windows import Window as RioWindow
 
 from popcorn import __version__
+from popcorn.dasymetric import region_sums
 from popcorn.datamodules.grid import RasterGrid, Window, clip_window
 from popcorn.datamodules.sentinel import SEASONS, check_seasons
 from popcorn.errors import PopcornInputError
@@ -203,7 +218,280 @@ def block_sum_partial(array: np.ndarray, valid: np.ndarray, factor: int = FINE) 
     return sums, counts
 
 
-# ----------------------------------------------------------------------------- members
+def read_windows(cores: Sequence[Window], margin: int, height: int, width: int,
+                 clip: bool = True) -> list[tuple[Window, Window]]:
+    """``(core, read)`` pairs: each core grown by ``margin`` px on every side, clipped to the
+    ``height`` x ``width`` grid when ``clip`` (else the read may extend beyond the grid)."""
+    jobs = []
+    for core in cores:
+        r, c, h, w = core
+        read: Window = (r - margin, c - margin, h + 2 * margin, w + 2 * margin)
+        if clip:
+            clipped = clip_window(read, height, width)
+            if clipped is None:
+                raise PopcornInputError(f"tile {core} lies outside the {height} x {width} px grid")
+            read = clipped[0]
+        jobs.append((core, read))
+    return jobs
+
+
+# ============================================================================= the engine
+OpenReader = Callable[[], Callable[[Window], Any]]
+"""Called once in the reader thread; returns ``read(window) -> data`` (handles owned by that thread)."""
+Runner = Callable[[Window, Window, Any], dict[str, np.ndarray]]
+"""``runner(core, read, data) -> {name: float32 array}`` for one tile (NaN = nodata)."""
+
+
+class TileReader:
+    """Reads the data of each ``(core, read)`` job in a background thread (prefetch queue).
+
+    ``open_reader`` is called inside the thread, so the dataset handles it opens are owned by
+    that thread (GDAL handles are not shared between threads).
+    """
+
+    def __init__(self, open_reader: OpenReader, jobs: Sequence[tuple[Window, Window]], prefetch: int = 2) -> None:
+        self.open_reader = open_reader
+        self.jobs = list(jobs)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="popcorn-reader")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            read_fn = self.open_reader()
+            for core, read in self.jobs:
+                if self._stop.is_set():
+                    return
+                self.queue.put((core, read, read_fn(read)))
+            self.queue.put(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            self.queue.put(err)
+
+    def __iter__(self) -> Iterator[tuple[Window, Window, Any]]:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Raised by ``stop_after`` to simulate a crash (a KeyboardInterrupt, like Ctrl-C)."""
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+
+
+def _tile_name(core: Window) -> str:
+    return f"tile_r{core[0]}_c{core[1]}.npz"
+
+
+def _save_tile(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+@dataclass
+class TileRun:
+    """The finished tiles of a :func:`run_tiles` call (in ``work/tiles``)."""
+
+    work: Path
+    cores: list[Window]
+    computed: int
+
+    @property
+    def tiles_dir(self) -> Path:
+        return self.work / "tiles"
+
+    def load(self, core: Window, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The arrays of a finished tile (only ``keys`` if given)."""
+        with np.load(self.tiles_dir / _tile_name(core)) as z:
+            return {k: z[k] for k in (z.files if keys is None else keys)}
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def run_tiles(
+    cores: Sequence[Window],
+    margin: int,
+    grid_shape: tuple[int, int],
+    open_reader: OpenReader,
+    runner: Runner,
+    work: str | os.PathLike[str],
+    key: str,
+    info: dict[str, Any] | None = None,
+    *,
+    clip_reads: bool = True,
+    resume: bool = True,
+    progress: bool = True,
+    desc: str = "predict",
+    stop_after: int | None = None,
+    on_tile: Callable[[Window], None] | None = None,
+    prefetch: int = 2,
+) -> TileRun:
+    """Run ``runner`` on every tile core not finished yet (see the module docstring).
+
+    ``key`` identifies the run (a rerun resumes only with the same key); ``info`` is stored in
+    ``state.json`` for humans. ``stop_after`` (tests, benchmarks) stops after computing that many
+    tiles, leaving the partial state as a crash would; ``on_tile`` is called with each computed
+    core.
+    """
+    work = Path(work)
+    cores = list(cores)
+    tiles_dir = work / "tiles"
+    state_path = work / "state.json"
+    finished: set[str] = set()
+    if work.exists():
+        state = None
+        if state_path.exists():
+            try:
+                state = json.loads(state_path.read_text())
+            except (OSError, ValueError):
+                state = None
+        if resume and state and state.get("key") == key:
+            finished = {name for name in state.get("finished", []) if (tiles_dir / name).exists()}
+            log.info("resuming: %d of %d tiles already finished", len(finished), len(cores))
+        else:
+            if state and state.get("key") != key:
+                log.warning("discarding the partial run in %s (made with other settings)", work)
+            shutil.rmtree(work)
+    tiles_dir.mkdir(parents=True, exist_ok=True)
+    state = {"key": key, **(info or {}), "tiles": len(cores), "finished": sorted(finished)}
+    _atomic_json(state_path, state)
+
+    todo = [c for c in cores if _tile_name(c) not in finished]
+    computed = 0
+    if todo:
+        reader = TileReader(open_reader, read_windows(todo, margin, *grid_shape, clip=clip_reads), prefetch)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(cores), initial=len(cores) - len(todo), unit="tile", desc=desc)
+        try:
+            for core, read, data in reader:
+                name = _tile_name(core)
+                _save_tile(tiles_dir / name, runner(core, read, data))
+                finished.add(name)
+                state["finished"] = sorted(finished)
+                _atomic_json(state_path, state)
+                computed += 1
+                if on_tile is not None:
+                    on_tile(core)
+                if bar is not None:
+                    bar.update(1)
+                if stop_after is not None and computed >= stop_after:
+                    raise _Interrupted()
+        finally:
+            reader.close()
+            if bar is not None:
+                bar.close()
+    return TileRun(work, cores, computed)
+
+
+# ----------------------------------------------------------------------------- writing
+def _profile(width: int, height: int, transform: Affine, crs: Any) -> dict[str, Any]:
+    profile: dict[str, Any] = {
+        "driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "float32",
+        "crs": crs, "transform": transform, "nodata": NODATA, "compress": "deflate",
+        "predictor": 3, "BIGTIFF": "IF_SAFER",
+    }
+    if width >= 256 and height >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    return profile
+
+
+class StreamedGeoTIFF:
+    """A single-band float32 GeoTIFF (nodata -1) written window by window under a temporary
+    name, then converted to a Cloud-Optimized GeoTIFF and renamed to its final name by
+    :meth:`finish`."""
+
+    def __init__(self, final: Path, work: Path, width: int, height: int, transform: Affine, crs: Any,
+                 band: str, tags: dict[str, str]) -> None:
+        self.final = Path(final)
+        self.tmp = Path(work) / f"{self.final.stem}.building.tif"
+        self.dst = rasterio.open(self.tmp, "w", **_profile(width, height, transform, crs))
+        self.dst.set_band_description(1, band)
+        self.dst.update_tags(**tags)
+
+    def write(self, array: np.ndarray, row: int, col: int) -> None:
+        data = np.where(np.isfinite(array), array, NODATA).astype(np.float32)
+        self.dst.write(data[None], window=RioWindow(col, row, data.shape[1], data.shape[0]))
+
+    def finish(self) -> Path:
+        self.dst.close()
+        with atomic_path(self.final) as tmp:
+            try:
+                rasterio.shutil.copy(self.tmp, tmp, driver="COG", compress="DEFLATE", predictor="3",
+                                     bigtiff="IF_SAFER", overview_resampling="average")
+            except Exception as err:  # noqa: BLE001 - GDAL without the COG driver: plain tiled
+                log.warning("COG driver unavailable (%s); writing a tiled GeoTIFF", err)
+                shutil.copyfile(self.tmp, tmp)
+        self.tmp.unlink(missing_ok=True)
+        return self.final
+
+    def abort(self) -> None:
+        try:
+            self.dst.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Product:
+    """One output GeoTIFF of :func:`assemble`.
+
+    ``key`` names the tile array written (or the product, when ``make(arrays, core)`` computes it
+    from a tile's arrays); ``factor``: an output pixel is ``factor`` x ``factor`` grid pixels
+    (the tile arrays of the product are on that coarser grid).
+    """
+
+    key: str
+    path: Path
+    band: str
+    tags: dict[str, str]
+    factor: int = 1
+    make: Callable[[dict[str, np.ndarray], Window], np.ndarray] | None = None
+
+
+def assemble(products: Sequence[Product], grid: RasterGrid, window: Window, run: TileRun) -> dict[str, Path]:
+    """Write every product from the finished tiles of ``run`` (one streamed pass over the tiles)."""
+    r0, c0, h, w = window
+    writers: dict[str, StreamedGeoTIFF] = {}
+    try:
+        for p in products:
+            f = p.factor
+            writers[p.key] = StreamedGeoTIFF(p.path, run.work, -(-w // f), -(-h // f),
+                                             window_transform(grid, window, f), grid.crs, p.band, p.tags)
+        for core in run.cores:
+            arrays = run.load(core)
+            for p in products:
+                data = p.make(arrays, core) if p.make is not None else arrays[p.key]
+                writers[p.key].write(data, (core[0] - r0) // p.factor, (core[1] - c0) // p.factor)
+        return {key: writer.finish() for key, writer in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            if not writer.dst.closed:
+                writer.abort()
+        raise
+
+
+# ============================================================================= POPCORN
 @dataclass
 class Member:
     """One loaded checkpoint."""
@@ -224,57 +512,20 @@ def load_members(checkpoints: Sequence[str], threshold: float, device: torch.dev
     return members
 
 
-# ----------------------------------------------------------------------------- readers
-class TileReader:
-    """Reads (s1, s2) of every season for each tile in a background thread (prefetch queue).
+def imagery_reader(imagery_root: str, seasons: Sequence[str]) -> OpenReader:
+    """Reader factory of the engine for POPCORN: ``read(window) -> {season: (s1, s2)}``."""
+    seasons = list(seasons)
 
-    The thread owns its own dataset handles (GDAL handles are not shared between threads).
-    """
-
-    def __init__(self, imagery_root: str, seasons: Sequence[str], jobs: Sequence[tuple[Window, Window]],
-                 prefetch: int = 2) -> None:
-        self.imagery_root = imagery_root
-        self.seasons = list(seasons)
-        self.jobs = list(jobs)
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="popcorn-reader")
-        self.thread.start()
-
-    def _run(self) -> None:
+    def open_reader() -> Callable[[Window], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         from popcorn.datamodules import open_imagery
 
-        try:
-            s1, s2, _ = open_imagery(self.imagery_root, self.seasons)
-            for core, read in self.jobs:
-                if self._stop.is_set():
-                    return
-                data = {season: (s1.read_window(season, read), s2.read_window(season, read))
-                        for season in self.seasons}
-                self.queue.put((core, read, data))
-            self.queue.put(None)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            self.queue.put(err)
+        s1, s2, _ = open_imagery(imagery_root, seasons)
+        return lambda read: {season: (s1.read_window(season, read), s2.read_window(season, read))
+                             for season in seasons}
 
-    def __iter__(self) -> Iterator[tuple[Window, Window, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        while self.thread.is_alive():
-            try:
-                self.queue.get(timeout=0.1)
-            except queue.Empty:
-                pass
+    return open_reader
 
 
-# ----------------------------------------------------------------------------- per tile
 class Welford:
     """Running mean and M2 (float64) for the per-pixel ensemble mean / std."""
 
@@ -350,77 +601,6 @@ def predict_tile(
     return out
 
 
-# ----------------------------------------------------------------------------- state
-def _settings_key(settings: PredictSettings, members: Sequence[Member], window: Window) -> str:
-    d = asdict(settings)
-    d["checkpoints"] = [m.meta["sha256"] for m in members]
-    d["window"] = list(window)
-    d["version"] = STATE_VERSION
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1))
-
-
-def _tile_name(core: Window) -> str:
-    return f"tile_r{core[0]}_c{core[1]}.npz"
-
-
-def _save_tile(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-
-# ----------------------------------------------------------------------------- writing
-def _profile(width: int, height: int, transform: Affine, crs: Any) -> dict[str, Any]:
-    profile: dict[str, Any] = {
-        "driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "float32",
-        "crs": crs, "transform": transform, "nodata": NODATA, "compress": "deflate",
-        "predictor": 3, "BIGTIFF": "IF_SAFER",
-    }
-    if width >= 256 and height >= 256:
-        profile.update(tiled=True, blockxsize=256, blockysize=256)
-    return profile
-
-
-class StreamedGeoTIFF:
-    """A single-band float32 GeoTIFF written window by window under a temporary name, then
-    converted to a Cloud-Optimized GeoTIFF and renamed to its final name by :meth:`finish`."""
-
-    def __init__(self, final: Path, work: Path, width: int, height: int, transform: Affine, crs: Any,
-                 band: str, tags: dict[str, str]) -> None:
-        self.final = final
-        self.tmp = work / f"{final.stem}.building.tif"
-        self.dst = rasterio.open(self.tmp, "w", **_profile(width, height, transform, crs))
-        self.dst.set_band_description(1, band)
-        self.dst.update_tags(**tags)
-
-    def write(self, array: np.ndarray, row: int, col: int) -> None:
-        data = np.where(np.isfinite(array), array, NODATA).astype(np.float32)
-        self.dst.write(data[None], window=RioWindow(col, row, data.shape[1], data.shape[0]))
-
-    def finish(self) -> Path:
-        self.dst.close()
-        with atomic_path(self.final) as tmp:
-            try:
-                rasterio.shutil.copy(self.tmp, tmp, driver="COG", compress="DEFLATE", predictor="3",
-                                     bigtiff="IF_SAFER", overview_resampling="average")
-            except Exception as err:  # noqa: BLE001 - GDAL without the COG driver: plain tiled
-                log.warning("COG driver unavailable (%s); writing a tiled GeoTIFF", err)
-                shutil.copyfile(self.tmp, tmp)
-        self.tmp.unlink(missing_ok=True)
-        return self.final
-
-    def abort(self) -> None:
-        try:
-            self.dst.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------- census
 class _CensusTiles:
     """Census regions rasterised tile by tile on the imagery grid (never the whole area)."""
@@ -438,7 +618,14 @@ class _CensusTiles:
         return self.raster.ids_window(window_transform(self.grid, window), window[2:])
 
 
-# ----------------------------------------------------------------------------- main entry
+def _settings_key(settings: PredictSettings, members: Sequence[Member], window: Window) -> str:
+    d = asdict(settings)
+    d["checkpoints"] = [m.meta["sha256"] for m in members]
+    d["window"] = list(window)
+    d["version"] = STATE_VERSION
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def predict(
     settings: PredictSettings,
     out_dir: str | os.PathLike[str],
@@ -451,7 +638,7 @@ def predict(
     stop_after: int | None = None,
     on_tile: Callable[[Window], None] | None = None,
 ) -> PredictResult:
-    """Predict population maps for ``settings`` into ``out_dir`` (see the module docstring).
+    """Predict POPCORN population maps for ``settings`` into ``out_dir`` (see the module docstring).
 
     ``stop_after`` (tests, benchmarks) stops after computing that many tiles, leaving the
     partial state as a crash would. ``on_tile`` is called with each computed tile core.
@@ -481,10 +668,8 @@ def predict(
         if settings.census else None
     )
     cores = tile_cores(window, settings.tile_size)
-    prepared_geom = None
     if geom is not None:
         shapely.prepare(geom)
-        prepared_geom = geom
 
         def inside(core: Window) -> bool:
             t = window_transform(grid, core)
@@ -493,104 +678,92 @@ def predict(
 
         cores = [c for c in cores if inside(c)]
 
-    # --- state / resume
-    work = out / PARTIAL_DIR
-    tiles_dir = work / "tiles"
-    state_path = work / "state.json"
-    key = _settings_key(settings, members, window)
-    finished: set[str] = set()
-    if work.exists():
-        state = None
-        if state_path.exists():
-            try:
-                state = json.loads(state_path.read_text())
-            except (OSError, ValueError):
-                state = None
-        if resume and state and state.get("key") == key:
-            finished = {name for name in state.get("finished", []) if (tiles_dir / name).exists()}
-            log.info("resuming: %d of %d tiles already finished", len(finished), len(cores))
-        else:
-            if state and state.get("key") != key:
-                log.warning("discarding the partial run in %s (made with other settings)", work)
-            shutil.rmtree(work)
-    tiles_dir.mkdir(parents=True, exist_ok=True)
-    state = {"key": key, "settings": asdict(settings), "window": list(window), "tiles": len(cores),
-             "finished": sorted(finished)}
-    _atomic_json(state_path, state)
+    def runner(core: Window, read: Window, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
+        mask = None
+        if geom is not None:
+            mask = rasterio.features.geometry_mask([geom], out_shape=core[2:], transform=window_transform(grid, core),
+                                                   invert=True)
+        arrays = predict_tile(members, data, core, read, dev, mask)
+        if not settings.write_10m:
+            arrays.pop("population_10m_std")
+            if census is None:
+                arrays.pop("population_10m")
+        return arrays
 
-    # --- compute tiles
-    margin = settings.margin
-    todo = [c for c in cores if _tile_name(c) not in finished]
-    jobs = []
-    for core in todo:
-        r, c, h, w = core
-        read, _ = clip_window((r - margin, c - margin, h + 2 * margin, w + 2 * margin), grid.height, grid.width)
-        jobs.append((core, read))
-    computed = 0
-    if jobs:
-        reader = TileReader(settings.imagery_root, seasons, jobs)
-        bar = None
-        if progress:
-            from tqdm import tqdm
+    run = run_tiles(
+        cores, settings.margin, grid.shape, imagery_reader(settings.imagery_root, seasons), runner,
+        out / PARTIAL_DIR, _settings_key(settings, members, window),
+        {"settings": asdict(settings), "window": list(window)},
+        clip_reads=True, resume=resume, progress=progress, stop_after=stop_after, on_tile=on_tile,
+    )
 
-            bar = tqdm(total=len(cores), initial=len(cores) - len(todo), unit="tile", desc="predict")
-        try:
-            for core, read, data in reader:
-                mask = None
-                if prepared_geom is not None:
-                    mask = rasterio.features.geometry_mask(
-                        [prepared_geom], out_shape=core[2:], transform=window_transform(grid, core), invert=True
-                    )
-                arrays = predict_tile(members, data, core, read, dev, mask)
-                if not settings.write_10m:
-                    arrays.pop("population_10m_std")
-                    if census is None:
-                        arrays.pop("population_10m")
-                name = _tile_name(core)
-                _save_tile(tiles_dir / name, arrays)
-                finished.add(name)
-                state["finished"] = sorted(finished)
-                _atomic_json(state_path, state)
-                computed += 1
-                if on_tile is not None:
-                    on_tile(core)
-                if bar is not None:
-                    bar.update(1)
-                if stop_after is not None and computed >= stop_after:
-                    raise _Interrupted()
-        finally:
-            reader.close()
-            if bar is not None:
-                bar.close()
-
-    # --- census sums (pass 1 over finished tiles)
-    factors = uniform = None
-    scale_csv = None
-    percentiles = None
+    # --- census sums (pass 1 over the finished tiles)
+    scale_csv = percentiles = None
+    products = _popcorn_products(settings, members, seasons, out, prefix)
     if census is not None:
         sums = np.zeros(census.n, np.float64)
         pixels = np.zeros(census.n, np.float64)
         for core in cores:
-            arr = np.load(tiles_dir / _tile_name(core))
-            pop = arr["population_10m"]
+            pop = run.load(core, ["population_10m"])["population_10m"]
             ids = census.ids_window(core)
             ok = np.isfinite(pop)
-            sums += np.bincount(ids[ok], weights=pop[ok].astype(np.float64), minlength=census.n)[: census.n]
+            sums += region_sums(pop[ok], ids[ok], census.n)[: census.n]
             pixels += np.bincount(ids[ok], minlength=census.n)[: census.n]
         factors, uniform, scale_csv, percentiles = _scale_factors(census, sums, pixels, out, prefix)
 
-    # --- assemble the GeoTIFFs (pass 2)
-    outputs = _assemble(settings, members, grid, window, cores, tiles_dir, work, out, prefix, census,
-                        factors, uniform, seasons)
-    shutil.rmtree(work, ignore_errors=True)
+        def rescaled(arrays: dict[str, np.ndarray], core: Window) -> np.ndarray:
+            pop = arrays["population_10m"]
+            ok = np.isfinite(pop)
+            ids = census.ids_window(core)
+            adj = np.where(ok, pop * factors[ids] + uniform[ids], 0.0)
+            s, cnt = block_sum_partial(adj, ok)
+            return np.where(cnt > 0, s, np.nan)
+
+        tags = dict(products[0].tags, units="people per 1 ha cell, ensemble mean rescaled to the census counts "
+                    "(dasymetric)", product="population_1ha_rescaled", census=f"{settings.census};{settings.counts}")
+        products.append(Product("population_1ha_rescaled", out / f"{prefix}population_1ha_rescaled.tif",
+                                "population", tags, FINE, rescaled))
+
+    # --- the GeoTIFFs (pass 2)
+    outputs = assemble(products, grid, window, run)
+    run.cleanup()
     seconds = time.perf_counter() - t_start
     mpx = sum(c[2] * c[3] for c in cores) / 1e6
-    return PredictResult(out, outputs, grid, window, len(members) * len(seasons), len(cores), computed,
+    return PredictResult(out, outputs, grid, window, len(members) * len(seasons), len(cores), run.computed,
                          seconds, mpx, scale_csv, percentiles)
 
 
-class _Interrupted(KeyboardInterrupt):
-    """Raised by ``stop_after`` to simulate a crash (a KeyboardInterrupt, like Ctrl-C)."""
+def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seasons: Sequence[str], out: Path,
+                      prefix: str) -> list[Product]:
+    n_members = len(members) * len(seasons)
+    base_tags = {
+        "software": f"popcorn {__version__}",
+        "model": "POPCORN",
+        "checkpoints": ";".join(m.path for m in members),
+        "checkpoint_sha256": ";".join(m.meta["sha256"] for m in members),
+        "seasons": ",".join(seasons),
+        "members": str(n_members),
+        "tile_size": str(settings.tile_size),
+        "overlap": str(settings.overlap),
+        "sparse_head_threshold": str(settings.threshold),
+        "imagery": str(settings.imagery_root),
+    }
+    specs: list[tuple[str, str, int, str, str]] = [  # key, file, factor, band, what
+        ("population_1ha", "population_1ha.tif", FINE, "population", "people per 1 ha cell, ensemble mean"),
+        ("builtup_score", "builtup_score_10m.tif", 1, "builtup_score", "built-up score [0,1], ensemble mean"),
+        ("occupancy", "occupancy_10m.tif", 1, "occupancy",
+         "people per built-up 10 m pixel, ensemble mean (nodata where built-up <= threshold)"),
+    ]
+    if n_members > 1:
+        specs.append(("population_1ha_std", "population_1ha_std.tif", FINE, "population_std",
+                      "people per 1 ha cell, std (ddof=0) over the ensemble members"))
+    if settings.write_10m:
+        specs.append(("population_10m", "population_10m.tif", 1, "population", "people per 10 m pixel, ensemble mean"))
+        if n_members > 1:
+            specs.append(("population_10m_std", "population_10m_std.tif", 1, "population_std",
+                          "people per 10 m pixel, std (ddof=0) over the ensemble members"))
+    return [Product(key, out / f"{prefix}{name}", band, dict(base_tags, units=what, product=key), factor)
+            for key, name, factor, band, what in specs]
 
 
 def _scale_factors(census: _CensusTiles, sums: np.ndarray, pixels: np.ndarray, out: Path, prefix: str):
@@ -617,78 +790,19 @@ def _scale_factors(census: _CensusTiles, sums: np.ndarray, pixels: np.ndarray, o
     return factors, uniform, path, percentiles
 
 
-def _assemble(settings, members, grid, window, cores, tiles_dir, work, out, prefix, census, factors,
-              uniform, seasons) -> dict[str, Path]:
-    r0, c0, h, w = window
-    H1, W1 = -(-h // FINE), -(-w // FINE)
-    t10 = window_transform(grid, window)
-    t1 = window_transform(grid, window, FINE)
-    n_members = len(members) * len(seasons)
-    base_tags = {
-        "software": f"popcorn {__version__}",
-        "checkpoints": ";".join(m.path for m in members),
-        "checkpoint_sha256": ";".join(m.meta["sha256"] for m in members),
-        "seasons": ",".join(seasons),
-        "members": str(n_members),
-        "tile_size": str(settings.tile_size),
-        "overlap": str(settings.overlap),
-        "sparse_head_threshold": str(settings.threshold),
-        "imagery": str(settings.imagery_root),
-    }
-    specs: list[tuple[str, str, int, str, str]] = [  # key, file, factor, band, what
-        ("population_1ha", "population_1ha.tif", FINE, "population", "people per 1 ha cell, ensemble mean"),
-        ("builtup_score", "builtup_score_10m.tif", 1, "builtup_score", "built-up score [0,1], ensemble mean"),
-        ("occupancy", "occupancy_10m.tif", 1, "occupancy",
-         "people per built-up 10 m pixel, ensemble mean (nodata where built-up <= threshold)"),
-    ]
-    if n_members > 1:
-        specs.append(("population_1ha_std", "population_1ha_std.tif", FINE, "population_std",
-                      "people per 1 ha cell, std (ddof=0) over the ensemble members"))
-    if settings.write_10m:
-        specs.append(("population_10m", "population_10m.tif", 1, "population", "people per 10 m pixel, ensemble mean"))
-        if n_members > 1:
-            specs.append(("population_10m_std", "population_10m_std.tif", 1, "population_std",
-                          "people per 10 m pixel, std (ddof=0) over the ensemble members"))
-    if census is not None:
-        specs.append(("population_1ha_rescaled", "population_1ha_rescaled.tif", FINE, "population",
-                      "people per 1 ha cell, ensemble mean rescaled to the census counts (dasymetric)"))
-    writers: dict[str, StreamedGeoTIFF] = {}
-    try:
-        for key, name, factor, band, what in specs:
-            tags = dict(base_tags, units=what, product=key)
-            if key == "population_1ha_rescaled":
-                tags["census"] = f"{settings.census};{settings.counts}"
-            width, height, tr = (W1, H1, t1) if factor == FINE else (w, h, t10)
-            writers[key] = StreamedGeoTIFF(out / f"{prefix}{name}", work, width, height, tr, grid.crs, band, tags)
-        for core in cores:
-            arr = np.load(tiles_dir / _tile_name(core))
-            r, c = core[0] - r0, core[1] - c0
-            for key, writer in writers.items():
-                factor = FINE if key.endswith("1ha") or key.endswith("1ha_std") or key.endswith("rescaled") else 1
-                if key == "population_1ha_rescaled":
-                    pop = arr["population_10m"]
-                    ok = np.isfinite(pop)
-                    ids = census.ids_window(core)
-                    adj = np.where(ok, pop * factors[ids] + uniform[ids], 0.0)
-                    sums, cnt = block_sum_partial(adj, ok)
-                    data = np.where(cnt > 0, sums, np.nan)
-                else:
-                    data = arr[key]
-                writer.write(data, r // factor, c // factor)
-        return {key: writer.finish() for key, writer in writers.items()}
-    except BaseException:
-        for writer in writers.values():
-            if not writer.dst.closed:
-                writer.abort()
-        raise
-
-
 __all__ = [
     "PredictResult",
     "PredictSettings",
+    "Product",
+    "TileReader",
+    "TileRun",
+    "assemble",
     "block_sum_partial",
+    "imagery_reader",
     "predict",
     "predict_tile",
+    "read_windows",
     "resolve_area",
+    "run_tiles",
     "tile_cores",
 ]

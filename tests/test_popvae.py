@@ -1,4 +1,5 @@
-"""popVAE (issue 5): model shapes, KL term, training, tiled prediction, normalisation, census sums."""
+"""popVAE (issue 5): model shapes, KL term, training, tiled prediction through the shared engine,
+normalisation, census sums, distillation from a POPCORN map."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from popcorn.datamodules.covariates import (
 from popcorn.io import write_geotiff
 from popcorn.models import PopVAE
 from popcorn.models.popvae import LOG_CLIP_MAX, kl_divergence
-from popcorn.popvae_predict import evaluate_region_raster, predict_array, predict_map
+from popcorn.popvae_predict import PopVAERunner, evaluate_region_raster, predict_map
 from popcorn.tasks import PixelRegressionTask
 
 torch.set_num_threads(1)
@@ -202,7 +203,13 @@ def test_normalisation_stored_in_json_and_checkpoint_and_reused(tiny, tmp_path: 
 
 
 # ----------------------------------------------------------------------------- prediction
-def test_tiled_prediction_equals_one_piece_and_training_patches(tiny, tmp_path: Path):
+def _read_map(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        a = src.read(1)
+        return np.where(a == src.nodata, np.nan, a)
+
+
+def test_tiled_prediction_equals_one_piece_resumes_and_matches_training_patches(tiny, tmp_path: Path):
     cov, ref = tiny
     dm = PixelDataModule(covariates=cov, reference=ref)
     dm.setup("fit")
@@ -210,15 +217,23 @@ def test_tiled_prediction_equals_one_piece_and_training_patches(tiny, tmp_path: 
     with torch.no_grad():  # a sizeable head bias so predictions are not all clipped to 0
         task.model.head_out.bias.fill_(2.0)
     stack = CovariateStack(cov)
-    whole = predict_map(task, stack, dm.normalizer, tmp_path / "whole.tif", strip_rows=H, batch_size=10_000)
-    tiled = predict_map(task, stack, dm.normalizer, tmp_path / "tiled.tif", strip_rows=5, batch_size=7)
-    with rasterio.open(whole) as a, rasterio.open(tiled) as b:
-        wa, wb = a.read(1), b.read(1)
-        assert a.crs == CRS and a.transform == T100 and math.isnan(a.nodata)
+    r = task.model.patch_size // 2
+    # one piece, outside the engine: the model runner on the whole grid and its 5 px context
+    one = PopVAERunner(task, dm.normalizer, batch_size=100_000)(
+        (0, 0, H, W), (-r, -r, H + 2 * r, W + 2 * r), stack.read_window(-r, H + r, -r, W + r))["population"]
+    whole = predict_map(task, stack, dm.normalizer, tmp_path / "whole.tif", tile_size=max(H, W), batch_size=10_000)
+    tiles: list = []
+    tiled = predict_map(task, stack, dm.normalizer, tmp_path / "tiled.tif", tile_size=7, batch_size=7,
+                        on_tile=tiles.append)
+    assert len(tiles) == 4 * 3 and not (tmp_path / ".tiled.tif.partial").exists()
+    with rasterio.open(whole) as a:
+        assert a.crs == CRS and a.transform == T100 and a.nodata == -1.0 and a.shape == (H, W)
         tags = a.tags()
         assert tags["model"] == "popVAE" and json.loads(tags["normalization"]) == dm.normalizer.to_dict()
-    np.testing.assert_allclose(wa, wb, rtol=1e-6, atol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(predict_array(task, stack, dm.normalizer, strip_rows=3), wa, rtol=1e-6, equal_nan=True)
+        assert tags["log_clip"] == f"[0, {LOG_CLIP_MAX}]" and len(tags["model_sha256"]) == 64
+    wa, wb = _read_map(whole), _read_map(tiled)
+    np.testing.assert_allclose(wa, one, rtol=1e-6, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(wb, one, rtol=1e-6, atol=1e-6, equal_nan=True)
     assert np.isnan(wa[5, 5]) and np.isnan(wa).sum() == 1  # nodata covariates -> nodata
     assert (wa[:3] == 0).all() and (wa[3:][~np.isnan(wa[3:])] > 0).all()  # empty patches -> 0 people
     assert np.nanmax(wa) <= math.expm1(LOG_CLIP_MAX) + 1e-3 and (wa[~np.isnan(wa)] >= 0).all()
@@ -229,6 +244,25 @@ def test_tiled_prediction_equals_one_piece_and_training_patches(tiny, tmp_path: 
         direct = torch.expm1(task.model.predict_log(batch["patch"], batch["pixel"])).numpy()
     rows, cols = np.divmod(batch["index"].numpy(), W)
     np.testing.assert_allclose(wa[rows, cols], direct, rtol=1e-5)
+    # resume (the engine POPCORN uses): a crash leaves no map; another model discards the partial
+    # tiles; the same model computes only the missing tiles and gives the same map
+    out, first, other, second = tmp_path / "crash.tif", [], [], []
+    with pytest.raises(KeyboardInterrupt):
+        predict_map(task, stack, dm.normalizer, out, tile_size=7, batch_size=7, stop_after=5,
+                    on_tile=first.append)
+    assert not out.exists() and (tmp_path / ".crash.tif.partial" / "state.json").exists()
+    changed = small_task()
+    with torch.no_grad():
+        changed.model.head_out.bias.fill_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        predict_map(changed, stack, dm.normalizer, out, tile_size=7, stop_after=12, on_tile=other.append)
+    assert len(other) == 12  # nothing reused from the other model's tiles
+    with pytest.raises(KeyboardInterrupt):
+        predict_map(task, stack, dm.normalizer, out, tile_size=7, batch_size=7, stop_after=5,
+                    on_tile=first.append)
+    predict_map(task, stack, dm.normalizer, out, tile_size=7, batch_size=7, on_tile=second.append)
+    assert len(second) == 7 and not set(first) & set(second)
+    np.testing.assert_array_equal(_read_map(out), wb)  # same settings: bit for bit
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -277,6 +311,81 @@ def test_region_evaluation_resamples_a_finer_map(tmp_path: Path):
     m = write_geotiff(tmp_path / "fine.tif", fine, transform=from_origin(500000.0, 4000000.0, 50.0, 50.0), crs=CRS)
     ev = evaluate_region_raster({"m": str(m)}, ids, {1: 8.0, 2: 12.0}, transform=T100, crs=CRS)
     np.testing.assert_allclose(ev.predictions["m"], [8.0, 12.0])
+
+
+# ----------------------------------------------------------------------------- distillation
+def test_distillation_student_of_a_popcorn_map(tmp_path: Path):
+    """experiments/distill_popvae.yaml on a tiny synthetic world: a POPCORN map made by the POPCORN
+    predictor (a random teacher) is the reference of popVAE, trained and mapped by the CLI."""
+    import pandas as pd
+
+    from popcorn.dasymetric import block_sum
+    from popcorn.datamodules.covariates import SyntheticPixelDataModule, read_reference
+    from popcorn.datamodules.synthetic import make_synthetic_world
+    from popcorn.popvae import main
+    from popcorn.predictor import PredictSettings, predict
+    from popcorn.tasks import WeakSupervisionTask
+
+    world = make_synthetic_world(tmp_path, size_px=200, seed=3, n_regions=12)
+    torch.manual_seed(0)
+    teacher = WeakSupervisionTask(occupancy_bias_init=0.5)
+    ckpt = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}, ckpt)
+    base = dict(checkpoints=[str(ckpt)], imagery_root=str(world.imagery_dir), seasons=["summer"], tile_size=100,
+                overlap=32)
+    bag = predict(PredictSettings(**base, write_10m=True), tmp_path / "bag", progress=False).outputs
+    with rasterio.open(bag["population_1ha"]) as src:
+        map_1ha, t1 = src.read(1), src.transform
+    with rasterio.open(world.population_1ha) as src:
+        assert t1 == src.transform and src.shape == (20, 20)  # POPCORN's 1 ha grid = the world's 1 ha grid
+    # a map of part of the world only: the 100 x 80 px box at rows 60.., cols 40.. = cells 6..15 x 4..11
+    part = predict(PredictSettings(**base, bbox=[t1.c + 400, t1.f - 1600, t1.c + 1200, t1.f - 600]),
+                   tmp_path / "part", progress=False).outputs["population_1ha"]
+
+    run, student = tmp_path / "run", tmp_path / "student.tif"
+    cli = main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "experiments" / "distill_popvae.yaml"),
+                f"--data.init_args.root={tmp_path}", "--data.init_args.size_px=200", "--data.init_args.world_seed=3",
+                "--data.init_args.n_regions=12", f"--data.init_args.reference={bag['population_1ha']}",
+                "--data.init_args.batch_size=32", "--model.latent_dim=16", "--model.lr=3e-3", "--seed_everything=0",
+                "--trainer.max_epochs=6", f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false",
+                "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run}",
+                f"--map_out={student}", "--tile_size=8"])
+    dm = cli.datamodule
+    stack = dm.open_stack()
+    # the reference is read on the covariate grid: the 1 ha map as is, the 10 m map summed 10 x 10
+    assert stack.crs == src.crs and stack.transform == t1 and stack.shape == (20, 20)
+    np.testing.assert_array_equal(dm.target, map_1ha)
+    with rasterio.open(bag["population_10m"]) as src10:
+        from_10m = block_sum(src10.read(1).astype(np.float64))
+    np.testing.assert_allclose(read_reference(bag["population_10m"], stack, nodata_to_zero=False), from_10m, rtol=1e-5)
+    np.testing.assert_allclose(dm.target, from_10m, rtol=1e-4)
+    assert dm.target.std() > 0
+    # cells a partial map does not cover (nodata -1) are NaN and never sampled
+    ref_part = read_reference(part, stack, nodata_to_zero=False)
+    inside = np.zeros((20, 20), bool)
+    inside[6:16, 4:12] = True
+    assert np.isnan(ref_part[~inside]).all() and np.isfinite(ref_part[inside]).all()
+    np.testing.assert_allclose(ref_part[inside], map_1ha[inside], rtol=1e-4)
+    dm_part = SyntheticPixelDataModule(root=str(tmp_path), size_px=200, world_seed=3, n_regions=12, reference=str(part),
+                                       reference_nodata_to_zero=False)
+    dm_part.setup("fit")
+    sampled = np.concatenate([dm_part.sampler.train, dm_part.sampler.val, dm_part.sampler.test])
+    assert sampled.size > 20 and inside.ravel()[sampled].all()
+    # the loss falls
+    metrics = pd.read_csv(Path(cli.trainer.log_dir) / "metrics.csv")
+    train = metrics.dropna(subset=["train/loss_epoch"])["train/loss_epoch"].to_numpy()
+    val = metrics.dropna(subset=["val/loss"])["val/loss"].to_numpy()
+    assert len(train) == 6 and train[-1] < 0.5 * train[0] and val[-1] < val[0]
+    # the student's map: GeoTIFF on the covariate grid with CRS, transform, nodata, provenance
+    with rasterio.open(student) as s:
+        assert s.crs == stack.crs and s.transform == t1 and s.shape == (20, 20) and s.nodata == -1.0
+        tags, pop = s.tags(), s.read(1)
+    assert tags["model"] == "popVAE" and tags["reference"] == bag["population_1ha"].as_posix()
+    assert (pop >= 0).all() and pop.max() > 0  # every covariate pixel is valid on the synthetic world
+    result = json.loads((Path(cli.trainer.log_dir) / "popvae_metrics.json").read_text())
+    assert result["map"] == str(student) and result["pixels_vs_reference"]["total_true"] == pytest.approx(
+        float(map_1ha.sum()), rel=1e-4)
+    assert result["regions_vs_census"]["total_pred"] == pytest.approx(float(pop.sum()), rel=1e-4)
 
 
 @pytest.mark.parametrize("name", ["demo_popvae.yaml", "tunisia_popvae.yaml", "distill_popvae.yaml"])
