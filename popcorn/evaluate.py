@@ -153,6 +153,8 @@ class Evaluation:
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
     missing: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    ids: np.ndarray | None = None
+    """Unit ids in the order of ``truth`` (census units only)."""
 
     def table_rows(self) -> list[dict[str, float | str]]:
         return [dict(method=name, **m, missing_units=self.missing.get(name, 0)) for name, m in self.metrics.items()]
@@ -199,8 +201,14 @@ def evaluate_against_raster(maps: dict[str, str], truth: str | os.PathLike[str],
 def evaluate_against_units(
     maps: dict[str, str], units: str | os.PathLike[str], counts: str | os.PathLike[str] | None = None,
     id_column: str = "region_id", count_column: str = "count", res: float = 10.0, block: int = 2048,
+    grid: tuple[CRS, Affine, tuple[int, int]] | None = None,
 ) -> Evaluation:
-    """Every map vs fine census units (zonal sums, pixel-centre rule on a ``res`` m grid)."""
+    """Every map vs fine census units (zonal sums, pixel-centre rule on a ``res`` m grid).
+
+    ``grid`` = ``(crs, transform, (height, width))`` sums on that grid instead of a ``res`` m
+    grid laid over the units: give the maps' own grid and the zonal sums are exact sums of
+    their pixels (units are reprojected to it; parts of units outside it count as 0).
+    """
     import geopandas as gpd
 
     from popcorn.dasymetric import RegionRasterizer
@@ -211,14 +219,20 @@ def evaluate_against_units(
         raise PopcornInputError(f"census units file {units} does not exist")
     if head.crs is None:
         raise PopcornInputError(f"census units {units} have no CRS")
-    crs = head.crs if head.crs.is_projected else head.estimate_utm_crs()
-    frame = read_regions(units, counts, crs, id_column, count_column)
-    raster = RegionRasterizer(frame, crs)
-    left, bottom, right, top = frame.total_bounds
-    left, top = math.floor(left / res) * res, math.ceil(top / res) * res
-    width, height = int(math.ceil((right - left) / res)), int(math.ceil((top - bottom) / res))
-    grid_t = Affine(res, 0, left, 0, -res, top)
+    if grid is None:
+        crs = head.crs if head.crs.is_projected else head.estimate_utm_crs()
+        frame = read_regions(units, counts, crs, id_column, count_column)
+        left, bottom, right, top = frame.total_bounds
+        left, top = math.floor(left / res) * res, math.ceil(top / res) * res
+        width, height = int(math.ceil((right - left) / res)), int(math.ceil((top - bottom) / res))
+        grid_t = Affine(res, 0, left, 0, -res, top)
+    else:
+        crs, grid_t, (height, width) = grid
+        frame = read_regions(units, counts, crs, id_column, count_column)
+        res = abs(grid_t.a)
     rcrs = CRS.from_user_input(crs)
+    raster = RegionRasterizer(frame, crs)
+    left, top = grid_t.c, grid_t.f
     for name, path in maps.items():
         if not Path(path).exists():
             raise PopcornInputError(f"map {name!r}: file {path} does not exist")
@@ -240,7 +254,7 @@ def evaluate_against_units(
                 sums[name] += np.bincount(ids[inside], weights=np.nan_to_num(p[inside]), minlength=n)[:n]
                 nan_px[name] += np.bincount(ids[bad], minlength=n)[:n]
     ids = np.array(sorted(raster.counts))
-    ev = Evaluation(f"census units {units}", np.array([raster.counts[i] for i in ids]))
+    ev = Evaluation(f"census units {units}", np.array([raster.counts[i] for i in ids]), ids=ids)
     for name in maps:
         ev.predictions[name] = sums[name][ids]
         ev.missing[name] = int((nan_px[name][ids] > 0).sum())

@@ -9,11 +9,17 @@ The scenes (UTM 32N, around 9.0 E 45.0 N):
   pixels, SCL uint8 at 20 m with clouds (9), shadows (3), cirrus (10) and clear classes.
 - sentinel-1-rtc: 3 summer scenes (2 ascending, 1 descending; one at 20 m), VV/VH linear
   power float32 with NaN holes.
+- sentinel-2-l1c: the L1C scenes of the 4 summer L2A scenes (two found by product id, two by
+  tile + platform + orbit + time, as Earth Search items are), each with a cloud that
+  s2cloudless finds, plus two all-cloud decoys that must not be paired (next day; same time
+  but another platform and orbit). Their 10 bands are constant on the 60 m blocks of the
+  output grid, so the averaged 60 m input of the detector is known exactly here.
 Expected composites are computed here with numpy, independently of the download code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -33,6 +39,11 @@ from popcorn.errors import PopcornInputError
 BBOX = (9.0, 45.0, 9.008, 45.006)
 MARGIN = 200.0  # m of scene beyond the output grid
 SCL_MASK = (0, 1, 3, 8, 9, 10)
+S2C_FACTOR = 6  # --s2cloudless-res 60 m on the 10 m grid
+# L1C top-of-atmosphere reflectance of B01 B02 B04 B05 B08 B8A B09 B10 B11 B12
+CLEAR_TOA = np.array([0.12, 0.08, 0.05, 0.10, 0.30, 0.32, 0.10, 0.002, 0.18, 0.09])
+CLOUD_TOA = np.array([0.45, 0.42, 0.41, 0.43, 0.47, 0.47, 0.16, 0.03, 0.33, 0.22])
+CLOUD_BLOCKS = [(1, 4, 1, 4), (6, 10, 4, 8), (3, 6, 7, 11), (9, 13, 0, 4)]  # 60 m blocks r0 r1 c0 c1
 
 
 # ---------------------------------------------------------------------------- the STAC server
@@ -40,7 +51,7 @@ class StacServer:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.items: list[dict] = []
-        self.collections = {"sentinel-2-l2a": {}, "sentinel-1-rtc": {}}
+        self.collections = {"sentinel-2-l2a": {}, "sentinel-1-rtc": {}, "sentinel-2-l1c": {}}
         self.fail = {"search": 0, "data": 0}
         self.requests = {"search": 0, "data": 0}
         self.lock = threading.Lock()
@@ -264,9 +275,10 @@ def world(tmp_path_factory):
     crop = (slice(r0, r0 + grid.height), slice(c0, c0 + grid.width))
     rng = np.random.default_rng(0)
 
-    s2_summer, s2_valid = [], []
+    s2_summer, s2_valid, s2_scl10 = [], [], []
     dates = ["2020-06-05T10:20:00Z", "2020-06-15T10:20:00Z", "2020-06-25T10:20:00Z",
              "2020-07-05T10:20:00Z", "2020-09-10T10:20:00Z"]
+    stamps = [d.replace("-", "").replace(":", "")[:15] for d in dates]
     for k, dt in enumerate(dates):
         bands = rng.integers(300, 4000, size=(4, *n10)).astype(np.uint16)
         holes = rng.random(n10) < 0.03
@@ -279,13 +291,58 @@ def world(tmp_path_factory):
             assets[name] = f"s2_{k}_{name}.tif"
         write_cog(root / f"s2_{k}_SCL.tif", scl[None], t20, crs, 0)
         assets["SCL"] = f"s2_{k}_SCL.tif"
-        server.items.append(_item(server, f"S2_{k}", "sentinel-2-l2a", dt, assets,
-                                  {"eo:cloud_cover": 30.0 + k}))
+        server.items.append(_item(server, f"S2_{k}", "sentinel-2-l2a", dt, assets, {
+            "eo:cloud_cover": 30.0 + k,
+            "s2:product_uri": f"S2B_MSIL2A_{stamps[k]}_N0214_R065_T32TNR_20200901T000000.SAFE"}))
         if k < 4:
             scl10 = np.repeat(np.repeat(scl, 2, 0), 2, 1)[crop]
             b = bands[(slice(None), *crop)].astype(np.float64)
             ok = (b > 0) & ~np.isin(scl10, SCL_MASK)[None]
             s2_summer.append(np.where(ok, b, np.nan))
+            s2_valid.append(bands[(slice(None), *crop)].astype(np.float64))
+            s2_scl10.append(scl10)
+
+    # L1C: band values constant on the 60 m blocks of the grid's lattice (block b of scene
+    # pixel i is (i - r0) // 6, negative left of / above the grid)
+    crng = np.random.default_rng(1)
+    rb = (np.arange(n10[0]) - r0) // S2C_FACTOR
+    cb = (np.arange(n10[1]) - c0) // S2C_FACTOR
+    nb = (rb.max() - rb.min() + 1, cb.max() - cb.min() + 1)
+    l1c_blocks = []
+
+    def write_l1c(name: str, toa: np.ndarray) -> dict:
+        dn = np.round(toa * 1e4).astype(np.uint16)
+        l1c_blocks.append(dn)
+        full = dn[(rb - rb.min())[:, None], (cb - cb.min())[None, :]]
+        assets = {}
+        for i, band in enumerate(dl.S2CLOUDLESS_BANDS):
+            write_cog(root / f"{name}_{band}.tif", np.ascontiguousarray(full[None, :, :, i]), t10, crs, 0)
+            assets[band] = f"{name}_{band}.tif"
+        return assets
+
+    for k in range(4):
+        toa = CLEAR_TOA * (1 + 0.03 * crng.standard_normal((*nb, 10)))
+        br0, br1, bc0, bc1 = CLOUD_BLOCKS[k]
+        toa[br0 - rb.min() : br1 - rb.min(), bc0 - cb.min() : bc1 - cb.min()] = (
+            CLOUD_TOA * (1 + 0.03 * crng.standard_normal((br1 - br0, bc1 - bc0, 10))))
+        assets = write_l1c(f"l1c_{k}", toa)
+        if k < 2:  # Planetary-Computer-like: the product id says tile and sensing time
+            iid = f"S2B_MSIL1C_{stamps[k]}_R065_T32TNR_20200605T120000"
+            props = {"s2:product_uri": f"S2B_MSIL1C_{stamps[k]}_N0209_R065_T32TNR_20200605T120000.SAFE"}
+            when = dates[k]
+        else:  # Earth-Search-like: granule time a few minutes after the datatake start
+            iid = f"S2B_32TNR_{stamps[k][:8]}_0_L1C"
+            props = {"grid:code": "MGRS-32TNR", "platform": "sentinel-2b", "sat:relative_orbit": 65,
+                     "s2:processing_baseline": "02.09"}
+            when = dates[k].replace("10:20:00", "10:24:13")
+        server.items.append(_item(server, iid, "sentinel-2-l1c", when, assets, props))
+    cloudy = np.broadcast_to(CLOUD_TOA, (*nb, 10))
+    decoys = [("S2B_32TNR_20200606_0_L1C", "2020-06-06T10:24:13Z", "sentinel-2b", 65),
+              ("S2A_32TNR_20200625_0_L1C", dates[2], "sentinel-2a", 22)]
+    for j, (iid, when, platform, orbit) in enumerate(decoys):
+        assets = write_l1c(f"l1c_decoy{j}", cloudy)
+        server.items.append(_item(server, iid, "sentinel-2-l1c", when, assets, {
+            "grid:code": "MGRS-32TNR", "platform": platform, "sat:relative_orbit": orbit}))
 
     s1_linear, orbits = [], []
     s1_specs = [("2020-06-03T05:40:00Z", "ascending", 10), ("2020-06-15T17:20:00Z", "descending", 10),
@@ -306,7 +363,8 @@ def world(tmp_path_factory):
         s1_linear.append(lin[(slice(None), *crop)].astype(np.float64))
         orbits.append(orbit)
     yield {"server": server, "grid": grid, "s2": np.stack(s2_summer), "s1": np.stack(s1_linear),
-           "orbits": orbits}
+           "orbits": orbits, "s2_bands": np.stack(s2_valid), "s2_scl10": np.stack(s2_scl10),
+           "l1c_blocks": np.stack(l1c_blocks[:4]), "block_origin": (int(rb.min()), int(cb.min()))}
     server.stop()
 
 
@@ -466,6 +524,86 @@ def test_s2cloudless_missing_is_explained(world, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_s2cloudless)
     with pytest.raises(PopcornInputError, match="needs the 's2cloudless' package"):
         dl.run(cfg_for(world, tmp_path / "c", sensors=("s2",), cloud_mask="s2cloudless"))
+
+
+def expected_s2cloudless_mask(world) -> np.ndarray:
+    """(4, H, W) cloud masks of the summer scenes from s2cloudless's public API on the 60 m
+    block values written to the L1C files (not through the download code)."""
+    from s2cloudless import S2PixelCloudDetector
+
+    detector = S2PixelCloudDetector(threshold=0.6, average_over=1, dilation_size=1, all_bands=False)
+    blocks = detector.get_cloud_masks(world["l1c_blocks"].astype(np.float32) / 1e4).astype(bool)
+    grid = world["grid"]
+    rb0, cb0 = world["block_origin"]
+    rows = np.arange(grid.height) // S2C_FACTOR - rb0
+    cols = np.arange(grid.width) // S2C_FACTOR - cb0
+    return blocks[:, rows[:, None], cols[None, :]]
+
+
+def test_s2cloudless_masks_pixel_by_pixel(world, tmp_path, capsys):
+    out = tmp_path / "s2c"
+    cfg = cfg_for(world, out, sensors=("s2",), cloud_mask="s2cloudless")
+    assert dl.run(dataclasses.replace(cfg, dry_run=True)) == []
+    assert "s2cloudless on 4 paired L1C scene(s)" in capsys.readouterr().out
+    dl.run(cfg)
+    with rasterio.open(out / "S2_summer.tif") as src:
+        s2 = src.read()
+        assert src.tags()["cloud_mask"].startswith("s2cloudless p > 0.6 at 60 m")
+    cloud = expected_s2cloudless_mask(world)
+    # the detector finds every painted cloud (3x3+ blocks of 60 m) and leaves most land clear
+    for k, (r0, r1, c0, c1) in enumerate(CLOUD_BLOCKS):
+        rows = slice(r0 * S2C_FACTOR, min(r1 * S2C_FACTOR, world["grid"].height))
+        cols = slice(c0 * S2C_FACTOR, min(c1 * S2C_FACTOR, world["grid"].width))
+        assert cloud[k][rows, cols].all(), k
+        assert cloud[k].mean() < 0.5, k
+    bands = world["s2_bands"]
+    ok = (bands > 0) & ~np.isin(world["s2_scl10"], (0, 1, 3))[:, None] & ~cloud[:, None]
+    expected = expected_s2(np.where(ok, bands, np.nan))
+    np.testing.assert_array_equal(s2, expected)
+    # it is a different composite from the SCL-masked one, and cloud pixels were dropped
+    scl_only = expected_s2(np.where((bands > 0) & ~np.isin(world["s2_scl10"], (0, 1, 3))[:, None], bands, np.nan))
+    assert (s2 != scl_only).any()
+
+
+def test_s2cloudless_scene_without_l1c_is_named(world, tmp_path):
+    with pytest.raises(PopcornInputError, match=r"1 of 1 'sentinel-2-l2a' scene\(s\) of autumn 2020 have no "
+                       r"matching 'sentinel-2-l1c' scene .*S2_4 \(no L1C item of tile 32TNR at "
+                       r"2020-09-10T10:20:00\).*--l1c-collection.*--cloud-mask scl"):
+        dl.run(cfg_for(world, tmp_path / "x", sensors=("s2",), seasons=("autumn",), cloud_mask="s2cloudless"))
+    with pytest.raises(PopcornInputError, match="collection 'sentinel-2-l1c-nope' not found"):
+        dl.run(cfg_for(world, tmp_path / "x", sensors=("s2",), cloud_mask="s2cloudless",
+                       l1c_collection="sentinel-2-l1c-nope"))
+    with pytest.raises(PopcornInputError, match="--s2cloudless-res must be a positive multiple"):
+        dl.run(cfg_for(world, tmp_path / "x", sensors=("s2",), cloud_mask="s2cloudless", s2cloudless_res=25))
+    assert not (tmp_path / "x").exists()
+
+
+def test_pair_l1c_rules():
+    import datetime as pydt
+
+    import pystac
+
+    def item(iid, when, props=None, assets=dl.S2CLOUDLESS_BANDS):
+        it = pystac.Item(iid, None, None, pydt.datetime.fromisoformat(when), props or {})
+        for a in assets:
+            it.add_asset(a, pystac.Asset(f"http://x/{iid}/{a}"))
+        return it
+
+    l2a = [item("S2A_MSIL2A_20210301T100021_N0300_R122_T33UUP_20210301T130000", "2021-03-01T10:00:21+00:00"),
+           item("l2a-b", "2021-03-04T10:10:00+00:00", {"s2:mgrs_tile": "33UUP", "platform": "sentinel-2b"}),
+           item("l2a-c", "2021-03-06T10:10:00+00:00", {"s2:mgrs_tile": "33UUP"})]
+    l1c = [item("S2A_MSIL1C_20210301T100021_N0209_R122_T33UUP_20210301T110000", "2021-03-01T10:03:00+00:00"),
+           item("S2A_MSIL1C_20210301T100021_N0209_R122_T33UUQ_20210301T110000", "2021-03-01T10:03:00+00:00"),
+           item("b-far", "2021-03-04T10:50:00+00:00", {"grid:code": "MGRS-33UUP"}),
+           item("b-near", "2021-03-04T10:14:00+00:00", {"mgrs:utm_zone": 33, "mgrs:latitude_band": "U",
+                                                       "mgrs:grid_square": "UP", "platform": "sentinel-2b"}),
+           item("c-no-b10", "2021-03-06T10:12:00+00:00", {"s2:mgrs_tile": "33UUP"},
+                assets=[b for b in dl.S2CLOUDLESS_BANDS if b != "B10"])]
+    pairs, why = dl.pair_l1c(l2a, l1c, dl.S2CLOUDLESS_BANDS)
+    assert [p.id if p else None for p in pairs] == [l1c[0].id, "b-near", None]
+    assert why == {"l2a-c": "its L1C item c-no-b10 lacks the asset(s) ['B10']"}
+    assert dl._l1c_offset(l1c[0]) == 0.0
+    assert dl._l1c_offset(item("S2B_MSIL1C_20220601T101559_N0400_R065_T32TMT_x", "2022-06-01T10:00:00+00:00")) == -1000.0
 
 
 def test_planetary_computer_signing_is_optional(monkeypatch):

@@ -15,12 +15,12 @@ EXP = Path(__file__).resolve().parents[1] / "experiments"
 PUBLISHED = ("https://github.com/prs-eth/Popcorn/raw/main/model/DDA_model/checkpoints/networks/"
              "fusionda_newAug8_16_checkpoint30_lossweight0.5.pt")
 SEASONS = ["spring", "summer", "autumn", "winter"]
-# dataset: (config, weight decay, occupancy bias, fine truth given)
+# dataset: (config, weight decay, occupancy bias, test reference: "1ha" raster, "units" or None)
 PAPER = {
-    "che": ("swiss.yaml", 5e-7, 0.2267, True),
-    "rwa": ("rwa.yaml", 1e-5, 0.9407, True),
-    "pricp2": ("pricp2.yaml", 5e-7, 0.4119, False),
-    "uga": ("uga.yaml", 1e-5, 0.9407, False),
+    "che": ("swiss.yaml", 5e-7, 0.2267, "1ha"),
+    "rwa": ("rwa.yaml", 1e-5, 0.9407, "1ha"),
+    "pricp2": ("pricp2.yaml", 5e-7, 0.4119, "units"),  # census blocks
+    "uga": ("uga.yaml", 1e-5, 0.9407, None),
 }
 
 
@@ -56,7 +56,12 @@ def test_country_configs(name):
     assert a["seasons"] == SEASONS and a["test_seasons"] == SEASONS and a["batch_size"] == 2
     assert a["imagery_root"] == f"data/{name}/imagery"
     assert a["census_regions"] == f"data/{name}/census/census_regions.gpkg"
-    assert (a["fine_truth"] is not None) == fine
+    assert (a["fine_truth"] is not None) == (fine == "1ha")
+    assert (a["fine_regions"] is not None) == (fine == "units")
+    if fine == "units":
+        assert a["fine_regions"] == f"data/{name}/blocks/census_regions.gpkg"
+        assert a["fine_counts"] == f"data/{name}/blocks/census_counts.csv"
+        assert (a["fine_id_column"], a["fine_count_column"]) == ("region_id", "count")
 
 
 def test_transfer_uganda_to_kigali():

@@ -2,8 +2,13 @@
 
 from pathlib import Path
 
+import geopandas as gpd
+import numpy as np
 import pandas as pd
 import pytest
+import rasterio
+import rasterio.features
+import shapely
 import yaml
 
 from popcorn.fit import main
@@ -107,3 +112,179 @@ def test_sweep_spec_runs_popcorn_fit_with_valid_keys() -> None:
         with pytest.raises(SystemExit) as exit_info:
             main(args)
         assert exit_info.value.code in (0, None)
+
+
+# ---------------------------------------------------------------- test at fine census units
+def _unit_sums(path: Path, frame, ids: list[int]) -> np.ndarray:
+    """Sum of a raster's pixels per polygon (pixel-centre rule), computed here by hand."""
+    with rasterio.open(path) as src:
+        values = src.read(1).astype(np.float64)
+        burnt = rasterio.features.rasterize(
+            zip(frame.to_crs(src.crs).geometry, frame.region_id.astype(int), strict=True),
+            out_shape=values.shape, transform=src.transform, fill=0, all_touched=False, dtype="int32",
+        )
+    sums = np.bincount(burnt.ravel(), weights=values.ravel(), minlength=max(ids) + 1)
+    return sums[ids]
+
+
+def test_test_stage_evaluates_fine_census_units(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """Train regions = the world's census merged 12 -> 4; test units = the 12 original regions."""
+    import geopandas as gpd
+
+    from popcorn.census import run as census_run
+    from popcorn.datamodules.synthetic import world_dir
+    from popcorn.evaluate import main as evaluate_main
+
+    first, world_root = trained
+    world = world_dir(world_root, 200, 0)
+    census_run(["coarsen", "--regions", str(world / "census_regions.gpkg"), "--counts",
+                str(world / "census_counts.csv"), "--n", "4", "--out", str(tmp_path / "coarse")])
+    coarse = tmp_path / "coarse" / "coarse_4"
+    config = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    config["data"] = {"class_path": "popcorn.datamodules.CensusDataModule", "init_args": {
+        "imagery_root": str(world),
+        "census_regions": str(coarse / "census_regions.gpkg"),
+        "census_counts": str(coarse / "census_counts.csv"),
+        "fine_truth": str(world / "population_1ha.tif"),
+        "fine_regions": str(world / "census_regions.gpkg"),
+        "fine_counts": str(world / "census_counts.csv"),
+        "val_fraction": 0.25, "test_tile_size": 100, "test_seasons": ["summer"],
+    }}
+    (tmp_path / "fine.yaml").write_text(yaml.safe_dump(config))
+    best = next((first / "run" / "popcorn" / "version_0" / "checkpoints").glob("best*.ckpt"))
+    main(["test", "--config", str(tmp_path / "fine.yaml"), f"--ckpt_path={best}",
+          f"--trainer.default_root_dir={tmp_path / 'run'}",
+          "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+          f"--trainer.logger.save_dir={tmp_path / 'run'}", "--trainer.logger.name=popcorn",
+          "--trainer.logger.version=0", "--trainer.enable_progress_bar=false"])
+    out = tmp_path / "run" / "popcorn" / "version_0"
+    logged = pd.read_csv(out / "metrics.csv")
+    assert logged["test/popcorn_r2"].notna().any()  # the 1 ha truth is still evaluated too
+    assert (out / "fine_metrics.md").exists()
+
+    units = gpd.read_file(world / "census_regions.gpkg")
+    truth = pd.read_csv(world / "census_counts.csv").set_index("region_id")["count"]
+    ids = sorted(int(i) for i in units.region_id)
+    true = truth.loc[ids].to_numpy(float)
+    table = pd.read_csv(out / "fine_units_metrics.csv").set_index("method")
+    per_unit = pd.read_csv(out / "fine_units.csv").set_index("region_id")
+    assert per_unit.index.tolist() == ids and np.allclose(per_unit["count"], true)
+    files = {"POPCORN": "population_10m.tif", "POPCORN rescaled": "population_10m_rescaled.tif",
+             "BuiltUp disaggregation": "builtup_disaggregation_10m.tif"}
+    for name, file in files.items():
+        pred = _unit_sums(out / file, units, ids)
+        np.testing.assert_allclose(per_unit[name], pred, rtol=1e-6, atol=1e-6)
+        r2 = 1 - ((true - pred) ** 2).sum() / ((true - true.mean()) ** 2).sum()
+        mae, rmse = np.abs(true - pred).mean(), np.sqrt(((true - pred) ** 2).mean())
+        key = name.lower().replace(" ", "_")
+        for metric, value in (("r2", r2), ("mae", mae), ("rmse", rmse)):
+            assert logged[f"test/units/{key}_{metric}"].dropna().iloc[-1] == pytest.approx(value, rel=1e-4, abs=1e-4)
+            assert table.loc[name, metric] == pytest.approx(value, rel=1e-6, abs=1e-6)
+        assert table.loc[name, "units"] == len(ids)
+
+    # The 10 m maps are the right ones: the raw map sums to the 1 ha product, the rescaled map
+    # and the baseline give each coarse training region its count, the baseline follows the
+    # built-up score.
+    with rasterio.open(out / "population_10m.tif") as a, rasterio.open(out / "population_1ha.tif") as b:
+        raw = a.read(1).astype(np.float64)
+        np.testing.assert_allclose(raw.reshape(20, 10, 20, 10).sum(axis=(1, 3)), b.read(1), rtol=1e-5, atol=1e-4)
+    regions = gpd.read_file(coarse / "census_regions.gpkg")
+    counts = pd.read_csv(coarse / "census_counts.csv").set_index("region_id")["count"]
+    cids = sorted(int(i) for i in regions.region_id)
+    for file in ("population_10m_rescaled.tif", "builtup_disaggregation_10m.tif"):
+        np.testing.assert_allclose(_unit_sums(out / file, regions, cids), counts.loc[cids], rtol=1e-4)
+    with rasterio.open(out / "builtup_score_10m.tif") as src:
+        score = src.read(1).astype(np.float64)
+        coarse_ids = rasterio.features.rasterize(
+            zip(regions.to_crs(src.crs).geometry, regions.region_id.astype(int), strict=True),
+            out_shape=score.shape, transform=src.transform, fill=0, dtype="int32")
+    per_region = np.bincount(coarse_ids.ravel(), weights=score.ravel())
+    factor = np.zeros_like(per_region)
+    factor[cids] = counts.loc[cids].to_numpy() / per_region[cids]
+    with rasterio.open(out / "builtup_disaggregation_10m.tif") as src:
+        np.testing.assert_allclose(src.read(1), score * factor[coarse_ids], rtol=1e-4, atol=1e-5)
+
+    # python -m popcorn.evaluate on the written maps reports the same numbers.
+    ev = evaluate_main(["--units", str(world / "census_regions.gpkg"), "--unit-counts",
+                        str(world / "census_counts.csv"), "--out", str(tmp_path / "eval"),
+                        *[f"--map={name}={out / file}" for name, file in files.items()]])
+    for name in files:
+        for metric in ("r2", "mae", "rmse"):
+            assert ev.metrics[name][metric] == pytest.approx(table.loc[name, metric], rel=1e-6, abs=1e-6)
+
+
+def test_fine_census_regions_bad_input(tiny_world: Path, tmp_path: Path) -> None:
+    from popcorn.datamodules import CensusDataModule
+    from popcorn.errors import PopcornInputError
+
+    def setup(**kw) -> CensusDataModule:
+        dm = CensusDataModule(imagery_root=str(tiny_world),
+                              census_regions=str(tiny_world / "census_regions.gpkg"),
+                              census_counts=str(tiny_world / "census_counts.csv"), **kw)
+        dm.setup("test")
+        return dm
+
+    missing = tmp_path / "blocks.gpkg"
+    with pytest.raises(PopcornInputError, match=r"fine census regions file \(fine_regions\) .*blocks\.gpkg does not exist"):
+        setup(fine_regions=str(missing))
+    with pytest.raises(PopcornInputError, match=r"fine census regions: .*column 'block_id' not found.*fine_id_column='block_id'"):
+        setup(fine_regions=str(tiny_world / "census_regions.gpkg"),
+              fine_counts=str(tiny_world / "census_counts.csv"), fine_id_column="block_id")
+    with pytest.raises(PopcornInputError, match=r"fine census counts file \(fine_counts\) .*nope\.csv does not exist"):
+        setup(fine_regions=str(tiny_world / "census_regions.gpkg"), fine_counts=str(tmp_path / "nope.csv"))
+    with pytest.raises(PopcornInputError, match="fine_counts=.* without fine_regions"):
+        setup(fine_counts=str(tiny_world / "census_counts.csv"))
+    # a unit that does not overlap the imagery is named
+    far = gpd.GeoDataFrame({"region_id": [1, 7]}, geometry=[shapely.box(500000, 5199500, 500100, 5199600),
+                                                             shapely.box(0, 0, 10, 10)], crs="EPSG:32632")
+    far["count"] = [5.0, 3.0]
+    far.to_file(tmp_path / "far.gpkg")
+    with pytest.raises(PopcornInputError, match=r"outside the imagery.*: 7\b"):
+        setup(fine_regions=str(tmp_path / "far.gpkg"))
+    # good units: read and counted at setup, before any training
+    assert setup(fine_regions=str(tiny_world / "census_regions.gpkg"),
+                 fine_counts=str(tiny_world / "census_counts.csv")).n_fine_units == 5
+
+
+def test_synthetic_datamodule_exposes_every_option() -> None:
+    """LightningCLI only shows the options SyntheticCensusDataModule repeats in its signature."""
+    import inspect
+
+    from popcorn.datamodules import CensusDataModule, SyntheticCensusDataModule
+
+    fixed = {"imagery_root", "census_regions", "census_counts", "id_column", "count_column",
+             "fine_truth", "builtup_labels"}  # derived from the world folder
+    base = set(inspect.signature(CensusDataModule.__init__).parameters) - fixed
+    assert base - set(inspect.signature(SyntheticCensusDataModule.__init__).parameters) == set()
+
+
+def test_fine_unit_sums_are_exact_on_the_imagery_grid(tmp_path: Path) -> None:
+    """The test stage sums its maps on the imagery grid (``grid=``): exact pixel sums even for a
+    grid not aligned with multiples of its resolution and units in another CRS."""
+    from affine import Affine
+
+    from popcorn.evaluate import evaluate_against_units
+
+    transform = Affine(10, 0, 500005, 0, -10, 5200005)  # 5 m off the 10 m lattice
+    values = np.random.default_rng(0).gamma(1.0, 3.0, (40, 50)).astype(np.float32)
+    with rasterio.open(tmp_path / "map.tif", "w", driver="GTiff", width=50, height=40, count=1,
+                       dtype="float32", crs="EPSG:32632", transform=transform, nodata=-1) as dst:
+        dst.write(values, 1)
+    boxes = [shapely.box(500005 + 30, 5200005 - 170, 500005 + 230, 5200005 - 20),
+             shapely.box(500005 + 250, 5200005 - 390, 500005 + 480, 5200005 - 200),
+             shapely.box(500005 + 20, 5200005 - 300, 500005 + 150, 5200005 - 210)]
+    units = gpd.GeoDataFrame({"block": [4, 9, 2], "people": [50.0, 80.0, 20.0]}, geometry=boxes,
+                             crs="EPSG:32632")
+    units.to_crs("EPSG:4326").to_file(tmp_path / "units.gpkg")  # stored in lon/lat
+    ev = evaluate_against_units({"m": str(tmp_path / "map.tif")}, tmp_path / "units.gpkg", None, "block",
+                                "people", grid=("EPSG:32632", transform, (40, 50)))
+    assert ev.ids.tolist() == [2, 4, 9] and ev.truth.tolist() == [20.0, 50.0, 80.0]
+    burnt = rasterio.features.rasterize(
+        zip(gpd.read_file(tmp_path / "units.gpkg").to_crs("EPSG:32632").geometry, [4, 9, 2], strict=True),
+        out_shape=(40, 50), transform=transform, dtype="int32")
+    hand = np.bincount(burnt.ravel(), weights=values.ravel().astype(np.float64), minlength=10)[[2, 4, 9]]
+    np.testing.assert_allclose(ev.predictions["m"], hand, rtol=1e-9)
+    # without the grid, the sums are taken on a 10 m lattice over the units: resampled, not exact
+    approx = evaluate_against_units({"m": str(tmp_path / "map.tif")}, tmp_path / "units.gpkg", None,
+                                    "block", "people")
+    assert not np.allclose(approx.predictions["m"], hand, rtol=1e-6)

@@ -99,6 +99,12 @@ class CensusDataModule(L.LightningDataModule):
         id_column: name of the region id column (vector and CSV).
         count_column: name of the count column (people).
         fine_truth: 1 ha truth raster for evaluation (optional).
+        fine_regions: fine census units for evaluation (optional; vector file, any CRS), e.g.
+            census blocks: the test stage compares zonal sums of the maps with their counts.
+        fine_counts: CSV with the fine units' id and count columns; None = count column of
+            ``fine_regions``.
+        fine_id_column: id column of the fine units (vector and CSV).
+        fine_count_column: count column of the fine units.
         builtup_labels: built-up labels raster on the imagery grid (optional).
         seasons: seasons drawn for training/validation.
         test_seasons: seasons predicted at test/predict time.
@@ -126,6 +132,10 @@ class CensusDataModule(L.LightningDataModule):
         id_column: str = "region_id",
         count_column: str = "count",
         fine_truth: str | None = None,
+        fine_regions: str | None = None,
+        fine_counts: str | None = None,
+        fine_id_column: str = "region_id",
+        fine_count_column: str = "count",
         builtup_labels: str | None = None,
         seasons: Sequence[str] = SEASONS,
         test_seasons: Sequence[str] = SEASONS,
@@ -148,6 +158,16 @@ class CensusDataModule(L.LightningDataModule):
         self.id_column = id_column
         self.count_column = count_column
         self.fine_truth_path = None if fine_truth is None else str(fine_truth)
+        if fine_counts is not None and fine_regions is None:
+            raise PopcornInputError(
+                f"fine_counts={fine_counts} is given without fine_regions: give the vector file "
+                "of the fine census units too"
+            )
+        self.fine_regions_path = None if fine_regions is None else str(fine_regions)
+        self.fine_counts_path = None if fine_counts is None else str(fine_counts)
+        self.fine_id_column = fine_id_column
+        self.fine_count_column = fine_count_column
+        self.n_fine_units = 0
         self.builtup_labels_path = None if builtup_labels is None else str(builtup_labels)
         if region_context_px < 0:
             raise PopcornInputError(f"region_context_px must be >= 0, got {region_context_px}")
@@ -187,6 +207,8 @@ class CensusDataModule(L.LightningDataModule):
         if self.census_regions is not None:
             return
         self.fine_truth_path = _existing(self.fine_truth_path, "fine truth raster")
+        self.fine_regions_path = _existing(self.fine_regions_path, "fine census regions file (fine_regions)")
+        self.fine_counts_path = _existing(self.fine_counts_path, "fine census counts file (fine_counts)")
         self.builtup_labels_path = _existing(self.builtup_labels_path, "built-up labels raster")
         all_seasons = tuple(s for s in SEASONS if s in set(self.seasons) | set(self.test_seasons))
         self.s1, self.s2, self.grid = open_imagery(self.imagery_root, all_seasons, self.max_gap_px)
@@ -212,6 +234,8 @@ class CensusDataModule(L.LightningDataModule):
                 f"larger than max_region_pixels={self.max_region_pixels} or held out); raise "
                 "max_region_pixels or lower val_fraction"
             )
+        if self.fine_regions_path is not None:
+            self.n_fine_units = self._check_fine_units()
         self.census_regions = regions
         self.grid_shape = self.grid.shape
         self.transform = self.grid.transform
@@ -231,6 +255,46 @@ class CensusDataModule(L.LightningDataModule):
             self._sample_windows(regions), regions.train_ids, self.seasons, shuffle=True,
             seed=self.shuffle_seed, batch_size=self.batch_size,
         )
+
+    def _check_fine_units(self) -> int:
+        """Read and validate the fine census units now (not after training); return their number.
+
+        Same rules as the training census (ids, counts, join of the CSV); every unit must
+        overlap the imagery.
+        """
+        import shapely
+
+        from .census import _fmt_ids, read_regions
+
+        try:
+            frame = read_regions(
+                self.fine_regions_path, self.fine_counts_path, self.grid.crs,
+                self.fine_id_column, self.fine_count_column,
+            )
+        except PopcornInputError as err:
+            raise PopcornInputError(
+                f"fine census regions: {err} (options: fine_regions, fine_counts, fine_id_column="
+                f"{self.fine_id_column!r}, fine_count_column={self.fine_count_column!r})"
+            ) from err
+        box = shapely.box(*self.grid.bounds)
+        inter = frame.geometry.intersection(box).area.to_numpy()
+        area = frame.geometry.area.to_numpy()
+        outside = frame.region_id.to_numpy()[inter <= 0]
+        if len(outside):
+            raise PopcornInputError(
+                f"fine census regions {self.fine_regions_path}: unit id(s) outside the imagery "
+                f"extent {self.grid.bounds} ({self.grid.crs}): {_fmt_ids(outside)}. Crop the fine "
+                "units to the imagery."
+            )
+        partial = (inter < 0.99 * area) & (area > 0)
+        if partial.any():
+            log.warning(
+                "%s: fine unit id(s) %s extend beyond the imagery; their predicted sums only "
+                "cover the part inside it", self.fine_regions_path,
+                _fmt_ids(frame.region_id.to_numpy()[partial]),
+            )
+        log.info("fine census units for the test: %d in %s", len(frame), self.fine_regions_path)
+        return len(frame)
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset: Any, sampler: Any, collate: Any, batch_size: int) -> DataLoader:
@@ -290,7 +354,8 @@ class SyntheticCensusDataModule(CensusDataModule):
 
     Paths come from ``popcorn.datamodules.synthetic.world_dir(root, size_px, seed)``: imagery in
     the world folder, ``census_regions.gpkg``, ``census_counts.csv``, ``population_1ha.tif`` as
-    fine truth and ``builtup_fraction.tif`` as built-up labels.
+    fine truth and ``builtup_fraction.tif`` as built-up labels. ``fine_regions`` (+
+    ``fine_counts``, ...) add fine census units to the test, as in :class:`CensusDataModule`.
     """
 
     def __init__(
@@ -300,6 +365,10 @@ class SyntheticCensusDataModule(CensusDataModule):
         seed: int = 0,
         n_regions: int = 200,
         count_noise: float = 0.0,
+        fine_regions: str | None = None,
+        fine_counts: str | None = None,
+        fine_id_column: str = "region_id",
+        fine_count_column: str = "count",
         seasons: Sequence[str] = SEASONS,
         test_seasons: Sequence[str] = SEASONS,
         val_fraction: float = 0.1,
@@ -327,6 +396,8 @@ class SyntheticCensusDataModule(CensusDataModule):
             census_regions=str(directory / "census_regions.gpkg"),
             census_counts=str(directory / "census_counts.csv"),
             fine_truth=str(directory / "population_1ha.tif"),
+            fine_regions=fine_regions, fine_counts=fine_counts, fine_id_column=fine_id_column,
+            fine_count_column=fine_count_column,
             builtup_labels=str(directory / "builtup_fraction.tif"),
             seasons=seasons, test_seasons=test_seasons, val_fraction=val_fraction,
             split_seed=split_seed, max_region_pixels=max_region_pixels, batch_size=batch_size,

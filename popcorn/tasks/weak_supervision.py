@@ -45,8 +45,9 @@ class WeakSupervisionTask(LightningModule):
 
     Loss: log-L1 between census counts and predicted region sums, plus
     ``occupancy_regularisation`` x mean occupancy. Test: the whole imagery in tiles, averaged
-    over the test seasons, evaluated at 1 ha against the fine truth for POPCORN raw, POPCORN
-    rescaled to the census counts (dasymetric) and BuiltUp disaggregation.
+    over the test seasons, evaluated for POPCORN raw, POPCORN rescaled to the census counts
+    (dasymetric) and BuiltUp disaggregation at 1 ha against the fine truth raster and/or at the
+    fine census units (e.g. blocks) of the data module.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class WeakSupervisionTask(LightningModule):
         self._fine_truth_cache: np.ndarray | None = None
         self._test_acc: dict[str, np.ndarray] = {}
         self.test_results: dict[str, dict[str, float]] = {}
+        self.test_results_units: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------ set-up
     def load_builtup_weights(self, path_or_url: str) -> None:
@@ -276,21 +278,77 @@ class WeakSupervisionTask(LightningModule):
         if factors.size:
             p10, p50, p90 = np.percentile(factors, [10, 50, 90])
             rank_zero_info(f"dasymetric scale factors p10/p50/p90: {p10:.2f}/{p50:.2f}/{p90:.2f}")
+        units = getattr(dm, "fine_regions_path", None)
+        if units is not None:
+            self._test_fine_units(
+                {"POPCORN": raw, "POPCORN rescaled": rescaled, "BuiltUp disaggregation": builtup_disagg},
+                out_dir, tags,
+            )
         truth_path = dm.fine_truth_path
         if truth_path is None:
-            rank_zero_info("no fine truth raster configured: maps written, no fine-level metrics")
+            if units is None:
+                rank_zero_info("no fine truth raster or fine census regions configured: maps "
+                               "written, no fine-level metrics")
             return
         truth = self._fine_truth()
         valid = np.isfinite(truth) & (block_sum((ids > 0).astype(np.float32), FINE_FACTOR) > 0)
         self.test_results = {
             name: regression_metrics(array[valid], truth[valid]) for name, array in fine.items()
         }
-        for name, m in self.test_results.items():
-            key = name.lower().replace(" ", "_")
-            for metric in ("r2", "mae", "rmse"):
-                self.log(f"test/{key}_{metric}", m[metric])
+        self._log_test_metrics("test", self.test_results)
         table = format_table(self.test_results, title=f"Fine level (1 ha), seasons {seasons}")
         (out_dir / "fine_metrics.md").write_text(table + "\n")
+        rank_zero_info("\n" + table)
+        print("\n" + table + "\n", flush=True)
+
+    def _log_test_metrics(self, prefix: str, results: dict[str, dict[str, float]]) -> None:
+        for name, m in results.items():
+            key = name.lower().replace(" ", "_")
+            for metric in ("r2", "mae", "rmse"):
+                self.log(f"{prefix}/{key}_{metric}", m[metric])
+
+    def _test_fine_units(
+        self, maps: dict[str, np.ndarray], out_dir: Path, tags: dict[str, str]
+    ) -> None:
+        """Evaluate the 10 m maps against the fine census units of the data module.
+
+        The maps are written as GeoTIFFs (people per 10 m pixel) and evaluated with
+        :func:`popcorn.evaluate.evaluate_against_units` on the imagery grid, i.e. exactly what
+        ``python -m popcorn.evaluate --units ... --map ...`` computes for them. Writes
+        ``fine_units_metrics.md/.csv`` and ``fine_units.csv`` (one row per unit); logs
+        ``test/units/<method>_{r2,mae,rmse}``.
+        """
+        import pandas as pd
+
+        from popcorn.evaluate import evaluate_against_units, format_comparison, write_tables
+
+        dm = self.trainer.datamodule
+        files = {
+            "POPCORN": "population_10m.tif",
+            "POPCORN rescaled": "population_10m_rescaled.tif",
+            "BuiltUp disaggregation": "builtup_disaggregation_10m.tif",
+        }
+        paths = {}
+        for name, array in maps.items():
+            paths[name] = str(write_geotiff(
+                out_dir / files[name], array.astype(np.float32), transform=dm.transform, crs=dm.crs,
+                nodata=-1.0, band_names=["population"],
+                tags={**tags, "model": name, "units": "people per 10 m pixel"},
+            ))
+        ev = evaluate_against_units(
+            paths, dm.fine_regions_path, dm.fine_counts_path, dm.fine_id_column,
+            dm.fine_count_column, grid=(dm.crs, dm.transform, tuple(dm.grid_shape)),
+        )
+        self.test_results_units = ev.metrics
+        self._log_test_metrics("test/units", ev.metrics)
+        write_tables(ev, out_dir, stem="fine_units_metrics")
+        per_unit = pd.DataFrame({dm.fine_id_column: ev.ids, dm.fine_count_column: ev.truth})
+        for name, values in ev.predictions.items():
+            per_unit[name] = values
+        per_unit.to_csv(out_dir / "fine_units.csv", index=False)
+        table = format_comparison(
+            ev, title=f"Fine census units ({len(ev.truth):,}), seasons {tags['seasons']}"
+        )
         rank_zero_info("\n" + table)
         print("\n" + table + "\n", flush=True)
 
