@@ -111,6 +111,9 @@ class PopcornCLI(LightningCLI):
             census=dm.census_regions_path, counts=dm.census_counts_path, truth=dm.fine_truth_path,
             buildings=str(footprints) if footprints is not None and footprints.exists() else None,
             id_column=dm.id_column, count_column=dm.count_column,
+            units=getattr(dm, "fine_regions_path", None), unit_counts=getattr(dm, "fine_counts_path", None),
+            unit_id_column=getattr(dm, "fine_id_column", "region_id"),
+            unit_count_column=getattr(dm, "fine_count_column", "count"),
         )
 
 

@@ -253,9 +253,12 @@ def predict_evaluate_report(
     checkpoints: list[str], imagery_root: str, out_dir: str | os.PathLike[str], *, seasons: list[str] | None = None,
     census: str | None = None, counts: str | None = None, truth: str | None = None,
     buildings: str | None = None, id_column: str = "region_id", count_column: str = "count",
-    tile_size: int = 1000, overlap: int = 128, progress: bool = False,
+    units: str | None = None, unit_counts: str | None = None, unit_id_column: str = "region_id",
+    unit_count_column: str = "count", tile_size: int = 1000, overlap: int = 128, progress: bool = False,
 ) -> Path:
-    """Predict maps, compute the baselines, evaluate against ``truth`` and write the report.
+    """Predict maps, compute the baselines, evaluate and write the report.
+
+    The reference is the fine ``truth`` raster, or else the fine census ``units`` (+ counts).
 
     Maps go to ``out_dir/maps``, tables and baseline rasters to ``out_dir``, the report to
     ``out_dir/index.html`` (used at the end of ``python -m popcorn.fit``).
@@ -279,11 +282,14 @@ def predict_evaluate_report(
     builtup = str(result.outputs["builtup_score"])
     panels = {"prediction (people / ha)": maps.get("POPCORN rescaled", maps["POPCORN"]),
               "built-up score": builtup, "occupancy": str(result.outputs["occupancy"])}
-    if truth is None:
-        log.warning("no fine truth: maps written, no evaluation")
+    if truth is None and units is None:
+        log.warning("no fine truth raster or fine census units: maps written, no evaluation")
         return out / "maps"
-    panels["truth (people / ha)"] = str(truth)
-    ev = run(maps, out, truth=str(truth), census=census, counts=counts, id_column=id_column,
+    if truth is not None:
+        panels["truth (people / ha)"] = str(truth)
+        units = None
+    ev = run(maps, out, truth=None if truth is None else str(truth), units=units, unit_counts=unit_counts,
+             unit_id_column=unit_id_column, unit_count_column=unit_count_column, census=census, counts=counts, id_column=id_column,
              count_column=count_column, builtup=builtup if census else None,
              buildings=buildings if census else None, uniform=builtup if census else None)
     print("\n" + format_comparison(ev) + "\n", flush=True)
