@@ -47,8 +47,16 @@ package's convolution and dilation (``--s2cloudless-average`` / ``--s2cloudless-
 pixels of that lattice, package defaults 1 and 1), and the mask, brought back to 10 m, removes
 the L2A observations before the median (together with the SCL classes 0, 1, 3 -- no data,
 defective, cloud shadow -- of ``--scl-mask`` when the L2A items carry SCL). L1C pixels without
-data count as cloudy. L1C products of processing baseline 04.00 and later (2022+) have their
-+1000 offset removed.
+data count as cloudy.
+
+DN offset: products of processing baseline 04.00 and later (acquisitions from 2022-01-25 on,
+and reprocessed older ones) store reflectance x 1e4 + 1000. Per scene, L2A and L1C alike,
+:func:`s2_dn_offset` reads the baseline (``s2:processing_baseline``, else the ``N####`` of the
+product id; without either, the acquisition date decides and a warning names the scene) and
+the offset is removed from the valid pixels before masking and the median (clipped to 1: 0
+stays no data), so composites across the change are consistent and match the paper's data.
+Items flagged ``earthsearch:boa_offset_applied`` are already corrected. The dry run prints how
+many scenes carry the offset.
 
 Microsoft Planetary Computer (the default ``--stac-url``) needs signed asset URLs: the
 ``planetary-computer`` package is imported (only then) and every chunk re-signs its items.
@@ -644,17 +652,72 @@ def find_l1c(client: Any, items: Sequence[Any], bbox: Sequence[float], season: s
     return pairs
 
 
-def _l1c_offset(item: Any) -> float:
-    """DN offset of an L1C product: -1000 from processing baseline 04.00 on (2022+), else 0."""
-    baseline = item.properties.get("s2:processing_baseline")
-    if baseline is None:
-        m = _S2_PRODUCT.search(str(item.properties.get("s2:product_uri") or item.id))
-        if m and m[3]:
-            baseline = int(m[3]) / 100
+S2_DN_OFFSET = -1000.0
+"""BOA_ADD_OFFSET (L2A) / RADIO_ADD_OFFSET (L1C) of processing baseline 04.00 and later:
+reflectance x 1e4 = DN - 1000 (DN 0 stays no data)."""
+S2_OFFSET_BASELINE = 4.0
+S2_OFFSET_START = date(2022, 1, 25)
+"""First acquisition day of baseline 04.00; decides only for items without any baseline."""
+_BOA_APPLIED_KEYS = ("earthsearch:boa_offset_applied", "sentinel:boa_offset_applied")
+
+
+def _parse_baseline(value: Any) -> float | None:
+    """``"04.00"``, ``4.0``, ``"N0400"`` or ``"0400"`` -> 4.0; None if unreadable."""
+    if value is None:
+        return None
+    text = str(value).strip().upper().removeprefix("N")
     try:
-        return -1000.0 if float(baseline) >= 4.0 else 0.0
-    except (TypeError, ValueError):
-        return 0.0
+        return int(text) / 100 if re.fullmatch(r"\d{4}", text) else float(text)
+    except ValueError:
+        return None
+
+
+def s2_dn_offset(item: Any) -> tuple[float, str]:
+    """DN offset of a Sentinel-2 (L2A or L1C) STAC item and where it was read from.
+
+    One rule: the offset is :data:`S2_DN_OFFSET` (-1000) when the product's processing
+    baseline is 04.00 or later, else 0. The baseline is the ``s2:processing_baseline``
+    (or ``sentinel:processing_baseline``) property, else the ``N####`` of the product id
+    (``s2:product_uri``, ``s2:product_id`` or the item id). An item with neither is assumed
+    by its acquisition date (on or after 2022-01-25: offset). Exception: a catalogue that
+    already removed the offset from its files says so with ``earthsearch:boa_offset_applied``
+    (Earth Search) = true -> 0. ``raster:bands`` ``offset``/``scale`` are not used (Earth
+    Search's disagree with its files for many scenes; the Planetary Computer has none).
+
+    Returns ``(offset, source)`` with source ``"baseline"``, ``"product id"``,
+    ``"already removed"`` or ``"date"``.
+    """
+    props = item.properties
+    if any(str(props.get(k)).lower() == "true" for k in _BOA_APPLIED_KEYS):
+        return 0.0, "already removed"
+    baseline, source = None, "baseline"
+    for key in ("s2:processing_baseline", "sentinel:processing_baseline"):
+        baseline = _parse_baseline(props.get(key))
+        if baseline is not None:
+            break
+    if baseline is None:
+        source = "product id"
+        for text in (props.get("s2:product_uri"), props.get("s2:product_id"), item.id):
+            m = _S2_PRODUCT.search(str(text or ""))
+            if m and m[3]:
+                baseline = _parse_baseline(m[3])
+                break
+    if baseline is not None:
+        return (S2_DN_OFFSET if baseline >= S2_OFFSET_BASELINE else 0.0), source
+    dt = item.datetime
+    if dt is None:
+        from pystac.utils import str_to_datetime
+
+        dt = str_to_datetime(props["start_datetime"])
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(timezone.utc)
+    return (S2_DN_OFFSET if dt.date() >= S2_OFFSET_START else 0.0), "date"
+
+
+def _offset_summary(items: Sequence[Any]) -> tuple[int, list[str]]:
+    """How many of ``items`` have the DN offset, and the ids of those decided by date."""
+    found = [(it.id, *s2_dn_offset(it)) for it in items]
+    return sum(off != 0 for _, off, _ in found), [iid for iid, _, src in found if src == "date"]
 
 
 def _stac_cfg(cfg: DownloadConfig) -> dict:
@@ -698,15 +761,25 @@ def _dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
 
 
 def s2_median(bands: np.ndarray, scl: np.ndarray | None, scl_mask: Sequence[int],
-              extra_mask: np.ndarray | None = None, dilation_px: int = 0) -> np.ndarray:
+              extra_mask: np.ndarray | None = None, dilation_px: int = 0,
+              offsets: Sequence[float] | None = None, days: Sequence[Any] | None = None) -> np.ndarray:
     """Median composite: ``bands`` (T, 4, H, W) uint16 (0 = nodata), ``scl`` (T, H, W).
 
+    ``offsets`` (T,): DN offset of each time step (:func:`s2_dn_offset`, -1000 or 0), added to
+    the valid (non-zero) DNs, which are then clipped to >= 1 so that 0 keeps meaning no data.
     Observations with an SCL class in ``scl_mask`` (or ``extra_mask`` True) are dropped (the
-    mask is dilated by ``dilation_px``); the median of the rest is rounded to the nearest integer
-    (ties to even) and returned as (4, H, W) uint16, 0 where no observation is left.
+    mask is dilated by ``dilation_px``). ``days`` (T,): time steps with the same value are one
+    acquisition day loaded in parts (scenes of different offsets); per pixel and band the first
+    of them (in order) with data gives the observation, with its own mask. The median of the
+    observations is rounded to the nearest integer (ties to even) and returned as (4, H, W)
+    uint16, 0 where no observation is left.
     """
+    valid = bands != 0
     data = bands.astype(np.float32)
-    data[bands == 0] = np.nan
+    if offsets is not None:
+        data += np.asarray(offsets, np.float32).reshape(-1, 1, 1, 1)
+        np.maximum(data, 1.0, out=data)
+    data[~valid] = np.nan
     mask = np.zeros((bands.shape[0], *bands.shape[2:]), bool)
     if scl is not None:
         mask |= np.isin(scl, np.asarray(list(scl_mask), dtype=scl.dtype))
@@ -714,6 +787,8 @@ def s2_median(bands: np.ndarray, scl: np.ndarray | None, scl_mask: Sequence[int]
         mask |= extra_mask
     mask = _dilate(mask, dilation_px)
     data[np.broadcast_to(mask[:, None], data.shape)] = np.nan
+    if days is not None and len(set(days)) < len(days):
+        data = _fuse_days(data, valid, list(days))
     out = np.zeros(bands.shape[1:], np.uint16)
     if data.shape[0] == 0:
         return out
@@ -725,6 +800,22 @@ def s2_median(bands: np.ndarray, scl: np.ndarray | None, scl_mask: Sequence[int]
     ok = np.isfinite(med)
     out[ok] = np.clip(np.rint(med[ok]), 1, 65535).astype(np.uint16)
     return out
+
+
+def _fuse_days(data: np.ndarray, valid: np.ndarray, days: list[Any]) -> np.ndarray:
+    """One step per day: the first step of the day with data (``valid``) wins per pixel and
+    band, with its (already applied, NaN) mask, as odc-stac fuses the scenes of one group."""
+    out = []
+    for day in dict.fromkeys(days):
+        steps = [t for t, d in enumerate(days) if d == day]
+        fused = data[steps[0]].copy()
+        taken = valid[steps[0]].copy()
+        for t in steps[1:]:
+            take = valid[t] & ~taken
+            fused[take] = data[t][take]
+            taken |= take
+        out.append(fused)
+    return np.stack(out)
 
 
 def s1_mean_db(bands: np.ndarray, linear_input: bool = True) -> np.ndarray:
@@ -797,17 +888,18 @@ def _composite_s2cloudless(items: Sequence[Any], l1c_items: Sequence[Any], grid:
                            l1c_signer: Callable[[str], str] | None) -> np.ndarray:
     """S2 median of one chunk with s2cloudless masks computed from the paired L1C items.
 
-    Both loads group the items by the solar day of the L2A item (same groups, same order,
-    first valid pixel wins), so time step t of the L1C cube is the acquisition of step t of the
-    L2A cube. The L1C bands are averaged onto ``--s2cloudless-res`` blocks of one global
-    lattice, with a halo of blocks so that the detector's convolution and dilation do not
-    depend on the chunking.
+    Both loads group the items by the solar day of the L2A item and the DN offsets of the L2A
+    and the L1C item (same groups, same order, first valid pixel wins; :func:`_s2_group_keys`),
+    so time step t of the L1C cube is the acquisition of step t of the L2A cube and every step
+    has one offset per level. The L1C bands are averaged onto ``--s2cloudless-res`` blocks of
+    one global lattice, with a halo of blocks so that the detector's convolution and dilation
+    do not depend on the chunking.
     """
     import odc.stac
 
     h, w = rows.stop - rows.start, cols.stop - cols.start
     west, _, east, _ = grid.lonlat_bounds(rows, cols)
-    keys = [_solar_day(it, (west + east) / 2) for it in items]
+    keys = _s2_group_keys(items, (west + east) / 2, l1c_items)
 
     def by_day(item: Any, parsed: Any, idx: int) -> int:
         return keys[idx]
@@ -830,22 +922,32 @@ def _composite_s2cloudless(items: Sequence[Any], l1c_items: Sequence[Any], grid:
                         resampling="average" if factor > 1 else cfg.resampling,
                         chunks={"x": 2048, "y": 2048}, patch_url=l1c_signer, **common)
     l1c = l1c.compute(scheduler="threads", num_workers=max(1, cfg.workers))
-    days = sorted(set(keys))
-    if l1c.sizes["time"] != len(days) or ds.sizes["time"] != len(days):
+    groups = sorted(set(keys))  # odc-stac's order of the time steps
+    if l1c.sizes["time"] != len(groups) or ds.sizes["time"] != len(groups):
         raise RuntimeError(f"L2A/L1C time steps differ ({ds.sizes['time']} / {l1c.sizes['time']} "
-                           f"for {len(days)} days)")
-    first = {}
-    for key, it in zip(keys, l1c_items, strict=True):
-        first.setdefault(key, it)
+                           f"for {len(groups)} groups)")
     dn = np.stack([l1c[a].values for a in cfg.l1c_assets], axis=-1)
-    cloud = s2cloudless_mask(dn, [_l1c_offset(first[d]) for d in days], cfg.cloud_probability,
+    cloud = s2cloudless_mask(dn, [g[2] for g in groups], cfg.cloud_probability,
                              cfg.s2cloudless_average, cfg.s2cloudless_dilation)
     cloud = np.repeat(np.repeat(cloud, factor, axis=1), factor, axis=2)
     cloud = cloud[:, rows.start - r0 : rows.start - r0 + h, cols.start - c0 : cols.start - c0 + w]
     bands = np.stack([ds[a].values for a in cfg.s2_assets[:4]], axis=1)
     scl = ds[scl_key].values if scl_key in ds else None
     scl_mask = [c for c in cfg.scl_mask if c in (0, 1, 3)]  # no data, defective, shadows
-    return s2_median(bands, scl, scl_mask, cloud, int(round(cfg.mask_dilation / grid.res)))
+    return s2_median(bands, scl, scl_mask, cloud, int(round(cfg.mask_dilation / grid.res)),
+                     offsets=[g[1] for g in groups], days=[g[0] for g in groups])
+
+
+def _s2_group_keys(items: Sequence[Any], lon: float,
+                   l1c_items: Sequence[Any] | None = None) -> list[tuple]:
+    """odc-stac group key of every S2 item: (solar day at ``lon``, DN offset[, DN offset of its
+    L1C item]). Scenes of one day with different offsets (a day across the baseline change, or
+    an old and a reprocessed product) become separate time steps, each with one offset, that
+    :func:`s2_median` fuses again; keys sort with the -1000 (newer baseline) step first."""
+    keys = [(_solar_day(it, lon), s2_dn_offset(it)[0]) for it in items]
+    if l1c_items is not None:
+        keys = [(*k, s2_dn_offset(l1c)[0]) for k, l1c in zip(keys, l1c_items, strict=True)]
+    return keys
 
 
 def composite_chunk(items: Sequence[Any], sensor: str, grid: Grid, rows: slice, cols: slice,
@@ -875,11 +977,18 @@ def composite_chunk(items: Sequence[Any], sensor: str, grid: Grid, rows: slice, 
 
     assets = list(cfg.s2_assets if sensor == "s2" else cfg.s1_assets)
     resampling = {"*": cfg.resampling}
+    groupby: Any = "solar_day"
     if sensor == "s2":
         resampling[cfg.s2_assets[4]] = "nearest"
+        keys = _s2_group_keys(items, (box[0] + box[2]) / 2)
+
+        def by_key(item: Any, parsed: Any, idx: int) -> tuple:
+            return keys[idx]
+
+        groupby = by_key
     csize = max(256, min(2048, max(h, w)))
     ds = odc.stac.load(
-        items, bands=assets, geobox=grid.geobox(rows, cols), groupby="solar_day",
+        items, bands=assets, geobox=grid.geobox(rows, cols), groupby=groupby,
         resampling=resampling, chunks={"x": csize, "y": csize}, stac_cfg=_stac_cfg(cfg),
         patch_url=signer, fail_on_error=True,
     )
@@ -888,7 +997,11 @@ def composite_chunk(items: Sequence[Any], sensor: str, grid: Grid, rows: slice, 
         bands = np.stack([ds[a].values for a in assets[:4]], axis=1)
         scl = ds[cfg.s2_assets[4]].values
         dil = int(round(cfg.mask_dilation / grid.res))
-        return s2_median(bands, scl, cfg.scl_mask, None, dil)
+        groups = sorted(set(keys))  # odc-stac's order of the time steps
+        if ds.sizes["time"] != len(groups):
+            raise RuntimeError(f"{ds.sizes['time']} time steps loaded for {len(groups)} groups")
+        return s2_median(bands, scl, cfg.scl_mask, None, dil, offsets=[g[1] for g in groups],
+                         days=[g[0] for g in groups])
     bands = np.stack([ds[a].values for a in assets], axis=1)
     return s1_mean_db(bands, cfg.s1_linear_input())
 
@@ -947,7 +1060,7 @@ def _settings_hash(cfg: DownloadConfig, sensor: str, season: str, grid: Grid, si
     if sensor == "s2":
         keys.update(collection=cfg.s2_collection, assets=cfg.s2_assets, mask=cfg.cloud_mask,
                     scl=cfg.scl_mask, p=cfg.cloud_probability, dil=cfg.mask_dilation,
-                    cc=cfg.max_cloud_cover)
+                    cc=cfg.max_cloud_cover, dn_offset="baseline-04.00")  # older versions kept the offset
         if cfg.cloud_mask == "s2cloudless":
             keys.update(l1c=cfg.l1c_collection, l1c_url=cfg.l1c_stac_url, l1c_assets=cfg.l1c_assets,
                         s2c=(cfg.s2cloudless_res, cfg.s2cloudless_average, cfg.s2cloudless_dilation))
@@ -973,6 +1086,10 @@ class Plan:
     download_bytes: float
     l1c_items: list[Any] | None = None
     """``--cloud-mask s2cloudless``: the L1C item of each of ``items``."""
+    n_offset: int = 0
+    """S2: how many of ``items`` carry the +1000 DN offset (removed; :func:`s2_dn_offset`)."""
+    offset_by_date: list[str] = dataclasses.field(default_factory=list)
+    """S2: ids of ``items`` without processing baseline, whose offset follows their date."""
 
 
 def _estimate_download(items: Sequence[Any], assets: Sequence[str], aoi: Sequence[float]) -> float:
@@ -1060,12 +1177,29 @@ def plan_download(cfg: DownloadConfig) -> tuple[Grid, list[Plan], str | None, An
                 # read at --s2cloudless-res (COG overviews): ~1/factor^2 of the full bands
                 factor = cfg.s2cloudless_res / cfg.resolution
                 volume += _estimate_download(l1c, cfg.l1c_assets, search_box) / factor**2
+            n_offset, by_date = _offset_summary(items) if sensor == "s2" else (0, [])
+            if sensor == "s2":
+                _log_offsets(f"{collection} {season} {cfg.year}", len(items), n_offset, by_date)
+            if l1c is not None:
+                unique = list({it.id: it for it in l1c}.values())  # an L1C item may serve two L2A
+                _log_offsets(f"{cfg.l1c_collection} {season} {cfg.year}", len(unique),
+                             *_offset_summary(unique))
             plans.append(Plan(
                 sensor, season, collection, items, len(found), notes,
                 out / f"{sensor.upper()}_{season}.tif", grid.height * grid.width * nb * (2 if sensor == "s2" else 4),
-                volume, l1c,
+                volume, l1c, n_offset, by_date,
             ))
     return grid, plans, note, client
+
+
+def _log_offsets(what: str, n: int, n_offset: int, by_date: Sequence[str]) -> None:
+    log.info("%s: %d of %d scene(s) with the +1000 DN offset of processing baseline >= 04.00 "
+             "(removed before compositing)", what, n_offset, n)
+    if by_date:
+        listed = ", ".join(by_date[:10]) + (f", ... ({len(by_date)} in total)" if len(by_date) > 10 else "")
+        log.warning("%s: %d scene(s) without processing baseline (no s2:processing_baseline, no "
+                    "N#### in the product id); DN offset assumed from the acquisition date (-1000 "
+                    "from %s on): %s", what, len(by_date), S2_OFFSET_START, listed)
 
 
 def _chunk_size(cfg: DownloadConfig, plans: Sequence[Plan]) -> int:
@@ -1089,6 +1223,10 @@ def print_plan(grid: Grid, plans: Sequence[Plan], size: int, file: Any = None) -
     n_scenes = 0
     for p in plans:
         extra = f" (dropped: {'; '.join(p.notes)})" if p.notes else ""
+        if p.sensor == "s2":
+            extra += f"; DN offset -1000 removed from {p.n_offset} of {len(p.items)} scene(s)"
+            if p.offset_by_date:
+                extra += f" ({len(p.offset_by_date)} without processing baseline: decided by date)"
         if p.l1c_items is not None:
             extra += f"; s2cloudless on {len(p.l1c_items)} paired L1C scene(s)"
         print(f"  {p.output.name:<18} {p.collection}: {len(p.items)} scene(s) of {p.n_found} found, "
@@ -1162,6 +1300,9 @@ def run(cfg: DownloadConfig) -> list[Path]:
                 )
             elif p.sensor == "s2":
                 tags["cloud_mask"] = f"scl {list(cfg.scl_mask)}"
+            if p.sensor == "s2":
+                tags["dn_offset"] = (f"-1000 removed from {p.n_offset} of {len(p.items)} scenes "
+                                     f"(processing baseline >= 04.00)")
             assemble(p.output, chunk_files, p.sensor, grid, tags)
             written.append(p.output)
             if not cfg.keep_chunks:

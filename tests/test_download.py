@@ -526,13 +526,15 @@ def test_s2cloudless_missing_is_explained(world, tmp_path, monkeypatch):
         dl.run(cfg_for(world, tmp_path / "c", sensors=("s2",), cloud_mask="s2cloudless"))
 
 
-def expected_s2cloudless_mask(world) -> np.ndarray:
-    """(4, H, W) cloud masks of the summer scenes from s2cloudless's public API on the 60 m
-    block values written to the L1C files (not through the download code)."""
+def expected_s2cloudless_mask(world, blocks: np.ndarray | None = None) -> np.ndarray:
+    """(T, H, W) cloud masks of the summer scenes (or of the L1C ``blocks``: T, rows, cols, 10
+    reflectance x 1e4 without offset) from s2cloudless's public API on the 60 m block values
+    written to the L1C files (not through the download code)."""
     from s2cloudless import S2PixelCloudDetector
 
+    blocks = world["l1c_blocks"] if blocks is None else blocks
     detector = S2PixelCloudDetector(threshold=0.6, average_over=1, dilation_size=1, all_bands=False)
-    blocks = detector.get_cloud_masks(world["l1c_blocks"].astype(np.float32) / 1e4).astype(bool)
+    blocks = detector.get_cloud_masks(blocks.astype(np.float32) / 1e4).astype(bool)
     grid = world["grid"]
     rb0, cb0 = world["block_origin"]
     rows = np.arange(grid.height) // S2C_FACTOR - rb0
@@ -602,8 +604,9 @@ def test_pair_l1c_rules():
     pairs, why = dl.pair_l1c(l2a, l1c, dl.S2CLOUDLESS_BANDS)
     assert [p.id if p else None for p in pairs] == [l1c[0].id, "b-near", None]
     assert why == {"l2a-c": "its L1C item c-no-b10 lacks the asset(s) ['B10']"}
-    assert dl._l1c_offset(l1c[0]) == 0.0
-    assert dl._l1c_offset(item("S2B_MSIL1C_20220601T101559_N0400_R065_T32TMT_x", "2022-06-01T10:00:00+00:00")) == -1000.0
+    assert dl.s2_dn_offset(l1c[0]) == (0.0, "product id")
+    new_l1c = item("S2B_MSIL1C_20220601T101559_N0400_R065_T32TMT_x", "2022-06-01T10:00:00+00:00")
+    assert dl.s2_dn_offset(new_l1c) == (-1000.0, "product id")
 
 
 def test_planetary_computer_signing_is_optional(monkeypatch):
@@ -629,3 +632,184 @@ def test_cli_help(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--bbox" in text and "--dry-run" in text and "--memory-gb" in text
+
+
+# ---------------------------------------------------------------------------- DN offset (PB 04.00)
+# Winter 2021 (2021-12-01..2022-02-28) spans the processing baseline change of 2022-01-25. Every
+# scene observes a true reflectance x 1e4 ``refl``; its DNs are refl + 1000 where the product
+# carries the offset. (id, datetime, properties, DN offset of the L2A data, L1C item)
+_W_L1C = {
+    "a": ("S2A_MSIL1C_20211206T102321_N0301_R065_T32TNR_20211206T110000", "2021-12-06T10:23:21Z", {}, 0),
+    "b": ("S2B_MSIL1C_20211216T102329_N0301_R065_T32TNR_20211216T110000", "2021-12-16T10:23:29Z", {}, 0),
+    "c": ("S2A_32TNR_20220120_0_L1C", "2022-01-20T10:27:40Z", {"grid:code": "MGRS-32TNR"}, 0),  # by date
+    "d": ("S2B_MSIL1C_20220204T102329_N0400_R065_T32TNR_20220204T110000", "2022-02-04T10:23:29Z", {}, -1000),
+    "e": ("S2A_32TNR_20220214_0_L1C", "2022-02-14T10:27:40Z",
+          {"grid:code": "MGRS-32TNR", "s2:processing_baseline": "04.00"}, -1000),
+    "f": ("S2B_32TNR_20220224_0_L1C", "2022-02-24T10:27:40Z",
+          {"grid:code": "MGRS-32TNR", "s2:processing_baseline": "04.00"}, -1000),
+}
+_W_SCENES = [
+    ("S2A_MSIL2A_20211206T102321_N0301_R065_T32TNR_20211206T120000", "2021-12-06T10:23:21Z",
+     {"product_uri": True}, 0, "a"),                                               # N0301 in the id
+    ("S2B_MSIL2A_20211216T102329_N0301_R065_T32TNR_20211216T120000", "2021-12-16T10:23:29Z",
+     {"s2:processing_baseline": "03.01"}, 0, "b"),
+    ("S2B_MSIL2A_20211216T102329_N0500_R065_T32TNR_20230301T000000", "2021-12-16T10:23:29Z",
+     {"s2:processing_baseline": "05.00"}, -1000, "b"),        # the same acquisition reprocessed
+    ("S2A_32TNR_20220120_0_L2A", "2022-01-20T10:23:21Z", {}, 0, "c"),         # no baseline: date
+    ("S2B_MSIL2A_20220204T102329_N0400_R065_T32TNR_20220204T120000", "2022-02-04T10:23:29Z",
+     {"s2:processing_baseline": "04.00"}, -1000, "d"),
+    ("S2A_32TNR_20220214_0_L2A", "2022-02-14T10:23:21Z", {}, -1000, "e"),      # no baseline: date
+    ("S2B_32TNR_20220224_0_L2A", "2022-02-24T10:23:29Z",                 # offset already removed
+     {"s2:processing_baseline": "04.00", "earthsearch:boa_offset_applied": True}, 0, "f"),
+]
+_W_CLOUDS = {"a": (1, 4, 1, 4), "d": (6, 10, 4, 8)}  # 60 m blocks r0 r1 c0 c1
+
+
+@pytest.fixture(scope="module")
+def winter(world):
+    """The scenes of :data:`_W_SCENES` and their L1C scenes, on the server of ``world``."""
+    server, grid = world["server"], world["grid"]
+    root = server.root
+    x0, y0 = grid.left - MARGIN, grid.top + MARGIN
+    n10 = int(grid.height + 2 * MARGIN / 10), int(grid.width + 2 * MARGIN / 10)
+    n20 = n10[0] // 2, n10[1] // 2
+    t10, t20 = from_origin(x0, y0, 10, 10), from_origin(x0, y0, 20, 20)
+    r0, c0 = int(MARGIN / 10), int(MARGIN / 10)
+    crop = (slice(r0, r0 + grid.height), slice(c0, c0 + grid.width))
+    rng = np.random.default_rng(7)
+    rb = (np.arange(n10[0]) - r0) // S2C_FACTOR
+    cb = (np.arange(n10[1]) - c0) // S2C_FACTOR
+    nb = (rb.max() - rb.min() + 1, cb.max() - cb.min() + 1)
+
+    l1c_blocks = {}
+    for key, (iid, when, props, offset) in _W_L1C.items():
+        toa = CLEAR_TOA * (1 + 0.03 * rng.standard_normal((*nb, 10)))
+        if key in _W_CLOUDS:
+            br0, br1, bc0, bc1 = _W_CLOUDS[key]
+            toa[br0 - rb.min() : br1 - rb.min(), bc0 - cb.min() : bc1 - cb.min()] = CLOUD_TOA
+        refl = np.round(toa * 1e4).astype(np.uint16)
+        l1c_blocks[key] = refl
+        full = (refl.astype(np.int64) - offset).astype(np.uint16)[(rb - rb.min())[:, None], (cb - cb.min())[None, :]]
+        assets = {}
+        for i, band in enumerate(dl.S2CLOUDLESS_BANDS):
+            write_cog(root / f"w_{key}_{band}.tif", np.ascontiguousarray(full[None, :, :, i]), t10,
+                      grid.crs, 0)
+            assets[band] = f"w_{key}_{band}.tif"
+        props = dict(props)
+        if iid.startswith("S2") and "_MSIL1C_" in iid:
+            props["s2:product_uri"] = iid + ".SAFE"
+        server.items.append(_item(server, iid, "sentinel-2-l1c", when, assets, props))
+
+    dn_list, corrected, scl_list = [], [], []
+    for k, (iid, when, props, offset, _) in enumerate(_W_SCENES):
+        refl = rng.integers(300, 4000, size=(4, *n10)).astype(np.int64)
+        dn = refl - offset
+        if offset:  # a few valid DNs below the offset: negative reflectance -> clipped to 1
+            dark = rng.random(n10) < 0.03
+            dn[:, dark] = rng.integers(1, 1000, size=(4, int(dark.sum())))
+        holes = rng.random(n10) < (0.4 if k == 2 else 0.03)  # the reprocessed scene has big gaps
+        dn[:, holes] = 0
+        dn = dn.astype(np.uint16)
+        scl = rng.choice(np.array([4, 5, 6, 3, 8, 9, 10], np.uint8), size=n20,
+                         p=[0.5, 0.2, 0.1, 0.05, 0.05, 0.05, 0.05])
+        assets = {}
+        for b, name in enumerate(dl.S2_BANDS):
+            write_cog(root / f"w{k}_{name}.tif", dn[b : b + 1], t10, grid.crs, 0)
+            assets[name] = f"w{k}_{name}.tif"
+        write_cog(root / f"w{k}_SCL.tif", scl[None], t20, grid.crs, 0)
+        assets["SCL"] = f"w{k}_SCL.tif"
+        props = dict(props)
+        if props.pop("product_uri", None):
+            props["s2:product_uri"] = iid + ".SAFE"
+        server.items.append(_item(server, iid, "sentinel-2-l2a", when, assets, props))
+        raw = dn[(slice(None), *crop)].astype(np.float64)
+        # expected, by hand: DN + offset, clipped to 1 (0 stays no data)
+        corrected.append(np.where(raw > 0, np.maximum(raw + offset, 1), np.nan))
+        dn_list.append(raw)
+        scl_list.append(np.repeat(np.repeat(scl, 2, 0), 2, 1)[crop])
+    rows = np.arange(grid.height) // S2C_FACTOR - int(rb.min())
+    cols = np.arange(grid.width) // S2C_FACTOR - int(cb.min())
+    return {"dn": np.stack(dn_list), "corrected": np.stack(corrected), "scl10": np.stack(scl_list),
+            "l1c_blocks": np.stack([l1c_blocks[s[4]] for s in _W_SCENES]), "rows": rows, "cols": cols}
+
+
+def expected_winter(winter, drop: np.ndarray) -> np.ndarray:
+    """Median of the offset-corrected observations not in ``drop`` (scenes, H, W); scenes 1 and 2
+    are one acquisition day: the reprocessed scene 2 (baseline 05.00) first, scene 1 fills its
+    gaps."""
+    obs = np.where(drop[:, None], np.nan, winter["corrected"])
+    day = np.where(winter["dn"][2] > 0, obs[2], obs[1])
+    return expected_s2(np.stack([obs[0], day, *obs[3:]]))
+
+
+def test_s2_dn_offset_rules():
+    import datetime as pydt
+
+    import pystac
+
+    def item(iid, when, props=None):
+        return pystac.Item(iid, None, None, pydt.datetime.fromisoformat(when), props or {})
+
+    new, old = "2022-03-01T10:00:00+00:00", "2021-03-01T10:00:00+00:00"
+    off = dl.s2_dn_offset
+    assert off(item("x", old, {"s2:processing_baseline": "04.00"})) == (-1000.0, "baseline")
+    assert off(item("x", old, {"s2:processing_baseline": "05.09"})) == (-1000.0, "baseline")  # reprocessed
+    assert off(item("x", new, {"s2:processing_baseline": "03.01"})) == (0.0, "baseline")
+    assert off(item("x", new, {"s2:processing_baseline": 4.0})) == (-1000.0, "baseline")
+    assert off(item("x", old, {"sentinel:processing_baseline": "N0400"})) == (-1000.0, "baseline")
+    assert off(item("x", new, {"s2:product_uri": "S2A_MSIL2A_20220301T100021_N0301_R122_T33UUP_x.SAFE"})) == (
+        0.0, "product id")
+    assert off(item("S2A_MSIL2A_20210301T100021_N0500_R122_T33UUP_x", old)) == (-1000.0, "product id")
+    assert off(item("x", new, {"s2:processing_baseline": "04.00", "earthsearch:boa_offset_applied": True})) == (
+        0.0, "already removed")
+    assert off(item("x", new, {"s2:processing_baseline": "04.00", "earthsearch:boa_offset_applied": False})) == (
+        -1000.0, "baseline")
+    assert off(item("S2A_33UUP_20220124_0_L2A", "2022-01-24T23:59:59+00:00")) == (0.0, "date")
+    assert off(item("S2A_33UUP_20220125_0_L2A", "2022-01-25T00:00:00+00:00")) == (-1000.0, "date")
+    assert off(item("x", "2022-01-25T01:00:00+02:00", {"s2:processing_baseline": "?"})) == (0.0, "date")
+    # s2_median: offset on valid DNs only, clipped to 1; split days fused, first step first
+    bands = np.array([[1500, 0, 900, 2000], [400, 700, 0, 1000], [600, 800, 100, 3000]], np.uint16)
+    bands = bands.reshape(3, 1, 1, 4).repeat(4, axis=1)
+    med = dl.s2_median(bands, None, (), offsets=[-1000, 0, 0], days=[1, 1, 2])[0, 0]
+    # day 1: [500, 700 (gap filled by step 1), 1 (clipped), 1000]; day 2: [600, 800, 100, 3000]
+    np.testing.assert_array_equal(med, [550, 750, 50, 2000])
+
+
+def test_s2_offset_across_baseline_change(world, winter, tmp_path, capsys, caplog):
+    out = tmp_path / "winter"
+    cfg = cfg_for(world, out, sensors=("s2",), seasons=("winter",), year=2021, chunk_size=75, workers=4)
+    with caplog.at_level("INFO", logger="popcorn.download"):
+        assert dl.run(dataclasses.replace(cfg, dry_run=True)) == []
+    text = capsys.readouterr().out
+    assert "7 scene(s) of 7 found" in text
+    assert "DN offset -1000 removed from 3 of 7 scene(s) (2 without processing baseline: decided by date)" in text
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "2 scene(s) without processing baseline" in warned[0]
+    assert "S2A_32TNR_20220120_0_L2A, S2A_32TNR_20220214_0_L2A" in warned[0]
+    dl.run(cfg)  # 2 chunks, SCL mask
+    with rasterio.open(out / "S2_winter.tif") as src:
+        s2 = src.read()
+        assert src.tags()["dn_offset"].startswith("-1000 removed from 3 of 7 scenes")
+    expected = expected_winter(winter, np.isin(winter["scl10"], SCL_MASK))
+    np.testing.assert_array_equal(s2, expected)
+    # without the correction the composite would be brighter (here by ~500 on most pixels)
+    raw = np.where(winter["dn"] > 0, winter["dn"], np.nan)
+    uncorrected = expected_s2(np.where(np.isin(winter["scl10"], SCL_MASK)[:, None], np.nan, raw))
+    assert np.median(uncorrected.astype(float) - s2) > 300
+    assert (s2[:, expected.any(axis=0)] >= 1).all()
+
+
+def test_s2cloudless_offset_across_baseline_change(world, winter, tmp_path, caplog):
+    out = tmp_path / "winter_s2c"
+    cfg = cfg_for(world, out, sensors=("s2",), seasons=("winter",), year=2021, cloud_mask="s2cloudless",
+                  chunk_size=200, workers=4)
+    with caplog.at_level("WARNING", logger="popcorn.download"):
+        dl.run(cfg)
+    assert any("sentinel-2-l1c winter 2021: 1 scene(s) without processing baseline" in r.getMessage()
+               and "S2A_32TNR_20220120_0_L1C" in r.getMessage() for r in caplog.records)
+    with rasterio.open(out / "S2_winter.tif") as src:
+        s2 = src.read()
+    cloud = expected_s2cloudless_mask(world, winter["l1c_blocks"])
+    assert cloud[0].sum() > cloud[1].sum() and cloud[4].sum() > cloud[3].sum()  # the painted clouds
+    drop = np.isin(winter["scl10"], (0, 1, 3)) | cloud
+    np.testing.assert_array_equal(s2, expected_winter(winter, drop))
