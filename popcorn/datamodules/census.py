@@ -167,6 +167,29 @@ def read_regions(
     return out.sort_values("region_id").reset_index(drop=True)
 
 
+def check_on_imagery(frame: Any, grid: Any, source: Any, what: str, fix: str, partial_note: str) -> None:
+    """Raise if any polygon of ``frame`` lies wholly outside ``grid``; warn for partial ones.
+
+    ``what`` names the polygons in messages ("region", "fine unit"), ``fix`` says what to do,
+    ``partial_note`` what partial coverage means for them.
+    """
+    box = shapely.box(*grid.bounds)
+    inter = frame.geometry.intersection(box).area.to_numpy()
+    area = frame.geometry.area.to_numpy()
+    outside = frame.region_id.to_numpy()[inter <= 0]
+    if len(outside):
+        raise PopcornInputError(
+            f"{source}: {what} id(s) outside the imagery extent {grid.bounds} ({grid.crs}): "
+            f"{_fmt_ids(outside)}. {fix}"
+        )
+    partial = (inter < 0.99 * area) & (area > 0)
+    if partial.any():
+        log.warning(
+            "%s: %s id(s) %s extend beyond the imagery (less than 99%% of their area is "
+            "covered); %s", source, what, _fmt_ids(frame.region_id.to_numpy()[partial]), partial_note,
+        )
+
+
 class CensusRegions(GeoDataset):
     """Census regions rasterised on the imagery grid (see the module docstring).
 
@@ -192,25 +215,8 @@ class CensusRegions(GeoDataset):
         self.paths = str(regions)
         self.grid = grid
         frame = read_regions(regions, counts, grid.crs, id_column, count_column)
-        # Regions must lie on the imagery.
-        left, bottom, right, top = grid.bounds
-        box = shapely.box(left, bottom, right, top)
-        inter = frame.geometry.intersection(box).area.to_numpy()
-        area = frame.geometry.area.to_numpy()
-        outside = frame.region_id.to_numpy()[inter <= 0]
-        if len(outside):
-            raise PopcornInputError(
-                f"{regions}: region id(s) outside the imagery extent {grid.bounds} "
-                f"({grid.crs}): {_fmt_ids(outside)}. Crop the census to the imagery or add "
-                "imagery covering them."
-            )
-        partial = (inter < 0.99 * area) & (area > 0)
-        if partial.any():
-            log.warning(
-                "%s: region id(s) %s extend beyond the imagery (less than 99%% of their area is "
-                "covered); their counts include people outside the imagery",
-                regions, _fmt_ids(frame.region_id.to_numpy()[partial]),
-            )
+        check_on_imagery(frame, grid, regions, "region", "Crop the census to the imagery or add "
+                         "imagery covering them.", "their counts include people outside the imagery")
         # Rasterise consecutive labels once, then map to ids (windows via find_objects).
         labels = rasterio.features.rasterize(
             zip(frame.geometry, range(1, len(frame) + 1), strict=True),

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from popcorn.errors import PopcornInputError
 
 from .augmentation import BatchAugmentation
-from .census import CensusRegions
+from .census import CensusRegions, check_on_imagery, read_regions
 from .grid import RasterGrid, Window
 from .samplers import RegionSampler, TileSampler, oversized_regions
 from .samples import RegionSamples, TileSamples, collate_regions, collate_tiles
@@ -262,10 +262,6 @@ class CensusDataModule(L.LightningDataModule):
         Same rules as the training census (ids, counts, join of the CSV); every unit must
         overlap the imagery.
         """
-        import shapely
-
-        from .census import _fmt_ids, read_regions
-
         try:
             frame = read_regions(
                 self.fine_regions_path, self.fine_counts_path, self.grid.crs,
@@ -276,23 +272,9 @@ class CensusDataModule(L.LightningDataModule):
                 f"fine census regions: {err} (options: fine_regions, fine_counts, fine_id_column="
                 f"{self.fine_id_column!r}, fine_count_column={self.fine_count_column!r})"
             ) from err
-        box = shapely.box(*self.grid.bounds)
-        inter = frame.geometry.intersection(box).area.to_numpy()
-        area = frame.geometry.area.to_numpy()
-        outside = frame.region_id.to_numpy()[inter <= 0]
-        if len(outside):
-            raise PopcornInputError(
-                f"fine census regions {self.fine_regions_path}: unit id(s) outside the imagery "
-                f"extent {self.grid.bounds} ({self.grid.crs}): {_fmt_ids(outside)}. Crop the fine "
-                "units to the imagery."
-            )
-        partial = (inter < 0.99 * area) & (area > 0)
-        if partial.any():
-            log.warning(
-                "%s: fine unit id(s) %s extend beyond the imagery; their predicted sums only "
-                "cover the part inside it", self.fine_regions_path,
-                _fmt_ids(frame.region_id.to_numpy()[partial]),
-            )
+        check_on_imagery(frame, self.grid, self.fine_regions_path, "fine unit",
+                         "Crop the fine units to the imagery.",
+                         "their predicted sums only cover the part inside it")
         log.info("fine census units for the test: %d in %s", len(frame), self.fine_regions_path)
         return len(frame)
 
