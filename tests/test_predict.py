@@ -65,7 +65,8 @@ def _read(path: Path) -> np.ndarray:
         return src.read(1)
 
 
-def test_fast_model_equals_popcorn_forward(setup) -> None:
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_fast_model_equals_popcorn_forward(setup, backend: str) -> None:
     _, _, ckpts = setup
     model, meta = load_popcorn(ckpts[0])
     assert meta["modalities"] == "s1s2"
@@ -74,7 +75,7 @@ def test_fast_model_equals_popcorn_forward(setup) -> None:
     s2 = torch.rand(1, 4, 72, 90) * 3000
     with torch.no_grad():
         ref = model(s1, s2)
-        fast = FastPopcorn(model, threshold=0.0)(s1, s2)
+        fast = FastPopcorn(model, threshold=0.0, backend=backend)(s1, s2)
     for key in ("population", "builtup_score", "occupancy"):
         assert torch.allclose(fast[key], ref[key], atol=1e-5), key
 
