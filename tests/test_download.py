@@ -261,18 +261,25 @@ def _item(server: StacServer, iid: str, collection: str, dt: str, assets: dict, 
     }
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stac")
-    server = StacServer(root).start()
-    grid, _ = dl.make_grid(BBOX)
-    crs = grid.crs
+def _scene_geometry(grid):
+    """Scene rasters cover the grid plus MARGIN m: their 10/20 m shapes and transforms, the
+    grid's offset (r0, c0) in 10 m scene pixels and the crop of the grid out of a 10 m scene."""
     x0, y0 = grid.left - MARGIN, grid.top + MARGIN
     n10 = int(grid.height + 2 * MARGIN / 10), int(grid.width + 2 * MARGIN / 10)
     n20 = n10[0] // 2, n10[1] // 2
     t10, t20 = from_origin(x0, y0, 10, 10), from_origin(x0, y0, 20, 20)
     r0, c0 = int(MARGIN / 10), int(MARGIN / 10)
     crop = (slice(r0, r0 + grid.height), slice(c0, c0 + grid.width))
+    return n10, n20, t10, t20, r0, c0, crop
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stac")
+    server = StacServer(root).start()
+    grid, _ = dl.make_grid(BBOX)
+    crs = grid.crs
+    n10, n20, t10, t20, r0, c0, crop = _scene_geometry(grid)
     rng = np.random.default_rng(0)
 
     s2_summer, s2_valid, s2_scl10 = [], [], []
@@ -670,12 +677,7 @@ def winter(world):
     """The scenes of :data:`_W_SCENES` and their L1C scenes, on the server of ``world``."""
     server, grid = world["server"], world["grid"]
     root = server.root
-    x0, y0 = grid.left - MARGIN, grid.top + MARGIN
-    n10 = int(grid.height + 2 * MARGIN / 10), int(grid.width + 2 * MARGIN / 10)
-    n20 = n10[0] // 2, n10[1] // 2
-    t10, t20 = from_origin(x0, y0, 10, 10), from_origin(x0, y0, 20, 20)
-    r0, c0 = int(MARGIN / 10), int(MARGIN / 10)
-    crop = (slice(r0, r0 + grid.height), slice(c0, c0 + grid.width))
+    n10, n20, t10, t20, r0, c0, crop = _scene_geometry(grid)
     rng = np.random.default_rng(7)
     rb = (np.arange(n10[0]) - r0) // S2C_FACTOR
     cb = (np.arange(n10[1]) - c0) // S2C_FACTOR

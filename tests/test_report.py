@@ -27,15 +27,21 @@ def test_scatter_and_report_from_arrays(tmp_path: Path) -> None:
     assert "<table>" in text and "scatter.png" in text and "| b |" in text
 
 
+def _tiny_world_and_checkpoint(tmp_path: Path):
+    """A 200 px world (12 census regions) and an untrained POPCORN checkpoint."""
+    world = make_synthetic_world(tmp_path / "world", size_px=200, seed=5, n_regions=12)
+    torch.manual_seed(0)
+    task = WeakSupervisionTask(occupancy_bias_init=0.5)
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    return world, ckpt
+
+
 def test_predict_evaluate_report_on_a_tiny_world(tmp_path: Path) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        world = make_synthetic_world(tmp_path / "world", size_px=200, seed=5, n_regions=12)
-        torch.manual_seed(0)
-        task = WeakSupervisionTask(occupancy_bias_init=0.5)
-        ckpt = tmp_path / "m.ckpt"
-        torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+        world, ckpt = _tiny_world_and_checkpoint(tmp_path)
         index = predict_evaluate_report(
             [str(ckpt)], str(world.imagery_dir), tmp_path / "report", seasons=["summer"],
             census=str(world.census_regions), counts=str(world.census_counts), truth=str(world.population_1ha),
@@ -63,11 +69,7 @@ def test_report_against_fine_census_units(tmp_path: Path) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        world = make_synthetic_world(tmp_path / "world", size_px=200, seed=5, n_regions=12)
-        torch.manual_seed(0)
-        task = WeakSupervisionTask(occupancy_bias_init=0.5)
-        ckpt = tmp_path / "m.ckpt"
-        torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+        world, ckpt = _tiny_world_and_checkpoint(tmp_path)
         predict_evaluate_report(
             [str(ckpt)], str(world.imagery_dir), tmp_path / "report", seasons=["summer"],
             census=str(world.census_regions), counts=str(world.census_counts),
