@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from popcorn.cpu_kernels import CPUEngine, load_kernels
 from popcorn.errors import PopcornInputError
 from popcorn.models import Popcorn
-from popcorn.models.unet import PAD, DualStreamUNet, Prepared, _check
+from popcorn.models.unet import PAD, DualStreamUNet, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +257,7 @@ class FastPopcorn(nn.Module):
         assert ref is not None
         if ref.ndim == 4 and min(ref.shape[-2:]) > PAD:
             # the kernels normalise, NaN-fill and reflect-pad the raw inputs themselves
-            if a is not None:
-                _check(a, "s1", 2)
-            if b is not None:
-                _check(b, "s2", 4)
-            if a is not None and b is not None and (a.shape[0], *a.shape[2:]) != (b.shape[0], *b.shape[2:]):
-                raise PopcornInputError(
-                    f"s1 {tuple(a.shape)} and s2 {tuple(b.shape)} must share batch size, height and width.")
+            self.builtup.check_inputs(a, b)
             raw = {k: v for k, v in (("s1", a), ("s2", b)) if v is not None}
             h, w = ref.shape[-2:]
             return engine.run(raw, None, (PAD, PAD, h, w), threshold, self.occupancy_split)

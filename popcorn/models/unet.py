@@ -183,12 +183,8 @@ class DualStreamUNet(nn.Module):
             self.register_buffer(name, torch.tensor(values).view(1, -1, 1, 1), persistent=False)
 
     # -- preprocessing -------------------------------------------------------------------------
-    def prepare(self, s1: Tensor | None, s2: Tensor | None) -> Prepared:
-        """Normalise raw inputs, replace NaN by the band mean (0) and reflect-pad by ``PAD`` px.
-
-        Inputs smaller than ``PAD + 1`` px cannot be reflect-padded by ``PAD``; they are first
-        replicate-padded up to that size (the extra pixels are cropped away again).
-        """
+    def check_inputs(self, s1: Tensor | None, s2: Tensor | None) -> None:
+        """Raise a PopcornInputError unless s1 (B,2,H,W) and/or s2 (B,4,H,W) are given and match."""
         if s1 is None and s2 is None:
             raise PopcornInputError("Give at least one of s1 (VV,VH) and s2 (B02,B03,B04,B08).")
         if s1 is not None:
@@ -199,6 +195,14 @@ class DualStreamUNet(nn.Module):
             raise PopcornInputError(
                 f"s1 {tuple(s1.shape)} and s2 {tuple(s2.shape)} must share batch size, height and width."
             )
+
+    def prepare(self, s1: Tensor | None, s2: Tensor | None) -> Prepared:
+        """Normalise raw inputs, replace NaN by the band mean (0) and reflect-pad by ``PAD`` px.
+
+        Inputs smaller than ``PAD + 1`` px cannot be reflect-padded by ``PAD``; they are first
+        replicate-padded up to that size (the extra pixels are cropped away again).
+        """
+        self.check_inputs(s1, s2)
         ref = s1 if s1 is not None else s2
         assert ref is not None
         h, w = ref.shape[-2:]
