@@ -24,6 +24,15 @@ negative, or text such as "CH0101") the regions are renumbered 1..N in the order
 source ids (numeric order when all are integers); the original id stays in ``source_id`` and
 ``census_report.json`` says so. For the Tunisian masks (code_gov 0..23), region_id = code_gov + 1.
 
+Source ids are stored verbatim: ``source_id`` in ``census_regions.gpkg`` and
+``census_counts.csv`` is the code exactly as the table publishes it (text, surrounding blanks
+removed; "000107" stays "000107"), so the outputs join back to the office's tables. Only
+*matching* normalises: the table and the boundaries (or mask file names) are joined on
+:func:`_norm_id` of their ids, so "000107" in the table joins 107 in a boundary file whose id
+field is an integer. Ids are read as text everywhere (CSV cells as text, XLSX cells as their
+text, or numbers as written without a trailing ".0"; vector fields likewise), never through
+int/float. Without a table, ``source_id`` is the boundary file's id, verbatim.
+
 Weight decay from the difficulty D = S / N (S = mean region area in 1 ha cells, N = regions):
 ``5e-7 x 20 ** round(log10 D)`` snapped to the nearest value of the half-decade series
 {1, 5} x 10^k (in log scale). D of order 1 gives 5e-7 (paper: che D=0.8, pricp2 D=1.5), D of
@@ -129,7 +138,8 @@ def parse_count(value: Any) -> float | None:
 
 @dataclass
 class Table:
-    """A cleaned census table: ``frame`` with ``source_id`` (str), ``count`` (float), ``name``."""
+    """A cleaned census table: ``frame`` with ``source_id`` (str, verbatim as published), ``key``
+    (str, :func:`_norm_id` of it, for matching), ``count`` (float), ``name``."""
 
     frame: pd.DataFrame
     path: str
@@ -164,14 +174,13 @@ def read_table(path: str | os.PathLike[str], id_column: str, count_column: str,
     notes: list[str] = []
     if path.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
         try:
-            raw = pd.read_excel(path, sheet_name=sheet if sheet is not None else 0, dtype=str,
+            raw = pd.read_excel(path, sheet_name=sheet if sheet is not None else 0, dtype=object,
                                 header=None)
         except ImportError as err:
             raise PopcornInputError(f"reading {path} needs openpyxl (pip install openpyxl)") from err
         except Exception as err:
             raise PopcornInputError(f"cannot read census table {path} ({err})") from err
-        rows = [["" if (v is None or (isinstance(v, float) and math.isnan(v))) else str(v)
-                 for v in r] for r in raw.itertuples(index=False)]
+        rows = [[_id_text(v) for v in r] for r in raw.itertuples(index=False)]
         delim = ","
     else:
         text = _decode(path.read_bytes(), path)
@@ -231,7 +240,7 @@ def read_table(path: str | os.PathLike[str], id_column: str, count_column: str,
         if value < 0:
             bad.append(f"line {lineno} (id {rid}): negative {raw_count!r}")
             continue
-        records.append({"source_id": _norm_id(rid), "count": value,
+        records.append({"source_id": rid, "key": _norm_id(rid), "count": value,
                         "name": get(nc) if nc is not None else ""})
     if bad:
         raise PopcornInputError(
@@ -244,10 +253,11 @@ def read_table(path: str | os.PathLike[str], id_column: str, count_column: str,
     if not records:
         raise PopcornInputError(f"{path}: no data row with an id and a count")
     frame = pd.DataFrame(records)
-    dup = frame.source_id[frame.source_id.duplicated()].unique().tolist()
+    dup = frame.source_id[frame.key.duplicated(keep=False)].tolist()
     if dup:
         raise PopcornInputError(
-            f"{path}: duplicate ids in column {id_column!r}: {_fmt(dup)}; each region must appear once"
+            f"{path}: duplicate ids in column {id_column!r}: {_fmt(dup)} (ids are compared as text, "
+            "integers without leading zeros); each region must appear once"
         )
     if repaired:
         notes.append(f"{path}: repaired mis-encoded text (UTF-8 read as cp1252) in {repaired} cell(s)")
@@ -256,11 +266,36 @@ def read_table(path: str | os.PathLike[str], id_column: str, count_column: str,
     return Table(frame, str(path), notes)
 
 
+def _id_text(value: Any) -> str:
+    """A cell or field as the text it was published as, for storage: text is kept (surrounding
+    blanks removed), so "000107" stays "000107"; a number (an XLSX numeric cell, an integer or
+    real vector field) is written as it reads, integral values without ".0" (107.0 -> "107");
+    missing -> "". Never through int/float for text."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return ""
+        if math.isfinite(value) and float(value).is_integer():
+            return str(int(value))
+        return repr(float(value))
+    return str(value).strip()
+
+
 def _norm_id(value: Any) -> str:
-    """Ids compared as text; ``"7"``, ``7``, ``7.0`` and ``"007"`` are the same id."""
-    text = str(value).strip()
-    if re.fullmatch(r"[+-]?\d+(\.0+)?", text):
-        return str(int(float(text)))
+    """The matching key of an id (never stored): ``"7"``, ``7``, ``7.0``, ``"007"`` and
+    ``"+7"`` are the same id; other text is compared as it is."""
+    text = _id_text(value)
+    m = re.fullmatch(r"([+-]?)(\d+)(\.0+)?", text)
+    if m:
+        digits = m.group(2).lstrip("0") or "0"
+        return ("-" if m.group(1) == "-" and digits != "0" else "") + digits
     return text
 
 
@@ -300,7 +335,10 @@ def grid_from_bounds(crs: str, bounds: Sequence[float], res: float) -> Grid:
 
 # ============================================================================ boundaries
 def read_boundaries(path: str | os.PathLike[str], id_column: str, layer: str | None = None):  # noqa: ANN201
-    """Read a boundary file: GeoDataFrame with ``source_id`` (str) and the geometry."""
+    """Read a boundary file: GeoDataFrame with ``source_id`` (str, the id field verbatim: a text
+    field as written, a numeric one without ".0"), ``key`` (:func:`_norm_id`, for matching) and
+    the geometry. Text id fields are read as text (``columns`` typed by the file), never
+    converted to numbers."""
     import geopandas as gpd
 
     path = Path(path)
@@ -317,18 +355,27 @@ def read_boundaries(path: str | os.PathLike[str], id_column: str, layer: str | N
             f"{path}: id column {id_column!r} not found; columns: "
             f"{[c for c in gdf.columns if c != 'geometry']}. Set --id-column / --boundary-id-column."
         )
-    ids = gdf[id_column].map(_norm_id)
-    dup = ids[ids.duplicated()].unique().tolist()
+    ids = gdf[id_column].map(_id_text)
+    missing = (ids == "").to_numpy()
+    if missing.any():
+        raise PopcornInputError(
+            f"{path}: {int(missing.sum())} feature(s) without an id in column {id_column!r} (row(s) "
+            f"{_fmt((np.flatnonzero(missing) + 1).tolist())}); give every region its code"
+        )
+    keys = ids.map(_norm_id)
+    dup = ids[keys.duplicated(keep=False)].unique().tolist()
     if dup:
         raise PopcornInputError(
-            f"{path}: duplicate ids in column {id_column!r}: {_fmt(dup)}. Dissolve multi-part "
-            "regions into one row (e.g. geopandas dissolve) or fix the ids."
+            f"{path}: duplicate ids in column {id_column!r}: {_fmt(dup)} (compared as text, integers "
+            "without leading zeros). Dissolve multi-part regions into one row (e.g. geopandas "
+            "dissolve) or fix the ids."
         )
     empty = gdf.geometry.isna() | gdf.geometry.is_empty
     if empty.any():
         raise PopcornInputError(f"{path}: empty geometry for id(s) {_fmt(ids[empty].tolist())}")
-    out = gpd.GeoDataFrame({"source_id": ids.to_numpy()}, geometry=gdf.geometry.to_numpy(), crs=gdf.crs)
-    extra = [c for c in gdf.columns if c not in ("geometry", id_column, "source_id")]
+    out = gpd.GeoDataFrame({"source_id": ids.to_numpy(), "key": keys.to_numpy()},
+                           geometry=gdf.geometry.to_numpy(), crs=gdf.crs)
+    extra = [c for c in gdf.columns if c not in ("geometry", id_column, "source_id", "key")]
     for c in extra:
         out[c] = gdf[c].to_numpy()
     return out
@@ -602,10 +649,11 @@ def prepare(boundaries: str, table: str | None, id_column: str, count_column: st
         bad = [f"id {i}: {v!r}" for i, v, p in zip(gdf.source_id, gdf[count_column], vals, strict=True) if p is None or p < 0]
         if bad:
             raise PopcornInputError(f"{boundaries}: column {count_column!r} must hold non-negative numbers; bad: {'; '.join(bad[:_MAX_LIST])}")
-        counts = pd.DataFrame({"source_id": gdf.source_id, "count": vals,
+        counts = pd.DataFrame({"source_id": gdf.source_id, "key": gdf.key, "count": vals,
                                "name": gdf[name_column].astype(str) if name_column else ""})
-    no_poly = sorted(set(counts.source_id) - set(gdf.source_id))
-    no_count = sorted(set(gdf.source_id) - set(counts.source_id))
+    table_keys, boundary_keys = set(counts.key), set(gdf.key)
+    no_poly = sorted(counts.source_id[~counts.key.isin(boundary_keys)])
+    no_count = sorted(gdf.source_id[~gdf.key.isin(table_keys)])
     if (no_poly or no_count) and not drop_unmatched:
         parts = []
         if no_poly:
@@ -620,9 +668,19 @@ def prepare(boundaries: str, table: str | None, id_column: str, count_column: st
         note = f"dropped unmatched ids: without polygon {_fmt(no_poly)}; without count {_fmt(no_count)}"
         log.warning(note)
         notes.append(note)
-    merged = gdf.merge(counts, on="source_id", how="inner", suffixes=("_boundary", ""))
+    # join on the matching key; keep the table's code verbatim (the office's tables join back)
+    merged = gdf.merge(counts, on="key", how="inner", suffixes=("_boundary", ""))
     if "name" not in merged.columns:
         merged["name"] = ""
+    differ = merged.source_id != merged.source_id_boundary
+    if differ.any():
+        pairs = [f"{a!r}={b!r}" for a, b in zip(merged.source_id[differ], merged.source_id_boundary[differ],
+                                                strict=True)]
+        note = (f"{int(differ.sum())} id(s) written differently in {table} and {boundaries} were "
+                f"matched as the same integer (table=boundary): {_fmt(pairs)}; source_id keeps the "
+                "table's code")
+        log.info(note)
+        notes.append(note)
     merged = gpd.GeoDataFrame(merged, geometry="geometry", crs=gdf.crs)
     work_crs = grid.crs if grid is not None else merged.estimate_utm_crs()
     merged = merged.to_crs(work_crs)
@@ -655,7 +713,7 @@ def find_masks(masks: str, id_regex: str = r"(\d+)(?=\D*$)") -> list[tuple[str, 
         m = rx.search(f.stem)
         if not m:
             raise PopcornInputError(f"mask {f}: no region id in the file name (pattern {id_regex!r})")
-        sid = _norm_id(m.group(1))
+        sid = _norm_id(m.group(1))  # a matching key: the code stored is the table's
         if sid in seen:
             raise PopcornInputError(f"masks {seen[sid]} and {f} have the same region id {sid}")
         seen[sid] = f
@@ -764,8 +822,8 @@ def prepare_masks(masks: str, table: str, id_column: str, count_column: str,
     tab = read_table(table, id_column, count_column, name_column, sheet)
     notes = list(tab.notes)
     mask_ids = [s for s, _ in files]
-    no_mask = sorted(set(tab.frame.source_id) - set(mask_ids), key=lambda s: (len(s), s))
-    no_count = sorted(set(mask_ids) - set(tab.frame.source_id), key=lambda s: (len(s), s))
+    no_mask = sorted(tab.frame.source_id[~tab.frame.key.isin(set(mask_ids))], key=lambda s: (len(s), s))
+    no_count = sorted(set(mask_ids) - set(tab.frame.key), key=lambda s: (len(s), s))
     if no_mask or no_count:
         parts = []
         if no_mask:
@@ -779,10 +837,11 @@ def prepare_masks(masks: str, table: str, id_column: str, count_column: str,
     lut = np.concatenate([[0], rid]).astype(np.int32)
     id_raster = lut[labels]
     geoms = polygonize(id_raster, mgrid, rid.tolist())
-    counts = tab.frame.set_index("source_id")
+    counts = tab.frame.set_index("key")
     regions = gpd.GeoDataFrame(
         {"region_id": rid, "count": [float(counts.loc[s, "count"]) for s in mask_ids],
-         "source_id": mask_ids, "name": [counts.loc[s, "name"] for s in mask_ids]},
+         "source_id": [counts.loc[s, "source_id"] for s in mask_ids],
+         "name": [counts.loc[s, "name"] for s in mask_ids]},
         geometry=geoms.to_numpy(), crs=mgrid.crs,
     )
     report = {"command": "masks", "masks": masks, "table": table, "id_mapping": how,
@@ -982,7 +1041,7 @@ def read_prepared(regions: str, counts: str | None):  # noqa: ANN201
         raise PopcornInputError(f"{path}: no region_id column; run `python -m popcorn.census prepare` first")
     if counts is not None:
         tab = read_table(counts, "region_id", "count")
-        lookup = dict(zip(tab.frame.source_id, tab.frame["count"], strict=True))
+        lookup = dict(zip(tab.frame.key, tab.frame["count"], strict=True))
         missing = [i for i in gdf.region_id.map(_norm_id) if i not in lookup]
         if missing:
             raise PopcornInputError(f"{counts}: no count for region id(s) {_fmt(missing)}")

@@ -5,8 +5,9 @@ POPCORN paper on one UTM 10 m grid and writes them as the files the S1/S2 datase
 
     <out>/S2_<season>.tif   4 bands uint16 B02 B03 B04 B08 (reflectance x 1e4), nodata 0:
                             per-pixel median of the cloud/shadow-free observations
-    <out>/S1_<season>.tif   2 bands float32 VV VH in dB, nodata NaN: per-pixel mean in linear
-                            power of every observation (both orbits by default), then 10 log10
+    <out>/S1_<season>.tif   2 bands float32 VV VH in dB, nodata NaN: per-pixel median of the
+                            dB values of the descending-orbit observations (by default, as
+                            the reference; ``--s1-statistic``, ``--s1-orbit``)
 
 Seasons of year Y (``--year``, paper: 2020): spring Y-03-01..05-31, summer 06-01..08-31,
 autumn 09-01..11-30, winter Y-12-01..(Y+1)-02-28/29.
@@ -29,6 +30,15 @@ An interrupted run resumes: finished chunks and finished final files are reused 
 chunk folder name pins every setting that changes the pixels). Searches and chunks are retried
 on transient errors (HTTP 5xx/429, connection resets, GDAL read errors) with exponential
 back-off; GDAL also retries single HTTP requests.
+
+Sentinel-1 (as the reference implementation, prs-eth/Popcorn ``utils/01_download_gee_country.py``,
+whose composites the built-up extractor's S1 normalisation comes from): Earth Engine's
+``COPERNICUS/S1_GRD`` (already in dB), IW mode with VV and VH, **descending passes only**,
+per-pixel **median** over the season; the ascending median is exported separately and used by
+the reference only to fill regions without descending coverage (Uganda). ``--s1-orbit`` (default
+``descending``) and ``--s1-statistic`` (default ``median_db``; ``mean_db``: mean of the dB
+values; ``mean_linear``: mean in linear power, then dB -- the previous default, with
+``--s1-orbit both``) select the orbit and statistic; see :func:`s1_composite`.
 
 Cloud masking (S2): ``--cloud-mask scl`` (default) drops the Sen2Cor scene-classification
 classes ``--scl-mask`` (default 0 no data, 1 saturated/defective, 3 cloud shadow, 8/9 cloud
@@ -96,6 +106,10 @@ S2_BANDS = ("B02", "B03", "B04", "B08")
 S1_BANDS = ("VV", "VH")
 DEFAULT_S2_ASSETS = ("B02", "B03", "B04", "B08", "SCL")
 DEFAULT_S1_ASSETS = ("vv", "vh")
+S1_STATISTICS = ("median_db", "mean_db", "mean_linear")
+S1_ORBITS = ("descending", "ascending", "both")
+DEFAULT_S1_STATISTIC = "median_db"  # the reference: ee.ImageCollection('COPERNICUS/S1_GRD').median(), dB
+DEFAULT_S1_ORBIT = "descending"  # the reference: orbitProperties_pass == 'DESCENDING'
 DEFAULT_SCL_MASK = (0, 1, 3, 8, 9, 10)
 S2CLOUDLESS_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
 DEFAULT_L1C_COLLECTION = "sentinel-2-l1c"
@@ -310,7 +324,8 @@ class DownloadConfig:
     s2_assets: tuple[str, ...] = DEFAULT_S2_ASSETS
     s1_assets: tuple[str, ...] = DEFAULT_S1_ASSETS
     s1_units: str = "auto"
-    s1_orbit: str = "both"
+    s1_orbit: str = DEFAULT_S1_ORBIT
+    s1_statistic: str = DEFAULT_S1_STATISTIC
     cloud_mask: str = "scl"
     scl_mask: tuple[int, ...] = DEFAULT_SCL_MASK
     cloud_probability: float = 0.6
@@ -374,8 +389,12 @@ class DownloadConfig:
                 raise PopcornInputError("--s2cloudless-average and --s2cloudless-dilation must be >= 0")
         if self.s1_units not in ("auto", "linear", "db"):
             raise PopcornInputError(f"--s1-units must be auto, linear or db, got {self.s1_units!r}")
-        if self.s1_orbit not in ("both", "ascending", "descending"):
-            raise PopcornInputError(f"--s1-orbit must be both, ascending or descending, got {self.s1_orbit!r}")
+        if self.s1_orbit not in S1_ORBITS:
+            raise PopcornInputError(f"--s1-orbit must be one of {', '.join(S1_ORBITS)}, got {self.s1_orbit!r}")
+        if self.s1_statistic not in S1_STATISTICS:
+            raise PopcornInputError(
+                f"--s1-statistic must be one of {', '.join(S1_STATISTICS)}, got {self.s1_statistic!r}"
+            )
         if self.memory_gb <= 0:
             raise PopcornInputError(f"--memory-gb must be positive, got {self.memory_gb}")
         if self.chunk_size is not None and self.chunk_size < 16:
@@ -508,7 +527,7 @@ def filter_items(items: Sequence[Any], sensor: str, cfg: DownloadConfig) -> tupl
     needed = list(assets)
     if sensor == "s2" and cfg.cloud_mask == "s2cloudless":
         needed = list(assets[:4])
-    missing_assets = cloudy = orbit = 0
+    missing_assets = cloudy = orbit = no_orbit = 0
     for it in items:
         if any(a not in it.assets for a in needed):
             missing_assets += 1
@@ -520,6 +539,9 @@ def filter_items(items: Sequence[Any], sensor: str, cfg: DownloadConfig) -> tupl
                 continue
         if sensor == "s1" and cfg.s1_orbit != "both":
             state = str(it.properties.get("sat:orbit_state", "")).lower()
+            if not state:
+                no_orbit += 1
+                continue
             if state != cfg.s1_orbit:
                 orbit += 1
                 continue
@@ -529,7 +551,10 @@ def filter_items(items: Sequence[Any], sensor: str, cfg: DownloadConfig) -> tupl
     if cloudy:
         notes.append(f"{cloudy} item(s) above --max-cloud-cover {cfg.max_cloud_cover}")
     if orbit:
-        notes.append(f"{orbit} item(s) not in orbit {cfg.s1_orbit}")
+        notes.append(f"{orbit} item(s) not in orbit {cfg.s1_orbit} (--s1-orbit)")
+    if no_orbit:
+        notes.append(f"{no_orbit} item(s) without sat:orbit_state, needed by --s1-orbit {cfg.s1_orbit} "
+                     "(use --s1-orbit both for this collection)")
     return keep, notes
 
 
@@ -818,22 +843,53 @@ def _fuse_days(data: np.ndarray, valid: np.ndarray, days: list[Any]) -> np.ndarr
     return np.stack(out)
 
 
-def s1_mean_db(bands: np.ndarray, linear_input: bool = True) -> np.ndarray:
-    """Mean composite in dB: ``bands`` (T, 2, H, W) float32 (NaN / <= 0 = nodata when linear).
+def s1_composite(bands: np.ndarray, statistic: str = DEFAULT_S1_STATISTIC,
+                 linear_input: bool = True) -> np.ndarray:
+    """Seasonal S1 composite in dB of ``bands`` (T, 2, H, W); NaN where no observation.
 
-    The mean is taken in linear power, then converted to dB; NaN where no observation."""
+    Input values are linear power when ``linear_input`` (NaN, inf and values <= 0 are no data:
+    their dB is undefined), else dB (NaN / inf are no data). ``statistic``:
+
+    - ``median_db`` (default, the reference's): per-pixel median of the dB values; with an even
+      number of observations the mean of the two middle ones (numpy's median);
+    - ``mean_db``: per-pixel mean of the dB values (the geometric mean of the power);
+    - ``mean_linear``: mean of the linear power, then 10 log10 (weights bright outliers --
+      double bounce, moving targets -- more than the two above).
+
+    Why it matters: the published built-up extractor normalises S1 with statistics of the
+    reference's composites (median of dB, descending passes); a different statistic shifts the
+    inputs it sees (the linear mean is >= the dB mean by Jensen's inequality).
+    """
+    if statistic not in S1_STATISTICS:
+        raise PopcornInputError(f"S1 statistic must be one of {', '.join(S1_STATISTICS)}, got {statistic!r}")
     data = bands.astype(np.float64)
-    if not linear_input:
-        data = np.power(10.0, data / 10.0)
-    data[~np.isfinite(data) | (data <= 0)] = np.nan
+    if linear_input:
+        data[~np.isfinite(data) | (data <= 0)] = np.nan
+    else:
+        data[~np.isfinite(data)] = np.nan
     out = np.full(bands.shape[1:], np.nan, np.float32)
     if data.shape[0] == 0:
         return out
     n = np.sum(np.isfinite(data), axis=0)
-    total = np.nansum(data, axis=0)
     ok = n > 0
-    out[ok] = (10.0 * np.log10(total[ok] / n[ok])).astype(np.float32)
+    if not ok.any():
+        return out
+    if statistic == "mean_linear":
+        power = data if linear_input else np.power(10.0, data / 10.0)
+        out[ok] = (10.0 * np.log10(np.nansum(power, axis=0)[ok] / n[ok])).astype(np.float32)
+        return out
+    db = 10.0 * np.log10(data) if linear_input else data
+    if statistic == "mean_db":
+        out[ok] = (np.nansum(db, axis=0)[ok] / n[ok]).astype(np.float32)
+    else:
+        out[ok] = np.nanmedian(db[:, ok], axis=0).astype(np.float32)
     return out
+
+
+def s1_mean_db(bands: np.ndarray, linear_input: bool = True) -> np.ndarray:
+    """Mean in linear power, then dB: ``s1_composite(bands, "mean_linear", linear_input)``
+    (kept for callers of the previous default)."""
+    return s1_composite(bands, "mean_linear", linear_input)
 
 
 def _import_s2cloudless() -> Any:
@@ -1003,7 +1059,7 @@ def composite_chunk(items: Sequence[Any], sensor: str, grid: Grid, rows: slice, 
         return s2_median(bands, scl, cfg.scl_mask, None, dil, offsets=[g[1] for g in groups],
                          days=[g[0] for g in groups])
     bands = np.stack([ds[a].values for a in assets], axis=1)
-    return s1_mean_db(bands, cfg.s1_linear_input())
+    return s1_composite(bands, cfg.s1_statistic, cfg.s1_linear_input())
 
 
 # ---------------------------------------------------------------------------- files
@@ -1066,7 +1122,7 @@ def _settings_hash(cfg: DownloadConfig, sensor: str, season: str, grid: Grid, si
                         s2c=(cfg.s2cloudless_res, cfg.s2cloudless_average, cfg.s2cloudless_dilation))
     else:
         keys.update(collection=cfg.s1_collection, assets=cfg.s1_assets, units=cfg.s1_units,
-                    orbit=cfg.s1_orbit)
+                    orbit=cfg.s1_orbit, statistic=cfg.s1_statistic)
     return hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -1166,7 +1222,7 @@ def plan_download(cfg: DownloadConfig) -> tuple[Grid, list[Plan], str | None, An
                 raise PopcornInputError(
                     f"no usable {collection!r} scene at {cfg.stac_url} for {season} {cfg.year} "
                     f"({start}..{end}) in the bbox {tuple(round(v, 5) for v in search_box)}{why}. "
-                    "Check the area, the year, the collection and --max-cloud-cover."
+                    "Check the area, the year, the collection, --max-cloud-cover and (S1) --s1-orbit."
                 )
             l1c = None
             nb = 4 if sensor == "s2" else 2
@@ -1239,6 +1295,10 @@ def print_plan(grid: Grid, plans: Sequence[Plan], size: int, file: Any = None) -
           f"(less once deflated), estimated download {_fmt_bytes(total_dl)}", file=file)
 
 
+_S1_TAG = {"median_db": "median of dB", "mean_db": "mean of dB",
+           "mean_linear": "mean of linear power, in dB"}
+
+
 def run(cfg: DownloadConfig) -> list[Path]:
     """Plan, then build every missing composite (or only print the plan with ``dry_run``)."""
     grid, plans, _, _ = plan_download(cfg)
@@ -1290,8 +1350,10 @@ def run(cfg: DownloadConfig) -> list[Path]:
             tags = {
                 "season": p.season, "period": f"{start}/{end}", "collection": p.collection,
                 "stac_url": cfg.stac_url, "scenes": str(len(p.items)),
-                "composite": "median, clouds masked" if p.sensor == "s2" else "mean of linear power, in dB",
+                "composite": "median, clouds masked" if p.sensor == "s2" else _S1_TAG[cfg.s1_statistic],
             }
+            if p.sensor == "s1":
+                tags["orbit"] = cfg.s1_orbit
             if p.sensor == "s2" and cfg.cloud_mask == "s2cloudless":
                 tags["cloud_mask"] = (
                     f"s2cloudless p > {cfg.cloud_probability:g} at {cfg.s2cloudless_res:g} m (average_over "
@@ -1321,8 +1383,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m popcorn.download",
         description=(
             "Download Sentinel-1/2 scenes from a STAC API and build the four seasonal composites "
-            "of POPCORN (S2 cloud-free median of B02 B03 B04 B08, S1 mean of VV VH in dB) on one "
-            "UTM 10 m grid, as S2_<season>.tif / S1_<season>.tif in --out. Resumable: run the "
+            "of POPCORN (S2 cloud-free median of B02 B03 B04 B08, S1 median of VV VH in dB over descending passes, "
+            "as the reference implementation) on one UTM 10 m grid, as S2_<season>.tif / S1_<season>.tif in --out. Resumable: run the "
             "same command again after an interruption."
         ),
         epilog=(
@@ -1365,7 +1427,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--l1c-assets", nargs=10, default=list(S2CLOUDLESS_BANDS), metavar=S2CLOUDLESS_BANDS, help="asset keys of the L1C bands B01 B02 B04 B05 B08 B8A B09 B10 B11 B12 (Earth Search: coastal blue red rededge1 nir nir08 nir09 cirrus swir16 swir22)")
     comp.add_argument("--mask-dilation", type=float, default=0.0, help="grow the cloud mask by this many metres (paper with s2cloudless: 60)")
     comp.add_argument("--max-cloud-cover", type=float, default=100.0, help="skip S2 scenes whose eo:cloud_cover exceeds this %% (default: keep all)")
-    comp.add_argument("--s1-orbit", default="both", choices=("both", "ascending", "descending"), help="S1 orbit direction(s) averaged (default both)")
+    comp.add_argument("--s1-orbit", default=DEFAULT_S1_ORBIT, choices=S1_ORBITS, help="S1 passes composited (default %(default)s, as the reference's export script; ascending or both where descending passes do not cover the area)")
+    comp.add_argument("--s1-statistic", default=DEFAULT_S1_STATISTIC, choices=S1_STATISTICS, help="S1 per-pixel statistic: median_db (default, as the reference: median of the dB values), mean_db (mean of the dB values), mean_linear (mean of linear power, then dB)")
     comp.add_argument("--resampling", default="nearest", help="resampling onto the grid (nearest, bilinear, ...; SCL always nearest)")
     run_ = p.add_argument_group("running")
     run_.add_argument("--memory-gb", type=float, default=4.0, help="memory budget; the chunk size follows from it (default 4)")
@@ -1386,7 +1449,7 @@ def config_from_args(ns: argparse.Namespace) -> DownloadConfig:
         seasons=tuple(ns.seasons), sensors=tuple(ns.sensors), stac_url=ns.stac_url,
         s2_collection=ns.s2_collection, s1_collection=ns.s1_collection,
         s2_assets=tuple(ns.s2_assets), s1_assets=tuple(ns.s1_assets), s1_units=ns.s1_units,
-        s1_orbit=ns.s1_orbit, cloud_mask=ns.cloud_mask, scl_mask=tuple(ns.scl_mask),
+        s1_orbit=ns.s1_orbit, s1_statistic=ns.s1_statistic, cloud_mask=ns.cloud_mask, scl_mask=tuple(ns.scl_mask),
         cloud_probability=ns.cloud_probability, mask_dilation=ns.mask_dilation,
         l1c_collection=ns.l1c_collection, l1c_stac_url=ns.l1c_stac_url,
         l1c_assets=tuple(ns.l1c_assets), s2cloudless_res=ns.s2cloudless_res,

@@ -8,7 +8,9 @@ Examples::
 
 When ``model.builtup_weights`` is empty, the built-up extractor is first pretrained on the
 data module's built-up labels (``builtup_pretraining.*``); its export is cached and reused.
-After ``fit`` the best checkpoint is predicted, evaluated at 1 ha and reported
+Protocol (the paper's, default): train on every census region and keep the last epoch;
+``--data.init_args.val_fraction=0.1 --checkpoint.monitor=val/loss`` holds regions out and keeps
+the best validation checkpoint instead. After ``fit`` that checkpoint is predicted, evaluated at 1 ha and reported
 (``<log_dir>/report/``; ``--test_after_fit false`` to skip).
 """
 
@@ -18,6 +20,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
@@ -28,6 +31,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from popcorn.datamodules import BuiltUpDataModule, CensusDataModule
+from popcorn.errors import PopcornInputError
 from popcorn.tasks import BuiltUpTask, WeakSupervisionTask
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -35,16 +39,38 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 @dataclass
 class BuiltUpPretraining:
-    """Settings of the built-up pretraining run used when no built-up weights are given."""
+    """Settings of the built-up pretraining run used when no built-up weights are given.
+
+    Without a source (``source_world_seed`` / ``source_imagery``), the extractor learns from the
+    data module's own built-up labels. With one, it learns as Hafner et al. (2022): BCE on the
+    source's labels plus the S1/S2 consistency loss on the data module's imagery as unlabelled
+    target (``adapt``), whose labels are then never read.
+    """
 
     max_epochs: int = 10
     """Epochs of BuiltUpTask training."""
     batches_per_epoch: int = 50
-    """Random crops per epoch = batches_per_epoch x batch_size."""
+    """Random crops per epoch = batches_per_epoch x batch_size (source; as many target batches)."""
     batch_size: int = 8
+    """Source patches per batch."""
+    target_batch_size: int | None = None
+    """Unlabelled target patches per batch; default batch_size."""
     patch_size: int = 128
     """Crop side in 10 m pixels."""
     lr: float = 1e-3
+    consistency_weight: float = 0.5
+    """Weight of the S1/S2 consistency loss on the target (0.5 as Hafner et al.)."""
+    source_world_seed: int | None = None
+    """Labelled source = the synthetic world of this seed (generated under the data module's
+    ``root``, default data/synthetic), instead of the data module's own labels."""
+    source_world_size_px: int = 600
+    source_domain_shift: str | None = "other_continent"
+    """Look of the source world (a preset of popcorn.datamodules.domain_shift; null = default)."""
+    source_imagery: str | None = None
+    """Labelled source = this imagery folder (with ``source_labels``, a built-up fraction raster)."""
+    source_labels: str | None = None
+    adapt: bool = True
+    """With a source: adapt to the data module's imagery (unlabelled target, consistency loss)."""
     output: str | None = None
     """Where the exported extractor goes; default ``<trainer.default_root_dir>/builtup/builtup_extractor.pt``.
     An existing file is reused; an interrupted run resumes from its last checkpoint."""
@@ -62,7 +88,10 @@ class PopcornCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/loss",
+                # The paper's protocol: train on every census region and keep the last epoch
+                # (last.ckpt). --checkpoint.monitor=val/loss (with data.val_fraction > 0) keeps
+                # the best validation checkpoint instead.
+                "checkpoint.monitor": None,
                 "checkpoint.mode": "min",
                 "checkpoint.save_last": False,
                 "checkpoint.filename": "best-{epoch:03d}",
@@ -73,6 +102,22 @@ class PopcornCLI(LightningCLI):
                 "trainer.logger": lazy_instance(CSVLogger, save_dir="runs", name="popcorn"),
             }
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, without the selection checkpoint when nothing is monitored.
+
+        With ``checkpoint.monitor: null`` (the paper's protocol) the model is the last epoch's,
+        which ``last.ckpt`` (written every epoch) already holds; a second unmonitored
+        ModelCheckpoint would clash with it.
+        """
+        monitor = self._get(self.config, "checkpoint.monitor", default=None)
+        if monitor is None:
+            parser = self._parser(self.subcommand)
+            callbacks = [self._get(self.config_init, key) for key in parser.callback_keys
+                         if key != "checkpoint"]
+            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            return self._instantiate_trainer(trainer_config, callbacks)
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         model = self.model
@@ -94,10 +139,7 @@ class PopcornCLI(LightningCLI):
             return
         if self.trainer.interrupted or not self.trainer.is_global_zero:
             return
-        monitored = [cb for cb in self.trainer.checkpoint_callbacks if cb.monitor and cb.best_model_path]
-        path = monitored[0].best_model_path if monitored else ""
-        if not path and self.trainer.checkpoint_callback is not None:
-            path = self.trainer.checkpoint_callback.last_model_path
+        path = selected_checkpoint(self.trainer)
         dm = self.datamodule
         if not path or not hasattr(dm, "imagery_root"):
             return
@@ -117,21 +159,56 @@ class PopcornCLI(LightningCLI):
         )
 
 
+def _builtup_source(datamodule: CensusDataModule, settings: BuiltUpPretraining) -> tuple[str, str] | None:
+    """(imagery folder, built-up labels) of the labelled source, None = the data module's own."""
+    if settings.source_imagery is not None or settings.source_labels is not None:
+        if settings.source_imagery is None or settings.source_labels is None:
+            raise PopcornInputError(
+                "builtup_pretraining: give both source_imagery and source_labels (or neither)"
+            )
+        return settings.source_imagery, settings.source_labels
+    if settings.source_world_seed is None:
+        return None
+    from popcorn.datamodules.synthetic import make_synthetic_world, world_dir
+
+    root = getattr(datamodule, "root", "data/synthetic")
+    size, seed = settings.source_world_size_px, settings.source_world_seed
+    shift = settings.source_domain_shift
+    directory = world_dir(root, size, seed, shift)
+    if directory == Path(datamodule.imagery_root):
+        raise PopcornInputError(
+            f"builtup_pretraining: the source world {directory} is the data module's own world; "
+            "pick another source_world_seed or domain shift"
+        )
+    if not (directory / "world.json").exists():
+        make_synthetic_world(root, size_px=size, seed=seed, n_regions=20, domain_shift=shift)
+    return str(directory), str(directory / "builtup_fraction.tif")
+
+
 def pretrain_builtup(datamodule: CensusDataModule, settings: BuiltUpPretraining, trainer: Trainer) -> Path:
-    """Train the built-up extractor on the data module's built-up labels, or reuse its export."""
+    """Train the built-up extractor (see :class:`BuiltUpPretraining`), or reuse its export."""
     root = Path(trainer.default_root_dir) / "builtup"
     output = Path(settings.output) if settings.output else root / "builtup_extractor.pt"
     if output.exists():
         rank_zero_info(f"using the pretrained built-up extractor {output}")
         return output
     datamodule.prepare_data()
-    builtup_data = BuiltUpDataModule.from_census_datamodule(
-        datamodule,
+    sizes = dict(
         patch_size=settings.patch_size,
         batch_size=settings.batch_size,
+        target_batch_size=settings.target_batch_size,
         batches_per_epoch=settings.batches_per_epoch,
     )
-    task = BuiltUpTask(lr=settings.lr)
+    source = _builtup_source(datamodule, settings)
+    if source is None:  # the data module's own labels
+        builtup_data = BuiltUpDataModule.from_census_datamodule(datamodule, **sizes)
+    elif settings.adapt:  # labelled source + the data module's imagery, no labels
+        builtup_data = BuiltUpDataModule.from_census_datamodule(
+            datamodule, adapt_to_imagery=True, imagery_root=source[0], builtup_labels=source[1], **sizes
+        )
+    else:
+        builtup_data = BuiltUpDataModule(source[0], source[1], seasons=datamodule.seasons, **sizes)
+    task = BuiltUpTask(lr=settings.lr, consistency_weight=settings.consistency_weight)
     checkpoints = root / "checkpoints"
     last = checkpoints / "last.ckpt"
     pretrainer = Trainer(
@@ -151,6 +228,16 @@ def pretrain_builtup(datamodule: CensusDataModule, settings: BuiltUpPretraining,
     pretrainer.fit(task, datamodule=builtup_data, ckpt_path=str(last) if last.exists() else None)
     task.export_extractor(output)
     return output
+
+
+def selected_checkpoint(trainer: Trainer) -> str:
+    """The checkpoint a finished fit stands for: the best monitored one, else the last epoch's."""
+    callbacks = trainer.checkpoint_callbacks
+    monitored = [cb for cb in callbacks if cb.monitor and cb.best_model_path]
+    if monitored:
+        return monitored[0].best_model_path
+    last = [cb for cb in callbacks if cb.monitor is None and cb.best_model_path]
+    return last[0].best_model_path if last else ""
 
 
 def last_checkpoint() -> ModelCheckpoint:

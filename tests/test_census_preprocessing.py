@@ -20,9 +20,8 @@ from popcorn.errors import PopcornInputError
 
 from conftest import CRS_UTM, REGIONS, pixel_box
 
+# shared data lives beside the project root (../shared), as in the other test files
 TUNISIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tunisia"
-if not TUNISIA.exists():
-    TUNISIA = Path("/work/shared/data/tunisia")
 TUNISIA_TOTAL = 11_726_178
 
 
@@ -119,6 +118,102 @@ def test_prepare_vector_and_table_loads_in_datamodule(tiny_world, tmp_path):
     assert dm.census_regions.counts == {k: 100.0 * k for k in REGIONS}
     with rasterio.open(out / "region_ids.tif") as src:
         np.testing.assert_array_equal(src.read(1), dm.census_regions.id_raster)
+
+
+def test_codes_with_leading_zeros_are_kept_verbatim(tiny_world, tmp_path):
+    """Codes published as text with leading zeros ("000107") are written as published in
+    census_regions.gpkg and census_counts.csv (issue 11), so the outputs join back to the
+    office's table; matching alone normalises them (a boundary file whose id field is an
+    integer 107 joins the table's "000107")."""
+    codes = {k: f"{100 + k:06d}" for k in REGIONS}  # "000101" .. "000105"
+    table = tmp_path / "counts.csv"
+    table.write_text("code;population;name\n" + "".join(f"{codes[k]};{100 * k};n{k}\n" for k in REGIONS))
+    ref = str(tiny_world / "S2_spring.tif")
+
+    def outputs(out):
+        with_text = pd.read_csv(out / "census_counts.csv", dtype=str)
+        gpkg = gpd.read_file(out / "census_regions.gpkg")
+        return with_text, gpkg
+
+    # 1. text codes in the boundaries (GeoPackage) and in the table
+    b = tmp_path / "b.gpkg"
+    regions_frame(codes).to_file(b)
+    out = tmp_path / "out1"
+    cz.run(["prepare", "--boundaries", str(b), "--table", str(table), "--id-column", "code",
+            "--count-column", "population", "--name-column", "name", "--reference", ref, "--out", str(out)])
+    csv_, gpkg = outputs(out)
+    assert csv_.source_id.tolist() == [codes[k] for k in REGIONS]
+    assert gpkg.source_id.tolist() == [codes[k] for k in REGIONS]
+    assert csv_.region_id.tolist() == [str(100 + k) for k in REGIONS]  # region_id is the integer
+    # the outputs join back to the office's table, read as text as it is published
+    office = pd.read_csv(table, sep=";", dtype=str)
+    joined = office.merge(csv_, left_on="code", right_on="source_id")
+    assert len(joined) == len(REGIONS) and (joined.population.astype(float) == joined["count"].astype(float)).all()
+
+    # 2. integer ids in the boundary file (no zeros to keep) match the table's text codes;
+    #    the table's code is what is stored, and the report says which ids were matched so
+    b_int = tmp_path / "b_int.gpkg"
+    regions_frame({k: 100 + k for k in REGIONS}).to_file(b_int)
+    assert gpd.read_file(b_int).code.dtype.kind == "i"
+    out = tmp_path / "out2"
+    cz.run(["prepare", "--boundaries", str(b_int), "--table", str(table), "--id-column", "code",
+            "--count-column", "population", "--reference", ref, "--out", str(out)])
+    csv_, gpkg = outputs(out)
+    assert csv_.source_id.tolist() == gpkg.source_id.tolist() == [codes[k] for k in REGIONS]
+    assert "'000101'='101'" in (out / "census_report.json").read_text()
+
+    # 3. an XLSX table whose codes are text cells, and GeoJSON boundaries with text codes
+    x = tmp_path / "counts.xlsx"
+    pd.DataFrame({"code": [codes[k] for k in REGIONS], "population": [100 * k for k in REGIONS]}).to_excel(
+        x, index=False)
+    gj = tmp_path / "b.geojson"
+    regions_frame(codes, crs="EPSG:4326").to_file(gj, driver="GeoJSON")
+    out = tmp_path / "out3"
+    cz.run(["prepare", "--boundaries", str(gj), "--table", str(x), "--id-column", "code",
+            "--count-column", "population", "--reference", ref, "--out", str(out)])
+    csv_, gpkg = outputs(out)
+    assert csv_.source_id.tolist() == gpkg.source_id.tolist() == [codes[k] for k in REGIONS]
+
+    # 4. no table: the counts and the codes come from the boundary file, verbatim
+    with_counts = regions_frame(codes)
+    with_counts["pop"] = [100 * k for k in REGIONS]
+    with_counts.to_file(tmp_path / "bc.gpkg")
+    out = tmp_path / "out4"
+    cz.run(["prepare", "--boundaries", str(tmp_path / "bc.gpkg"), "--id-column", "code",
+            "--count-column", "pop", "--out", str(out)])
+    csv_, gpkg = outputs(out)
+    assert csv_.source_id.tolist() == gpkg.source_id.tolist() == [codes[k] for k in REGIONS]
+
+    # 5. mask rasters: the id in the file name matches, the table's code is stored
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for k in (1, 2):
+        m = np.zeros((1, 10, 10), np.uint8)
+        m[0, :, (k - 1) * 5 : k * 5] = 1
+        with rasterio.open(masks / f"region_{k}.tif", "w", driver="GTiff", height=10, width=10, count=1,
+                           dtype="uint8", crs=CRS_UTM, transform=from_origin(0, 100, 10, 10)) as dst:
+            dst.write(m)
+    (tmp_path / "mc.csv").write_text("id,n\n000001,5\n000002,6\n")
+    product = cz.prepare_masks(str(masks), str(tmp_path / "mc.csv"), "id", "n", progress=False)
+    assert product.regions.source_id.tolist() == ["000001", "000002"]
+    assert product.regions.region_id.tolist() == [1, 2]
+
+    # the same code written twice (with and without zeros) is one region listed twice
+    table.write_text("code,population\n000101,1\n101,2\n")
+    with pytest.raises(PopcornInputError, match=r"duplicate ids in column 'code'.*000101.*101"):
+        cz.read_table(table, "code", "population")
+
+
+def test_id_text_and_matching_key():
+    """Storage keeps the text; only the matching key drops zeros and a ".0"."""
+    assert cz._id_text(" 000107 ") == "000107" and cz._id_text("CH0101") == "CH0101"
+    assert cz._id_text(107) == "107" and cz._id_text(107.0) == "107" and cz._id_text(np.int64(7)) == "7"
+    assert cz._id_text(12.5) == "12.5" and cz._id_text(float("nan")) == "" and cz._id_text(None) == ""
+    assert cz._norm_id("000107") == cz._norm_id(107) == cz._norm_id("107.0") == cz._norm_id(107.0) == "107"
+    assert cz._norm_id("0") == cz._norm_id("000") == "0" and cz._norm_id("-007") == "-7"
+    assert cz._norm_id("CH0101") == "CH0101"  # text codes are compared as they are
+    # a 20-digit code is not squeezed through a float (which would round it)
+    assert cz._norm_id("12345678901234567890") == "12345678901234567890"
 
 
 def test_bad_inputs_are_named_and_nothing_written(tiny_world, tmp_path):

@@ -133,12 +133,33 @@ def test_augmentation_keeps_images_and_masks_aligned() -> None:
     assert seen_shapes == {(h, w), (w, h)}  # rotations by 90 degrees happen
 
 
-def test_radiometric_augmentation_changes_s2_within_range() -> None:
-    s2 = torch.full((64, 4, 2, 2), 2000.0)
-    out = BatchAugmentation(linear_p=0.0).radiometric(s2, torch.Generator().manual_seed(0))
-    lo, hi = 1e4 * 0.2 ** 1.5, 1e4 * 0.2 ** (2 / 3)
-    assert (out >= lo - 1e-2).all() and (out <= hi + 1e-2).all()
-    assert (out != 2000).float().mean() > 0.7  # p = 0.9
+def test_radiometric_augmentation_follows_the_reference_ranges() -> None:
+    """Brightness x b (b in 0.666..1.5, p 0.9), then gamma g (0.666..1.5, p 0.9), NaN kept."""
+    s2 = torch.full((256, 4, 2, 2), 2000.0)
+    s2[0, 1, 0, 0] = float("nan")
+    out = BatchAugmentation().radiometric(s2, torch.Generator().manual_seed(0))
+    assert torch.isnan(out).sum() == 1 and torch.isnan(out[0, 1, 0, 0])
+    lo, hi = 1e4 * (0.2 * 0.666) ** 1.5, 1e4 * (0.2 * 1.5) ** 0.666
+    valid = out[~torch.isnan(out)]
+    assert valid.min() >= lo - 1e-2 and valid.max() <= hi + 1e-2
+    changed = (out[:, 0, 1, 1] != 2000).float().mean()
+    assert 0.9 < changed < 1.0  # 1 - 0.1 ** 2 of the samples change
+    # Each factor alone: brightness is multiplicative, gamma a power of reflectance / 1e4.
+    only_b = BatchAugmentation(gamma_p=0.0, brightness_p=1.0).radiometric(s2[1:])
+    factors = only_b[:, 0, 0, 0] / 2000
+    assert (factors >= 0.666 - 1e-5).all() and (factors <= 1.5 + 1e-5).all()
+    assert torch.allclose(only_b / only_b[:, :1, :1, :1], torch.ones_like(only_b))
+    only_g = BatchAugmentation(brightness_p=0.0, gamma_p=1.0).radiometric(s2[1:])
+    gammas = torch.log(only_g[:, 0, 0, 0] / 1e4) / torch.log(torch.tensor(0.2))
+    assert (gammas >= 0.666 - 1e-4).all() and (gammas <= 1.5 + 1e-4).all()
+    # Reflectance is clipped at 1e4 as in the reference (torchvision works on [0, 1]).
+    bright = BatchAugmentation(brightness_range=(1.5, 1.5), brightness_p=1.0, gamma_p=0.0)
+    assert bright.radiometric(torch.full((2, 4, 1, 1), 9000.0)).max() == 1e4
+
+
+def test_augmentation_rejects_bad_ranges() -> None:
+    with pytest.raises(ValueError, match="gamma_range"):
+        BatchAugmentation(gamma_range=(1.5, 0.5))
 
 
 # ---------------------------------------------------------------------------- split
@@ -271,7 +292,7 @@ def test_builtup_datamodule(tiny_world: Path) -> None:
         make_dm(tiny_world), patch_size=16, batch_size=3, batches_per_epoch=4, val_fraction=0.25
     )
     dm.setup("fit")
-    train = list(dm.train_dataloader())
+    train = [b["source"] for b, _, _ in dm.train_dataloader()]  # {"source": patches} batches
     assert len(train) == 4
     for batch in train:
         assert batch["s1"].shape == (3, 2, 16, 16) and batch["s2"].shape == (3, 4, 16, 16)
@@ -279,9 +300,10 @@ def test_builtup_datamodule(tiny_world: Path) -> None:
         assert (batch["builtup"] >= 0).all() and (batch["builtup"] <= 1).all()
     _, vcol, _, vw = dm.val_area
     assert dm.train_area[3] <= vcol and vcol + vw == W  # held-out strip on the right
-    val = list(dm.val_dataloader())
-    assert val and all(b["builtup"].shape[-2:] == (16, 16) for b in val)
-    assert [b["season"] for b in val] == [b["season"] for b in dm.val_dataloader()]
+    (val_loader,) = dm.val_dataloader()  # one loader per labelled domain: here the source
+    val = list(val_loader)
+    assert val and all(b["builtup"].shape[-2:] == (16, 16) and b["domain"] == "source" for b in val)
+    assert [b["season"] for b in val] == [b["season"] for b in dm.val_dataloader()[0]]
     # label content: the 10x10 built-up block at rows/cols 10..19 is read in place
     from popcorn.datamodules.samplers import PatchKey
 

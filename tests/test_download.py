@@ -353,7 +353,8 @@ def world(tmp_path_factory):
 
     s1_linear, orbits = [], []
     s1_specs = [("2020-06-03T05:40:00Z", "ascending", 10), ("2020-06-15T17:20:00Z", "descending", 10),
-                ("2020-07-09T05:40:00Z", "ascending", 20)]
+                ("2020-07-09T05:40:00Z", "ascending", 20), ("2020-06-27T17:20:00Z", "descending", 10),
+                ("2020-08-09T17:20:00Z", "descending", 20)]
     for k, (dt, orbit, res) in enumerate(s1_specs):
         shape = n10 if res == 10 else n20
         lin = rng.uniform(0.005, 0.5, size=(2, *shape)).astype(np.float32)
@@ -399,12 +400,26 @@ def expected_s2(stack: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(med), np.rint(np.nan_to_num(med)), 0).astype(np.uint16)
 
 
-def expected_s1(stack: np.ndarray) -> np.ndarray:
+def expected_s1(stack: np.ndarray, statistic: str = "median_db") -> np.ndarray:
+    """The S1 composite of a (T, 2, H, W) stack of linear power, written independently of
+    :func:`popcorn.download.s1_composite` with numpy's nan-reductions."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return (10 * np.log10(np.nanmean(stack, axis=0))).astype(np.float32)
+        if statistic == "mean_linear":
+            return (10 * np.log10(np.nanmean(stack, axis=0))).astype(np.float32)
+        db = 10 * np.log10(stack)
+        if statistic == "mean_db":
+            return np.nanmean(db, axis=0).astype(np.float32)
+        assert statistic == "median_db"
+        return np.nanmedian(db, axis=0).astype(np.float32)
+
+
+def orbit_stack(world, orbit: str) -> np.ndarray:
+    """The fixture's S1 observations (linear power) of one pass direction, or all for "both"."""
+    keep = [i for i, o in enumerate(world["orbits"]) if orbit in ("both", o)]
+    return world["s1"][keep]
 
 
 # ---------------------------------------------------------------------------- tests
@@ -446,7 +461,11 @@ def test_composites_pixel_by_pixel(world, tmp_path):
         assert src.count == 2 and src.dtypes[0] == "float32"
         assert [src.descriptions[i] for i in range(2)] == ["VV", "VH"]
         s1 = src.read()
-    np.testing.assert_allclose(s1, expected_s1(world["s1"]), rtol=0, atol=1e-4, equal_nan=True)
+        assert src.tags()["composite"] == "median of dB" and src.tags()["orbit"] == "descending"
+        assert src.tags()["scenes"] == "3"  # the three descending passes of the five
+    # the defaults are the reference's: median of the dB values of the descending passes
+    np.testing.assert_allclose(s1, expected_s1(orbit_stack(world, "descending"), "median_db"),
+                               rtol=0, atol=1e-4, equal_nan=True)
     # the S1/S2 datasets of popcorn find and read the files
     from popcorn.datamodules.sentinel import Sentinel1Composite, Sentinel2Composite
 
@@ -459,8 +478,7 @@ def test_orbit_filter_and_dry_run(world, tmp_path, capsys):
     dl.run(cfg_for(world, out, sensors=("s1",), s1_orbit="ascending"))
     with rasterio.open(out / "S1_summer.tif") as src:
         s1 = src.read()
-    asc = world["s1"][[i for i, o in enumerate(world["orbits"]) if o == "ascending"]]
-    np.testing.assert_allclose(s1, expected_s1(asc), atol=1e-4, equal_nan=True)
+    np.testing.assert_allclose(s1, expected_s1(orbit_stack(world, "ascending")), atol=1e-4, equal_nan=True)
     # dry run: scenes, output size and download estimate, nothing written
     dry = tmp_path / "dry"
     assert dl.run(cfg_for(world, dry, seasons=("summer", "autumn"), sensors=("s2",), dry_run=True)) == []
@@ -468,6 +486,68 @@ def test_orbit_filter_and_dry_run(world, tmp_path, capsys):
     assert "S2_summer.tif" in text and "4 scene(s)" in text and "S2_autumn.tif" in text
     assert "estimated download" in text and "uncompressed" in text
     assert not dry.exists()
+
+
+def test_s1_statistics_by_hand():
+    """Each statistic on one pixel computed by hand: linear power 0.1, 1.0, 0.001 (dB -10, 0,
+    -30) and, in the second band, 0.1, no data, 1.0 (an even count: median = mean of the two)."""
+    stack = np.array([[0.1, 0.1], [1.0, np.nan], [0.001, 1.0]], np.float32)[:, :, None, None]
+    med = dl.s1_composite(stack, "median_db")[:, 0, 0]
+    mean_db = dl.s1_composite(stack, "mean_db")[:, 0, 0]
+    mean_lin = dl.s1_composite(stack, "mean_linear")[:, 0, 0]
+    np.testing.assert_allclose(med, [-10.0, -5.0], atol=1e-5)
+    np.testing.assert_allclose(mean_db, [-40.0 / 3.0, -5.0], atol=1e-5)
+    # 10 log10((0.1 + 1 + 0.001) / 3) = -4.3533; 10 log10(1.1 / 2) = -2.5964
+    np.testing.assert_allclose(mean_lin, [-4.35333, -2.59637], atol=1e-4)
+    assert dl.DownloadConfig(out="x").s1_statistic == "median_db"  # the reference's default
+    # dB input (an already-logarithmic collection): the same results from the same observations
+    db = np.where(np.isfinite(stack), 10 * np.log10(stack), np.nan).astype(np.float32)
+    for stat, exp in (("median_db", med), ("mean_db", mean_db), ("mean_linear", mean_lin)):
+        np.testing.assert_allclose(dl.s1_composite(db, stat, linear_input=False)[:, 0, 0], exp, atol=1e-4)
+    # no observation, zero or negative power: no data
+    none = np.array([[np.nan, 0.0], [np.nan, -1.0]], np.float32)[:, :, None, None]
+    for stat in dl.S1_STATISTICS:
+        assert np.isnan(dl.s1_composite(none, stat)).all()
+        assert np.isnan(dl.s1_composite(stack[:0], stat)).all()
+    with pytest.raises(PopcornInputError, match="median_db, mean_db, mean_linear"):
+        dl.s1_composite(stack, "max")
+
+
+@pytest.mark.parametrize("orbit,statistic", [("both", "mean_linear"), ("both", "mean_db"),
+                                             ("descending", "mean_linear"), ("ascending", "median_db")])
+def test_s1_options_pixel_by_pixel(world, tmp_path, orbit, statistic):
+    """Every --s1-orbit / --s1-statistic reaches the written file: the composite equals the
+    statistic of exactly that orbit's observations (and differs from the default's)."""
+    out = tmp_path / "s1"
+    dl.run(cfg_for(world, out, sensors=("s1",), s1_orbit=orbit, s1_statistic=statistic))
+    with rasterio.open(out / "S1_summer.tif") as src:
+        s1 = src.read()
+        assert src.tags()["orbit"] == orbit
+        assert src.tags()["scenes"] == str(len(orbit_stack(world, orbit)))
+    exp = expected_s1(orbit_stack(world, orbit), statistic)
+    np.testing.assert_allclose(s1, exp, rtol=0, atol=1e-4, equal_nan=True)
+    default = expected_s1(orbit_stack(world, "descending"), "median_db")
+    both = np.isfinite(exp) & np.isfinite(default)
+    assert np.abs(exp[both] - default[both]).mean() > 0.5  # the option changes the pixels
+
+
+def test_s1_orbit_needs_orbit_state():
+    """Items without sat:orbit_state cannot be told apart: dropped with a note saying what to do
+    unless --s1-orbit both."""
+    class Item:
+        def __init__(self, props):
+            self.assets = {"vv": 1, "vh": 1}
+            self.properties = props
+
+    items = [Item({"sat:orbit_state": "descending"}), Item({"sat:orbit_state": "ascending"}), Item({})]
+    keep, notes = dl.filter_items(items, "s1", dl.DownloadConfig(out="x"))
+    assert keep == items[:1]
+    assert any("not in orbit descending" in n for n in notes)
+    assert any("1 item(s) without sat:orbit_state" in n and "--s1-orbit both" in n for n in notes)
+    keep, notes = dl.filter_items(items, "s1", dl.DownloadConfig(out="x", s1_orbit="both"))
+    assert keep == items and notes == []
+    with pytest.raises(PopcornInputError, match="--s1-statistic must be one of"):
+        dl.DownloadConfig(out="x", bbox=BBOX, s1_statistic="max").check()
 
 
 def test_resume_and_retries(world, tmp_path, monkeypatch):
@@ -639,6 +719,13 @@ def test_cli_help(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--bbox" in text and "--dry-run" in text and "--memory-gb" in text
+    assert "--s1-statistic" in text and "--s1-orbit" in text
+    ns = dl.build_parser().parse_args(["--bbox", "0", "0", "1", "1", "--out", "x"])
+    cfg = dl.config_from_args(ns)
+    assert (cfg.s1_orbit, cfg.s1_statistic) == ("descending", "median_db")
+    cfg = dl.config_from_args(dl.build_parser().parse_args(
+        ["--bbox", "0", "0", "1", "1", "--out", "x", "--s1-statistic", "mean_linear", "--s1-orbit", "both"]))
+    assert (cfg.s1_orbit, cfg.s1_statistic) == ("both", "mean_linear")
 
 
 # ---------------------------------------------------------------------------- DN offset (PB 04.00)

@@ -88,6 +88,81 @@ def test_popvae_shapes_and_defaults():
         PopVAE(3, patch_size=10)
 
 
+def test_residual_block_is_the_reference():
+    """The reference's block (IssaNasralli/popVAE, popVAE_model/popVAE_full.py, residual_block):
+    input + 1x1 projection of a branch of two ReLU 3x3 convolutions, no ReLU after the add."""
+    from popcorn.models.popvae import ResidualBlock
+
+    torch.manual_seed(0)
+    block = ResidualBlock(16, 32)
+    # structure: 16 -> 32 -> 32 in the branch, the 1x1 projection back to the input's 16
+    assert block.conv1.weight.shape == (32, 16, 3, 3) and block.conv2.weight.shape == (32, 32, 3, 3)
+    assert block.proj.weight.shape == (16, 32, 1, 1) and block.out_channels == 16
+    x = torch.randn(2, 16, 11, 11)
+    # a zero projection gives the identity -- negative inputs included (no ReLU after the add)
+    with torch.no_grad():
+        block.proj.weight.zero_()
+        block.proj.bias.zero_()
+    assert (x < 0).any() and torch.equal(block(x), x)
+    # with a projection: output = x + proj(relu(conv2(relu(conv1(x))))), checked term by term
+    with torch.no_grad():
+        block.proj.weight.normal_()
+        block.proj.bias.fill_(-5.0)  # pushes the sum below 0 where a ReLU after the add would clip
+    from torch.nn import functional as F
+
+    branch = F.relu(block.conv2(F.relu(block.conv1(x))))
+    expected = x + block.proj(branch)
+    out = block(x)
+    torch.testing.assert_close(out, expected)
+    assert (out < 0).any()
+    # the branch's second conv is followed by a ReLU: a branch with negative pre-activations only
+    # contributes the projection's bias
+    with torch.no_grad():
+        block.conv2.weight.zero_()
+        block.conv2.bias.fill_(-1.0)
+    torch.testing.assert_close(block(x), x - 5.0)
+    # equal widths: no projection, as the reference adds none then
+    assert isinstance(ResidualBlock(8, 8).proj, torch.nn.Identity)
+
+
+def test_popvae_uses_the_reference_block_and_keeps_the_old_one_for_old_checkpoints(tmp_path: Path):
+    from popcorn.models.popvae import ProjectedShortcutBlock, ResidualBlock
+
+    net = PopVAE(in_bands=10)
+    assert isinstance(net.enc_res, ResidualBlock) and net.residual == "reference"
+    assert net.enc_dense.in_features == 16 * 11 * 11  # the block keeps conv_width channels
+    old = PopVAE(in_bands=10, residual="projected_shortcut")
+    assert isinstance(old.enc_res, ProjectedShortcutBlock) and old.enc_dense.in_features == 32 * 11 * 11
+    with pytest.raises(ValueError, match="residual"):
+        PopVAE(in_bands=3, residual="other")
+    # a checkpoint saved before the option existed (no `residual` hyper-parameter) holds the old
+    # block's weights: it loads with that block and predicts exactly as before
+    from lightning.pytorch import Trainer
+
+    torch.manual_seed(0)
+    legacy = PixelRegressionTask(in_bands=4, latent_dim=8, patch_size=5, residual="projected_shortcut")
+    trainer = Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer.strategy.connect(legacy)
+    ckpt = tmp_path / "legacy.ckpt"
+    trainer.save_checkpoint(ckpt)
+    raw = torch.load(ckpt, weights_only=False)
+    del raw["hyper_parameters"]["residual"]
+    torch.save(raw, ckpt)
+    loaded = PixelRegressionTask.load_from_checkpoint(ckpt)
+    assert loaded.hparams.residual == "projected_shortcut"
+    assert isinstance(loaded.model.enc_res, ProjectedShortcutBlock)
+    x = torch.rand(3, 4, 5, 5)
+    legacy.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded.model.predict_log(x), legacy.model.predict_log(x))
+    # a new checkpoint keeps the reference block
+    new = PixelRegressionTask(in_bands=4, latent_dim=8, patch_size=5)
+    trainer.strategy.connect(new)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    again = PixelRegressionTask.load_from_checkpoint(tmp_path / "new.ckpt")
+    assert again.hparams.residual == "reference" and isinstance(again.model.enc_res, ResidualBlock)
+
+
 def test_kl_divergence_hand_values():
     zeros = torch.zeros(4, 900)
     assert kl_divergence(zeros, zeros).item() == 0.0

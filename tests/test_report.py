@@ -58,10 +58,24 @@ def test_predict_evaluate_report_on_a_tiny_world(tmp_path: Path) -> None:
                    "Uniform areal weighting"):
         assert f"| {method} |" in table
     assert "leaflet" in (out / "map.html").read_text().lower()
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
-    # the rescaled map and every baseline reproduce the census total
-    total = float(rows["POPCORN rescaled"].split("|")[6].replace(",", ""))
-    assert total == pytest.approx(float(rows["POPCORN rescaled"].split("|")[5].replace(",", "")), rel=1e-3)
+    # the rescaled map and every baseline reproduce the census total -- each row of the table
+    # (unrounded values from comparison.csv), against the sum of the census counts themselves
+    import pandas as pd
+
+    census_total = float(pd.read_csv(world.census_counts)["count"].sum())
+    comparison = pd.read_csv(out / "comparison.csv").set_index("method")
+    census_bound = [m for m in comparison.index if m != "POPCORN"]  # all but the raw map
+    assert set(census_bound) == {"POPCORN rescaled", "BuiltUp disaggregation",
+                                 "Building-count disaggregation", "Uniform areal weighting"}
+    for method in census_bound:
+        assert comparison.loc[method, "total_pred"] == pytest.approx(census_total, rel=1e-6), method
+    # the raw map is not rescaled, so the check above can tell a rescaled map from one that is not
+    assert comparison.loc["POPCORN", "total_pred"] != pytest.approx(census_total, rel=1e-2)
+    # the markdown table shows the same totals
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines() if line.startswith("| ")}
+    for method in comparison.index:
+        shown = float(rows[method][5].replace(",", ""))
+        assert shown == pytest.approx(comparison.loc[method, "total_pred"], abs=0.5), method
 
 
 def test_report_against_fine_census_units(tmp_path: Path) -> None:

@@ -42,6 +42,8 @@ _SUBMODULE = {
     "PixelSampler": "covariates",
     "SyntheticPixelDataModule": "covariates",
     "make_synthetic_covariates": "covariates",
+    "SettlementWorld": "world_settlements",
+    "make_settlement_world": "world_settlements",
 }
 
 __all__ = sorted(_SUBMODULE)

@@ -1,23 +1,29 @@
 """Training augmentation, applied on the device to a whole collated batch.
 
-- Radiometric, S2 only (NaN = missing stays NaN): a random gamma curve on reflectance,
-  ``x' = 1e4 * (x / 1e4) ** g`` with ``g`` log-uniform in ``gamma_range`` (default 2/3..3/2, as the
-  reference) with probability ``gamma_p`` (0.9), then a random linear brightness/contrast
-  ``x' = b * (mean + c * (x - mean))`` (per sample and band mean over valid pixels, ``c`` in
-  ``contrast_range``, ``b`` in ``brightness_range``) with probability ``linear_p``; clamped at 0.
+The defaults are the reference implementation's (prs-eth/Popcorn ``run_train.py``):
+
+- Radiometric, S2 only (NaN = missing stays NaN), on reflectance / 1e4 clipped to [0, 1]:
+  a linear brightness factor ``x' = b * x`` (torchvision's ``adjust_brightness`` in the
+  reference, Kornia's multiplicative ``adjust_contrast``), ``b`` uniform in ``brightness_range``
+  (0.666..1.5) with probability ``brightness_p`` (0.9); then a gamma curve ``x' = x ** g``
+  (Kornia ``adjust_gamma``), ``g`` uniform in ``gamma_range`` (0.666..1.5) with probability
+  ``gamma_p`` (0.9). Factors are drawn per sample. An optional mean-preserving contrast
+  ``x' = mean + c * (x - mean)`` (``contrast_range``, probability ``contrast_p``; off by
+  default, not in the reference) is kept for experiments.
 - Geometric, identical for every spatial key of a sample (``s1``, ``s2``, ``region_mask``,
   ``valid_mask``, ``builtup``): horizontal and vertical flips per sample (p = 0.5 each, Kornia
   ``hflip``/``vflip``) and a rotation by ``k * 90`` degrees (k uniform in 0..3) per batch.
   The rotation is shared by the batch because region crops are padded to one (generally
-  non-square) size; with the per-sample flips every sample still sees all 8 dihedral poses.
+  non-square) size; with the per-sample flips every sample still sees all 8 dihedral poses
+  (the reference flips and rotates whole batches).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
+from kornia.enhance import adjust_contrast, adjust_gamma
 from kornia.geometry.transform import hflip, vflip
 from torch import Tensor, nn
 
@@ -29,46 +35,54 @@ class BatchAugmentation(nn.Module):
 
     def __init__(
         self,
-        gamma_range: tuple[float, float] = (2.0 / 3.0, 1.5),
+        brightness_range: tuple[float, float] = (0.666, 1.5),
+        brightness_p: float = 0.9,
+        gamma_range: tuple[float, float] = (0.666, 1.5),
         gamma_p: float = 0.9,
-        contrast_range: tuple[float, float] = (0.9, 1.1),
-        brightness_range: tuple[float, float] = (0.9, 1.1),
-        linear_p: float = 0.5,
+        contrast_range: tuple[float, float] = (1.0, 1.0),
+        contrast_p: float = 0.0,
         flip_p: float = 0.5,
         rotate: bool = True,
         scale: float = 1e4,
     ) -> None:
         super().__init__()
-        self.gamma_range = gamma_range
-        self.gamma_p = gamma_p
-        self.contrast_range = contrast_range
-        self.brightness_range = brightness_range
-        self.linear_p = linear_p
+        for name, (lo, hi) in (("brightness_range", brightness_range), ("gamma_range", gamma_range),
+                               ("contrast_range", contrast_range)):
+            if not 0.0 < lo <= hi:
+                raise ValueError(f"{name} must be 0 < low <= high, got {(lo, hi)}")
+        self.brightness_range = tuple(brightness_range)
+        self.brightness_p = float(brightness_p)
+        self.gamma_range = tuple(gamma_range)
+        self.gamma_p = float(gamma_p)
+        self.contrast_range = tuple(contrast_range)
+        self.contrast_p = float(contrast_p)
         self.flip_p = flip_p
         self.rotate = rotate
         self.scale = scale
 
     @staticmethod
-    def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None) -> Tensor:
-        return lo + (hi - lo) * torch.rand(n, generator=g)
+    def _factors(
+        n: int, bounds: tuple[float, float], p: float, g: torch.Generator | None
+    ) -> Tensor:
+        """Per-sample factors uniform in ``bounds`` with probability ``p``, else 1."""
+        lo, hi = bounds
+        values = lo + (hi - lo) * torch.rand(n, generator=g)
+        return torch.where(torch.rand(n, generator=g) < p, values, torch.ones(n))
 
     def radiometric(self, s2: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Random gamma + linear brightness/contrast on reflectance x 1e4, NaN kept."""
+        """Random brightness, gamma (and optional contrast) on reflectance x 1e4, NaN kept."""
         b = s2.shape[0]
-        dev, dt = s2.device, s2.dtype
-        lo, hi = math.log(self.gamma_range[0]), math.log(self.gamma_range[1])
-        gamma = torch.exp(self._uniform(b, lo, hi, generator))
-        gamma = torch.where(torch.rand(b, generator=generator) < self.gamma_p, gamma, 1.0)
-        gamma = gamma.to(dev, dt).view(b, 1, 1, 1)
-        x = self.scale * torch.pow(s2.clamp(min=0) / self.scale, gamma)
-        x = torch.where(torch.isnan(s2), s2, x)
-        c = self._uniform(b, *self.contrast_range, generator)
-        br = self._uniform(b, *self.brightness_range, generator)
-        apply = torch.rand(b, generator=generator) < self.linear_p
-        c = torch.where(apply, c, 1.0).to(dev, dt).view(b, 1, 1, 1)
-        br = torch.where(apply, br, 1.0).to(dev, dt).view(b, 1, 1, 1)
-        mean = torch.nanmean(x.flatten(2), dim=2).nan_to_num(0.0)[..., None, None]
-        return (br * (mean + c * (x - mean))).clamp(min=0)
+        brightness = self._factors(b, self.brightness_range, self.brightness_p, generator)
+        gamma = self._factors(b, self.gamma_range, self.gamma_p, generator)
+        contrast = self._factors(b, self.contrast_range, self.contrast_p, generator)
+        missing = torch.isnan(s2)
+        x = (s2.nan_to_num(0.0) / self.scale).clamp(0.0, 1.0)
+        x = adjust_contrast(x, brightness.to(x), clip_output=True)  # multiplicative brightness
+        x = adjust_gamma(x, gamma.to(x))
+        if self.contrast_p > 0:
+            mean = x.flatten(2).mean(dim=2)[..., None, None]
+            x = (mean + contrast.to(x).view(b, 1, 1, 1) * (x - mean)).clamp(0.0, 1.0)
+        return torch.where(missing, s2, x * self.scale)
 
     def geometric_params(
         self, batch_size: int, generator: torch.Generator | None = None

@@ -108,7 +108,8 @@ class CensusDataModule(L.LightningDataModule):
         builtup_labels: built-up labels raster on the imagery grid (optional).
         seasons: seasons drawn for training/validation.
         test_seasons: seasons predicted at test/predict time.
-        val_fraction: fraction of regions held out for validation.
+        val_fraction: fraction of regions held out for validation; 0 (default, the paper's
+            protocol) trains on every region and validates nothing.
         split_seed: seed of the train/val split.
         max_region_pixels: regions whose bounding box has more pixels are skipped (None = all).
         batch_size: regions (or tiles) per batch; the paper uses 2.
@@ -139,7 +140,7 @@ class CensusDataModule(L.LightningDataModule):
         builtup_labels: str | None = None,
         seasons: Sequence[str] = SEASONS,
         test_seasons: Sequence[str] = SEASONS,
-        val_fraction: float = 0.1,
+        val_fraction: float = 0.0,
         split_seed: int = 0,
         max_region_pixels: int | None = 1_000_000,
         batch_size: int = 2,
@@ -334,10 +335,12 @@ class CensusDataModule(L.LightningDataModule):
 class SyntheticCensusDataModule(CensusDataModule):
     """:class:`CensusDataModule` on the embedded synthetic world (generated in prepare_data).
 
-    Paths come from ``popcorn.datamodules.synthetic.world_dir(root, size_px, seed)``: imagery in
-    the world folder, ``census_regions.gpkg``, ``census_counts.csv``, ``population_1ha.tif`` as
-    fine truth and ``builtup_fraction.tif`` as built-up labels. ``fine_regions`` (+
-    ``fine_counts``, ...) add fine census units to the test, as in :class:`CensusDataModule`.
+    Paths come from ``popcorn.datamodules.synthetic.world_dir(root, size_px, seed, domain_shift)``:
+    imagery in the world folder, ``census_regions.gpkg``, ``census_counts.csv``,
+    ``population_1ha.tif`` as fine truth and ``builtup_fraction.tif`` as built-up labels.
+    ``fine_regions`` (+ ``fine_counts``, ...) add fine census units to the test, as in
+    :class:`CensusDataModule`. ``domain_shift``: the world's look (a preset name of
+    :mod:`popcorn.datamodules.domain_shift`, e.g. ``other_continent``; None = the default look).
     """
 
     def __init__(
@@ -347,6 +350,7 @@ class SyntheticCensusDataModule(CensusDataModule):
         seed: int = 0,
         n_regions: int = 200,
         count_noise: float = 0.0,
+        domain_shift: str | None = None,
         fine_regions: str | None = None,
         fine_counts: str | None = None,
         fine_id_column: str = "region_id",
@@ -372,7 +376,8 @@ class SyntheticCensusDataModule(CensusDataModule):
         self.seed = int(seed)
         self.n_regions = int(n_regions)
         self.count_noise = float(count_noise)
-        directory = Path(world_dir(root, size_px, seed))
+        self.domain_shift = domain_shift
+        directory = Path(world_dir(root, size_px, seed, domain_shift))
         super().__init__(
             imagery_root=str(directory),
             census_regions=str(directory / "census_regions.gpkg"),
@@ -393,7 +398,7 @@ class SyntheticCensusDataModule(CensusDataModule):
 
         make_synthetic_world(
             root=self.root, size_px=self.size_px, seed=self.seed, n_regions=self.n_regions,
-            count_noise=self.count_noise,
+            count_noise=self.count_noise, domain_shift=self.domain_shift,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -51,6 +51,11 @@ def oversized_regions(
     return [i for i in ids if windows[i][2] * windows[i][3] > max_region_pixels]
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for epoch ``epoch`` of a sampler seeded with ``seed`` (``seed`` itself for epoch 0)."""
+    return (int(seed) + 1_000_003 * int(epoch)) % (2**63)
+
+
 class RegionSampler(Sampler[RegionKey]):
     """Yield every region of ``ids`` exactly once per epoch, as :class:`RegionKey`.
 
@@ -162,7 +167,12 @@ class TileSampler(Sampler[TileKey]):
 
 class RandomPatchSampler(Sampler[PatchKey]):
     """``length`` random ``patch_size`` windows inside ``area`` (a window of the grid), random
-    season each, from a generator seeded with ``seed``."""
+    season each, from a generator seeded with ``seed``.
+
+    :meth:`set_epoch` (called by Lightning before every epoch) reseeds the generator from
+    ``(seed, epoch)``, so a run resumed from a checkpoint draws the same patches as an
+    uninterrupted one; epoch 0 draws what a sampler without ``set_epoch`` draws.
+    """
 
     def __init__(
         self, area: Window, patch_size: int, length: int, seasons: Sequence[str], seed: int = 0
@@ -171,7 +181,12 @@ class RandomPatchSampler(Sampler[PatchKey]):
         self.patch_size = int(patch_size)
         self.length = int(length)
         self.seasons = check_seasons(seasons)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed from ``(seed, epoch)``: the patches of an epoch depend on nothing else."""
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
 
     def __len__(self) -> int:
         return self.length

@@ -10,7 +10,8 @@ Batch formats (see docs/interfaces.md):
 - tiles (test/predict): ``s1``, ``s2`` of the tile core plus ``margin`` px of context on each side
   (NaN beyond the grid and on padding at the bottom/right), ``window`` (B,4) int64
   ``(row_off, col_off, height, width)`` of the core, ``margin`` int, ``season`` list[str].
-- patches (built-up pretraining): ``s1``, ``s2``, ``builtup`` (B,1,H,W) float32 in [0,1].
+- patches (built-up pretraining): ``s1``, ``s2``, ``builtup`` (B,1,H,W) float32 in [0,1],
+  ``season``; unlabelled (target) patches have no ``builtup`` key at all.
 """
 
 from __future__ import annotations
@@ -149,6 +150,27 @@ class PatchSamples(Dataset[dict[str, Any]]):
         }
 
 
+class ImagePatches(Dataset[dict[str, Any]]):
+    """S1 and S2 over a :class:`PatchKey` window and nothing else: unlabelled (target) patches.
+
+    It holds no label raster at all, so a label can never reach a batch made from it.
+    """
+
+    def __init__(self, s1: Sentinel1Composite, s2: Sentinel2Composite) -> None:
+        self.s1, self.s2 = s1, s2
+
+    def __len__(self) -> int:  # pragma: no cover - sampled by keys
+        return 0
+
+    def __getitem__(self, key: PatchKey) -> dict[str, Any]:
+        season, window = key
+        return {
+            "s1": self.s1.read_window(season, window),
+            "s2": self.s2.read_window(season, window),
+            "season": season,
+        }
+
+
 def _pad_stack(tensors: Sequence[Tensor], h: int, w: int, fill: float | bool) -> Tensor:
     first = tensors[0]
     out = torch.full((len(tensors), *first.shape[:-2], h, w), fill, dtype=first.dtype)
@@ -190,11 +212,14 @@ def collate_tiles(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def collate_patches(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack patches (NaN / 0 padding at the bottom/right); ``builtup`` only if the samples have it."""
     h = max(s["s2"].shape[-2] for s in samples)
     w = max(s["s2"].shape[-1] for s in samples)
-    return {
+    out = {
         "s1": _pad_stack([s["s1"] for s in samples], h, w, float("nan")),
         "s2": _pad_stack([s["s2"] for s in samples], h, w, float("nan")),
-        "builtup": _pad_stack([s["builtup"] for s in samples], h, w, 0.0),
         "season": [s["season"] for s in samples],
     }
+    if "builtup" in samples[0]:
+        out["builtup"] = _pad_stack([s["builtup"] for s in samples], h, w, 0.0)
+    return out

@@ -4,7 +4,8 @@ The world is the project's default data. It is written as real files, in the sam
 data will have (see ``docs/interfaces.md``, "Files on disk"), so every reader downstream is
 exercised exactly as with real imagery and census data:
 
-``<root>/world_<size>px_seed<seed>/``
+``<root>/world_<size>px_seed<seed>/`` (``..._shift-<name>/`` for a world with a domain shift,
+see :mod:`popcorn.datamodules.domain_shift`)
     ``S2_<season>.tif``          4 x uint16 (B02 B03 B04 B08, reflectance x 1e4, nodata 0)
     ``S1_<season>.tif``          2 x float32 (VV VH in dB, nodata NaN)
     ``builtup_fraction.tif``     float32 roof fraction per 10 m pixel, in [0, 1]
@@ -63,6 +64,8 @@ from tqdm.auto import tqdm
 from popcorn import __version__ as POPCORN_VERSION
 from popcorn.errors import PopcornInputError
 from popcorn.io import atomic_path
+
+from .domain_shift import DomainShift, apply_domain_shift
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +201,18 @@ _S1_LOOKS = 10.0  # equivalent number of looks of a seasonal mean composite
 
 # ============================================================================================
 # Public API
-def world_dir(root: str | os.PathLike[str], size_px: int, seed: int) -> Path:
-    """Folder of the synthetic world of ``size_px`` x ``size_px`` pixels generated from ``seed``."""
-    return Path(root) / f"world_{int(size_px)}px_seed{int(seed)}"
+def world_dir(
+    root: str | os.PathLike[str], size_px: int, seed: int,
+    domain_shift: DomainShift | str | None = None,
+) -> Path:
+    """Folder of the synthetic world of ``size_px`` x ``size_px`` pixels generated from ``seed``.
+
+    A world with a domain shift (see :mod:`popcorn.datamodules.domain_shift`) gets its own
+    folder, ``world_<size>px_seed<seed>_shift-<name>``; no shift keeps the plain name.
+    """
+    shift = DomainShift.coerce(domain_shift)
+    suffix = "" if shift.is_identity else f"_shift-{shift.name}"
+    return Path(root) / f"world_{int(size_px)}px_seed{int(seed)}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -260,6 +272,7 @@ def make_synthetic_world(
     n_regions: int = 200,
     count_noise: float = 0.0,
     overwrite: bool = False,
+    domain_shift: DomainShift | str | None = None,
 ) -> SyntheticWorld:
     """Generate (or reuse) the synthetic world of ``size_px`` x ``size_px`` 10 m pixels.
 
@@ -276,9 +289,13 @@ def make_synthetic_world(
         n_regions: number of census regions (1 .. number of 1 ha cells).
         count_noise: relative std of multiplicative noise on the census counts (0 = exact sums).
         overwrite: regenerate even if a complete world exists.
+        domain_shift: the world's look (a :class:`DomainShift` or a preset name such as
+            ``"other_continent"``), applied to the rendered composites before writing; None = the
+            default look. A shifted world has its own folder (see :func:`world_dir`).
     """
     size_px, seed, n_regions, count_noise = _validate(size_px, seed, n_regions, count_noise)
-    directory = world_dir(root, size_px, seed)
+    shift = DomainShift.coerce(domain_shift)
+    directory = world_dir(root, size_px, seed, shift)
     world = _world_paths(directory, size_px, seed)
     meta_path = world.metadata_path
 
@@ -308,7 +325,7 @@ def make_synthetic_world(
 
     if meta_path.exists():  # incomplete or stale: world.json must not outlive the files
         meta_path.unlink()
-    _generate(world, n_regions=n_regions, count_noise=count_noise)
+    _generate(world, n_regions=n_regions, count_noise=count_noise, shift=shift)
     return world
 
 
@@ -1186,7 +1203,22 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _generate(world: SyntheticWorld, n_regions: int, count_noise: float) -> None:
+def _shifted(
+    s2: np.ndarray, s1: np.ndarray, roof: np.ndarray, shift: DomainShift, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``shift`` to a rendered uint16 S2 (nodata 0) and float dB S1 composite."""
+    gaps = s2[0] == 0
+    s2f = s2.astype(np.float32)
+    s2f[:, gaps] = np.nan
+    s2f, s1 = apply_domain_shift(s2f, s1, roof, shift, rng)
+    out = np.clip(np.rint(np.nan_to_num(s2f, nan=1.0)), 1, 65535).astype(np.uint16)
+    out[:, gaps] = 0
+    return out, s1.astype(np.float32)
+
+
+def _generate(
+    world: SyntheticWorld, n_regions: int, count_noise: float, shift: DomainShift | None = None
+) -> None:
     import time
 
     n, seed = world.size_px, world.seed
@@ -1200,6 +1232,9 @@ def _generate(world: SyntheticWorld, n_regions: int, count_noise: float) -> None
         "seed": seed,
         "size_px": n,
     }
+    shift = shift if shift is not None and not shift.is_identity else None
+    if shift is not None:  # only shifted worlds carry the tag: default files stay as they were
+        base_tags["domain_shift"] = shift.name
     steps = 3 + 2 * len(SEASONS) + 2 + 1
     with tqdm(total=steps, desc=f"synthetic world {n}px seed {seed}", unit="step") as progress:
         progress.set_postfix_str("layout")
@@ -1209,6 +1244,9 @@ def _generate(world: SyntheticWorld, n_regions: int, count_noise: float) -> None
         for si, season in enumerate(SEASONS):
             progress.set_postfix_str(f"S2 {season}")
             img = _render_s2(sc, season, np.random.default_rng([seed, 10 + si]))
+            img1 = _render_s1(sc, season, np.random.default_rng([seed, 20 + si]))
+            if shift is not None:  # own random stream: the default look draws nothing more
+                img, img1 = _shifted(img, img1, roof, shift, np.random.default_rng([seed, 30 + si]))
             _write_tif(world.s2_path(season), img, nodata=0, descriptions=S2_BANDS,
                        tags={**base_tags, "season": season, "sensor": "Sentinel-2 (synthetic)",
                              "units": "surface reflectance x 1e4", "scale": 1e-4})
@@ -1216,11 +1254,10 @@ def _generate(world: SyntheticWorld, n_regions: int, count_noise: float) -> None
             del img
             progress.update(1)
             progress.set_postfix_str(f"S1 {season}")
-            img = _render_s1(sc, season, np.random.default_rng([seed, 20 + si]))
-            _write_tif(world.s1_path(season), img, nodata=float("nan"), descriptions=S1_BANDS,
+            _write_tif(world.s1_path(season), img1, nodata=float("nan"), descriptions=S1_BANDS,
                        tags={**base_tags, "season": season, "sensor": "Sentinel-1 (synthetic)",
                              "units": "backscatter sigma0 in dB"})
-            del img
+            del img1
             progress.update(1)
             sc.setdefault("s2_nodata_fraction", {})[season] = nodata_frac
 
@@ -1244,6 +1281,10 @@ def _generate(world: SyntheticWorld, n_regions: int, count_noise: float) -> None
 
         progress.set_postfix_str("world.json")
         meta = _metadata(world, sc, census, n_regions, count_noise, pop1ha, time.perf_counter() - t0)
+        if shift is not None:
+            from dataclasses import asdict
+
+            meta["domain_shift"] = {"name": shift.name, **asdict(shift)}
         _write_json(world.metadata_path, meta)
         progress.update(1)
     log.info("synthetic world written to %s in %.1f s", world.directory, time.perf_counter() - t0)

@@ -6,8 +6,16 @@ Approach* (IJCNN 2025); facts in ``shared/reference/popvae-method.md``. Our own 
 Inputs: a context ``patch`` (B, bands, P, P) of normalised covariates centred on the target pixel
 (P = 11 by default) and the target pixel's own band vector (B, bands) (default: the patch centre).
 
-- Encoder: Conv3x3(16) ReLU -> residual block [Conv3x3(32) ReLU -> Conv3x3(32)] + 1x1 projection
-  of the block input (16 -> 32), ReLU -> flatten -> Dense(32) ReLU -> z_mean, z_log_var (900).
+- Encoder: Conv3x3(16) ReLU -> residual block -> flatten -> Dense(32) ReLU -> z_mean, z_log_var
+  (900). The residual block is the reference's (IssaNasralli/popVAE,
+  ``popVAE_model/popVAE_full.py``, ``residual_block``): a branch Conv3x3(32) ReLU -> Conv3x3(32)
+  ReLU, projected back to the input's 16 channels by a 1x1 convolution (no activation), added to
+  the input, *no* ReLU after the add; it keeps the input's 16 channels, so the flatten has
+  16 * P * P values. ``residual="projected_shortcut"`` is the block of this module before it
+  followed the reference (branch [Conv3x3(32) ReLU -> Conv3x3(32)] plus a 1x1 projection of the
+  *input* to 32 channels, ReLU after the add; 32 * P * P values): kept only so that checkpoints
+  trained with it load and predict unchanged (:class:`popcorn.tasks.PixelRegressionTask` picks it
+  for checkpoints saved without the ``residual`` hyper-parameter).
 - Reparameterisation: z = mu + exp(logvar / 2) * eps in training; z = mu in eval mode unless
   ``sample_in_eval`` (so predicted maps are deterministic and tile-independent).
 - Decoder: Dense(32) ReLU -> Dense(P*P*32) ReLU -> reshape (32, P, P) -> ConvT3x3(32) ReLU ->
@@ -26,7 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["PopVAE", "kl_divergence", "LOG_CLIP_MAX"]
+__all__ = ["PopVAE", "ResidualBlock", "ProjectedShortcutBlock", "RESIDUAL_STYLES", "kl_divergence",
+           "LOG_CLIP_MAX"]
 
 LOG_CLIP_MAX = 6.125
 """Upper clip of predictions in log1p space before expm1 (paper; about 456 people per cell)."""
@@ -42,12 +51,42 @@ def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
     return per_sample.mean()
 
 
-class _ResidualBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int) -> None:
+RESIDUAL_STYLES = ("reference", "projected_shortcut")
+
+
+class ResidualBlock(nn.Module):
+    """popVAE's residual block, as the reference: ``x + proj(relu(conv2(relu(conv1(x)))))``.
+
+    ``conv1``/``conv2`` are 3x3 "same" convolutions with ``width`` filters, each followed by a
+    ReLU; ``proj`` is a 1x1 convolution back to the input's ``channels`` (an identity when
+    ``width == channels``, as the reference adds no projection then). Nothing follows the add,
+    so the output can be negative and the block is the identity when ``proj`` is zero.
+    Output channels = ``channels``.
+    """
+
+    def __init__(self, channels: int, width: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.proj = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.out_channels = channels
+        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.proj = nn.Conv2d(width, channels, 1) if width != channels else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        branch = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return x + self.proj(branch)
+
+
+class ProjectedShortcutBlock(nn.Module):
+    """The block this module used before following the reference:
+    ``relu(conv2(relu(conv1(x))) + proj(x))`` with ``proj`` a 1x1 convolution of the *input* to
+    ``width`` channels. Output channels = ``width``. Kept only to load older checkpoints."""
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.out_channels = width
+        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.proj = nn.Conv2d(channels, width, 1) if channels != width else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv2(F.relu(self.conv1(x)))
@@ -62,10 +101,13 @@ class PopVAE(nn.Module):
         patch_size: context side P in pixels (odd).
         latent_dim: size of z.
         conv_width: filters of the first encoder conv (and the second decoder ConvT).
-        res_width: filters of the residual block (and of the decoder's reshaped map / first ConvT).
+        res_width: filters of the residual block's branch (and of the decoder's reshaped map /
+            first ConvT, 32 in the reference).
         dense_width: the encoder's and decoder's Dense layer.
         head_widths: filters of the two head convolutions.
         sample_in_eval: draw z in eval mode too (the Keras original always samples).
+        residual: ``"reference"`` (default: :class:`ResidualBlock`) or ``"projected_shortcut"``
+            (:class:`ProjectedShortcutBlock`, for checkpoints trained before the change).
     """
 
     def __init__(
@@ -78,8 +120,11 @@ class PopVAE(nn.Module):
         dense_width: int = 32,
         head_widths: tuple[int, int] = (16, 8),
         sample_in_eval: bool = False,
+        residual: str = "reference",
     ) -> None:
         super().__init__()
+        if residual not in RESIDUAL_STYLES:
+            raise ValueError(f"residual must be one of {RESIDUAL_STYLES}, got {residual!r}")
         if in_bands < 1:
             raise ValueError(f"in_bands must be >= 1, got {in_bands}")
         if patch_size < 1 or patch_size % 2 == 0:
@@ -90,8 +135,10 @@ class PopVAE(nn.Module):
         p2 = patch_size * patch_size
         # encoder
         self.enc_conv = nn.Conv2d(in_bands, conv_width, 3, padding=1)
-        self.enc_res = _ResidualBlock(conv_width, res_width)
-        self.enc_dense = nn.Linear(res_width * p2, dense_width)
+        block = ResidualBlock if residual == "reference" else ProjectedShortcutBlock
+        self.residual = residual
+        self.enc_res = block(conv_width, res_width)
+        self.enc_dense = nn.Linear(self.enc_res.out_channels * p2, dense_width)
         self.z_mean = nn.Linear(dense_width, latent_dim)
         self.z_log_var = nn.Linear(dense_width, latent_dim)
         # decoder

@@ -31,7 +31,10 @@ class PixelRegressionTask(LightningModule):
 
     Args:
         in_bands: covariate bands; None = from the data module (``num_bands``) at setup.
-        patch_size, latent_dim, conv_width, res_width, dense_width, head_widths: :class:`PopVAE`.
+        patch_size, latent_dim, conv_width, res_width, dense_width, head_widths, residual:
+            :class:`PopVAE` (``residual="reference"``, the reference's block, by default; a
+            checkpoint saved without this hyper-parameter predates it and is loaded with
+            ``"projected_shortcut"``, the block it was trained with).
         lr: Adam learning rate (paper 1e-3).
         kl_weight: factor of the KL term (paper: 1).
         recon_weight, pred_weight: factors of the reconstruction and prediction terms (paper: 1).
@@ -53,6 +56,7 @@ class PixelRegressionTask(LightningModule):
         recon_weight: float = 1.0,
         pred_weight: float = 1.0,
         normalization: dict[str, Any] | None = None,
+        residual: str = "reference",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -63,7 +67,20 @@ class PixelRegressionTask(LightningModule):
     def _build(self, in_bands: int) -> None:
         h = self.hparams
         self.model = PopVAE(in_bands, h.patch_size, h.latent_dim, h.conv_width, h.res_width, h.dense_width,
-                            tuple(h.head_widths))
+                            tuple(h.head_widths), residual=h.get("residual", "reference"))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints saved before the ``residual`` option hold the projected-shortcut block:
+        rebuild the model with it so their weights load (Lightning calls this hook before
+        loading the state dict, both in ``load_from_checkpoint`` and when resuming a fit)."""
+        saved = checkpoint.get("hyper_parameters", {})
+        if "residual" in saved or self.hparams.get("residual") == "projected_shortcut":
+            return
+        self.hparams.residual = "projected_shortcut"
+        if self.model is not None:
+            device = next(self.model.parameters()).device
+            self._build(self.model.in_bands)
+            self.model.to(device)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

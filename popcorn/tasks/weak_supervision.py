@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +63,9 @@ class WeakSupervisionTask(LightningModule):
         lr_step_size: int = 5,
         lr_gamma: float = 0.75,
         occupancy_regularisation: float = 0.01,
+        occupancy_regularisation_area: Literal["region", "crop"] = "region",
+        head_lr_factor: float = 1.0,
+        train_occupancy_unet: bool = True,
         output_dir: str | None = None,
     ) -> None:
         """Args:
@@ -76,6 +80,13 @@ class WeakSupervisionTask(LightningModule):
         lr, weight_decay, lr_step_size, lr_gamma: Adam and StepLR settings (paper: 1e-4,
             dataset dependent, 5, 0.75); the last head layer has no weight decay.
         occupancy_regularisation: weight of the mean-occupancy sparsity term (paper: 0.01).
+        occupancy_regularisation_area: pixels the mean occupancy is taken over: ``region``
+            (default, the reference: every pixel of the census region in the crop; its
+            ``get_sparsity_mask`` keeps pixels with built-up score > 0, i.e. all, clipped to
+            the region) or ``crop`` (every valid pixel of the crop, context included).
+        head_lr_factor: learning-rate multiplier of the 1x1 head (beyond the paper; 1 = paper).
+        train_occupancy_unet: False trains the head only, the occupancy U-Net stays at its
+            initial (built-up) weights (beyond the paper; True = paper).
         output_dir: where test maps and tables go; default the logger's directory.
         """
         super().__init__()
@@ -88,6 +99,15 @@ class WeakSupervisionTask(LightningModule):
             occupancy_split=occupancy_split,
             occupancy_bias=occupancy_bias_init if occupancy_bias_init is not None else 0.2267,
         )
+        if occupancy_regularisation_area not in ("region", "crop"):
+            raise PopcornInputError(
+                "occupancy_regularisation_area must be 'region' or 'crop', got "
+                f"{occupancy_regularisation_area!r}"
+            )
+        if head_lr_factor <= 0:
+            raise PopcornInputError(f"head_lr_factor must be > 0, got {head_lr_factor}")
+        if not train_occupancy_unet:
+            self.model.occupancy.requires_grad_(False)
         # Saved in checkpoints so a resumed run does not estimate the bias again.
         self.register_buffer("bias_initialised", torch.tensor(occupancy_bias_init is not None))
         self._val_sums: list[torch.Tensor] = []
@@ -156,12 +176,27 @@ class WeakSupervisionTask(LightningModule):
         per_sample = (out["population"][:, 0] * mask).sum(dim=(1, 2))
         sums, counts = sum_by_region(per_sample, batch["region_id"], batch["count"].float())
         data_loss = region_log_l1(sums, counts)
-        occupancy = (out["occupancy"][:, 0] * mask).sum() / mask.sum().clamp(min=1)
+        area = mask
+        if self.hparams.occupancy_regularisation_area == "crop":
+            area = batch.get("valid_mask", torch.ones_like(mask, dtype=torch.bool)).to(mask.dtype)
+        occupancy = (out["occupancy"][:, 0] * area).sum() / area.sum().clamp(min=1)
         loss = data_loss + self.hparams.occupancy_regularisation * occupancy
         return loss, data_loss, occupancy, sums, counts, out["population"]
 
+    def on_train_epoch_start(self) -> None:
+        self._epoch_clock = (time.perf_counter(), 0)
+
+    def on_train_epoch_end(self) -> None:
+        start, pixels = getattr(self, "_epoch_clock", (time.perf_counter(), 0))
+        seconds = time.perf_counter() - start
+        if pixels and seconds > 0:
+            self.log("train/region_pixels_per_s", pixels / seconds)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, data_loss, occupancy, _, _, _ = self._region_step(batch)
+        if hasattr(self, "_epoch_clock"):
+            start, pixels = self._epoch_clock
+            self._epoch_clock = (start, pixels + int(batch["region_mask"].sum()))
         n = len(batch["count"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/log_l1", data_loss, on_epoch=True, batch_size=n)
@@ -383,19 +418,25 @@ class WeakSupervisionTask(LightningModule):
         return truth
 
     # -------------------------------------------------------------- optimiser
-    def configure_optimizers(self) -> dict[str, Any]:
-        last = set(id(p) for p in self.model.head_last_layer.parameters())
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Adam groups: weight decay on every trainable parameter but the last head layer's
+        (its bias is the occupancy prior); the head's learning rate x ``head_lr_factor``."""
+        lr = self.hparams.lr
+        head_lr = lr * self.hparams.head_lr_factor
+        last = {id(p) for p in self.model.head_last_layer.parameters()}
+        head = {id(p) for p in self.model.head.parameters()}
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in trainable if id(p) not in last]
-        no_decay = [p for p in trainable if id(p) in last]
-        optimizer = torch.optim.Adam(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.hparams.lr,
-            betas=(0.9, 0.999),
-        )
+        groups = [
+            {"params": [p for p in trainable if id(p) not in head],
+             "weight_decay": self.hparams.weight_decay, "lr": lr},
+            {"params": [p for p in trainable if id(p) in head and id(p) not in last],
+             "weight_decay": self.hparams.weight_decay, "lr": head_lr},
+            {"params": [p for p in trainable if id(p) in last], "weight_decay": 0.0, "lr": head_lr},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam(self.parameter_groups(), lr=self.hparams.lr, betas=(0.9, 0.999))
         scheduler = torch.optim.lr_scheduler.StepLR(
             optimizer, step_size=self.hparams.lr_step_size, gamma=self.hparams.lr_gamma
         )

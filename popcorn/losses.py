@@ -1,0 +1,77 @@
+"""Losses shared by the training tasks.
+
+``s1_s2_consistency_loss``: the unsupervised domain-adaptation term of Hafner, Ban & Nascetti
+(2022, "Unsupervised domain adaptation for global urban extraction using Sentinel-1 SAR and
+Sentinel-2 MSI data", RSE 280:113192), which trained POPCORN's built-up extractor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from popcorn.errors import PopcornInputError
+
+#: Weight of the consistency term next to the supervised losses, as in Hafner et al. (2022): the
+#: published extractor is ``fusionda_..._checkpoint30_lossweight0.5.pt`` (their config
+#: ``CONSISTENCY_TRAINER.LOSS_FACTOR: 0.5``; 0.5 is also their command-line default).
+CONSISTENCY_WEIGHT = 0.5
+
+CONSISTENCY_FORMS = ("power_jaccard", "mse")
+
+
+def s1_s2_consistency_loss(
+    sar_logits: Tensor,
+    optical_logits: Tensor,
+    valid: Tensor | None = None,
+    form: str = "power_jaccard",
+    eps: float = 1e-6,
+) -> Tensor:
+    """Disagreement between the S1-only and the S2-only built-up probabilities (unweighted).
+
+    Default form, as Hafner et al. (2022) (their ``CONSISTENCY_LOSS_TYPE: PowerJaccardLoss``, the
+    one the published weights were trained with): with ``p = sigmoid(sar_logits)`` and
+    ``q = sigmoid(optical_logits)`` over all valid pixels of the batch,
+    ``1 - sum(p q) / (sum(p^2 + q^2) - sum(p q) + eps)``, a soft Jaccard (IoU) of the two maps.
+    Gradients reach both streams (neither is a fixed teacher), as in the reference, where the
+    SAR probabilities are the "target" of the optical logits without being detached. The form is
+    scale-free (two maps that agree score 0 however much built-up area they show), so it cannot
+    by itself push the built-up share up or down; a labelled source (or an anchor, see
+    :class:`popcorn.tasks.BuiltUpTask`) keeps the level. ``form="mse"``: ``mean((p - q)^2)``, a
+    per-pixel alternative that is not scale-free.
+
+    The caller multiplies by the weight (:data:`CONSISTENCY_WEIGHT` = 0.5 in the paper).
+
+    Args:
+        sar_logits, optical_logits: (B,1,H,W) logits of the S1-only and S2-only out convs.
+        valid: optional (B,1,H,W) or (B,H,W) bool mask of pixels to compare (e.g. both sensors
+            observed); a batch without valid pixels gives 0 (still connected to the graph).
+        form: ``"power_jaccard"`` (default, the paper's) or ``"mse"``.
+        eps: keeps the ratio finite when both maps are empty.
+    """
+    if sar_logits.shape != optical_logits.shape:
+        raise PopcornInputError(
+            f"s1_s2_consistency_loss: sar_logits {tuple(sar_logits.shape)} and optical_logits "
+            f"{tuple(optical_logits.shape)} must have the same shape"
+        )
+    if form not in CONSISTENCY_FORMS:
+        raise PopcornInputError(
+            f"s1_s2_consistency_loss: unknown form {form!r}; choose one of {CONSISTENCY_FORMS}"
+        )
+    p = torch.sigmoid(sar_logits.float())
+    q = torch.sigmoid(optical_logits.float())
+    if valid is not None:
+        if valid.dim() == p.dim() - 1:
+            valid = valid.unsqueeze(1)
+        if valid.shape != p.shape:
+            raise PopcornInputError(
+                f"s1_s2_consistency_loss: valid mask {tuple(valid.shape)} does not match the "
+                f"logits {tuple(p.shape)}"
+            )
+        if not bool(valid.any()):
+            return (p.sum() + q.sum()) * 0.0
+        p, q = p[valid], q[valid]
+    if form == "mse":
+        return torch.mean((p - q) ** 2)
+    inter = (p * q).sum()
+    return 1.0 - inter / ((p * p).sum() + (q * q).sum() - inter + eps)

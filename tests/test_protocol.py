@@ -1,0 +1,123 @@
+"""The paper's training protocol and the options beyond it (issue 9, item 3 and 4).
+
+- ``popcorn.fit`` by default trains on every census region and keeps the last epoch;
+- the occupancy sparsity term is the mean occupancy over the region (reference) or the crop;
+- the optimiser groups follow ``head_lr_factor`` and ``train_occupancy_unet``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import H, REGIONS, W
+
+from popcorn.datamodules import CensusDataModule
+from popcorn.errors import PopcornInputError
+from popcorn.fit import main
+from popcorn.tasks import WeakSupervisionTask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batch() -> dict:
+    torch.manual_seed(0)
+    s1 = -12 + 3 * torch.randn(2, 2, 24, 20)
+    s2 = 1500 + 400 * torch.rand(2, 4, 24, 20)
+    region = torch.zeros(2, 24, 20, dtype=torch.bool)
+    region[0, 2:10, 3:15] = True
+    region[1, 5:20, 0:8] = True
+    valid = torch.ones(2, 24, 20, dtype=torch.bool)
+    valid[1, :, 16:] = False  # padding of the second crop
+    return {"s1": s1, "s2": s2, "region_mask": region, "valid_mask": valid,
+            "count": torch.tensor([50.0, 80.0]), "region_id": torch.tensor([1, 2])}
+
+
+@pytest.mark.parametrize("area", ["region", "crop"])
+def test_occupancy_regularisation_area(area: str) -> None:
+    task = WeakSupervisionTask(occupancy_bias_init=1.0, occupancy_regularisation=0.5,
+                               occupancy_regularisation_area=area)
+    with torch.no_grad():  # an occupancy that varies over the crop, so the areas differ
+        task.model.head_last_layer.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    batch = _batch()
+    loss, data_loss, occupancy, *_ = task._region_step(batch)
+    out = task.model(batch["s1"], batch["s2"])
+    pixels = batch["region_mask"] if area == "region" else batch["valid_mask"]
+    expected = out["occupancy"][:, 0][pixels].mean()
+    assert torch.allclose(occupancy, expected, atol=1e-6)
+    assert torch.allclose(loss, data_loss + 0.5 * expected, atol=1e-6)
+    other = out["occupancy"][:, 0][batch["valid_mask"] if area == "region" else batch["region_mask"]].mean()
+    assert not torch.allclose(expected, other)  # the two areas really differ on this batch
+
+
+def test_bad_protocol_options_are_refused() -> None:
+    with pytest.raises(PopcornInputError, match="occupancy_regularisation_area"):
+        WeakSupervisionTask(occupancy_regularisation_area="everywhere")
+    with pytest.raises(PopcornInputError, match="head_lr_factor"):
+        WeakSupervisionTask(head_lr_factor=0.0)
+
+
+def test_parameter_groups_head_lr_and_frozen_unet() -> None:
+    task = WeakSupervisionTask(lr=1e-4, weight_decay=1e-5, head_lr_factor=10.0)
+    groups = task.parameter_groups()
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    last = {id(p) for p in task.model.head_last_layer.parameters()}
+    head = {id(p) for p in task.model.head.parameters()}
+    unet = {id(p) for p in task.model.occupancy.parameters() if p.requires_grad}
+    assert ids == [unet, head - last, last]
+    assert [g["lr"] for g in groups] == [1e-4, 1e-3, 1e-3]
+    assert [g["weight_decay"] for g in groups] == [1e-5, 1e-5, 0.0]
+    frozen = WeakSupervisionTask(train_occupancy_unet=False)
+    trained = {id(p) for g in frozen.parameter_groups() for p in g["params"]}
+    assert trained == {id(p) for p in frozen.model.head.parameters()}  # only the head trains
+
+
+def test_census_datamodule_trains_on_every_region_by_default(tiny_world: Path) -> None:
+    dm = CensusDataModule(str(tiny_world), str(tiny_world / "census_regions.gpkg"),
+                          str(tiny_world / "census_counts.csv"))
+    dm.setup()
+    assert dm.census_regions.train_ids == sorted(REGIONS) and dm.census_regions.val_ids == []
+    assert dm.val_dataloader() == []
+    seen = {int(i) for b in dm.train_dataloader() for i in b["region_id"]}
+    assert seen == set(REGIONS)
+    assert dm.grid_shape == (H, W)
+
+
+@pytest.fixture(scope="module")
+def paper_protocol_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``popcorn.fit`` with the default protocol on a small synthetic world (2 epochs)."""
+    tmp = tmp_path_factory.mktemp("protocol")
+    world = tmp_path_factory.mktemp("world")
+    main([
+        "fit", "--config", str(ROOT / "experiments" / "demo.yaml"),
+        "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp / 'run'}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp / 'run'}", "--trainer.logger.name=popcorn",
+        "--trainer.logger.version=0", "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=1", "--trainer.check_val_every_n_epoch=1",
+        f"--data.init_args.root={world}", "--data.init_args.size_px=200",
+        "--data.init_args.n_regions=12", "--data.init_args.val_fraction=0.0",
+        "--data.init_args.test_tile_size=100", "--data.init_args.test_seasons=[summer]",
+        "--checkpoint.monitor=null",
+        "--builtup_pretraining.max_epochs=1", "--builtup_pretraining.batches_per_epoch=2",
+        "--builtup_pretraining.batch_size=2", "--builtup_pretraining.patch_size=64",
+    ])
+    return tmp / "run" / "popcorn" / "version_0"
+
+
+def test_fit_keeps_the_last_epoch_and_reports_it(paper_protocol_run: Path) -> None:
+    ckpts = sorted(p.name for p in (paper_protocol_run / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt"]  # no best-* checkpoint: nothing is selected on validation
+    state = torch.load(paper_protocol_run / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False)
+    assert state["epoch"] == 1  # the last of the 2 epochs
+    metrics = pd.read_csv(paper_protocol_run / "metrics.csv")
+    assert not [c for c in metrics.columns if c.startswith("val/")]
+    assert metrics["train/region_pixels_per_s"].dropna().gt(0).all()
+    assert len(metrics["train/region_pixels_per_s"].dropna()) == 2
+    report = pd.read_csv(paper_protocol_run / "report" / "comparison.csv")
+    assert {"POPCORN", "POPCORN rescaled"} <= set(report.iloc[:, 0])
+    html = (paper_protocol_run / "report" / "index.html").read_text()
+    assert "(1 checkpoint(s)" in html
