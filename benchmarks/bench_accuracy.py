@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -72,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="published built-up extractor (default ../shared/data/...)")
     p.add_argument("--data-root", default=str(ROOT / "data" / "settlement_worlds"))
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_accuracy"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of training and prediction (default: torch's)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="members trained at once, each its own process (use with --threads 1)")
     p.add_argument("--restart", action="store_true", help="ignore earlier runs in --out")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                    help="extra `popcorn.fit` options for every member (ablations), e.g. "
@@ -105,7 +109,10 @@ def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace
         *args.fit_args,
     ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0 or not ckpt.exists():
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
@@ -114,13 +121,12 @@ def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace
     return ckpt, seconds
 
 
-def region_pixels(world: Path) -> float:
-    """Pixels inside the census regions (what one epoch sums over), from the census alone."""
-    from popcorn.datamodules import CensusRegions, open_imagery
+def logged_throughput(metrics_csv: Path) -> float:
+    """Mean ``train/region_pixels_per_s`` over the epochs of a run (logged by the task)."""
+    import pandas as pd
 
-    _, _, grid = open_imagery(world, ["summer"])
-    regions = CensusRegions(str(world / "census_regions.gpkg"), str(world / "census_counts.csv"), grid)
-    return float((regions.id_raster > 0).sum())
+    values = pd.read_csv(metrics_csv)["train/region_pixels_per_s"].dropna()
+    return float(values.mean()) if len(values) else float("nan")
 
 
 # ------------------------------------------------------------------------------ prediction
@@ -213,14 +219,20 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     res = WorldResult(seed, len(counts), n_px / 100 / max(len(counts), 1), float(sum(counts.values())),
                       world_seconds=world_seconds)
     wdir = out / f"world_{seed}"
-    ckpts = []
-    for k in range(args.members):
-        ckpt, seconds = train_member(world, wdir / f"member_{1600 + k}", 1600 + k, args)
-        ckpts.append(ckpt)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def member(k: int) -> tuple[Path, float]:
+        return train_member(world, wdir / f"member_{1600 + k}", 1600 + k, args)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each member is a process
+        trained = list(pool.map(member, range(args.members)))
+    ckpts = [ckpt for ckpt, _ in trained]
+    for k, (ckpt, seconds) in enumerate(trained):
+        throughput = logged_throughput(ckpt.parent.parent / "metrics.csv")
         res.train_seconds.append(seconds)
-        res.region_px_per_s.append(n_px * args.epochs / seconds)
+        res.region_px_per_s.append(throughput)
         print(f"  world {seed}: member {1600 + k} trained in {seconds:.0f} s "
-              f"({n_px * args.epochs / seconds:,.0f} region px/s incl. set-up)", flush=True)
+              f"({throughput:,.0f} region px/s in training epochs)", flush=True)
     runs = {
         f"1 model x 1 season ({args.single_season})": (ckpts[:1], [args.single_season]),
         "1 model x 4 seasons": (ckpts[:1], SEASONS),
@@ -266,7 +278,7 @@ def print_world(res: WorldResult) -> None:
         fills = [f"{row[c] / t:.2f}" if t > 0 else "-" for c in ("Bag raw", "Bag rescaled")]
         print(f"| {group} | " + " | ".join(f"{row[c]:,.0f}" for c in cols) + " | " + " | ".join(fills) + " |")
     print(f"\ntraining: {', '.join(f'{s:.0f}' for s in res.train_seconds)} s per member; "
-          f"{np.mean(res.region_px_per_s):,.0f} region px/s (epochs x region pixels / wall incl. set-up); "
+          f"{np.mean(res.region_px_per_s):,.0f} region px/s per member process (training epochs); "
           "prediction: " + ", ".join(f"{k} {v:.0f} s" for k, v in res.predict_seconds.items()), flush=True)
 
 

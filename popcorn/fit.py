@@ -6,8 +6,10 @@ Examples::
     python -m popcorn.fit fit --config experiments/demo.yaml --ckpt_path runs/demo/.../last.ckpt
     python -m popcorn.fit test --config experiments/demo.yaml --ckpt_path best.ckpt
 
-When ``model.builtup_weights`` is empty, the built-up extractor is first pretrained on the
-data module's built-up labels (``builtup_pretraining.*``); its export is cached and reused.
+When ``model.builtup_weights`` is empty, the built-up extractor is first pretrained
+(``builtup_pretraining.*``): on the data module's built-up labels, or, with a labelled source
+(``source_world_seed`` / ``source_imagery``), on the source's labels while adapting to the data
+module's imagery without its labels (Hafner et al. 2022); its export is cached and reused.
 Protocol (the paper's, default): train on every census region and keep the last epoch;
 ``--data.init_args.val_fraction=0.1 --checkpoint.monitor=val/loss`` holds regions out and keeps
 the best validation checkpoint instead. After ``fit`` that checkpoint is predicted, evaluated at 1 ha and reported

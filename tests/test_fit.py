@@ -32,6 +32,7 @@ def _args(tmp_path: Path, world_root: Path, max_epochs: int) -> list[str]:
         "--data.init_args.size_px=200",
         "--data.init_args.n_regions=12",
         "--data.init_args.val_fraction=0.25",
+        "--checkpoint.monitor=val/loss",  # the hold-out protocol (default: all regions, last epoch)
         "--data.init_args.test_tile_size=100",
         "--data.init_args.test_seasons=[summer]",
         "--builtup_pretraining.max_epochs=2",

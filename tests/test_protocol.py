@@ -121,3 +121,17 @@ def test_fit_keeps_the_last_epoch_and_reports_it(paper_protocol_run: Path) -> No
     assert {"POPCORN", "POPCORN rescaled"} <= set(report.iloc[:, 0])
     html = (paper_protocol_run / "report" / "index.html").read_text()
     assert "(1 checkpoint(s)" in html
+
+
+def test_region_weighting_of_the_log_l1() -> None:
+    from popcorn.tasks.weak_supervision import region_log_l1
+
+    sums = torch.tensor([0.0, 99.0])
+    counts = torch.tensor([99.0, 99.0 * 4 + 3])  # errors log(100) and log(400 / 100) = log(4)
+    e = torch.log(torch.tensor([100.0, 4.0]))
+    assert torch.isclose(region_log_l1(sums, counts), e.mean())
+    w = counts.sqrt()
+    assert torch.isclose(region_log_l1(sums, counts, "sqrt_count"), (e * w).sum() / w.sum(), atol=1e-5)
+    assert torch.isclose(region_log_l1(sums, counts, "count"), (e * counts).sum() / counts.sum(), atol=1e-5)
+    with pytest.raises(PopcornInputError, match="region_weighting"):
+        WeakSupervisionTask(region_weighting="area")

@@ -357,7 +357,7 @@ class SyntheticCensusDataModule(CensusDataModule):
         fine_count_column: str = "count",
         seasons: Sequence[str] = SEASONS,
         test_seasons: Sequence[str] = SEASONS,
-        val_fraction: float = 0.1,
+        val_fraction: float = 0.0,
         split_seed: int = 0,
         max_region_pixels: int | None = 1_000_000,
         batch_size: int = 2,

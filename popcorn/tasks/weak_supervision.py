@@ -25,9 +25,24 @@ FINE_FACTOR = 10
 """10 m imagery pixels per side of a 1 ha evaluation cell."""
 
 
-def region_log_l1(pred_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Mean over regions of |log(1 + c_j) - log(1 + sum_k p_k)| (the paper's log-L1)."""
-    return (torch.log1p(counts) - torch.log1p(pred_sums.clamp(min=0))).abs().mean()
+def region_log_l1(
+    pred_sums: torch.Tensor, counts: torch.Tensor, weighting: str = "none"
+) -> torch.Tensor:
+    """Mean over regions of |log(1 + c_j) - log(1 + sum_k p_k)| (the paper's log-L1).
+
+    ``weighting`` (beyond the paper): ``none`` (paper), or ``sqrt_count`` / ``count``: a weighted
+    mean with weights sqrt(c_j) / c_j (normalised over the batch), so that populous regions,
+    whose errors dominate fine-level errors, weigh more than nearly empty ones.
+    """
+    errors = (torch.log1p(counts) - torch.log1p(pred_sums.clamp(min=0))).abs()
+    if weighting == "none":
+        return errors.mean()
+    weights = {"sqrt_count": counts.clamp(min=0).sqrt(), "count": counts.clamp(min=0)}[weighting]
+    weights = weights + 1e-6
+    return (errors * weights).sum() / weights.sum()
+
+
+REGION_WEIGHTINGS = ("none", "sqrt_count", "count")
 
 
 def sum_by_region(
@@ -66,6 +81,7 @@ class WeakSupervisionTask(LightningModule):
         occupancy_regularisation_area: Literal["region", "crop"] = "region",
         head_lr_factor: float = 1.0,
         train_occupancy_unet: bool = True,
+        region_weighting: Literal["none", "sqrt_count", "count"] = "none",
         output_dir: str | None = None,
     ) -> None:
         """Args:
@@ -84,6 +100,8 @@ class WeakSupervisionTask(LightningModule):
             (default, the reference: every pixel of the census region in the crop; its
             ``get_sparsity_mask`` keeps pixels with built-up score > 0, i.e. all, clipped to
             the region) or ``crop`` (every valid pixel of the crop, context included).
+        region_weighting: weights of the regions in the log-L1 (beyond the paper; ``none`` =
+            paper; see :func:`region_log_l1`).
         head_lr_factor: learning-rate multiplier of the 1x1 head (beyond the paper; 1 = paper).
         train_occupancy_unet: False trains the head only, the occupancy U-Net stays at its
             initial (built-up) weights (beyond the paper; True = paper).
@@ -103,6 +121,10 @@ class WeakSupervisionTask(LightningModule):
             raise PopcornInputError(
                 "occupancy_regularisation_area must be 'region' or 'crop', got "
                 f"{occupancy_regularisation_area!r}"
+            )
+        if region_weighting not in REGION_WEIGHTINGS:
+            raise PopcornInputError(
+                f"region_weighting must be one of {REGION_WEIGHTINGS}, got {region_weighting!r}"
             )
         if head_lr_factor <= 0:
             raise PopcornInputError(f"head_lr_factor must be > 0, got {head_lr_factor}")
@@ -175,7 +197,7 @@ class WeakSupervisionTask(LightningModule):
         mask = batch["region_mask"].to(out["population"].dtype)
         per_sample = (out["population"][:, 0] * mask).sum(dim=(1, 2))
         sums, counts = sum_by_region(per_sample, batch["region_id"], batch["count"].float())
-        data_loss = region_log_l1(sums, counts)
+        data_loss = region_log_l1(sums, counts, self.hparams.region_weighting)
         area = mask
         if self.hparams.occupancy_regularisation_area == "crop":
             area = batch.get("valid_mask", torch.ones_like(mask, dtype=torch.bool)).to(mask.dtype)
