@@ -31,7 +31,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -57,6 +56,8 @@ class WorldResult:
     region_px_per_s: list[float] = field(default_factory=list)
     predict_seconds: dict[str, float] = field(default_factory=dict)
     world_seconds: float = 0.0
+    adapt_seconds: float = 0.0
+    builtup: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,10 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=str(ROOT / "data" / "settlement_worlds"))
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_accuracy"))
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of training and prediction (default: torch's)")
+                   help="torch threads of each training process (default: torch's); with "
+                        "--jobs 2 on 2 cores use 1")
     p.add_argument("--jobs", type=int, default=1,
                    help="members trained at once, each its own process (use with --threads 1)")
     p.add_argument("--restart", action="store_true", help="ignore earlier runs in --out")
+    p.add_argument("--adapt-epochs", type=int, default=0,
+                   help="first adapt the built-up weights to each world's imagery, no labels "
+                        "(python -m popcorn.adapt_builtup, experiments/builtup/adapt_published.yaml) "
+                        "for this many epochs; 0 = the weights as given (default)")
+    p.add_argument("--adapt-batches", type=int, default=30, help="batches per adaptation epoch")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                    help="extra `popcorn.fit` options for every member (ablations), e.g. "
                         "--fit-args --model.head_lr_factor=10")
@@ -85,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------- training
-def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace) -> tuple[Path, float]:
+def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace,
+                 weights: str) -> tuple[Path, float]:
     """Train one POPCORN member on ``world``'s imagery and census; return (last.ckpt, seconds)."""
     ckpt = run_dir / "popcorn" / "version_0" / "checkpoints" / "last.ckpt"
     done = run_dir / "done.json"
@@ -102,23 +110,71 @@ def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.save_dir={run_dir}", "--trainer.logger.name=popcorn",
         "--trainer.logger.version=0",
-        f"--model.builtup_weights={args.builtup_weights}",
+        f"--model.builtup_weights={weights}",
         f"--data.init_args.imagery_root={world}",
         f"--data.init_args.census_regions={world / 'census_regions.gpkg'}",
         f"--data.init_args.census_counts={world / 'census_counts.csv'}",
         *args.fit_args,
     ]
     t0 = time.perf_counter()
+    run_command(cmd, args, ckpt)
+    seconds = time.perf_counter() - t0
+    done.write_text(json.dumps({"seconds": seconds, "command": cmd}))
+    return ckpt, seconds
+
+
+def run_command(cmd: list[str], args: argparse.Namespace, expected: Path | None = None) -> None:
+    """Run a popcorn command (``--threads`` torch threads); stop with its output if it fails."""
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0 or not ckpt.exists():
+    if proc.returncode != 0 or (expected is not None and not expected.exists()):
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"training failed: {' '.join(cmd)}")
-    done.write_text(json.dumps({"seconds": seconds, "command": cmd}))
-    return ckpt, seconds
+        raise SystemExit(f"command failed: {' '.join(cmd)}")
+
+
+def adapt_builtup(world: Path, wdir: Path, args: argparse.Namespace) -> tuple[str, float]:
+    """Adapt the given built-up weights to ``world``'s imagery without labels; (export, seconds)."""
+    out = wdir / "adapt"
+    export = out / "builtup_extractor.pt"
+    if export.exists():
+        return str(export), float(json.loads((out / "done.json").read_text())["seconds"])
+    t0 = time.perf_counter()
+    run_command([
+        sys.executable, "-m", "popcorn.adapt_builtup", "fit",
+        "--config", str(ROOT / "experiments" / "builtup" / "adapt_published.yaml"),
+        f"--model.init_weights={args.builtup_weights}",
+        f"--data.init_args.target_roots=[{world}]",
+        f"--data.init_args.batches_per_epoch={args.adapt_batches}",
+        f"--trainer.max_epochs={args.adapt_epochs}", f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false",
+        "--validate_before_fit=false", f"--output={export}",
+    ], args, export)
+    seconds = time.perf_counter() - t0
+    (out / "done.json").write_text(json.dumps({"seconds": seconds}))
+    return str(export), seconds
+
+
+def builtup_scores(weights: str, world: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Target IoU / F1 / precision / recall of ``weights`` against the world's built-up fraction
+    (evaluation only: run after the world's maps are made)."""
+    import pandas as pd
+
+    if out.exists():
+        shutil.rmtree(out)
+    run_command([
+        sys.executable, "-m", "popcorn.adapt_builtup", "validate",
+        "--config", str(ROOT / "experiments" / "builtup" / "adapt_published.yaml"),
+        f"--model.init_weights={weights}", f"--data.init_args.target_roots=[{world}]",
+        f"--data.init_args.target_eval_labels=[{world / 'builtup_fraction.tif'}]",
+        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.enable_progress_bar=false",
+    ], args)
+    frames = [pd.read_csv(p) for p in sorted(out.rglob("metrics.csv"))]
+    row = pd.concat(frames).ffill().iloc[-1] if frames else {}
+    return {k: float(row[f"val/target/{k}"]) for k in ("iou", "f1", "precision", "recall")
+            if f"val/target/{k}" in row}
 
 
 def logged_throughput(metrics_csv: Path) -> float:
@@ -219,10 +275,14 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     res = WorldResult(seed, len(counts), n_px / 100 / max(len(counts), 1), float(sum(counts.values())),
                       world_seconds=world_seconds)
     wdir = out / f"world_{seed}"
+    weights = args.builtup_weights
+    if args.adapt_epochs > 0:
+        weights, res.adapt_seconds = adapt_builtup(world, wdir, args)
+        print(f"  world {seed}: built-up weights adapted in {res.adapt_seconds:.0f} s -> {weights}", flush=True)
     from concurrent.futures import ThreadPoolExecutor
 
     def member(k: int) -> tuple[Path, float]:
-        return train_member(world, wdir / f"member_{1600 + k}", 1600 + k, args)
+        return train_member(world, wdir / f"member_{1600 + k}", 1600 + k, args, weights)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each member is a process
         trained = list(pool.map(member, range(args.members)))
@@ -259,6 +319,11 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     maps_1ha["Uniform areal weighting"] = block_sum(uniform, FINE)
     res.metrics = evaluate(maps_1ha, truth)
     res.where = where_people_go({**bag_10m, "BuiltUp disaggregation": builtup_disagg}, world)
+    if args.adapt_epochs > 0:  # the built-up labels are read now, after the maps: evaluation only
+        res.builtup = {
+            "given weights": builtup_scores(args.builtup_weights, world, wdir / "iou_given", args),
+            "adapted to this world": builtup_scores(weights, world, wdir / "iou_adapted", args),
+        }
     return res
 
 
@@ -266,7 +331,7 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
 def print_world(res: WorldResult) -> None:
     print(f"\n## world {res.seed}: {res.n_regions} census regions, mean {res.mean_region_ha:.0f} ha, "
           f"{res.people:,.0f} people (world generated in {res.world_seconds:.0f} s)")
-    print(f"| map | R^2 | MAE | RMSE |\n|---|---:|---:|---:|")
+    print("| map | R^2 | MAE | RMSE |\n|---|---:|---:|---:|")
     for name, m in res.metrics.items():
         print(f"| {name} | {m['r2']:.3f} | {m['mae']:.2f} | {m['rmse']:.2f} |")
     cols = list(next(iter(res.where.values())).keys())
@@ -277,6 +342,10 @@ def print_world(res: WorldResult) -> None:
         t = row["truth"]
         fills = [f"{row[c] / t:.2f}" if t > 0 else "-" for c in ("Bag raw", "Bag rescaled")]
         print(f"| {group} | " + " | ".join(f"{row[c]:,.0f}" for c in cols) + " | " + " | ".join(fills) + " |")
+    for name, sc in res.builtup.items():
+        print(f"built-up extractor, {name}: target IoU {sc.get('iou', float('nan')):.3f}, F1 "
+              f"{sc.get('f1', float('nan')):.3f}, precision {sc.get('precision', float('nan')):.3f}, "
+              f"recall {sc.get('recall', float('nan')):.3f}")
     print(f"\ntraining: {', '.join(f'{s:.0f}' for s in res.train_seconds)} s per member; "
           f"{np.mean(res.region_px_per_s):,.0f} region px/s per member process (training epochs); "
           "prediction: " + ", ".join(f"{k} {v:.0f} s" for k, v in res.predict_seconds.items()), flush=True)
@@ -317,14 +386,12 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
     if args.restart and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     held_out = set(HELD_OUT_SEEDS)
     print(f"# accuracy benchmark: worlds {worlds} ({'held out' if set(worlds) <= held_out else 'includes tuning worlds'}), "
           f"{args.size_px} px, mean region {args.mean_region_ha:.0f} ha, {args.members} members x "
-          f"{args.epochs} epochs, built-up weights {args.builtup_weights}, extra fit args {args.fit_args}",
+          f"{args.epochs} epochs, built-up weights {args.builtup_weights}"
+          f"{f' adapted to each world ({args.adapt_epochs} x {args.adapt_batches} batches, no labels)' if args.adapt_epochs else ''}"
+          f", extra fit args {args.fit_args}",
           flush=True)
     t0 = time.perf_counter()
     results = []

@@ -135,3 +135,29 @@ def test_region_weighting_of_the_log_l1() -> None:
     assert torch.isclose(region_log_l1(sums, counts, "count"), (e * counts).sum() / counts.sum(), atol=1e-5)
     with pytest.raises(PopcornInputError, match="region_weighting"):
         WeakSupervisionTask(region_weighting="area")
+
+
+def test_builtup_score_without_augmentation() -> None:
+    """builtup_sees_augmentation=False: the frozen extractor scores the unaugmented S2 (same
+    geometry), so its training score equals the score of the clean crop."""
+    from popcorn.datamodules.augmentation import BatchAugmentation
+
+    batch = _batch()
+    aug = BatchAugmentation(brightness_range=(1.5, 1.5), brightness_p=1.0, keep_unaugmented_s2=True)
+    out = aug(batch, generator=torch.Generator().manual_seed(3))
+    assert out["s2_unaugmented"].shape == out["s2"].shape
+    assert not torch.allclose(out["s2_unaugmented"], out["s2"])
+    # same geometry: the clean crop is the augmented one divided back by the brightness factor
+    # (gamma off would make it exact; here compare geometry through the masks)
+    assert torch.equal(torch.isnan(out["s2_unaugmented"]), torch.isnan(out["s2"]))
+    task = WeakSupervisionTask(occupancy_bias_init=1.0, builtup_sees_augmentation=False)
+    with torch.no_grad():
+        seen = task.model(out["s1"], out["s2"], out["s2_unaugmented"])["builtup_score"]
+        clean = task.model.builtup(out["s1"], out["s2_unaugmented"])
+        augmented = task.model.builtup(out["s1"], out["s2"])
+    assert torch.allclose(seen, clean, atol=1e-6)
+    assert not torch.allclose(seen, augmented, atol=1e-4)
+    paper = WeakSupervisionTask(occupancy_bias_init=1.0)
+    loss_paper = paper._region_step(out)[0]
+    paper.hparams.builtup_sees_augmentation = False
+    assert not torch.isclose(loss_paper, paper._region_step(out)[0])

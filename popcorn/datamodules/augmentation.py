@@ -16,6 +16,10 @@ The defaults are the reference implementation's (prs-eth/Popcorn ``run_train.py`
   The rotation is shared by the batch because region crops are padded to one (generally
   non-square) size; with the per-sample flips every sample still sees all 8 dihedral poses
   (the reference flips and rotates whole batches).
+
+With ``keep_unaugmented_s2`` the batch also holds ``s2_unaugmented``: the S2 crop with the same
+geometric transform but no radiometric change (for a frozen network that should see the
+imagery as at test time; see ``WeakSupervisionTask(builtup_sees_augmentation=False)``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from kornia.enhance import adjust_contrast, adjust_gamma
 from kornia.geometry.transform import hflip, vflip
 from torch import Tensor, nn
 
-SPATIAL_KEYS = ("s1", "s2", "region_mask", "valid_mask", "builtup")
+SPATIAL_KEYS = ("s1", "s2", "s2_unaugmented", "region_mask", "valid_mask", "builtup")
 
 
 class BatchAugmentation(nn.Module):
@@ -44,8 +48,10 @@ class BatchAugmentation(nn.Module):
         flip_p: float = 0.5,
         rotate: bool = True,
         scale: float = 1e4,
+        keep_unaugmented_s2: bool = False,
     ) -> None:
         super().__init__()
+        self.keep_unaugmented_s2 = keep_unaugmented_s2
         for name, (lo, hi) in (("brightness_range", brightness_range), ("gamma_range", gamma_range),
                                ("contrast_range", contrast_range)):
             if not 0.0 < lo <= hi:
@@ -110,6 +116,8 @@ class BatchAugmentation(nn.Module):
     ) -> dict[str, Any]:
         out = dict(batch)
         if "s2" in out:
+            if self.keep_unaugmented_s2:  # same geometry below, no radiometric change
+                out["s2_unaugmented"] = out["s2"]
             out["s2"] = self.radiometric(out["s2"], generator)
         b = out["s2"].shape[0] if "s2" in out else out["s1"].shape[0]
         hf, vf, k = self.geometric_params(b, generator)

@@ -51,7 +51,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from popcorn import __version__ as POPCORN_VERSION
-from popcorn.datamodules.synthetic import FINE_FACTOR, PIXEL_SIZE, S1_BANDS, S2_BANDS, SEASONS
+from popcorn.datamodules.synthetic import (
+    FINE_FACTOR, PIXEL_SIZE, S1_BANDS, S2_BANDS, SEASONS, SyntheticWorld,
+)
 from popcorn.datamodules.world_settlements_build import (
     MATERIAL_P,
     NON_RESIDENTIAL_SHARE,
@@ -65,6 +67,7 @@ from popcorn.datamodules.world_settlements_layout import (
     ROAD, VILLAGE, WATER,
 )
 from popcorn.datamodules.world_settlements_render import quantise_s2, render_s1, render_s2, texture_fields
+from popcorn.datamodules.domain_shift import DomainShift
 from popcorn.errors import PopcornInputError
 from popcorn.io import write_geotiff
 
@@ -101,41 +104,10 @@ OCCUPANCY: dict[str, float] = {SETTLEMENT_TYPES[c]: v for c, v in OCCUPANCY_MEAN
 
 
 @dataclass(frozen=True)
-class SettlementWorld:
-    """Paths of one generated settlement world (same attributes as ``SyntheticWorld``)."""
+class SettlementWorld(SyntheticWorld):
+    """Paths of one generated settlement world: ``SyntheticWorld``'s, plus its domain shift."""
 
-    directory: Path
-    imagery_dir: Path
-    census_regions: Path
-    census_counts: Path
-    population_10m: Path
-    population_1ha: Path
-    builtup_fraction: Path
-    land_cover: Path
-    size_px: int
-    seed: int
-    crs: str
     domain_shift: str | None = None
-
-    @property
-    def metadata_path(self) -> Path:
-        return self.directory / "world.json"
-
-    def s2_path(self, season: str) -> Path:
-        return self.imagery_dir / f"S2_{season}.tif"
-
-    def s1_path(self, season: str) -> Path:
-        return self.imagery_dir / f"S1_{season}.tif"
-
-    def files(self) -> list[Path]:
-        """Every file of the world except ``world.json``."""
-        return ([self.s2_path(s) for s in SEASONS] + [self.s1_path(s) for s in SEASONS]
-                + [self.builtup_fraction, self.population_10m, self.population_1ha, self.land_cover,
-                   self.census_regions, self.census_counts])
-
-    def metadata(self) -> dict[str, Any]:
-        """Contents of ``world.json``."""
-        return json.loads(self.metadata_path.read_text())
 
 
 def settlement_world_dir(root: str | os.PathLike[str], size_px: int, seed: int, shift_name: str | None = None) -> Path:
@@ -183,8 +155,6 @@ def _resolve_shift(domain_shift: Any) -> tuple[Any, str | None]:
     """
     if domain_shift is None:
         return None, None
-    from popcorn.datamodules.domain_shift import DomainShift  # the other generator's looks
-
     shift = DomainShift.coerce(domain_shift)  # PopcornInputError for a bad name or type
     return (None, None) if shift.is_identity else (shift, shift.name)
 
@@ -214,7 +184,7 @@ def make_settlement_world(
     size_px: int = 1000,
     seed: int = 901,
     mean_region_ha: float = 150.0,
-    domain_shift: "DomainShift | str | None" = None,
+    domain_shift: DomainShift | str | None = None,
     count_noise: float = 0.0,
     overwrite: bool = False,
 ) -> SettlementWorld:
@@ -280,7 +250,7 @@ def _write_imagery(world: SettlementWorld, sc: dict[str, Any], shift: Any, progr
         s2 = render_s2(sc, season, np.random.default_rng([world.seed, 10 + si]))
         s1 = render_s1(sc, season, np.random.default_rng([world.seed, 20 + si]))
         if shift is not None:
-            from popcorn.datamodules.domain_shift import apply_domain_shift
+            from popcorn.datamodules.domain_shift import apply_domain_shift  # noqa: PLC0415
 
             s2, s1 = apply_domain_shift(s2, s1, sc["roof"], shift, np.random.default_rng([world.seed, 30 + si]))
         img = quantise_s2(s2)

@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import ndimage, special
+from scipy import special
 from scipy.spatial import cKDTree
 
 from popcorn.datamodules.synthetic import (

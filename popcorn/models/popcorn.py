@@ -114,16 +114,25 @@ class Popcorn(nn.Module):
             self.head_last_layer.bias[0] = float(value)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, s1: Tensor | None, s2: Tensor | None) -> dict[str, Tensor]:
-        """Raw s1 (dB) / s2 (reflectance x 1e4), NaN = missing -> population, builtup_score, occupancy."""
+    def forward(
+        self, s1: Tensor | None, s2: Tensor | None, s2_builtup: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Raw s1 (dB) / s2 (reflectance x 1e4), NaN = missing -> population, builtup_score, occupancy.
+
+        ``s2_builtup`` (training only): the S2 the frozen extractor sees instead of ``s2``, e.g.
+        the crop before radiometric augmentation (same geometry).
+        """
         if self.use_s1 and s1 is None:
             raise PopcornInputError(f"modalities={self.modalities!r} needs s1 (VV,VH in dB), got None.")
         if self.use_s2 and s2 is None:
             raise PopcornInputError(f"modalities={self.modalities!r} needs s2 (B02,B03,B04,B08), got None.")
         # Normalisation and padding are computed once and shared by both branches.
         prep = self.builtup.prepare(s1 if self.use_s1 else None, s2 if self.use_s2 else None)
+        prep_builtup = prep
+        if s2_builtup is not None and self.use_s2:
+            prep_builtup = self.builtup.prepare(s1 if self.use_s1 else None, s2_builtup)
         with torch.no_grad():
-            builtup_score = torch.sigmoid(self.builtup.logits(*self.builtup.stream_features(prep)))
+            builtup_score = torch.sigmoid(self.builtup.logits(*self.builtup.stream_features(prep_builtup)))
         f1, f2 = self.occupancy.stream_features(prep)
         feats = torch.cat([f for f in (f1, f2) if f is not None], dim=1)
         raw = self.head(feats)[:, :1]

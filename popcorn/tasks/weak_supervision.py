@@ -82,6 +82,7 @@ class WeakSupervisionTask(LightningModule):
         head_lr_factor: float = 1.0,
         train_occupancy_unet: bool = True,
         region_weighting: Literal["none", "sqrt_count", "count"] = "none",
+        builtup_sees_augmentation: bool = True,
         output_dir: str | None = None,
     ) -> None:
         """Args:
@@ -100,6 +101,9 @@ class WeakSupervisionTask(LightningModule):
             (default, the reference: every pixel of the census region in the crop; its
             ``get_sparsity_mask`` keeps pixels with built-up score > 0, i.e. all, clipped to
             the region) or ``crop`` (every valid pixel of the crop, context included).
+        builtup_sees_augmentation: False = the frozen extractor scores the crop before the S2
+            radiometric augmentation (same flips and rotation), so the built-up score in training
+            is the one of test time; True = the reference (beyond the paper when False).
         region_weighting: weights of the regions in the log-L1 (beyond the paper; ``none`` =
             paper; see :func:`region_log_l1`).
         head_lr_factor: learning-rate multiplier of the 1x1 head (beyond the paper; 1 = paper).
@@ -188,12 +192,22 @@ class WeakSupervisionTask(LightningModule):
         s2 = batch["s2"] if modalities in ("s1s2", "s2") else None
         return s1, s2
 
-    def forward(self, s1: torch.Tensor | None, s2: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return self.model(s1, s2)
+    def forward(
+        self, s1: torch.Tensor | None, s2: torch.Tensor | None, s2_builtup: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        return self.model(s1, s2, s2_builtup)
+
+    def setup(self, stage: str) -> None:
+        """Ask the data module's augmentation for unaugmented S2 when the extractor must not
+        see the radiometric augmentation."""
+        augmentation = getattr(getattr(self.trainer, "datamodule", None), "augmentation", None)
+        if not self.hparams.builtup_sees_augmentation and augmentation is not None:
+            augmentation.keep_unaugmented_s2 = True
 
     # ------------------------------------------------------------ train / val
     def _region_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-        out = self(*self._inputs(batch))
+        clean = None if self.hparams.builtup_sees_augmentation else batch.get("s2_unaugmented")
+        out = self(*self._inputs(batch), clean)
         mask = batch["region_mask"].to(out["population"].dtype)
         per_sample = (out["population"][:, 0] * mask).sum(dim=(1, 2))
         sums, counts = sum_by_region(per_sample, batch["region_id"], batch["count"].float())

@@ -1,0 +1,48 @@
+"""benchmarks/bench_accuracy.py runs end to end on a tiny settlement world, and stops cleanly
+without the published weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = ROOT.parent / "shared" / "data" / "popcorn_dda_slim_checkpoint30.pt"
+BENCH = ROOT / "benchmarks" / "bench_accuracy.py"
+
+
+def test_stops_with_a_message_without_the_published_weights(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--builtup-weights", str(tmp_path / "absent.pt"),
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "absent.pt" in proc.stdout and "stops here" in proc.stdout
+
+
+@pytest.mark.skipif(not PUBLISHED.exists(), reason=f"published built-up weights not at {PUBLISHED}")
+def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--worlds", "101", "--size-px", "240", "--mean-region-ha", "40",
+         "--members", "2", "--epochs", "1", "--jobs", "2", "--threads", "1",
+         "--data-root", str(tmp_path / "worlds"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for row in ("1 model x 1 season (summer) raw", "1 model x 4 seasons rescaled",
+                "2 models x 4 seasons (Bag) raw", "BuiltUp disaggregation", "Uniform areal weighting",
+                "zero-resident built-up", "non-built pixels", "region px/s", "## targets"):
+        assert row in out, row
+    (result,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["seed"] == 101 and len(result["train_seconds"]) == 2
+    metrics = result["metrics"]
+    # The census fixes every rescaled map's total, so all of them share the truth's total.
+    assert metrics["Uniform areal weighting"]["r2"] <= 1.0
+    assert all(0 < v["rmse"] for v in metrics.values())
+    assert result["where"]["informal_core"]["truth"] > 0
