@@ -13,6 +13,7 @@ Grid: 60 x 80 px at 10 m in EPSG:32632, top-left corner (500000, 5200000).
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import geopandas as gpd
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+import rasterio.features
 import shapely
 from rasterio.transform import from_origin
 
@@ -107,3 +109,29 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fresh_world(tmp_path: Path) -> Path:
     """A modifiable copy of the tiny world."""
     return make_tiny_world(tmp_path / "world")
+
+
+def read_raster(path: Path) -> np.ndarray:
+    """All bands of a raster file."""
+    with rasterio.open(path) as ds:
+        return ds.read()
+
+
+def read_counts(path: Path) -> dict[int, int]:
+    """``region_id,count`` CSV of a generated world (checks the header)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0].keys()) == ["region_id", "count"]
+    return {int(r["region_id"]): int(r["count"]) for r in rows}
+
+
+def region_raster(world) -> np.ndarray:  # noqa: ANN001 - SyntheticWorld or SettlementWorld
+    """The world's census polygons burnt onto its land-cover grid (pixel centres)."""
+    gdf = gpd.read_file(world.census_regions)
+    with rasterio.open(world.land_cover) as ds:
+        transform, shape, crs = ds.transform, ds.shape, ds.crs
+    gdf = gdf.to_crs(crs)
+    return rasterio.features.rasterize(
+        zip(gdf.geometry, gdf["region_id"].astype(int)), out_shape=shape, transform=transform, fill=0,
+        dtype="int32",
+    )

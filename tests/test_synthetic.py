@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -12,6 +11,8 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.features
+
+from conftest import read_counts, read_raster, region_raster
 
 from popcorn.datamodules.synthetic import (
     LAND_COVER_CLASSES,
@@ -32,29 +33,6 @@ CODE = {name: code for code, name in LAND_COVER_CLASSES.items()}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> SyntheticWorld:
     return make_synthetic_world(tmp_path_factory.mktemp("synthetic"), size_px=SIZE, seed=3, n_regions=N_REGIONS)
-
-
-def read(path: Path) -> np.ndarray:
-    with rasterio.open(path) as ds:
-        return ds.read()
-
-
-def read_counts(path: Path) -> dict[int, int]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert list(rows[0].keys()) == ["region_id", "count"]
-    return {int(r["region_id"]): int(r["count"]) for r in rows}
-
-
-def region_raster(world: SyntheticWorld) -> np.ndarray:
-    gdf = gpd.read_file(world.census_regions)
-    with rasterio.open(world.land_cover) as ds:
-        transform, shape, crs = ds.transform, ds.shape, ds.crs
-    gdf = gdf.to_crs(crs)
-    return rasterio.features.rasterize(
-        zip(gdf.geometry, gdf["region_id"].astype(int)), out_shape=shape, transform=transform, fill=0,
-        dtype="int32",
-    )
 
 
 def test_world_dir_and_paths(world: SyntheticWorld) -> None:
@@ -118,14 +96,14 @@ def test_truth_files(world: SyntheticWorld) -> None:
     occ = meta["occupancy_people_per_built_pixel"]
     assert occ["urban_centre"] > occ["inner_town"] > occ["suburb"] > occ["village"] > 0
     assert occ["industrial_commercial"] == 0
-    pop = read(world.population_10m)[0]
+    pop = read_raster(world.population_10m)[0]
     assert meta["total_population"] == pytest.approx(float(pop.sum(dtype=np.float64)), rel=1e-6)
     assert meta["creation_parameters"]["count_noise"] == 0.0
 
 
 def test_population_1ha_is_block_sum(world: SyntheticWorld) -> None:
-    pop10 = read(world.population_10m)[0].astype(np.float64)
-    pop1ha = read(world.population_1ha)[0]
+    pop10 = read_raster(world.population_10m)[0].astype(np.float64)
+    pop1ha = read_raster(world.population_1ha)[0]
     n = SIZE // 10
     sums = pop10.reshape(n, 10, n, 10).sum(axis=(1, 3))
     np.testing.assert_allclose(pop1ha, sums, rtol=1e-5, atol=1e-4)
@@ -133,9 +111,9 @@ def test_population_1ha_is_block_sum(world: SyntheticWorld) -> None:
 
 
 def test_population_by_zone(world: SyntheticWorld) -> None:
-    lc = read(world.land_cover)[0]
-    bf = read(world.builtup_fraction)[0]
-    pop = read(world.population_10m)[0]
+    lc = read_raster(world.land_cover)[0]
+    bf = read_raster(world.builtup_fraction)[0]
+    pop = read_raster(world.population_10m)[0]
     ind = lc == CODE["industrial_commercial"]
     assert bf[ind].max() > 0.5 and bf[ind].mean() > 0.1, "industrial zones are built up"
     assert np.all(pop[ind] == 0), "industrial zones have no residents"
@@ -156,7 +134,7 @@ def test_census(world: SyntheticWorld) -> None:
     assert sorted(gdf["region_id"]) == list(range(1, N_REGIONS + 1)), "one row per region, ids 1..N"
     assert set(gdf.geom_type) <= {"Polygon", "MultiPolygon"} and gdf.is_valid.all()
     raster = region_raster(world)
-    pop = read(world.population_10m)[0]
+    pop = read_raster(world.population_10m)[0]
     labels = _census_labels(pop, N_REGIONS, world.seed)
     np.testing.assert_array_equal(raster, labels)
     assert raster.min() >= 1, "every pixel belongs to a region"
@@ -189,10 +167,10 @@ def test_count_noise_and_census_regeneration(world: SyntheticWorld, tmp_path: Pa
 
 
 def test_seasons(world: SyntheticWorld) -> None:
-    lc = read(world.land_cover)[0]
+    lc = read_raster(world.land_cover)[0]
 
     def ndvi(season: str) -> np.ndarray:
-        s2 = read(world.imagery_dir / f"S2_{season}.tif").astype(np.float64)
+        s2 = read_raster(world.imagery_dir / f"S2_{season}.tif").astype(np.float64)
         s2[s2 == 0] = np.nan
         return (s2[3] - s2[2]) / (s2[3] + s2[2])
 
@@ -204,11 +182,11 @@ def test_seasons(world: SyntheticWorld) -> None:
 
 
 def test_reflectance_and_backscatter_levels(world: SyntheticWorld) -> None:
-    lc = read(world.land_cover)[0]
-    bf = read(world.builtup_fraction)[0]
-    s2 = read(world.imagery_dir / "S2_summer.tif").astype(np.float64)
+    lc = read_raster(world.land_cover)[0]
+    bf = read_raster(world.builtup_fraction)[0]
+    s2 = read_raster(world.imagery_dir / "S2_summer.tif").astype(np.float64)
     s2[s2 == 0] = np.nan
-    s1 = read(world.imagery_dir / "S1_summer.tif")
+    s1 = read_raster(world.imagery_dir / "S1_summer.tif")
     dense = (bf > 0.8) & np.isin(lc, [CODE["urban_centre"], CODE["inner_town"], CODE["suburb"]])
     roof = np.nanmean(s2[:, dense], axis=1)
     assert np.all((roof > 800) & (roof < 2400)), roof
@@ -227,7 +205,7 @@ def test_reflectance_and_backscatter_levels(world: SyntheticWorld) -> None:
 def test_s2_has_nodata(world: SyntheticWorld) -> None:
     total = 0
     for season in SEASONS:
-        s2 = read(world.imagery_dir / f"S2_{season}.tif")
+        s2 = read_raster(world.imagery_dir / f"S2_{season}.tif")
         gap = s2 == 0
         assert np.array_equal(gap[0], gap.all(axis=0)), "cloud gaps cover every band"
         total += int(gap[0].sum())
@@ -245,9 +223,9 @@ def test_cache_and_determinism(world: SyntheticWorld, tmp_path: Path) -> None:
     same = make_synthetic_world(tmp_path / "a", size_px=SIZE, seed=3, n_regions=N_REGIONS)
     other = make_synthetic_world(tmp_path / "b", size_px=SIZE, seed=4, n_regions=N_REGIONS)
     for name in ("S2_spring.tif", "S1_winter.tif", "population_10m.tif", "land_cover.tif"):
-        a = read(world.imagery_dir / name if name.startswith("S") else world.directory / name)
-        b = read(same.imagery_dir / name if name.startswith("S") else same.directory / name)
-        c = read(other.imagery_dir / name if name.startswith("S") else other.directory / name)
+        a = read_raster(world.imagery_dir / name if name.startswith("S") else world.directory / name)
+        b = read_raster(same.imagery_dir / name if name.startswith("S") else same.directory / name)
+        c = read_raster(other.imagery_dir / name if name.startswith("S") else other.directory / name)
         np.testing.assert_array_equal(a, b)
         assert not np.array_equal(a, c, equal_nan=True), name
     assert read_counts(same.census_counts) == read_counts(world.census_counts)
@@ -255,12 +233,12 @@ def test_cache_and_determinism(world: SyntheticWorld, tmp_path: Path) -> None:
 
 def test_incomplete_world_is_regenerated(tmp_path: Path) -> None:
     w = make_synthetic_world(tmp_path, size_px=100, seed=1, n_regions=5)
-    ref = read(w.population_10m)
+    ref = read_raster(w.population_10m)
     (w.directory / "world.json").unlink()
     w.land_cover.unlink()
     w2 = make_synthetic_world(tmp_path, size_px=100, seed=1, n_regions=5)
     assert (w2.directory / "world.json").is_file() and w2.land_cover.is_file()
-    np.testing.assert_array_equal(read(w2.population_10m), ref)
+    np.testing.assert_array_equal(read_raster(w2.population_10m), ref)
     mtime = w2.land_cover.stat().st_mtime_ns
     make_synthetic_world(tmp_path, size_px=100, seed=1, n_regions=5, overwrite=True)
     assert w2.land_cover.stat().st_mtime_ns != mtime
@@ -290,14 +268,14 @@ def test_published_builtup_weights_see_the_towns(world: SyntheticWorld) -> None:
     from popcorn.models import BuiltUpExtractor
 
     net = BuiltUpExtractor.from_pretrained(str(CHECKPOINT))
-    lc = read(world.land_cover)[0]
-    bf = read(world.builtup_fraction)[0]
+    lc = read_raster(world.land_cover)[0]
+    bf = read_raster(world.builtup_fraction)[0]
     dense = bf > 0.3
     vegetation = np.isin(lc, [CODE["forest"], CODE["farmland"], CODE["grassland"]])
     for season in ("summer", "winter"):
-        s2 = read(world.imagery_dir / f"S2_{season}.tif").astype(np.float32)
+        s2 = read_raster(world.imagery_dir / f"S2_{season}.tif").astype(np.float32)
         s2[s2 == 0] = np.nan
-        s1 = read(world.imagery_dir / f"S1_{season}.tif").astype(np.float32)
+        s1 = read_raster(world.imagery_dir / f"S1_{season}.tif").astype(np.float32)
         with torch.no_grad():
             score = net(torch.from_numpy(s1)[None], torch.from_numpy(s2)[None])[0, 0].numpy()
         assert score[dense].mean() > 0.5, season

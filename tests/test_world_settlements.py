@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.features
+
+from conftest import read_counts, read_raster, region_raster
 
 from popcorn.datamodules.synthetic import SEASONS
 from popcorn.datamodules.world_settlements import (
@@ -36,26 +37,6 @@ MEAN_HA = 40.0  # ~15 regions of 13-80 ha on 625 ha
 def world(tmp_path_factory: pytest.TempPathFactory) -> SettlementWorld:
     return make_settlement_world(tmp_path_factory.mktemp("settlements"), size_px=SIZE, seed=SEED,
                                  mean_region_ha=MEAN_HA)
-
-
-def read(path: Path) -> np.ndarray:
-    with rasterio.open(path) as ds:
-        return ds.read()
-
-
-def read_counts(path: Path) -> dict[int, int]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert list(rows[0].keys()) == ["region_id", "count"]
-    return {int(r["region_id"]): int(r["count"]) for r in rows}
-
-
-def region_raster(world: SettlementWorld) -> np.ndarray:
-    gdf = gpd.read_file(world.census_regions)
-    with rasterio.open(world.land_cover) as ds:
-        transform, shape = ds.transform, ds.shape
-    return rasterio.features.rasterize(zip(gdf.geometry, gdf["region_id"].astype(int)), out_shape=shape,
-                                       transform=transform, fill=0, dtype="int32")
 
 
 def test_paths_and_files(world: SettlementWorld) -> None:
@@ -89,12 +70,12 @@ def test_imagery_formats(world: SettlementWorld) -> None:
         assert gap.any() and (np.isnan(s1[1]) == gap).all() and gap.mean() < 0.1
         assert -30 < np.nanmedian(s1[0]) < 0 and np.nanmedian(s1[1]) < np.nanmedian(s1[0])
         strips += int((gap.sum(axis=0) > SIZE // 5).any() or (gap.sum(axis=1) > SIZE // 5).any())
-    assert (read(world.s2_path("winter"))[0] == 0).any(), "cloud gaps in winter"
+    assert (read_raster(world.s2_path("winter"))[0] == 0).any(), "cloud gaps in winter"
     assert strips >= 1, "some seasons have NaN strips in S1"
 
 
 def test_truth_rasters(world: SettlementWorld) -> None:
-    bf, pop, lc = read(world.builtup_fraction)[0], read(world.population_10m)[0], read(world.land_cover)[0]
+    bf, pop, lc = read_raster(world.builtup_fraction)[0], read_raster(world.population_10m)[0], read_raster(world.land_cover)[0]
     assert bf.dtype == pop.dtype == np.float32 and lc.dtype == np.uint8
     assert 0.0 <= bf.min() and bf.max() <= 1.0 and pop.min() >= 0.0
     assert set(np.unique(lc)) <= set(LAND_COVER_CLASSES)
@@ -138,7 +119,7 @@ def test_census_regions(world: SettlementWorld) -> None:
     assert lo <= areas_ha.min() and areas_ha.max() <= hi, (areas_ha.min(), areas_ha.max())
     np.testing.assert_allclose(gdf.area.to_numpy() / 1e4, areas_ha[gdf["region_id"].to_numpy() - 1])
     assert 0.6 * MEAN_HA < areas_ha.mean() < 1.4 * MEAN_HA
-    pop = read(world.population_10m)[0].astype(np.float64)
+    pop = read_raster(world.population_10m)[0].astype(np.float64)
     sums = np.bincount(raster.ravel(), weights=pop.ravel(), minlength=n + 1)
     counts = read_counts(world.census_counts)
     assert sorted(counts) == list(range(1, n + 1))
@@ -157,13 +138,13 @@ def test_default_region_sizes() -> None:
 def test_determinism_and_cache(world: SettlementWorld, tmp_path: Path) -> None:
     again = make_settlement_world(tmp_path, size_px=SIZE, seed=SEED, mean_region_ha=MEAN_HA)
     for a, b in zip(world.files()[:-2], again.files()[:-2]):
-        np.testing.assert_array_equal(read(a), read(b), err_msg=a.name)
+        np.testing.assert_array_equal(read_raster(a), read_raster(b), err_msg=a.name)
     assert read_counts(world.census_counts) == read_counts(again.census_counts)
     stamp = again.s2_path("spring").stat().st_mtime_ns
     make_settlement_world(tmp_path, size_px=SIZE, seed=SEED, mean_region_ha=MEAN_HA)
     assert again.s2_path("spring").stat().st_mtime_ns == stamp, "a complete world is reused"
     other = make_settlement_world(tmp_path, size_px=SIZE, seed=TUNING_SEEDS[1], mean_region_ha=MEAN_HA)
-    assert not np.array_equal(read(other.land_cover), read(world.land_cover)), "layout differs per seed"
+    assert not np.array_equal(read_raster(other.land_cover), read_raster(world.land_cover)), "layout differs per seed"
     noisy = make_settlement_world(tmp_path, size_px=SIZE, seed=SEED, mean_region_ha=MEAN_HA, count_noise=0.3)
     assert again.s2_path("spring").stat().st_mtime_ns == stamp, "census change keeps the imagery"
     assert read_counts(noisy.census_counts) != read_counts(world.census_counts)
@@ -194,10 +175,10 @@ def test_domain_shift_changes_imagery(world: SettlementWorld, tmp_path: Path) ->
     shifted = make_settlement_world(tmp_path, size_px=SIZE, seed=SEED, mean_region_ha=MEAN_HA,
                                     domain_shift="other_continent")
     assert shifted.directory.name.endswith("_shift-other_continent") and shifted.domain_shift == "other_continent"
-    s2a, s2b = read(world.s2_path("summer")).astype(float), read(shifted.s2_path("summer")).astype(float)
+    s2a, s2b = read_raster(world.s2_path("summer")).astype(float), read_raster(shifted.s2_path("summer")).astype(float)
     assert np.abs(s2a - s2b).mean() > 20
-    assert not np.allclose(read(world.s1_path("summer")), read(shifted.s1_path("summer")), equal_nan=True)
-    np.testing.assert_array_equal(read(world.population_10m), read(shifted.population_10m))
+    assert not np.allclose(read_raster(world.s1_path("summer")), read_raster(shifted.s1_path("summer")), equal_nan=True)
+    np.testing.assert_array_equal(read_raster(world.population_10m), read_raster(shifted.population_10m))
     assert read_counts(world.census_counts) == read_counts(shifted.census_counts)
     none = make_settlement_world(tmp_path, size_px=SIZE, seed=SEED, mean_region_ha=MEAN_HA, domain_shift="none")
     assert none.directory.name == world.directory.name

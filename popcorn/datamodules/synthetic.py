@@ -962,6 +962,25 @@ def _build_scene(n: int, seed: int, progress: tqdm) -> dict[str, Any]:
 
 # ============================================================================================
 # Rendering
+def vegetation_spectra(
+    sc: dict[str, Any], band: int, greenness: np.ndarray, is_crop: np.ndarray,
+    deciduous_greenness: float, wetness: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reflectance x 1e4 of herbaceous cover and of tree canopy in one S2 band.
+
+    Herbs mix green vegetation with their background (moist soil on crops, dry grass elsewhere)
+    by the seasonal ``greenness``; trees mix conifer and deciduous (green to bare by
+    ``deciduous_greenness``) spectra. ``sc`` holds the per-pixel variations (``fvar_soil``,
+    ``fvar_veg``, ``conifer``, ``canopy``); shared by both world generators.
+    """
+    soil = sc["fvar_soil"]
+    background = np.where(is_crop, _SOIL[band] * wetness * soil, _DRY_GRASS[band] * soil)
+    herb = greenness * _GREEN_HERB[band] * sc["fvar_veg"] + (1.0 - greenness) * background
+    deciduous = deciduous_greenness * _DECID_GREEN[band] + (1.0 - deciduous_greenness) * _DECID_BARE[band]
+    tree = (sc["conifer"] * _CONIFER[band] + (1.0 - sc["conifer"]) * deciduous) * sc["canopy"]
+    return herb, tree
+
+
 def _render_s2(sc: dict[str, Any], season: str, rng: np.random.Generator) -> np.ndarray:
     """(4, n, n) uint16 reflectance x 1e4, nodata 0 under cloud gaps."""
     si = SEASONS.index(season)
@@ -987,10 +1006,7 @@ def _render_s2(sc: dict[str, Any], season: str, rng: np.random.Generator) -> np.
     mats = _ROOF_MATERIALS[sc["mat"]]  # (n, n, 4)
     out = np.empty((4, n, n), dtype=np.float32)
     for bi in range(4):
-        herb_bg = np.where(is_crop, _SOIL[bi] * wet * sc["fvar_soil"], _DRY_GRASS[bi] * sc["fvar_soil"])
-        herb_spec = g * _GREEN_HERB[bi] * sc["fvar_veg"] + (1.0 - g) * herb_bg
-        decid = gd * _DECID_GREEN[bi] + (1.0 - gd) * _DECID_BARE[bi]
-        tree_spec = (sc["conifer"] * _CONIFER[bi] + (1.0 - sc["conifer"]) * decid) * sc["canopy"]
+        herb_spec, tree_spec = vegetation_spectra(sc, bi, g, is_crop, gd, wet)
         x = (
             roof * mats[..., bi] * sc["roof_bright"]
             + ((street + road) * _ASPHALT[bi] * sc["asph_var"] + paved * _PAVED[bi]

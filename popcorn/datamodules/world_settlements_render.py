@@ -20,12 +20,7 @@ from scipy import ndimage
 
 from popcorn.datamodules.synthetic import (
     _ASPHALT,
-    _CONIFER,
-    _DECID_BARE,
-    _DECID_GREEN,
     _DECID_GREENNESS,
-    _DRY_GRASS,
-    _GREEN_HERB,
     _GREENNESS,
     _PAVED,
     _S1_ASPHALT,
@@ -39,10 +34,10 @@ from popcorn.datamodules.synthetic import (
     _S1_WATER_VH,
     _S1_WATER_VV,
     _SEASON_LIGHT,
-    _SOIL,
     _WATER,
     HERB_MAIZE,
     HERB_RAPESEED,
+    vegetation_spectra,
     HERB_WINTER_CEREAL,
     SEASONS,
     _db_to_lin,
@@ -120,10 +115,7 @@ def render_s2(sc: dict[str, Any], season: str, rng: np.random.Generator) -> np.n
     mats = sc["roof_spec"][sc["mat"]]  # (n, n, 4)
     out = np.empty((4, n, n), dtype=np.float32)
     for bi in range(4):
-        herb_bg = np.where(is_crop, _SOIL[bi] * wet * sc["fvar_soil"], _DRY_GRASS[bi] * sc["fvar_soil"])
-        herb_spec = g * _GREEN_HERB[bi] * sc["fvar_veg"] + (1.0 - g) * herb_bg
-        decid = gd * _DECID_GREEN[bi] + (1.0 - gd) * _DECID_BARE[bi]
-        tree_spec = (sc["conifer"] * _CONIFER[bi] + (1.0 - sc["conifer"]) * decid) * sc["canopy"]
+        herb_spec, tree_spec = vegetation_spectra(sc, bi, g, is_crop, gd, wet)
         ground = (f["asphalt"] * _ASPHALT[bi] * sc["asph_var"] + f["dirt"] * _DIRT[bi] * wet
                   + f["paved"] * _PAVED[bi] + f["bare"] * _BARE[bi] * wet * sc["fvar_soil"]
                   + f["herb"] * herb_spec + f["tree"] * tree_spec)
