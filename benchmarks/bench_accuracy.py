@@ -227,8 +227,6 @@ def evaluate(maps_1ha: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, di
 
 def where_people_go(maps_10m: dict[str, np.ndarray], world: Path) -> dict[str, dict[str, float]]:
     """People per settlement type, on zero-resident built-up and on non-built pixels."""
-    import rasterio
-
     truth = read(world / "population_10m.tif")
     builtup = read(world / "builtup_fraction.tif")
     cover = read(world / "land_cover.tif")
@@ -240,7 +238,6 @@ def where_people_go(maps_10m: dict[str, np.ndarray], world: Path) -> dict[str, d
             groups[name] = mask
     groups["zero-resident built-up"] = (builtup > 0) & (truth <= 0)
     groups["non-built pixels"] = builtup <= 0
-    rasterio  # noqa: B018 - imported for read()
     out: dict[str, dict[str, float]] = {}
     for group, mask in groups.items():
         row = {"truth": float(np.nansum(truth[mask]))}
@@ -251,14 +248,9 @@ def where_people_go(maps_10m: dict[str, np.ndarray], world: Path) -> dict[str, d
 
 
 def settlement_names(world: Path) -> dict[int, str]:
-    """Land-cover code -> type name of a settlement world (from its world.json)."""
+    """Land-cover code -> type name of a settlement world (its world.json)."""
     meta = json.loads((world / "world.json").read_text())
-    for key in ("settlement_types", "land_cover_classes", "classes"):
-        if key in meta:
-            return {int(k): str(v) for k, v in meta[key].items()}
-    from popcorn.datamodules.world_settlements import SETTLEMENT_TYPES
-
-    return dict(SETTLEMENT_TYPES)
+    return {int(k): str(v) for k, v in meta["settlement_types"].items()}
 
 
 def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:

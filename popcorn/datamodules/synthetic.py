@@ -962,6 +962,14 @@ def _build_scene(n: int, seed: int, progress: tqdm) -> dict[str, Any]:
 
 # ============================================================================================
 # Rendering
+def herb_greenness(sc: dict[str, Any], season_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Optical greenness in [0, 1] of the herbaceous cover (crop cycle + field phase, scaled by
+    the field's vigour) and the crop mask, for one season; shared by both world generators."""
+    g_tab = np.array([_GREENNESS[h][season_index] for h in sorted(_GREENNESS)], dtype=np.float32)
+    g = np.clip(g_tab[sc["herb"]] + sc["fphase"], 0.0, 1.0) * np.clip(sc["fvar_veg"], 0, 1.2)
+    return np.clip(g, 0.0, 1.0), np.isin(sc["herb"], (HERB_WINTER_CEREAL, HERB_MAIZE, HERB_RAPESEED))
+
+
 def vegetation_spectra(
     sc: dict[str, Any], band: int, greenness: np.ndarray, is_crop: np.ndarray,
     deciduous_greenness: float, wetness: float,
@@ -990,10 +998,7 @@ def _render_s2(sc: dict[str, Any], season: str, rng: np.random.Generator) -> np.
     veg = open_f - paved
     tree = veg * sc["tree_share"]
     herb_f = veg - tree
-    g_tab = np.array([_GREENNESS[h][si] for h in sorted(_GREENNESS)], dtype=np.float32)
-    g = np.clip(g_tab[sc["herb"]] + sc["fphase"], 0.0, 1.0) * np.clip(sc["fvar_veg"], 0, 1.2)
-    g = np.clip(g, 0.0, 1.0)
-    is_crop = np.isin(sc["herb"], (HERB_WINTER_CEREAL, HERB_MAIZE, HERB_RAPESEED))
+    g, is_crop = herb_greenness(sc, si)
     gd = _DECID_GREENNESS[si]
     # building shadows: cast north (up), longer in winter
     shift = {"spring": 1, "summer": 1, "autumn": 1, "winter": 2}[season]

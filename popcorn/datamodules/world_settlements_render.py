@@ -21,7 +21,6 @@ from scipy import ndimage
 from popcorn.datamodules.synthetic import (
     _ASPHALT,
     _DECID_GREENNESS,
-    _GREENNESS,
     _PAVED,
     _S1_ASPHALT,
     _S1_HERB,
@@ -35,10 +34,8 @@ from popcorn.datamodules.synthetic import (
     _S1_WATER_VV,
     _SEASON_LIGHT,
     _WATER,
-    HERB_MAIZE,
-    HERB_RAPESEED,
+    herb_greenness,
     vegetation_spectra,
-    HERB_WINTER_CEREAL,
     SEASONS,
     _db_to_lin,
     _hash_u01,
@@ -85,12 +82,6 @@ def _fractions(sc: dict[str, Any]) -> dict[str, np.ndarray]:
             "asphalt": sc["street"] - dirt + sc["road"]}
 
 
-def _greenness(sc: dict[str, Any], si: int) -> tuple[np.ndarray, np.ndarray]:
-    g_tab = np.array([_GREENNESS[h][si] for h in sorted(_GREENNESS)], dtype=np.float32)
-    g = np.clip(np.clip(g_tab[sc["herb"]] + sc["fphase"], 0.0, 1.0) * np.clip(sc["fvar_veg"], 0, 1.2), 0, 1)
-    return g, np.isin(sc["herb"], (HERB_WINTER_CEREAL, HERB_MAIZE, HERB_RAPESEED))
-
-
 def _shadow(sc: dict[str, Any], season: str) -> np.ndarray:
     """Fraction of each pixel in a building's shadow (cast north, longer in winter)."""
     roof, height = sc["roof"], sc["shadow_px"]
@@ -108,7 +99,7 @@ def render_s2(sc: dict[str, Any], season: str, rng: np.random.Generator) -> np.n
     si = SEASONS.index(season)
     n = sc["lc"].shape[0]
     f = _fractions(sc)
-    g, is_crop = _greenness(sc, si)
+    g, is_crop = herb_greenness(sc, si)
     gd = _DECID_GREENNESS[si]
     shade = 1.0 - _shadow(sc, season)
     wet = 0.85 if season in ("winter", "spring") else 1.0
@@ -147,7 +138,7 @@ def render_s1(sc: dict[str, Any], season: str, rng: np.random.Generator) -> np.n
     si = SEASONS.index(season)
     n = sc["lc"].shape[0]
     f = _fractions(sc)
-    g, is_crop = _greenness(sc, si)
+    g, is_crop = herb_greenness(sc, si)
     gd = _DECID_GREENNESS[si]
     out = np.empty((2, n, n), dtype=np.float32)
     for pi in range(2):

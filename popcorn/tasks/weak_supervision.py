@@ -136,6 +136,8 @@ class WeakSupervisionTask(LightningModule):
             self.model.occupancy.requires_grad_(False)
         # Saved in checkpoints so a resumed run does not estimate the bias again.
         self.register_buffer("bias_initialised", torch.tensor(occupancy_bias_init is not None))
+        self._epoch_start = time.perf_counter()  # throughput of the running training epoch
+        self._epoch_region_pixels = 0
         self._val_sums: list[torch.Tensor] = []
         self._val_counts: list[torch.Tensor] = []
         self._val_cells: list[tuple[np.ndarray, np.ndarray]] = []
@@ -220,19 +222,17 @@ class WeakSupervisionTask(LightningModule):
         return loss, data_loss, occupancy, sums, counts, out["population"]
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_clock = (time.perf_counter(), 0)
+        self._epoch_start = time.perf_counter()
+        self._epoch_region_pixels = 0
 
     def on_train_epoch_end(self) -> None:
-        start, pixels = getattr(self, "_epoch_clock", (time.perf_counter(), 0))
-        seconds = time.perf_counter() - start
-        if pixels and seconds > 0:
-            self.log("train/region_pixels_per_s", pixels / seconds)
+        seconds = time.perf_counter() - self._epoch_start
+        if self._epoch_region_pixels and seconds > 0:
+            self.log("train/region_pixels_per_s", self._epoch_region_pixels / seconds)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, data_loss, occupancy, _, _, _ = self._region_step(batch)
-        if hasattr(self, "_epoch_clock"):
-            start, pixels = self._epoch_clock
-            self._epoch_clock = (start, pixels + int(batch["region_mask"].sum()))
+        self._epoch_region_pixels += int(batch["region_mask"].sum())
         n = len(batch["count"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/log_l1", data_loss, on_epoch=True, batch_size=n)
