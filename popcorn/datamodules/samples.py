@@ -124,32 +124,6 @@ class LabelRaster:
         return out
 
 
-class PatchSamples(Dataset[dict[str, Any]]):
-    """S1, S2 and the built-up fraction label over a :class:`PatchKey` window.
-
-    Label pixels that are nodata or outside the labels raster become 0 (not built up).
-    """
-
-    def __init__(
-        self, s1: Sentinel1Composite, s2: Sentinel2Composite, labels: LabelRaster
-    ) -> None:
-        self.s1, self.s2, self.labels = s1, s2, labels
-
-    def __len__(self) -> int:  # pragma: no cover - sampled by keys
-        return 0
-
-    def __getitem__(self, key: PatchKey) -> dict[str, Any]:
-        season, window = key
-        lab = self.labels.read(window, fill=0.0)
-        lab = np.clip(np.nan_to_num(lab, nan=0.0), 0.0, 1.0)
-        return {
-            "s1": self.s1.read_window(season, window),
-            "s2": self.s2.read_window(season, window),
-            "builtup": torch.from_numpy(lab)[None],
-            "season": season,
-        }
-
-
 class ImagePatches(Dataset[dict[str, Any]]):
     """S1 and S2 over a :class:`PatchKey` window and nothing else: unlabelled (target) patches.
 
@@ -169,6 +143,25 @@ class ImagePatches(Dataset[dict[str, Any]]):
             "s2": self.s2.read_window(season, window),
             "season": season,
         }
+
+
+class PatchSamples(ImagePatches):
+    """S1, S2 and the built-up fraction label over a :class:`PatchKey` window.
+
+    Label pixels that are nodata or outside the labels raster become 0 (not built up).
+    """
+
+    def __init__(
+        self, s1: Sentinel1Composite, s2: Sentinel2Composite, labels: LabelRaster
+    ) -> None:
+        super().__init__(s1, s2)
+        self.labels = labels
+
+    def __getitem__(self, key: PatchKey) -> dict[str, Any]:
+        _, window = key
+        lab = self.labels.read(window, fill=0.0)
+        lab = np.clip(np.nan_to_num(lab, nan=0.0), 0.0, 1.0)
+        return {**super().__getitem__(key), "builtup": torch.from_numpy(lab)[None]}
 
 
 def _pad_stack(tensors: Sequence[Tensor], h: int, w: int, fill: float | bool) -> Tensor:
