@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     BinaryF1Score,
     BinaryJaccardIndex,
@@ -35,10 +36,12 @@ LABEL_THRESHOLD = 0.5
 def _metrics(threshold: float) -> nn.ModuleDict:
     """Table 9's scores of the fused output, plus the IoU of the single-sensor outputs."""
     return nn.ModuleDict({
-        "iou": BinaryJaccardIndex(threshold=threshold),
-        "f1": BinaryF1Score(threshold=threshold),
-        "precision": BinaryPrecision(threshold=threshold),
-        "recall": BinaryRecall(threshold=threshold),
+        "fused": MetricCollection({
+            "iou": BinaryJaccardIndex(threshold=threshold),
+            "f1": BinaryF1Score(threshold=threshold),
+            "precision": BinaryPrecision(threshold=threshold),
+            "recall": BinaryRecall(threshold=threshold),
+        }),
         "iou_s1": BinaryJaccardIndex(threshold=threshold),
         "iou_s2": BinaryJaccardIndex(threshold=threshold),
     })
@@ -174,10 +177,7 @@ class BuiltUpTask(LightningModule):
         label = batch["builtup"].float()
         truth = (label >= LABEL_THRESHOLD).int()
         metrics = self.val_metrics[domain]
-        metrics["iou"].update(torch.sigmoid(fused), truth)
-        metrics["f1"].update(torch.sigmoid(fused), truth)
-        metrics["precision"].update(torch.sigmoid(fused), truth)
-        metrics["recall"].update(torch.sigmoid(fused), truth)
+        metrics["fused"].update(torch.sigmoid(fused), truth)
         metrics["iou_s1"].update(torch.sigmoid(self.model.sar_out_conv(f_sar).float()), truth)
         metrics["iou_s2"].update(torch.sigmoid(self.model.optical_out_conv(f_opt).float()), truth)
         bce = F.binary_cross_entropy_with_logits(fused, label)
@@ -187,10 +187,12 @@ class BuiltUpTask(LightningModule):
     def on_validation_epoch_end(self) -> None:
         for domain in sorted(self._val_seen):
             metrics = self.val_metrics[domain]
-            for name, metric in metrics.items():
-                self.log(f"val/{domain}/{name}", metric.compute(), prog_bar=name == "iou",
-                         add_dataloader_idx=False)
-                with torch.inference_mode(False):  # fresh states usable by validate() and fit()
+            scores = {**metrics["fused"].compute(), "iou_s1": metrics["iou_s1"].compute(),
+                      "iou_s2": metrics["iou_s2"].compute()}
+            for name, value in scores.items():
+                self.log(f"val/{domain}/{name}", value, prog_bar=name == "iou", add_dataloader_idx=False)
+            with torch.inference_mode(False):  # fresh states usable by validate() and fit()
+                for metric in metrics.values():
                     metric.reset()
         self._val_seen.clear()
 
