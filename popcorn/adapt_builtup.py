@@ -18,8 +18,6 @@ The export (published layout, ``{"network": state_dict}``) is written when fit e
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 from jsonargparse import lazy_instance
@@ -29,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from popcorn.datamodules.builtup_datamodule import BuiltUpDataModule
+from popcorn.fit import cli_arguments, last_checkpoint
 from popcorn.tasks.builtup import BuiltUpTask
 
 SUBCOMMANDS = ("fit", "validate")
@@ -88,24 +87,16 @@ class AdaptBuiltUpCLI(LightningCLI):
         rank_zero_info(f"built-up extractor exported to {output}")
 
 
-def last_only() -> ModelCheckpoint:
-    """``last.ckpt`` rewritten after every epoch (the folder is set in ``before_fit``)."""
-    return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-
-
 def main(args: list[str] | None = None) -> AdaptBuiltUpCLI:
     """Entry point; ``fit`` is the default subcommand."""
-    os.environ.setdefault("WANDB_MODE", "offline")
-    argv = list(sys.argv[1:] if args is None else args)
-    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
-        argv.insert(0, "fit")
+    argv = cli_arguments(args, SUBCOMMANDS)
     return AdaptBuiltUpCLI(
         BuiltUpTask,
         BuiltUpDataModule,
         subclass_mode_data=True,
         args=argv,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [last_only()]},
+        trainer_defaults={"callbacks": [last_checkpoint()]},  # folder set in before_fit
     )
 
 

@@ -250,12 +250,18 @@ def last_checkpoint() -> ModelCheckpoint:
     return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
-def main(args: list[str] | None = None) -> PopcornCLI:
-    """Entry point; ``fit`` is the default subcommand."""
+def cli_arguments(args: list[str] | None, subcommands: tuple[str, ...]) -> list[str]:
+    """Command-line arguments with ``fit`` as the default subcommand (W&B offline by default)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     argv = list(sys.argv[1:] if args is None else args)
-    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0] not in subcommands and argv[0] not in ("-h", "--help")):
         argv.insert(0, "fit")
+    return argv
+
+
+def main(args: list[str] | None = None) -> PopcornCLI:
+    """Entry point; ``fit`` is the default subcommand."""
+    argv = cli_arguments(args, SUBCOMMANDS)
     return PopcornCLI(
         WeakSupervisionTask,
         CensusDataModule,
