@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from popcorn.models.builtup import default_cache_dir
+from popcorn.models.popcorn import LOG_OCCUPANCY_CAP
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ SOURCE = r"""// POPCORN CPU inference kernels (fp32). Compiled at run time by po
 //
 // Every kernel processes a range of output rows [y0, y1) so that the caller can split the work
 // across threads. Accumulation is in fp32; only the order of the additions differs from oneDNN.
+#include <math.h>
 #include <stddef.h>
 #include <string.h>
 
@@ -313,7 +315,7 @@ void prepare(const float* x, int C, int H, int W, int pad, const float* mean, co
 
 extern "C" {
 
-int popcorn_kernels_version(void) { return 5; }
+int popcorn_kernels_version(void) { return 6; }
 
 #define CONV_VARIANT(NAME, COB, XB)                                                                       \
   void NAME(const float* const* src, const int* sch, int nsrc, int Cin, int H, int W, int S, const float* w, \
@@ -391,10 +393,11 @@ static inline void dense64(const v16 (*in)[2], int K, const float* w, const floa
 // final products, on rows [y0, y1) of the outputs (bu, pop, occ: row stride ldo):
 //   split:  occ = relu(raw), pop = bu * occ; where bu <= thr (thr > 0) the head is skipped:
 //           occ = NaN, pop = 0 (a 32-pixel block whose bu are all <= thr is not computed);
-//   direct: pop = occ = relu(raw) everywhere (bu unused).
+//   direct: pop = occ = relu(raw) everywhere (bu unused);
+//   log_cap > 0 (occupancy_activation "exp"): exp(min(raw, log_cap)) instead of relu(raw).
 void head(const float* const* src, int nsrc, int Hb, int S, int top, int left, int W, const float* w1,
           const float* b1, const float* w2, const float* b2, const float* w3, const float* b3, const float* w4,
-          float b4, const float* bu, int ldo, float thr, int split, float* pop, float* occ, int y0, int y1) {
+          float b4, const float* bu, int ldo, float thr, int split, float log_cap, float* pop, float* occ, int y0, int y1) {
   const size_t plane = (size_t)(Hb + 2) * S;
   const int K = 8 * nsrc;
   const float nan = __builtin_nanf("");
@@ -430,10 +433,16 @@ void head(const float* const* src, int nsrc, int Hb, int S, int top, int left, i
             a1 += h1[k][1] * w4[k];
           }
         }
-        a0 = relu(a0);
-        a1 = relu(a1);
-        memcpy(r, &a0, 64);
-        memcpy(r + 16, &a1, 64);
+        if (log_cap > 0) {
+          memcpy(r, &a0, 64);
+          memcpy(r + 16, &a1, 64);
+          for (int k = 0; k < 32; ++k) r[k] = expf(r[k] < log_cap ? r[k] : log_cap);
+        } else {
+          a0 = relu(a0);
+          a1 = relu(a1);
+          memcpy(r, &a0, 64);
+          memcpy(r + 16, &a1, 64);
+        }
       }
       float* po = pop + (size_t)y * ldo + x0;
       float* oo = occ + (size_t)y * ldo + x0;
@@ -509,7 +518,7 @@ class Kernels:
         self.outconv.argtypes, self.outconv.restype = [_VP, _I, _I, _I, _I, _I, _I, _VP, _F, _VP, _I, _I], None
         self.head = lib.head
         self.head.argtypes = [_VP, _I, _I, _I, _I, _I, _I, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F, _VP, _I, _F,
-                              _I, _VP, _VP, _I, _I]
+                              _I, _F, _VP, _VP, _I, _I]
         self.head.restype = None
         lib.popcorn_kernels_version.restype = _I
         self.version = int(lib.popcorn_kernels_version())
@@ -797,8 +806,11 @@ class CPUEngine:
 
     def __init__(self, kernels: Kernels, builtup_streams: list[nn.Module], builtup_out: nn.Conv2d,
                  occupancy_streams: list[nn.Module], head: list[nn.Conv2d],
-                 means: dict[str, Tensor], stds: dict[str, Tensor]) -> None:
+                 means: dict[str, Tensor], stds: dict[str, Tensor], activation: str = "relu") -> None:
         self.k = kernels
+        if activation not in ("relu", "exp"):
+            raise ValueError(f"unsupported occupancy activation {activation!r}")
+        self.log_cap = LOG_OCCUPANCY_CAP if activation == "exp" else 0.0
         self.bu = [_StreamWeights(s) for s in builtup_streams]
         self.occ = [_StreamWeights(s) for s in occupancy_streams]
         if len(self.bu) != len(self.occ) or not self.bu:
@@ -868,7 +880,7 @@ class CPUEngine:
         fa, _ = _ptrs(feats)
         weights = [t.data_ptr() for pair in zip(self.hw, self.hb, strict=True) for t in pair]
         args = (fa, len(feats), hb, feats[0].s, top, left, w, *weights, self.w4.data_ptr(), self.b4, bu.data_ptr(),
-                w if ld is None else ld, float(threshold), int(split), pop.data_ptr(), occ.data_ptr())
+                w if ld is None else ld, float(threshold), int(split), self.log_cap, pop.data_ptr(), occ.data_ptr())
         _rows(self.k.head, args, h, threads)
 
     def sub_workspace(self, height: int, width: int, tile_width: int) -> _Workspace:

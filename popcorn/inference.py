@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from popcorn.cpu_kernels import CPUEngine, load_kernels
 from popcorn.errors import PopcornInputError
 from popcorn.models import Popcorn
+from popcorn.models.popcorn import occupancy_from_head
 from popcorn.models.unet import PAD, DualStreamUNet, Prepared
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def load_popcorn(path: str | os.PathLike[str]) -> tuple[Popcorn, dict[str, Any]]
         occupancy_init="scratch",
         modalities=modalities,
         occupancy_split=bool(hparams.get("occupancy_split", True)),
+        occupancy_activation=hparams.get("occupancy_activation", "relu"),
     )
     try:
         model.load_state_dict(sd, strict=True)
@@ -123,7 +125,7 @@ def load_popcorn(path: str | os.PathLike[str]) -> tuple[Popcorn, dict[str, Any]]
         raise PopcornInputError(f"checkpoint {path} does not match the POPCORN architecture: {err}") from err
     model.eval()
     meta = {"checkpoint": str(path), "sha256": _file_digest(path), "modalities": modalities,
-            "occupancy_split": model.occupancy_split}
+            "occupancy_split": model.occupancy_split, "occupancy_activation": model.occupancy_activation}
     return model, meta
 
 
@@ -159,6 +161,7 @@ class FastPopcorn(nn.Module):
         self.threshold = float(threshold)
         self.use_s1, self.use_s2 = model.use_s1, model.use_s2
         self.occupancy_split = model.occupancy_split
+        self.occupancy_activation = model.occupancy_activation
         self.builtup = frozen_copy(model.builtup)
         self.occupancy = frozen_copy(model.occupancy)
         convs = [m for m in model.head if isinstance(m, nn.Conv2d)]
@@ -197,7 +200,8 @@ class FastPopcorn(nn.Module):
         try:
             engine = CPUEngine(kernels, [getattr(bu, f"{n}_stream") for n in streams], out.conv,
                                [getattr(occ, f"{n}_stream") for n in streams], convs,
-                               means={"s1": bu.s1_mean, "s2": bu.s2_mean}, stds={"s1": bu.s1_std, "s2": bu.s2_std})
+                               means={"s1": bu.s1_mean, "s2": bu.s2_mean}, stds={"s1": bu.s1_std, "s2": bu.s2_std},
+                               activation=model.occupancy_activation)
         except ValueError as err:  # another architecture than the one the kernels implement
             if required:
                 raise PopcornInputError(f"the CPU kernels do not support this model: {err}") from err
@@ -286,7 +290,7 @@ class FastPopcorn(nn.Module):
             f1, f2 = self.occupancy.stream_features(prep)
             feats = torch.cat([f for f in (f1, f2) if f is not None], dim=1)
             rows = feats.permute(0, 2, 3, 1)[active]  # (N, C) of active pixels
-            value = self.head(rows).clamp(min=0)
+            value = occupancy_from_head(self.head(rows), self.occupancy_activation)
             occ = occupancy[:, 0]
             occ[active] = value
             if self.occupancy_split:
@@ -335,10 +339,10 @@ def naive_forward(model: Popcorn, s1: Tensor | None, s2: Tensor | None) -> dict[
     g = torch.cat([f for f in features(model.occupancy) if f is not None], dim=1)
     raw = model.head(g)[:, :1]
     if model.occupancy_split:
-        occupancy = torch.relu(raw)
+        occupancy = occupancy_from_head(raw, model.occupancy_activation)
         population = builtup * occupancy
     else:
-        population = occupancy = torch.relu(raw)
+        population = occupancy = occupancy_from_head(raw, model.occupancy_activation)
     return {"population": population, "builtup_score": builtup, "occupancy": occupancy}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 from typing import Literal
 
@@ -13,6 +15,24 @@ from popcorn.models.builtup import BuiltUpExtractor, _extract_state_dict
 from popcorn.models.unet import DualStreamUNet
 
 Modalities = Literal["s1s2", "s1", "s2"]
+OccupancyActivation = Literal["relu", "exp"]
+
+LOG_OCCUPANCY_CAP = 7.0
+"""With ``occupancy_activation="exp"``: the head output is capped here (occupancy <= e^7 ~ 1100
+people per 10 m pixel) so that a wild step cannot overflow the region sums."""
+
+
+def occupancy_from_head(raw: Tensor, activation: str = "relu") -> Tensor:
+    """Head output -> occupancy (people per built-up 10 m pixel, or people for direct estimation).
+
+    ``relu`` (the paper): occupancy = max(raw, 0). ``exp`` (beyond the paper): the head predicts
+    log-occupancy, so that a step of the optimiser changes occupancy by a factor rather than by
+    an amount: apartment blocks at 20x a village's occupancy and empty warehouses are both a few
+    units of log away from the prior, where ReLU needs large weights to reach them.
+    """
+    if activation == "exp":
+        return torch.exp(raw.clamp(max=LOG_OCCUPANCY_CAP))
+    return torch.relu(raw)
 
 
 class Popcorn(nn.Module):
@@ -30,12 +50,16 @@ class Popcorn(nn.Module):
         modalities: Modalities = "s1s2",
         occupancy_split: bool = True,
         occupancy_bias: float = 0.2267,
+        occupancy_activation: OccupancyActivation = "relu",
     ) -> None:
         super().__init__()
         if occupancy_init not in ("pretrained", "scratch"):
             raise PopcornInputError(f"occupancy_init must be 'pretrained' or 'scratch', got {occupancy_init!r}.")
         if modalities not in ("s1s2", "s1", "s2"):
             raise PopcornInputError(f"modalities must be 's1s2', 's1' or 's2', got {modalities!r}.")
+        if occupancy_activation not in ("relu", "exp"):
+            raise PopcornInputError(f"occupancy_activation must be 'relu' or 'exp', got {occupancy_activation!r}.")
+        self.occupancy_activation = occupancy_activation
         self.occupancy_init = occupancy_init
         self.modalities = modalities
         self.occupancy_split = occupancy_split
@@ -56,6 +80,10 @@ class Popcorn(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(64, 2, 1),
         )
+        if occupancy_activation == "exp":
+            # start exactly at the prior (BuiltUp disaggregation) and learn factors away from it
+            with torch.no_grad():
+                self.head_last_layer.weight.zero_()
         self.set_occupancy_bias(occupancy_bias)
         self._freeze()
         self.train(self.training)
@@ -109,9 +137,13 @@ class Popcorn(nn.Module):
         return last
 
     def set_occupancy_bias(self, value: float) -> None:
-        """Set the prior occupancy (people per built-up pixel): bias of head output channel 0."""
+        """Set the prior occupancy (people per built-up pixel): bias of head output channel 0
+        (its log with ``occupancy_activation="exp"``)."""
+        value = float(value)
+        if self.occupancy_activation == "exp":
+            value = math.log(max(value, 1e-6))
         with torch.no_grad():
-            self.head_last_layer.bias[0] = float(value)
+            self.head_last_layer.bias[0] = value
 
     # -- forward -------------------------------------------------------------------------------
     def forward(
@@ -135,20 +167,19 @@ class Popcorn(nn.Module):
             builtup_score = torch.sigmoid(self.builtup.logits(*self.builtup.stream_features(prep_builtup)))
         f1, f2 = self.occupancy.stream_features(prep)
         feats = torch.cat([f for f in (f1, f2) if f is not None], dim=1)
-        raw = self.head(feats)[:, :1]
+        value = occupancy_from_head(self.head(feats)[:, :1], self.occupancy_activation)
         if self.occupancy_split:
-            occupancy = torch.relu(raw)
+            occupancy = value
             population = builtup_score * occupancy
         else:
-            population = torch.relu(raw)
-            occupancy = population
+            population = occupancy = value
         return {"population": population, "builtup_score": builtup_score, "occupancy": occupancy}
 
     def extra_repr(self) -> str:
         return (
             f"modalities={self.modalities!r}, occupancy_init={self.occupancy_init!r}, "
-            f"occupancy_split={self.occupancy_split}"
+            f"occupancy_split={self.occupancy_split}, occupancy_activation={self.occupancy_activation!r}"
         )
 
 
-__all__ = ["Popcorn"]
+__all__ = ["LOG_OCCUPANCY_CAP", "OccupancyActivation", "Popcorn", "occupancy_from_head"]

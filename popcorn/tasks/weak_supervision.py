@@ -83,6 +83,7 @@ class WeakSupervisionTask(LightningModule):
         train_occupancy_unet: bool = True,
         region_weighting: Literal["none", "sqrt_count", "count"] = "none",
         builtup_sees_augmentation: bool = True,
+        occupancy_activation: Literal["relu", "exp"] = "relu",
         output_dir: str | None = None,
     ) -> None:
         """Args:
@@ -109,6 +110,8 @@ class WeakSupervisionTask(LightningModule):
         head_lr_factor: learning-rate multiplier of the 1x1 head (beyond the paper; 1 = paper).
         train_occupancy_unet: False trains the head only, the occupancy U-Net stays at its
             initial (built-up) weights (beyond the paper; True = paper).
+        occupancy_activation: ``relu`` (paper) or ``exp``: the head predicts log-occupancy and
+            starts at the prior (beyond the paper; see :func:`popcorn.models.popcorn.occupancy_from_head`).
         output_dir: where test maps and tables go; default the logger's directory.
         """
         super().__init__()
@@ -119,6 +122,7 @@ class WeakSupervisionTask(LightningModule):
             occupancy_init=occupancy_init,
             modalities=modalities,
             occupancy_split=occupancy_split,
+            occupancy_activation=occupancy_activation,
             occupancy_bias=occupancy_bias_init if occupancy_bias_init is not None else 0.2267,
         )
         if occupancy_regularisation_area not in ("region", "crop"):
