@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from popcorn.cpu_kernels import CPUEngine, load_kernels
 from popcorn.errors import PopcornInputError
 from popcorn.models import Popcorn
-from popcorn.models.popcorn import occupancy_from_head
+from popcorn.models.popcorn import head_inputs, occupancy_from_head
 from popcorn.models.unet import PAD, DualStreamUNet, Prepared
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def load_popcorn(path: str | os.PathLike[str]) -> tuple[Popcorn, dict[str, Any]]
             "checkpoint of `python -m popcorn.fit` (runs/.../checkpoints/best-*.ckpt)."
         )
     in_ch = int(sd["head.0.weight"].shape[1])
-    modalities = hparams.get("modalities") or {16: "s1s2"}.get(in_ch)
+    modalities = hparams.get("modalities") or {16: "s1s2"}.get(in_ch)  # context needs hparams too
     if modalities is None:
         raise PopcornInputError(
             f"checkpoint {path}: a single-modality model without hyper_parameters; cannot tell "
@@ -118,6 +118,7 @@ def load_popcorn(path: str | os.PathLike[str]) -> tuple[Popcorn, dict[str, Any]]
         modalities=modalities,
         occupancy_split=bool(hparams.get("occupancy_split", True)),
         occupancy_activation=hparams.get("occupancy_activation", "relu"),
+        occupancy_context_px=tuple(hparams.get("occupancy_context_px") or ()),
     )
     try:
         model.load_state_dict(sd, strict=True)
@@ -125,7 +126,8 @@ def load_popcorn(path: str | os.PathLike[str]) -> tuple[Popcorn, dict[str, Any]]
         raise PopcornInputError(f"checkpoint {path} does not match the POPCORN architecture: {err}") from err
     model.eval()
     meta = {"checkpoint": str(path), "sha256": _file_digest(path), "modalities": modalities,
-            "occupancy_split": model.occupancy_split, "occupancy_activation": model.occupancy_activation}
+            "occupancy_split": model.occupancy_split, "occupancy_activation": model.occupancy_activation,
+            "occupancy_context_px": list(model.occupancy_context_px)}
     return model, meta
 
 
@@ -162,6 +164,7 @@ class FastPopcorn(nn.Module):
         self.use_s1, self.use_s2 = model.use_s1, model.use_s2
         self.occupancy_split = model.occupancy_split
         self.occupancy_activation = model.occupancy_activation
+        self.context_px = model.occupancy_context_px
         self.builtup = frozen_copy(model.builtup)
         self.occupancy = frozen_copy(model.occupancy)
         convs = [m for m in model.head if isinstance(m, nn.Conv2d)]
@@ -173,7 +176,9 @@ class FastPopcorn(nn.Module):
         self.weights = nn.ParameterList([nn.Parameter(m, requires_grad=False) for m in mats])
         self.biases = nn.ParameterList([nn.Parameter(v, requires_grad=False) for v in vecs])
         self.engine: CPUEngine | None = None
-        if backend != "torch":
+        if self.context_px and backend == "kernels":
+            raise PopcornInputError("the CPU kernels do not implement occupancy_context_px; use backend='auto' or 'torch'")
+        if backend != "torch" and not self.context_px:
             self.engine = self._build_engine(model, convs, required=backend == "kernels")
         self.eval()
 
@@ -289,6 +294,7 @@ class FastPopcorn(nn.Module):
         if bool(active.any()):
             f1, f2 = self.occupancy.stream_features(prep)
             feats = torch.cat([f for f in (f1, f2) if f is not None], dim=1)
+            feats = head_inputs(feats, builtup, self.context_px)
             rows = feats.permute(0, 2, 3, 1)[active]  # (N, C) of active pixels
             value = occupancy_from_head(self.head(rows), self.occupancy_activation)
             occ = occupancy[:, 0]
@@ -337,6 +343,7 @@ def naive_forward(model: Popcorn, s1: Tensor | None, s2: Tensor | None) -> dict[
     f1, f2 = features(model.builtup)
     builtup = torch.sigmoid(model.builtup.logits(f1, f2))
     g = torch.cat([f for f in features(model.occupancy) if f is not None], dim=1)
+    g = head_inputs(g, builtup, model.occupancy_context_px)
     raw = model.head(g)[:, :1]
     if model.occupancy_split:
         occupancy = occupancy_from_head(raw, model.occupancy_activation)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from popcorn.errors import PopcornInputError
@@ -20,6 +21,21 @@ OccupancyActivation = Literal["relu", "exp"]
 LOG_OCCUPANCY_CAP = 7.0
 """With ``occupancy_activation="exp"``: the head output is capped here (occupancy <= e^7 ~ 1100
 people per 10 m pixel) so that a wild step cannot overflow the region sums."""
+
+
+def head_inputs(features: Tensor, builtup_score: Tensor, context_px: tuple[int, ...] = ()) -> Tensor:
+    """Occupancy-branch features (B, C, H, W) -> the head's input: the features, plus for each
+    window of ``context_px`` (odd, px) their mean and the built-up score's mean over that window.
+
+    The context (beyond the paper) lets a 1x1 head see the neighbourhood: how dense the roofs are
+    over 70-200 m, whether they sit among gardens, yards or alleys. Windows are clipped at the
+    image edge (``count_include_pad=False``), as tiles clipped to the raster are.
+    """
+    if not context_px:
+        return features
+    stack = torch.cat([features, builtup_score.to(features.dtype)], dim=1)
+    pooled = [F.avg_pool2d(stack, k, stride=1, padding=k // 2, count_include_pad=False) for k in context_px]
+    return torch.cat([features, *pooled], dim=1)
 
 
 def occupancy_from_head(raw: Tensor, activation: str = "relu") -> Tensor:
@@ -51,6 +67,7 @@ class Popcorn(nn.Module):
         occupancy_split: bool = True,
         occupancy_bias: float = 0.2267,
         occupancy_activation: OccupancyActivation = "relu",
+        occupancy_context_px: tuple[int, ...] | list[int] = (),
     ) -> None:
         super().__init__()
         if occupancy_init not in ("pretrained", "scratch"):
@@ -60,6 +77,10 @@ class Popcorn(nn.Module):
         if occupancy_activation not in ("relu", "exp"):
             raise PopcornInputError(f"occupancy_activation must be 'relu' or 'exp', got {occupancy_activation!r}.")
         self.occupancy_activation = occupancy_activation
+        context = tuple(int(k) for k in occupancy_context_px)
+        if any(k < 3 or k % 2 == 0 for k in context):
+            raise PopcornInputError(f"occupancy_context_px must be odd window sizes >= 3 px, got {list(context)}.")
+        self.occupancy_context_px = context
         self.occupancy_init = occupancy_init
         self.modalities = modalities
         self.occupancy_split = occupancy_split
@@ -71,6 +92,7 @@ class Popcorn(nn.Module):
         if occupancy_init == "pretrained":
             self.occupancy.load_state_dict(self.builtup.state_dict())
         in_ch = 8 * (int(self.use_s1) + int(self.use_s2))
+        in_ch += len(context) * (in_ch + 1)
         self.head = nn.Sequential(
             nn.Conv2d(in_ch, 64, 1),
             nn.ReLU(inplace=True),
@@ -167,6 +189,7 @@ class Popcorn(nn.Module):
             builtup_score = torch.sigmoid(self.builtup.logits(*self.builtup.stream_features(prep_builtup)))
         f1, f2 = self.occupancy.stream_features(prep)
         feats = torch.cat([f for f in (f1, f2) if f is not None], dim=1)
+        feats = head_inputs(feats, builtup_score, self.occupancy_context_px)
         value = occupancy_from_head(self.head(feats)[:, :1], self.occupancy_activation)
         if self.occupancy_split:
             occupancy = value
@@ -178,8 +201,9 @@ class Popcorn(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"modalities={self.modalities!r}, occupancy_init={self.occupancy_init!r}, "
-            f"occupancy_split={self.occupancy_split}, occupancy_activation={self.occupancy_activation!r}"
+            f"occupancy_split={self.occupancy_split}, occupancy_activation={self.occupancy_activation!r}, "
+            f"occupancy_context_px={list(self.occupancy_context_px)}"
         )
 
 
-__all__ = ["LOG_OCCUPANCY_CAP", "OccupancyActivation", "Popcorn", "occupancy_from_head"]
+__all__ = ["LOG_OCCUPANCY_CAP", "OccupancyActivation", "Popcorn", "head_inputs", "occupancy_from_head"]

@@ -84,6 +84,7 @@ class WeakSupervisionTask(LightningModule):
         region_weighting: Literal["none", "sqrt_count", "count"] = "none",
         builtup_sees_augmentation: bool = True,
         occupancy_activation: Literal["relu", "exp"] = "relu",
+        occupancy_context_px: list[int] | None = None,
         output_dir: str | None = None,
     ) -> None:
         """Args:
@@ -112,6 +113,9 @@ class WeakSupervisionTask(LightningModule):
             initial (built-up) weights (beyond the paper; True = paper).
         occupancy_activation: ``relu`` (paper) or ``exp``: the head predicts log-occupancy and
             starts at the prior (beyond the paper; see :func:`popcorn.models.popcorn.occupancy_from_head`).
+        occupancy_context_px: odd window sizes (px) over which the head also sees the mean
+            occupancy features and built-up score (beyond the paper; None = paper, 1x1 head only;
+            see :func:`popcorn.models.popcorn.head_inputs`).
         output_dir: where test maps and tables go; default the logger's directory.
         """
         super().__init__()
@@ -123,6 +127,7 @@ class WeakSupervisionTask(LightningModule):
             modalities=modalities,
             occupancy_split=occupancy_split,
             occupancy_activation=occupancy_activation,
+            occupancy_context_px=tuple(occupancy_context_px or ()),
             occupancy_bias=occupancy_bias_init if occupancy_bias_init is not None else 0.2267,
         )
         if occupancy_regularisation_area not in ("region", "crop"):
