@@ -3,7 +3,7 @@
     python benchmarks/bench_accuracy.py                       # held-out worlds, paper protocol
     python benchmarks/bench_accuracy.py --worlds 101 --members 2 --fit-args --model.lr=3e-4
 
-For every world (``popcorn.datamodules.world_settlements``; by default its HELD_OUT_SEEDS, never
+For every world (``popcorn.datasets.synthetic.settlements``; by default its HELD_OUT_SEEDS, never
 used for tuning) it trains ``--members`` POPCORN models (seeds 1600, 1601, ...) with
 ``python -m popcorn.fit --config experiments/bench/accuracy.yaml`` on the world's imagery and
 coarse census only, then predicts and evaluates at 1 ha against the world's truth:
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="ignore earlier runs in --out")
     p.add_argument("--adapt-epochs", type=int, default=0,
                    help="first adapt the built-up weights to each world's imagery, no labels "
-                        "(python -m popcorn.adapt_builtup, experiments/builtup/adapt_published.yaml) "
+                        "(popcorn adapt-builtup, experiments/builtup/adapt_published.yaml) "
                         "for this many epochs; 0 = the weights as given (default)")
     p.add_argument("--adapt-batches", type=int, default=30, help="batches per adaptation epoch")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
@@ -142,7 +142,7 @@ def adapt_builtup(world: Path, wdir: Path, args: argparse.Namespace) -> tuple[st
         return str(export), float(json.loads((out / "done.json").read_text())["seconds"])
     t0 = time.perf_counter()
     run_command([
-        sys.executable, "-m", "popcorn.adapt_builtup", "fit",
+        sys.executable, "-m", "popcorn.cli.adapt_builtup", "fit",
         "--config", str(ROOT / "experiments" / "builtup" / "adapt_published.yaml"),
         f"--model.init_weights={args.builtup_weights}",
         f"--data.init_args.target_roots=[{world}]",
@@ -164,7 +164,7 @@ def builtup_scores(weights: str, world: Path, out: Path, args: argparse.Namespac
     if out.exists():
         shutil.rmtree(out)
     run_command([
-        sys.executable, "-m", "popcorn.adapt_builtup", "validate",
+        sys.executable, "-m", "popcorn.cli.adapt_builtup", "validate",
         "--config", str(ROOT / "experiments" / "builtup" / "adapt_published.yaml"),
         f"--model.init_weights={weights}", f"--data.init_args.target_roots=[{world}]",
         f"--data.init_args.target_eval_labels=[{world / 'builtup_fraction.tif'}]",
@@ -188,7 +188,7 @@ def logged_throughput(metrics_csv: Path) -> float:
 # ------------------------------------------------------------------------------ prediction
 def predict_maps(ckpts: list[Path], seasons: list[str], world: Path, out: Path) -> tuple[dict[str, Path], float]:
     """Ensemble maps (1 ha raw + rescaled, 10 m raw, built-up score) of ``ckpts`` x ``seasons``."""
-    from popcorn.predictor import PredictSettings, predict
+    from popcorn.inference.maps import PredictSettings, predict
 
     settings = PredictSettings(
         checkpoints=[str(c) for c in ckpts], imagery_root=str(world), seasons=seasons,
@@ -211,7 +211,8 @@ def read(path: Path | str) -> np.ndarray:
 
 
 def census_ids(world: Path) -> tuple[np.ndarray, dict[int, float]]:
-    from popcorn.datamodules import CensusRegions, open_imagery
+    from popcorn.datasets import CensusRegions
+    from popcorn.datasets.sentinel import open_imagery
 
     _, _, grid = open_imagery(world, ["summer"])
     regions = CensusRegions(str(world / "census_regions.gpkg"), str(world / "census_counts.csv"), grid)
@@ -219,7 +220,7 @@ def census_ids(world: Path) -> tuple[np.ndarray, dict[int, float]]:
 
 
 def evaluate(maps_1ha: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, dict[str, float]]:
-    from popcorn.metrics import regression_metrics
+    from popcorn.evaluation.metrics import regression_metrics
 
     ok = np.isfinite(truth)
     return {name: regression_metrics(np.nan_to_num(m[ok]), truth[ok]) for name, m in maps_1ha.items()}
@@ -254,8 +255,8 @@ def settlement_names(world: Path) -> dict[int, str]:
 
 
 def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
-    from popcorn.dasymetric import block_sum, dasymetric_rescale
-    from popcorn.datamodules.world_settlements import make_settlement_world
+    from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
+    from popcorn.datasets.synthetic.settlements import make_settlement_world
 
     t0 = time.perf_counter()
     world_obj = make_settlement_world(args.data_root, size_px=args.size_px, seed=seed,
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
         print(f"the published built-up extractor is not at {args.builtup_weights}: this benchmark "
               "measures POPCORN with those weights and stops here (pass --builtup-weights PATH)")
         raise SystemExit(2)
-    from popcorn.datamodules.world_settlements import HELD_OUT_SEEDS
+    from popcorn.datasets.synthetic.settlements import HELD_OUT_SEEDS
 
     worlds = args.worlds or list(HELD_OUT_SEEDS)
     out = Path(args.out)

@@ -1,4 +1,4 @@
-"""Benchmark of popcorn.predict on the demo world: throughput, bag, memory, end-to-end time.
+"""Benchmark of popcorn.cli.predict on the demo world: throughput, bag, memory, end-to-end time.
 
     python benchmarks/bench_predict.py [--checkpoint CKPT] [--world DIR] [--threads N] [--repeats R]
                                        [--skip compute bag memory demo]
@@ -7,13 +7,13 @@ Prints:
 1. compute throughput (Mpx of 10 m input per second) on the same demo-world tiles (1200 x 1200 px
    in 600 px tiles with 64 px of context, as the predictor reads them), interleaved, best of R,
    with the largest per-pixel difference to the baseline:
-   - ``naive``: the baseline, :func:`popcorn.inference.naive_forward`: a straightforward eager
+   - ``naive``: the baseline, :func:`popcorn.inference.fast.naive_forward`: a straightforward eager
      fp32 forward of the three networks (built-up U-Nets, occupancy U-Nets, head): NCHW,
      ``Conv2d -> BatchNorm2d -> ReLU`` modules, the head as 1x1 convolutions with both output
      channels on every pixel, under ``torch.no_grad``;
    - ``Popcorn.forward``: today's training/test forward (BatchNorm folded on the fly, channels-last);
    - ``FastPopcorn`` with the PyTorch backend and with the compiled CPU kernels
-     (:mod:`popcorn.cpu_kernels`), dense (threshold 0), with the predictor's default sparse-head
+     (:mod:`popcorn.inference.cpu_kernels`), dense (threshold 0), with the predictor's default sparse-head
      threshold (1e-5, the headline "optimised predictor") and a faster, inexact one (1e-3);
    the headline line checks the target: optimised >= 5x naive with outputs within 1e-4;
 2. end-to-end ``predict`` throughput (reading, prefetch thread, tiles, writing COGs) for one
@@ -40,8 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from popcorn.datamodules import open_imagery  # noqa: E402
-from popcorn.inference import DEFAULT_THRESHOLD, FastPopcorn, load_popcorn, naive_forward  # noqa: E402
+from popcorn.datasets.sentinel import open_imagery  # noqa: E402
+from popcorn.inference.fast import DEFAULT_THRESHOLD, FastPopcorn, load_popcorn, naive_forward  # noqa: E402
 
 TARGET_SPEEDUP = 5.0
 TOLERANCE = 1e-4
@@ -143,7 +143,7 @@ def compute_throughput(ckpt: str, world: str, repeats: int, device: str) -> dict
 
 
 def bag_throughput(ckpts: list[str], world: str, seasons: list[str], out: Path, threads: int | None, device: str) -> dict:
-    from popcorn.predictor import PredictSettings, predict
+    from popcorn.inference.maps import PredictSettings, predict
 
     s = PredictSettings(checkpoints=ckpts, imagery_root=world, seasons=seasons, tile_size=600, overlap=128)
     r = predict(s, out, progress=False, threads=threads, resume=False, device=device)
@@ -154,7 +154,7 @@ def bag_throughput(ckpts: list[str], world: str, seasons: list[str], out: Path, 
 MEMORY_CHILD = r"""
 import json, resource, sys, torch
 sys.path.insert(0, {root!r})
-from popcorn.predictor import PredictSettings, predict
+from popcorn.inference.maps import PredictSettings, predict
 torch.set_num_threads({threads})
 s = PredictSettings(checkpoints=[{ckpt!r}], imagery_root={world!r}, seasons=["summer"], tile_size=300, overlap=128,
                     bbox={bbox!r})
@@ -234,7 +234,7 @@ def main() -> None:
             print(f"\npeak RSS of predict: A ({mem['A']['mpx']:.2f} Mpx) {mem['A']['maxrss_mb']:.0f} MB, "
                   f"4A ({mem['4A']['mpx']:.2f} Mpx) {mem['4A']['maxrss_mb']:.0f} MB, ratio {mem['ratio_4A_over_A']:.3f}", flush=True)
         if "demo" not in args.skip:
-            from popcorn.report import predict_evaluate_report
+            from popcorn.cli.pipeline import predict_evaluate_report
 
             w = Path(args.world)
             t0 = time.perf_counter()

@@ -7,7 +7,7 @@ Same data code (``CensusDataModule``), networks and published built-up weights a
 ``popcorn.fit``, but a plain loop: Adam (lr 1e-4, no weight decay on the last head layer),
 StepLR(5, 0.75), gradient-norm clip 0.01, random season per sample, log-L1 + 0.01 x mean
 occupancy over the region, occupancy bias = total count / total built-up score. Then one model x
-4 seasons is predicted with ``popcorn.predictor`` and evaluated at 1 ha as in
+4 seasons is predicted with ``popcorn.inference.maps`` and evaluated at 1 ha as in
 ``bench_accuracy.py`` (raw, rescaled, BuiltUp disaggregation). Truth is read only then.
 """
 
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--builtup-weights", default=str(bench.PUBLISHED))
     args = p.parse_args(argv)
 
-    from popcorn.dasymetric import block_sum, dasymetric_rescale
+    from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
     from popcorn.datamodules import CensusDataModule
-    from popcorn.datamodules.augmentation import BatchAugmentation
+    from popcorn.transforms.augmentation import BatchAugmentation
     from popcorn.models import BuiltUpExtractor, Popcorn
     from popcorn.tasks.weak_supervision import region_log_l1
 

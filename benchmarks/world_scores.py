@@ -50,8 +50,8 @@ def season_scores(net, world, season: str) -> np.ndarray:
 
 def class_table(net, world) -> tuple[list[str], dict[str, list[float]]]:
     """Per class name: mean score per season + mean over seasons, and the pixels it is over."""
-    from popcorn.datamodules.synthetic import SEASONS
-    from popcorn.datamodules.world_settlements import LAND_COVER_CLASSES, SETTLEMENT_TYPES
+    from popcorn.datasets.synthetic.world import SEASONS
+    from popcorn.datasets.synthetic.settlements import LAND_COVER_CLASSES, SETTLEMENT_TYPES
 
     lc = read(world.land_cover)[0]
     bf = read(world.builtup_fraction)[0]
@@ -67,7 +67,7 @@ def class_table(net, world) -> tuple[list[str], dict[str, list[float]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from popcorn.datamodules.world_settlements import TUNING_SEEDS
+    from popcorn.datasets.synthetic.settlements import TUNING_SEEDS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=list(TUNING_SEEDS))
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from popcorn.datamodules.world_settlements import make_settlement_world
+    from popcorn.datasets.synthetic.settlements import make_settlement_world
     from popcorn.models import BuiltUpExtractor
 
     torch.set_num_threads(args.threads)

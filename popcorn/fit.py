@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from popcorn.datamodules import BuiltUpDataModule, CensusDataModule
-from popcorn.errors import PopcornInputError
+from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.tasks import BuiltUpTask, WeakSupervisionTask
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -67,7 +67,7 @@ class BuiltUpPretraining:
     ``root``, default data/synthetic), instead of the data module's own labels."""
     source_world_size_px: int = 600
     source_domain_shift: str | None = "other_continent"
-    """Look of the source world (a preset of popcorn.datamodules.domain_shift; null = default)."""
+    """Look of the source world (a preset of popcorn.datasets.synthetic.domain_shift; null = default)."""
     source_imagery: str | None = None
     """Labelled source = this imagery folder (with ``source_labels``, a built-up fraction raster)."""
     source_labels: str | None = None
@@ -145,7 +145,7 @@ class PopcornCLI(LightningCLI):
         dm = self.datamodule
         if not path or not hasattr(dm, "imagery_root"):
             return
-        from popcorn.report import predict_evaluate_report
+        from popcorn.cli.pipeline import predict_evaluate_report
 
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         world = Path(dm.imagery_root)
@@ -171,7 +171,7 @@ def _builtup_source(datamodule: CensusDataModule, settings: BuiltUpPretraining) 
         return settings.source_imagery, settings.source_labels
     if settings.source_world_seed is None:
         return None
-    from popcorn.datamodules.synthetic import make_synthetic_world, world_dir
+    from popcorn.datasets.synthetic.world import make_synthetic_world, world_dir
 
     root = getattr(datamodule, "root", "data/synthetic")
     size, seed = settings.source_world_size_px, settings.source_world_seed
@@ -273,4 +273,7 @@ def main(args: list[str] | None = None) -> PopcornCLI:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PopcornInputError as err:
+        exit_with_error(err)

@@ -19,7 +19,7 @@ import yaml
 
 from conftest import make_tiny_world
 from popcorn.datamodules import BuiltUpDataModule
-from popcorn.datamodules.domain_shift import DomainShift, apply_domain_shift
+from popcorn.datasets.synthetic.domain_shift import DomainShift, apply_domain_shift
 from popcorn.errors import PopcornInputError
 from popcorn.losses import CONSISTENCY_WEIGHT, s1_s2_consistency_loss
 from popcorn.models import BuiltUpExtractor
@@ -237,7 +237,7 @@ def _adapt_args(tmp_path: Path, source: Path, target: Path, run: str, epochs: in
 
 
 def test_adaptation_cli_resumes_to_the_same_weights(worlds: tuple[Path, Path], tmp_path: Path) -> None:
-    from popcorn.adapt_builtup import main
+    from popcorn.cli.adapt_builtup import main
 
     source, target = worlds
     main(_adapt_args(tmp_path, source, target, "straight", epochs=2))
@@ -293,7 +293,7 @@ def _sha(path: Path) -> str:
 
 
 def test_shifted_world_differs_and_default_world_is_unchanged(tmp_path: Path) -> None:
-    from popcorn.datamodules.synthetic import make_synthetic_world, world_dir
+    from popcorn.datasets.synthetic.world import make_synthetic_world, world_dir
 
     plain = make_synthetic_world(tmp_path, size_px=100, seed=0, n_regions=5)
     shifted = make_synthetic_world(tmp_path, size_px=100, seed=0, n_regions=5,

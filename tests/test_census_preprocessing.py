@@ -1,4 +1,4 @@
-"""popcorn.census: census tables and boundaries as published -> CensusDataModule inputs."""
+"""popcorn.prep.census: census tables and boundaries as published -> CensusDataModule inputs."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import rasterio
 import shapely
 from rasterio.transform import from_origin
 
-from popcorn import census as cz
-from popcorn.datamodules.census import CensusRegions
-from popcorn.datamodules.grid import RasterGrid
+from popcorn.cli import census as cz_cli
+from popcorn.prep import census as cz
+from popcorn.datasets.census import CensusRegions
+from popcorn.datasets.grid import RasterGrid
 from popcorn.errors import PopcornInputError
 
 from conftest import CRS_UTM, REGIONS, pixel_box
@@ -106,7 +107,7 @@ def test_prepare_vector_and_table_loads_in_datamodule(tiny_world, tmp_path):
     pd.DataFrame({"code": [f"R{k:02d}" for k in REGIONS], "pop": [f"{100 * k:,}" for k in REGIONS],
                   "label": list("abcde")}).to_excel(x, index=False)
     out = tmp_path / "census"
-    cz.run(["prepare", "--boundaries", str(b), "--table", str(x), "--id-column", "code",
+    cz_cli.run(["prepare", "--boundaries", str(b), "--table", str(x), "--id-column", "code",
             "--count-column", "pop", "--name-column", "label",
             "--reference", str(tiny_world / "S2_spring.tif"), "--out", str(out)])
     assert listing(out) == ["census_counts.csv", "census_regions.gpkg", "census_report.json", "region_ids.tif"]
@@ -139,7 +140,7 @@ def test_codes_with_leading_zeros_are_kept_verbatim(tiny_world, tmp_path):
     b = tmp_path / "b.gpkg"
     regions_frame(codes).to_file(b)
     out = tmp_path / "out1"
-    cz.run(["prepare", "--boundaries", str(b), "--table", str(table), "--id-column", "code",
+    cz_cli.run(["prepare", "--boundaries", str(b), "--table", str(table), "--id-column", "code",
             "--count-column", "population", "--name-column", "name", "--reference", ref, "--out", str(out)])
     csv_, gpkg = outputs(out)
     assert csv_.source_id.tolist() == [codes[k] for k in REGIONS]
@@ -156,7 +157,7 @@ def test_codes_with_leading_zeros_are_kept_verbatim(tiny_world, tmp_path):
     regions_frame({k: 100 + k for k in REGIONS}).to_file(b_int)
     assert gpd.read_file(b_int).code.dtype.kind == "i"
     out = tmp_path / "out2"
-    cz.run(["prepare", "--boundaries", str(b_int), "--table", str(table), "--id-column", "code",
+    cz_cli.run(["prepare", "--boundaries", str(b_int), "--table", str(table), "--id-column", "code",
             "--count-column", "population", "--reference", ref, "--out", str(out)])
     csv_, gpkg = outputs(out)
     assert csv_.source_id.tolist() == gpkg.source_id.tolist() == [codes[k] for k in REGIONS]
@@ -169,7 +170,7 @@ def test_codes_with_leading_zeros_are_kept_verbatim(tiny_world, tmp_path):
     gj = tmp_path / "b.geojson"
     regions_frame(codes, crs="EPSG:4326").to_file(gj, driver="GeoJSON")
     out = tmp_path / "out3"
-    cz.run(["prepare", "--boundaries", str(gj), "--table", str(x), "--id-column", "code",
+    cz_cli.run(["prepare", "--boundaries", str(gj), "--table", str(x), "--id-column", "code",
             "--count-column", "population", "--reference", ref, "--out", str(out)])
     csv_, gpkg = outputs(out)
     assert csv_.source_id.tolist() == gpkg.source_id.tolist() == [codes[k] for k in REGIONS]
@@ -179,7 +180,7 @@ def test_codes_with_leading_zeros_are_kept_verbatim(tiny_world, tmp_path):
     with_counts["pop"] = [100 * k for k in REGIONS]
     with_counts.to_file(tmp_path / "bc.gpkg")
     out = tmp_path / "out4"
-    cz.run(["prepare", "--boundaries", str(tmp_path / "bc.gpkg"), "--id-column", "code",
+    cz_cli.run(["prepare", "--boundaries", str(tmp_path / "bc.gpkg"), "--id-column", "code",
             "--count-column", "pop", "--out", str(out)])
     csv_, gpkg = outputs(out)
     assert csv_.source_id.tolist() == gpkg.source_id.tolist() == [codes[k] for k in REGIONS]
@@ -223,7 +224,7 @@ def test_bad_inputs_are_named_and_nothing_written(tiny_world, tmp_path):
     table = tmp_path / "t.csv"
 
     def run(extra=(), boundaries=b):
-        cz.run(["prepare", "--boundaries", str(boundaries), "--table", str(table), "--id-column",
+        cz_cli.run(["prepare", "--boundaries", str(boundaries), "--table", str(table), "--id-column",
                 "code", "--count-column", "count", "--out", str(out), *extra])
 
     table.write_text("code,count\nR01,1\nR02,2\nR03,3\nR04,4\nR99,9\n")
@@ -256,7 +257,7 @@ def test_bad_inputs_are_named_and_nothing_written(tiny_world, tmp_path):
             dst.write(np.ones((1, 10, 10), np.uint8))
     (tmp_path / "mc.csv").write_text("id,n\n1,5\n2,6\n")
     with pytest.raises(PopcornInputError, match=r"mask .*m_2.tif \(region 2\) is on another grid"):
-        cz.run(["masks", "--masks", str(masks), "--table", str(tmp_path / "mc.csv"), "--id-column",
+        cz_cli.run(["masks", "--masks", str(masks), "--table", str(tmp_path / "mc.csv"), "--id-column",
                 "id", "--count-column", "n", "--out", str(out), "-q"])
     assert listing(out) == []
     run(["--resolve-overlaps", "--reference", str(tiny_world / "S2_spring.tif")],
@@ -323,7 +324,7 @@ def test_coarsen_merges_smallest_adjacent_pairs(tmp_path):
         cz.coarsen(gdf, [32])
     # CLI writes one folder per N, in the census file layout
     gdf.to_file(tmp_path / "r.gpkg")
-    cz.run(["coarsen", "--regions", str(tmp_path / "r.gpkg"), "--n", "8", "4", "--out", str(tmp_path / "c")])
+    cz_cli.run(["coarsen", "--regions", str(tmp_path / "r.gpkg"), "--n", "8", "4", "--out", str(tmp_path / "c")])
     assert listing(tmp_path / "c" / "coarse_4") == ["census_counts.csv", "census_regions.gpkg",
                                                    "census_report.json", "fine_to_coarse.csv"]
 
@@ -332,7 +333,7 @@ def test_difficulty_and_weight_decay(tiny_world, capsys):
     for d, wd in ((0.8, 5e-7), (18, 1e-5), (1.5, 5e-7), (14, 1e-5)):  # the paper's four datasets
         assert cz.suggest_weight_decay(d) == wd
     assert cz.difficulty([100, 300]) == 100  # mean 200 ha over 2 regions
-    info = cz.run(["difficulty", "--regions", str(tiny_world / "census_regions.gpkg"), "--counts",
+    info = cz_cli.run(["difficulty", "--regions", str(tiny_world / "census_regions.gpkg"), "--counts",
                    str(tiny_world / "census_counts.csv"), "--reference", str(tiny_world / "S2_spring.tif")])
     # regions of 6, 10, 16, 8, 8 ha (pixels of 10 m): mean 9.6 ha, N = 5
     assert info["difficulty_D"] == pytest.approx(9.6 / 5)
@@ -342,6 +343,6 @@ def test_difficulty_and_weight_decay(tiny_world, capsys):
 @pytest.mark.parametrize("command", ["prepare", "masks", "match", "coarsen", "difficulty"])
 def test_cli_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
-        cz.main([command, "--help"])
+        cz_cli.main([command, "--help"])
     assert exc.value.code == 0
     assert "--out" in capsys.readouterr().out or command == "difficulty"

@@ -12,16 +12,10 @@ import pytest
 import torch
 from conftest import H, REGIONS, W
 
-from popcorn.datamodules import (
-    SEASONS,
-    BatchAugmentation,
-    BuiltUpDataModule,
-    CensusDataModule,
-    RegionSampler,
-    collate_regions,
-    split_ids,
-    tile_windows,
-)
+from popcorn.datamodules import BuiltUpDataModule, CensusDataModule, split_ids
+from popcorn.datasets import SEASONS, collate_regions
+from popcorn.samplers import RegionSampler, tile_windows
+from popcorn.transforms import BatchAugmentation
 from popcorn.errors import PopcornInputError
 
 WINDOWS = {rid: (r0, c0, r1 - r0, c1 - c0) for rid, (r0, r1, c0, c1) in REGIONS.items()}
@@ -305,7 +299,7 @@ def test_builtup_datamodule(tiny_world: Path) -> None:
     assert val and all(b["builtup"].shape[-2:] == (16, 16) and b["domain"] == "source" for b in val)
     assert [b["season"] for b in val] == [b["season"] for b in dm.val_dataloader()[0]]
     # label content: the 10x10 built-up block at rows/cols 10..19 is read in place
-    from popcorn.datamodules.samplers import PatchKey
+    from popcorn.samplers.windows import PatchKey
 
     sample = dm._samples[PatchKey("summer", (8, 8, 16, 16))]
     assert sample["builtup"][0, 2:12, 2:12].eq(1).all() and sample["builtup"].sum() == 100
@@ -317,7 +311,7 @@ def test_synthetic_datamodule_paths_and_prepare_data(
 ) -> None:
     """Uses a stand-in generator (the tiny world) so this test does not depend on synthetic.py's
     output; it checks the wiring: prepare_data -> make_synthetic_world, paths from world_dir."""
-    synthetic = pytest.importorskip("popcorn.datamodules.synthetic")
+    synthetic = pytest.importorskip("popcorn.datasets.synthetic.world")
     from conftest import make_tiny_world
 
     calls = []
@@ -383,7 +377,7 @@ def test_lightning_fit_and_test_loop(tiny_world: Path) -> None:
 
 
 def test_size_bucketing_visits_every_region_once_and_pads_less() -> None:
-    from popcorn.datamodules.samplers import RegionSampler
+    from popcorn.samplers.windows import RegionSampler
 
     rng = np.random.default_rng(0)
     sizes = rng.integers(10, 300, size=(60, 2))

@@ -18,7 +18,7 @@ from conftest import (
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
-from popcorn.datamodules import (
+from popcorn.datasets import (
     SEASON_DATES,
     SEASONS,
     CensusRegions,
@@ -28,7 +28,7 @@ from popcorn.datamodules import (
     check_same_grid,
     season_slice,
 )
-from popcorn.datamodules.census_datamodule import open_imagery
+from popcorn.datasets.sentinel import open_imagery
 from popcorn.errors import PopcornInputError
 
 

@@ -1,4 +1,4 @@
-"""popcorn.download against a local STAC API (no internet).
+"""popcorn.prep.download against a local STAC API (no internet).
 
 A threaded http.server on 127.0.0.1 serves a minimal STAC API (landing page, conformance,
 collections, /search with bbox/datetime/collection filtering, GET and POST) and the scenes as
@@ -33,7 +33,8 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from popcorn import download as dl
+from popcorn.cli import download as dl_cli
+from popcorn.prep import download as dl
 from popcorn.errors import PopcornInputError
 
 BBOX = (9.0, 45.0, 9.008, 45.006)
@@ -402,7 +403,7 @@ def expected_s2(stack: np.ndarray) -> np.ndarray:
 
 def expected_s1(stack: np.ndarray, statistic: str = "median_db") -> np.ndarray:
     """The S1 composite of a (T, 2, H, W) stack of linear power, written independently of
-    :func:`popcorn.download.s1_composite` with numpy's nan-reductions."""
+    :func:`popcorn.prep.download.s1_composite` with numpy's nan-reductions."""
     import warnings
 
     with warnings.catch_warnings():
@@ -467,7 +468,7 @@ def test_composites_pixel_by_pixel(world, tmp_path):
     np.testing.assert_allclose(s1, expected_s1(orbit_stack(world, "descending"), "median_db"),
                                rtol=0, atol=1e-4, equal_nan=True)
     # the S1/S2 datasets of popcorn find and read the files
-    from popcorn.datamodules.sentinel import Sentinel1Composite, Sentinel2Composite
+    from popcorn.datasets.sentinel import Sentinel1Composite, Sentinel2Composite
 
     assert "summer" in Sentinel2Composite(str(out)).seasons
     assert "summer" in Sentinel1Composite(str(out)).seasons
@@ -715,15 +716,15 @@ def test_planetary_computer_signing_is_optional(monkeypatch):
 
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as exc:
-        dl.main(["--help"])
+        dl_cli.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--bbox" in text and "--dry-run" in text and "--memory-gb" in text
     assert "--s1-statistic" in text and "--s1-orbit" in text
-    ns = dl.build_parser().parse_args(["--bbox", "0", "0", "1", "1", "--out", "x"])
-    cfg = dl.config_from_args(ns)
+    ns = dl_cli.build_parser().parse_args(["--bbox", "0", "0", "1", "1", "--out", "x"])
+    cfg = dl_cli.config_from_args(ns)
     assert (cfg.s1_orbit, cfg.s1_statistic) == ("descending", "median_db")
-    cfg = dl.config_from_args(dl.build_parser().parse_args(
+    cfg = dl_cli.config_from_args(dl_cli.build_parser().parse_args(
         ["--bbox", "0", "0", "1", "1", "--out", "x", "--s1-statistic", "mean_linear", "--s1-orbit", "both"]))
     assert (cfg.s1_orbit, cfg.s1_statistic) == ("both", "mean_linear")
 
@@ -867,7 +868,7 @@ def test_s2_dn_offset_rules():
 def test_s2_offset_across_baseline_change(world, winter, tmp_path, capsys, caplog):
     out = tmp_path / "winter"
     cfg = cfg_for(world, out, sensors=("s2",), seasons=("winter",), year=2021, chunk_size=75, workers=4)
-    with caplog.at_level("INFO", logger="popcorn.download"):
+    with caplog.at_level("INFO", logger="popcorn.prep.download"):
         assert dl.run(dataclasses.replace(cfg, dry_run=True)) == []
     text = capsys.readouterr().out
     assert "7 scene(s) of 7 found" in text
@@ -892,7 +893,7 @@ def test_s2cloudless_offset_across_baseline_change(world, winter, tmp_path, capl
     out = tmp_path / "winter_s2c"
     cfg = cfg_for(world, out, sensors=("s2",), seasons=("winter",), year=2021, cloud_mask="s2cloudless",
                   chunk_size=200, workers=4)
-    with caplog.at_level("WARNING", logger="popcorn.download"):
+    with caplog.at_level("WARNING", logger="popcorn.prep.download"):
         dl.run(cfg)
     assert any("sentinel-2-l1c winter 2021: 1 scene(s) without processing baseline" in r.getMessage()
                and "S2A_32TNR_20220120_0_L1C" in r.getMessage() for r in caplog.records)

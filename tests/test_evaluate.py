@@ -1,4 +1,4 @@
-"""popcorn.evaluate / popcorn.baselines / popcorn.metrics: hand-checked evaluations."""
+"""popcorn.evaluation.compare / popcorn.evaluation.baselines / popcorn.evaluation.metrics: hand-checked evaluations."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import rasterio
 import shapely
 from rasterio.transform import from_origin
 
-from popcorn.baselines import builtup_disaggregation, uniform_disaggregation
+from popcorn.evaluation.baselines import builtup_disaggregation, uniform_disaggregation
 from popcorn.errors import PopcornInputError
-from popcorn.evaluate import evaluate_against_raster, evaluate_against_units, main, map_on_grid
-from popcorn.metrics import mae, r2_score, regression_metrics, rmse
+from popcorn.cli.evaluate import main
+from popcorn.evaluation.compare import evaluate_against_raster, evaluate_against_units, map_on_grid
+from popcorn.evaluation.metrics import mae, r2_score, regression_metrics, rmse
 
 UTM = "EPSG:32632"
 X0, Y0 = 500000.0, 5200000.0  # ~47 N, 9 E

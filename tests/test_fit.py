@@ -132,9 +132,9 @@ def test_test_stage_evaluates_fine_census_units(trained: tuple[Path, Path], tmp_
     """Train regions = the world's census merged 12 -> 4; test units = the 12 original regions."""
     import geopandas as gpd
 
-    from popcorn.census import run as census_run
-    from popcorn.datamodules.synthetic import world_dir
-    from popcorn.evaluate import main as evaluate_main
+    from popcorn.cli.census import run as census_run
+    from popcorn.datasets.synthetic.world import world_dir
+    from popcorn.cli.evaluate import main as evaluate_main
 
     first, world_root = trained
     world = world_dir(world_root, 200, 0)
@@ -205,7 +205,7 @@ def test_test_stage_evaluates_fine_census_units(trained: tuple[Path, Path], tmp_
     with rasterio.open(out / "builtup_disaggregation_10m.tif") as src:
         np.testing.assert_allclose(src.read(1), score * factor[coarse_ids], rtol=1e-4, atol=1e-5)
 
-    # python -m popcorn.evaluate on the written maps reports the same numbers.
+    # popcorn evaluate on the written maps reports the same numbers.
     ev = evaluate_main(["--units", str(world / "census_regions.gpkg"), "--unit-counts",
                         str(world / "census_counts.csv"), "--out", str(tmp_path / "eval"),
                         *[f"--map={name}={out / file}" for name, file in files.items()]])
@@ -264,7 +264,7 @@ def test_fine_unit_sums_are_exact_on_the_imagery_grid(tmp_path: Path) -> None:
     grid not aligned with multiples of its resolution and units in another CRS."""
     from affine import Affine
 
-    from popcorn.evaluate import evaluate_against_units
+    from popcorn.evaluation.compare import evaluate_against_units
 
     transform = Affine(10, 0, 500005, 0, -10, 5200005)  # 5 m off the 10 m lattice
     values = np.random.default_rng(0).gamma(1.0, 3.0, (40, 50)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""popcorn.inference / popcorn.cpu_kernels: the optimised forward equals the naive one (1e-4)."""
+"""popcorn.inference.fast / popcorn.inference.cpu_kernels: the optimised forward equals the naive one (1e-4)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-import popcorn.cpu_kernels as cpu_kernels
-import popcorn.inference as inference
-from popcorn.cpu_kernels import load_kernels
+import popcorn.inference.cpu_kernels as cpu_kernels
+import popcorn.inference.fast as inference
+from popcorn.inference.cpu_kernels import load_kernels
 from popcorn.errors import PopcornInputError
-from popcorn.inference import FastPopcorn, naive_forward
+from popcorn.inference.fast import FastPopcorn, naive_forward
 from popcorn.models import Popcorn
 
 TOL = 1e-4

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from popcorn.dasymetric import block_sum, dasymetric_rescale, region_sums
-from popcorn.metrics import format_table, mae, r2_score, regression_metrics, rmse
+from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale, region_sums
+from popcorn.evaluation.metrics import format_table, mae, r2_score, regression_metrics, rmse
 from popcorn.tasks.weak_supervision import region_log_l1, sum_by_region
 
 

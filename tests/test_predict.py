@@ -1,4 +1,4 @@
-"""popcorn.predict / popcorn.predictor: tiling, ensembles, dasymetric rescaling, resume, errors."""
+"""popcorn.cli.predict / popcorn.inference.maps: tiling, ensembles, dasymetric rescaling, resume, errors."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import pytest
 import rasterio
 import torch
 
-from popcorn.dasymetric import block_sum, dasymetric_rescale
-from popcorn.datamodules import CensusRegions, open_imagery
-from popcorn.datamodules.synthetic import make_synthetic_world
+from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
+from popcorn.datasets import CensusRegions
+from popcorn.datasets.sentinel import open_imagery
+from popcorn.datasets.synthetic.world import make_synthetic_world
 from popcorn.errors import PopcornInputError
-from popcorn.inference import FastPopcorn, load_popcorn
-from popcorn.predict import main as predict_main
-from popcorn.predictor import PredictSettings, predict
+from popcorn.inference.fast import FastPopcorn, load_popcorn
+from popcorn.cli.predict import main as predict_main
+from popcorn.inference.maps import PredictSettings, predict
 from popcorn.tasks import BuiltUpTask, WeakSupervisionTask
 
 SEASONS2 = ["summer", "winter"]

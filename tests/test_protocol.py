@@ -140,7 +140,7 @@ def test_region_weighting_of_the_log_l1() -> None:
 def test_builtup_score_without_augmentation() -> None:
     """builtup_sees_augmentation=False: the frozen extractor scores the unaugmented S2 (same
     geometry), so its training score equals the score of the clean crop."""
-    from popcorn.datamodules.augmentation import BatchAugmentation
+    from popcorn.transforms.augmentation import BatchAugmentation
 
     batch = _batch()
     aug = BatchAugmentation(brightness_range=(1.5, 1.5), brightness_p=1.0, keep_unaugmented_s2=True)

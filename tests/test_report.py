@@ -1,4 +1,4 @@
-"""popcorn.report: figures, HTML report, and the predict + evaluate + report pipeline of the demo."""
+"""popcorn.evaluation.report: figures, HTML report, and the predict + evaluate + report pipeline of the demo."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from popcorn.datamodules.synthetic import make_synthetic_world
-from popcorn.evaluate import Evaluation
-from popcorn.metrics import regression_metrics
-from popcorn.report import make_report, predict_evaluate_report, scatter_figure
+from popcorn.datasets.synthetic.world import make_synthetic_world
+from popcorn.evaluation.compare import Evaluation
+from popcorn.evaluation.metrics import regression_metrics
+from popcorn.cli.pipeline import predict_evaluate_report
+from popcorn.evaluation.report import make_report, scatter_figure
 from popcorn.tasks import WeakSupervisionTask
 
 

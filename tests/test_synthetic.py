@@ -1,4 +1,4 @@
-"""Tests of the embedded synthetic world (popcorn/datamodules/synthetic.py), on tiny worlds."""
+"""Tests of the embedded synthetic world (popcorn/datasets/synthetic/world.py), on tiny worlds."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import rasterio.features
 
 from conftest import read_counts, read_raster, region_raster
 
-from popcorn.datamodules.synthetic import (
+from popcorn.datasets.synthetic.world import (
     LAND_COVER_CLASSES,
     SEASONS,
     SyntheticWorld,
@@ -53,7 +53,7 @@ def test_imagery_files(world: SyntheticWorld) -> None:
             assert ds.crs.to_epsg() == 32632 and ds.res == (10.0, 10.0) and ds.shape == (SIZE, SIZE)
             assert ds.profile["tiled"] and ds.compression.name.lower() == "deflate"
             tags = ds.tags()
-            assert tags["generator"] == "popcorn.datamodules.synthetic" and tags["seed"] == "3"
+            assert tags["generator"] == "popcorn.datasets.synthetic.world" and tags["seed"] == "3"
             assert tags["size_px"] == str(SIZE) and "popcorn_version" in tags and tags["season"] == season
         with rasterio.open(world.imagery_dir / f"S1_{season}.tif") as ds:
             assert ds.count == 2 and ds.dtypes == ("float32",) * 2

@@ -13,8 +13,8 @@ import rasterio.features
 
 from conftest import read_counts, read_raster, region_raster
 
-from popcorn.datamodules.synthetic import SEASONS
-from popcorn.datamodules.world_settlements import (
+from popcorn.datasets.synthetic.world import SEASONS
+from popcorn.datasets.synthetic.settlements import (
     HELD_OUT_SEEDS,
     LAND_COVER_CLASSES,
     OCCUPANCY,
@@ -25,7 +25,7 @@ from popcorn.datamodules.world_settlements import (
     make_settlement_world,
     settlement_world_dir,
 )
-from popcorn.datamodules.world_settlements_census import area_bounds_ha, census_labels
+from popcorn.datasets.synthetic.settlements_census import area_bounds_ha, census_labels
 from popcorn.errors import PopcornInputError
 
 SIZE = 250  # 2.5 x 2.5 km: a city core, camps, a warehouse district, villages, hamlets
@@ -46,7 +46,7 @@ def test_paths_and_files(world: SettlementWorld) -> None:
         assert p.is_file(), p
     assert not list(world.directory.glob(".*tmp-*")), "temporary files left behind"
     meta = world.metadata()
-    assert meta["generator"] == "popcorn.datamodules.world_settlements"
+    assert meta["generator"] == "popcorn.datasets.synthetic.settlements"
     assert meta["settlement_types"] == {str(k): v for k, v in SETTLEMENT_TYPES.items()}
     assert meta["seed_role"] == "tuning" and meta["generation_seconds"] > 0
 
@@ -171,7 +171,7 @@ def test_census_data_module_reads_it(world: SettlementWorld) -> None:
 
 
 def test_domain_shift_changes_imagery(world: SettlementWorld, tmp_path: Path) -> None:
-    pytest.importorskip("popcorn.datamodules.domain_shift", reason="domain_shift module not available")
+    pytest.importorskip("popcorn.datasets.synthetic.domain_shift", reason="domain_shift module not available")
     shifted = make_settlement_world(tmp_path, size_px=SIZE, seed=SEED, mean_region_ha=MEAN_HA,
                                     domain_shift="other_continent")
     assert shifted.directory.name.endswith("_shift-other_continent") and shifted.domain_shift == "other_continent"

@@ -1,7 +1,6 @@
-"""Datasets, samplers and Lightning data modules (imagery, census regions, batches).
+"""Lightning data modules: census weak supervision, built-up training and adaptation, popVAE.
 
-Names are imported lazily, so light users (``popcorn.datamodules.grid``, the census and download
-CLIs) do not pay for importing Lightning, Kornia and TorchGeo.
+Names are imported lazily, so that naming one data module in a config does not import the others.
 """
 
 from __future__ import annotations
@@ -10,40 +9,14 @@ import importlib
 from typing import Any
 
 _SUBMODULE = {
-    "BatchAugmentation": "augmentation",
-    "BuiltUpDataModule": "builtup_datamodule",
-    "CensusRegions": "census",
-    "read_regions": "census",
-    "CensusDataModule": "census_datamodule",
-    "SyntheticCensusDataModule": "census_datamodule",
-    "open_imagery": "census_datamodule",
-    "split_ids": "census_datamodule",
-    "RasterGrid": "grid",
-    "FixedPatchSampler": "samplers",
-    "PatchKey": "samplers",
-    "RandomPatchSampler": "samplers",
-    "RegionKey": "samplers",
-    "RegionSampler": "samplers",
-    "TileKey": "samplers",
-    "TileSampler": "samplers",
-    "tile_windows": "samplers",
-    "collate_patches": "samples",
-    "collate_regions": "samples",
-    "collate_tiles": "samples",
-    "SEASONS": "sentinel",
-    "SEASON_DATES": "sentinel",
-    "Sentinel1Composite": "sentinel",
-    "Sentinel2Composite": "sentinel",
-    "check_same_grid": "sentinel",
-    "season_slice": "sentinel",
-    "CovariateStack": "covariates",
-    "Normalizer": "covariates",
-    "PixelDataModule": "covariates",
-    "PixelSampler": "covariates",
-    "SyntheticPixelDataModule": "covariates",
-    "make_synthetic_covariates": "covariates",
-    "SettlementWorld": "world_settlements",
-    "make_settlement_world": "world_settlements",
+    "BuiltUpDataModule": "builtup",
+    "SyntheticBuiltUpDataModule": "builtup",
+    "CensusDataModule": "census",
+    "SyntheticCensusDataModule": "census",
+    "open_imagery": "census",
+    "split_ids": "census",
+    "PixelDataModule": "pixel",
+    "SyntheticPixelDataModule": "pixel",
 }
 
 __all__ = sorted(_SUBMODULE)

@@ -1,346 +1,383 @@
-"""Census regions: vector polygons + counts, rasterised once onto the imagery grid.
+"""Lightning data modules for weak supervision with census counts.
 
-:class:`CensusRegions` reads the regions (GeoPackage / Shapefile / GeoJSON, any CRS, reprojected
-to the imagery CRS) and the counts (a CSV with an id and a count column, or a count column of the
-vector file), validates them, and burns the region ids into ``id_raster`` (int32, 0 = outside
-every region; pixel-centre rule, ``all_touched=False``). Per region it keeps the pixel window of
-its bounding box and its pixel count.
-
-It is a TorchGeo :class:`~torchgeo.datasets.GeoDataset` (one index row per region, its bounding
-box, valid at all times), so ``s2 & regions`` works; a query returns the id raster window as
-``"mask"`` (int64, 0 outside every region and outside the grid).
+:class:`CensusDataModule` trains on coarse census regions (one region per sample, loss on region
+sums), validates on held-out regions and tests/predicts on tiles covering the whole imagery.
+:class:`SyntheticCensusDataModule` does the same on the embedded synthetic world.
+Batch formats: :mod:`popcorn.datasets.samples` and docs/interfaces.md.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import geopandas as gpd
+import lightning as L
 import numpy as np
-import pandas as pd
-import rasterio.features
-import scipy.ndimage as ndi
-import shapely
 import torch
-from pyproj import CRS
-from torchgeo.datasets import GeoDataset
-from torchgeo.datasets.utils import GeoSlice
+from torch.utils.data import DataLoader
 
 from popcorn.errors import PopcornInputError
 
-from .grid import RasterGrid, Window, clip_window
+from popcorn.transforms.augmentation import BatchAugmentation
+from popcorn.datasets.census import CensusRegions, check_on_imagery, read_regions
+from popcorn.datasets.grid import Window
+from popcorn.samplers.windows import RegionSampler, TileSampler, oversized_regions
+from popcorn.datasets.samples import RegionSamples, TileSamples, collate_regions, collate_tiles
+from popcorn.datasets.sentinel import SEASONS, check_seasons, open_imagery
 
 log = logging.getLogger(__name__)
 
-_MAX_LIST = 20
 
+def split_ids(ids: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/val split of region ids (sorted lists, disjoint).
 
-def _fmt_ids(ids: Sequence[Any]) -> str:
-    ids = list(ids)
-    shown = ", ".join(str(i) for i in ids[:_MAX_LIST])
-    return shown + (f", ... ({len(ids)} in total)" if len(ids) > _MAX_LIST else "")
-
-
-def _as_int_ids(values: pd.Series, source: str, id_column: str) -> np.ndarray:
-    """Region ids as int64; raise naming the bad values."""
-    numeric = pd.to_numeric(values, errors="coerce")
-    bad = numeric.isna() | (numeric != np.floor(numeric))
-    if bad.any():
-        rows = [f"row {i}: {values.iloc[i]!r}" for i in np.flatnonzero(bad.to_numpy())[:_MAX_LIST]]
-        raise PopcornInputError(
-            f"{source}: column {id_column!r} must hold integer region ids; bad values at "
-            f"{', '.join(rows)}"
-        )
-    ids = numeric.to_numpy().astype(np.int64)
-    bad_range = (ids <= 0) | (ids > np.iinfo(np.int32).max)
-    if bad_range.any():
-        raise PopcornInputError(
-            f"{source}: region ids must be positive int32 (0 marks 'outside every region'); "
-            f"bad ids in column {id_column!r}: {_fmt_ids(ids[bad_range])}"
-        )
-    return ids
-
-
-def _check_columns(frame: pd.DataFrame, columns: Sequence[str], source: str) -> None:
-    for col in columns:
-        if col not in frame.columns:
-            present = [c for c in frame.columns if c != "geometry"]
-            raise PopcornInputError(
-                f"{source}: column {col!r} not found; columns present: {present}. "
-                "Set id_column / count_column to the right names."
-            )
-
-
-def _check_duplicates(ids: np.ndarray, source: str, id_column: str) -> None:
-    uniq, n = np.unique(ids, return_counts=True)
-    if (n > 1).any():
-        raise PopcornInputError(
-            f"{source}: duplicate region ids in column {id_column!r}: {_fmt_ids(uniq[n > 1])}. "
-            "Each region must appear once (dissolve multi-part regions into one MultiPolygon)."
-        )
-
-
-def _as_counts(values: pd.Series, ids: np.ndarray, source: str, count_column: str) -> np.ndarray:
-    numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(numeric)
-    if bad.any():
-        items = [
-            f"row {i} (region {ids[i]}): {values.iloc[i]!r}"
-            for i in np.flatnonzero(bad)[:_MAX_LIST]
-        ]
-        raise PopcornInputError(
-            f"{source}: column {count_column!r} must be numeric; non-numeric counts at "
-            f"{'; '.join(items)}"
-        )
-    neg = numeric < 0
-    if neg.any():
-        items = [f"row {i} (region {ids[i]}): {numeric[i]:g}" for i in np.flatnonzero(neg)[:_MAX_LIST]]
-        raise PopcornInputError(
-            f"{source}: negative counts in column {count_column!r} at {'; '.join(items)}"
-        )
-    return numeric
-
-
-def read_regions(
-    regions: str | os.PathLike[str],
-    counts: str | os.PathLike[str] | None,
-    crs: Any,
-    id_column: str = "region_id",
-    count_column: str = "count",
-) -> gpd.GeoDataFrame:
-    """Read and validate regions + counts; return a GeoDataFrame (``region_id``, ``count``,
-    ``geometry``) in ``crs``, sorted by id."""
-    regions = Path(regions)
-    if not regions.exists():
-        raise PopcornInputError(f"census regions file {regions} does not exist")
-    try:
-        gdf = gpd.read_file(regions)
-    except Exception as err:  # driver errors come in many types
-        raise PopcornInputError(f"cannot read census regions {regions} ({err})") from err
-    if gdf.crs is None:
-        raise PopcornInputError(
-            f"{regions} has no CRS; set it (e.g. ogr2ogr -a_srs EPSG:4326) so the regions can be "
-            "placed on the imagery"
-        )
-    _check_columns(gdf, [id_column], str(regions))
-    ids = _as_int_ids(gdf[id_column], str(regions), id_column)
-    _check_duplicates(ids, str(regions), id_column)
-    if counts is None:
-        _check_columns(gdf, [count_column], str(regions))
-        values = _as_counts(gdf[count_column], ids, str(regions), count_column)
-    else:
-        counts = Path(counts)
-        if not counts.exists():
-            raise PopcornInputError(f"census counts file {counts} does not exist")
-        try:
-            table = pd.read_csv(counts)
-        except Exception as err:
-            raise PopcornInputError(f"cannot read census counts {counts} as CSV ({err})") from err
-        _check_columns(table, [id_column, count_column], str(counts))
-        cids = _as_int_ids(table[id_column], str(counts), id_column)
-        _check_duplicates(cids, str(counts), id_column)
-        cvals = _as_counts(table[count_column], cids, str(counts), count_column)
-        no_poly = sorted(set(cids.tolist()) - set(ids.tolist()))
-        no_count = sorted(set(ids.tolist()) - set(cids.tolist()))
-        if no_poly:
-            raise PopcornInputError(
-                f"{counts}: region id(s) without a polygon in {regions}: {_fmt_ids(no_poly)}"
-            )
-        if no_count:
-            raise PopcornInputError(
-                f"{regions}: region id(s) without a count in {counts}: {_fmt_ids(no_count)}"
-            )
-        lookup = dict(zip(cids.tolist(), cvals.tolist(), strict=True))
-        values = np.array([lookup[i] for i in ids.tolist()], dtype=np.float64)
-    empty = gdf.geometry.isna() | gdf.geometry.is_empty
-    if empty.any():
-        raise PopcornInputError(
-            f"{regions}: region id(s) with an empty geometry: {_fmt_ids(ids[empty.to_numpy()])}"
-        )
-    out = gpd.GeoDataFrame(
-        {"region_id": ids, "count": values}, geometry=gdf.geometry.to_numpy(), crs=gdf.crs
-    ).to_crs(CRS.from_user_input(crs))
-    return out.sort_values("region_id").reset_index(drop=True)
-
-
-def check_on_imagery(frame: Any, grid: Any, source: Any, what: str, fix: str, partial_note: str) -> None:
-    """Raise if any polygon of ``frame`` lies wholly outside ``grid``; warn for partial ones.
-
-    ``what`` names the polygons in messages ("region", "fine unit"), ``fix`` says what to do,
-    ``partial_note`` what partial coverage means for them.
+    ``round(val_fraction * N)`` regions (at least 1 if ``val_fraction > 0`` and N >= 2, and never
+    all of them) are drawn for validation with ``numpy.random.default_rng(seed)``.
     """
-    box = shapely.box(*grid.bounds)
-    inter = frame.geometry.intersection(box).area.to_numpy()
-    area = frame.geometry.area.to_numpy()
-    outside = frame.region_id.to_numpy()[inter <= 0]
-    if len(outside):
-        raise PopcornInputError(
-            f"{source}: {what} id(s) outside the imagery extent {grid.bounds} ({grid.crs}): "
-            f"{_fmt_ids(outside)}. {fix}"
-        )
-    partial = (inter < 0.99 * area) & (area > 0)
-    if partial.any():
-        log.warning(
-            "%s: %s id(s) %s extend beyond the imagery (less than 99%% of their area is "
-            "covered); %s", source, what, _fmt_ids(frame.region_id.to_numpy()[partial]), partial_note,
-        )
+    if not 0.0 <= val_fraction < 1.0:
+        raise PopcornInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    ids = sorted(int(i) for i in ids)
+    n = len(ids)
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    else:
+        n_val = min(n_val, max(n - 1, 0))
+    perm = np.random.default_rng(seed).permutation(n)
+    val = sorted(ids[i] for i in perm[:n_val])
+    val_set = set(val)
+    return [i for i in ids if i not in val_set], val
 
 
-class CensusRegions(GeoDataset):
-    """Census regions rasterised on the imagery grid (see the module docstring).
+def _existing(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    if not Path(path).exists():
+        raise PopcornInputError(f"{what} {path} does not exist")
+    return str(path)
 
-    Attributes:
-        id_raster: (H, W) int32 region id per pixel of the grid, 0 outside every region.
-        ids: sorted region ids that cover at least one pixel.
-        counts: region id -> count (people).
-        windows: region id -> pixel window ``(row_off, col_off, height, width)`` of its bbox.
-        pixel_counts: region id -> number of grid pixels of the region.
-        dropped_ids: ids whose polygon covers no pixel centre (too small); not used.
-        transform, crs, grid: the imagery grid.
-        frame: GeoDataFrame of the regions in the grid CRS (region_id, count, geometry).
+
+class CensusDataModule(L.LightningDataModule):
+    """Census-region weak supervision data (see docs/interfaces.md for batches and attributes).
+
+    Training: every training region once per epoch, shuffled, random season per sample,
+    ``batch_size`` regions per batch (padded, with ``valid_mask`` / ``region_mask``), augmented on
+    the device. Validation: held-out regions (deterministic split by ``split_seed``), fixed
+    seasons. Test/predict: tiles of ``test_tile_size`` px (+ ``test_margin`` px context) covering
+    the whole imagery, for every season of ``test_seasons``.
+
+    Args:
+        imagery_root: folder with ``S1_<season>*.tif`` and ``S2_<season>*.tif``.
+        census_regions: vector file of the regions (GeoPackage/Shapefile/GeoJSON, any CRS).
+        census_counts: CSV with id and count columns; None = count column of the vector file.
+        id_column: name of the region id column (vector and CSV).
+        count_column: name of the count column (people).
+        fine_truth: 1 ha truth raster for evaluation (optional).
+        fine_regions: fine census units for evaluation (optional; vector file, any CRS), e.g.
+            census blocks: the test stage compares zonal sums of the maps with their counts.
+        fine_counts: CSV with the fine units' id and count columns; None = count column of
+            ``fine_regions``.
+        fine_id_column: id column of the fine units (vector and CSV).
+        fine_count_column: count column of the fine units.
+        builtup_labels: built-up labels raster on the imagery grid (optional).
+        seasons: seasons drawn for training/validation.
+        test_seasons: seasons predicted at test/predict time.
+        val_fraction: fraction of regions held out for validation; 0 (default, the paper's
+            protocol) trains on every region and validates nothing.
+        split_seed: seed of the train/val split.
+        max_region_pixels: regions whose bounding box has more pixels are skipped (None = all).
+        batch_size: regions (or tiles) per batch; the paper uses 2.
+        num_workers: DataLoader workers.
+        test_tile_size: tile core size in px (multiple of 10 so tiles align with 1 ha cells).
+        test_margin: px of context read on each side of a tile core.
+        region_context_px: px of imagery read around each region's bounding box, so the
+            networks see the same surroundings as in tiled inference (the region mask still
+            limits the sum to the region's own pixels).
+        augment: apply training augmentation (on the device, training only).
+        shuffle_seed: seed of the training order/seasons; None = drawn from torch's global RNG
+            at setup (so ``seed_everything`` controls it).
+        max_gap_px: S1 NaN gaps up to this many connected pixels are filled from neighbours.
     """
 
     def __init__(
         self,
-        regions: str | os.PathLike[str],
-        counts: str | os.PathLike[str] | None,
-        grid: RasterGrid,
+        imagery_root: str,
+        census_regions: str,
+        census_counts: str | None = None,
         id_column: str = "region_id",
         count_column: str = "count",
+        fine_truth: str | None = None,
+        fine_regions: str | None = None,
+        fine_counts: str | None = None,
+        fine_id_column: str = "region_id",
+        fine_count_column: str = "count",
+        builtup_labels: str | None = None,
+        seasons: Sequence[str] = SEASONS,
+        test_seasons: Sequence[str] = SEASONS,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
+        max_region_pixels: int | None = 1_000_000,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        test_tile_size: int = 500,
+        test_margin: int = 32,
+        region_context_px: int = 16,
+        augment: bool = True,
+        shuffle_seed: int | None = None,
+        max_gap_px: int = 64,
     ) -> None:
-        self.paths = str(regions)
-        self.grid = grid
-        frame = read_regions(regions, counts, grid.crs, id_column, count_column)
-        check_on_imagery(frame, grid, regions, "region", "Crop the census to the imagery or add "
-                         "imagery covering them.", "their counts include people outside the imagery")
-        # Rasterise consecutive labels once, then map to ids (windows via find_objects).
-        labels = rasterio.features.rasterize(
-            zip(frame.geometry, range(1, len(frame) + 1), strict=True),
-            out_shape=grid.shape, transform=grid.transform, fill=0, all_touched=False,
-            dtype="int32",
+        super().__init__()
+        self.imagery_root = str(imagery_root)
+        self.census_regions_path = str(census_regions)
+        self.census_counts_path = None if census_counts is None else str(census_counts)
+        self.id_column = id_column
+        self.count_column = count_column
+        self.fine_truth_path = None if fine_truth is None else str(fine_truth)
+        if fine_counts is not None and fine_regions is None:
+            raise PopcornInputError(
+                f"fine_counts={fine_counts} is given without fine_regions: give the vector file "
+                "of the fine census units too"
+            )
+        self.fine_regions_path = None if fine_regions is None else str(fine_regions)
+        self.fine_counts_path = None if fine_counts is None else str(fine_counts)
+        self.fine_id_column = fine_id_column
+        self.fine_count_column = fine_count_column
+        self.n_fine_units = 0
+        self.builtup_labels_path = None if builtup_labels is None else str(builtup_labels)
+        if region_context_px < 0:
+            raise PopcornInputError(f"region_context_px must be >= 0, got {region_context_px}")
+        self.region_context_px = int(region_context_px)
+        self.seasons = check_seasons(seasons, "seasons")
+        self.test_seasons = check_seasons(test_seasons, "test_seasons")
+        if not 0.0 <= val_fraction < 1.0:
+            raise PopcornInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+        if max_region_pixels is not None and max_region_pixels <= 0:
+            raise PopcornInputError(f"max_region_pixels must be positive, got {max_region_pixels}")
+        self.max_region_pixels = max_region_pixels
+        if batch_size < 1:
+            raise PopcornInputError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        if test_tile_size <= 0 or test_tile_size % 10:
+            raise PopcornInputError(
+                f"test_tile_size must be a positive multiple of 10 (tiles align with 1 ha "
+                f"cells), got {test_tile_size}"
+            )
+        if test_margin < 0:
+            raise PopcornInputError(f"test_margin must be >= 0, got {test_margin}")
+        self.test_tile_size = int(test_tile_size)
+        self.test_margin = int(test_margin)
+        self.augment = bool(augment)
+        self.shuffle_seed = shuffle_seed
+        self.max_gap_px = int(max_gap_px)
+        self.augmentation = BatchAugmentation()
+        self.census_regions: CensusRegions | None = None
+        self.skipped_ids: list[int] = []
+        self.difficulty: float = float("nan")
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.census_regions is not None:
+            return
+        self.fine_truth_path = _existing(self.fine_truth_path, "fine truth raster")
+        self.fine_regions_path = _existing(self.fine_regions_path, "fine census regions file (fine_regions)")
+        self.fine_counts_path = _existing(self.fine_counts_path, "fine census counts file (fine_counts)")
+        self.builtup_labels_path = _existing(self.builtup_labels_path, "built-up labels raster")
+        all_seasons = tuple(s for s in SEASONS if s in set(self.seasons) | set(self.test_seasons))
+        self.s1, self.s2, self.grid = open_imagery(self.imagery_root, all_seasons, self.max_gap_px)
+        regions = CensusRegions(
+            self.census_regions_path, self.census_counts_path, self.grid,
+            id_column=self.id_column, count_column=self.count_column,
         )
-        slices = ndi.find_objects(labels, max_label=len(frame))
-        npix = np.bincount(labels.ravel(), minlength=len(frame) + 1)
-        lut = np.concatenate([[0], frame.region_id.to_numpy()]).astype(np.int32)
-        self.id_raster: np.ndarray = np.take(lut, labels, out=labels)
-        self.windows: dict[int, Window] = {}
-        self.pixel_counts: dict[int, int] = {}
-        dropped = []
-        for k, (rid, sl) in enumerate(zip(frame.region_id.tolist(), slices, strict=True)):
-            if sl is None:
-                dropped.append(rid)
-                continue
-            rs, cs = sl
-            self.windows[rid] = (rs.start, cs.start, rs.stop - rs.start, cs.stop - cs.start)
-            self.pixel_counts[rid] = int(npix[k + 1])
-        if dropped:
+        train, val = split_ids(regions.ids, self.val_fraction, self.split_seed)
+        skipped = set(oversized_regions(regions.windows, regions.ids, self.max_region_pixels))
+        if skipped:
             log.warning(
-                "%s: region id(s) %s cover no pixel centre of the %g m grid (too small or hidden "
-                "by overlapping regions); they are not used", regions, _fmt_ids(dropped), grid.res,
+                "skipping %d region(s) whose bounding box exceeds max_region_pixels=%d: %s",
+                len(skipped), self.max_region_pixels,
+                ", ".join(f"{i} ({regions.windows[i][2]}x{regions.windows[i][3]} px)"
+                          for i in sorted(skipped)[:50]),
             )
-        self.dropped_ids: list[int] = dropped
-        keep = frame.region_id.isin(list(self.windows))
-        self.frame = frame[keep].reset_index(drop=True)
-        self.ids: list[int] = self.frame.region_id.tolist()
-        self.counts: dict[int, float] = dict(
-            zip(self.ids, self.frame["count"].astype(float).tolist(), strict=True)
-        )
-        self.train_ids: list[int] = list(self.ids)
-        self.val_ids: list[int] = []
-        # TorchGeo index: pixel-aligned bounding box of each region, valid at any time.
-        boxes = []
-        for rid in self.ids:
-            xs, ys = grid.window_to_slices(self.windows[rid])
-            boxes.append(shapely.box(xs.start, ys.start, xs.stop, ys.stop))
-        interval = pd.IntervalIndex.from_tuples(
-            [(pd.Timestamp.min, pd.Timestamp.max)] * len(self.ids), closed="both", name="datetime"
-        )
-        self.index = gpd.GeoDataFrame(
-            {"region_id": self.ids, "count": [self.counts[i] for i in self.ids]},
-            index=interval, geometry=boxes, crs=grid.crs,
-        )
-        self._res = (grid.res, grid.res)
-
-    # ------------------------------------------------------------------ grid
-    @property
-    def transform(self):  # noqa: ANN201 - affine.Affine
-        return self.grid.transform
-
-    @property
-    def crs(self) -> CRS:
-        return self.index.crs
-
-    @crs.setter
-    def crs(self, new_crs: CRS) -> None:
-        if CRS.from_user_input(new_crs) != CRS.from_user_input(self.index.crs):
+        self.skipped_ids = sorted(skipped)
+        regions.train_ids = [i for i in train if i not in skipped]
+        regions.val_ids = [i for i in val if i not in skipped]
+        if not regions.train_ids:
             raise PopcornInputError(
-                f"census regions are rasterised in {self.index.crs}; they cannot be re-projected "
-                f"to {new_crs} afterwards. Build CensusRegions on the imagery grid."
+                f"{self.census_regions_path}: no training region left (all {len(train)} are "
+                f"larger than max_region_pixels={self.max_region_pixels} or held out); raise "
+                "max_region_pixels or lower val_fraction"
             )
-
-    @property
-    def res(self) -> tuple[float, float]:
-        return self._res
-
-    @res.setter
-    def res(self, new_res: float | tuple[float, float]) -> None:
-        if isinstance(new_res, int | float):
-            new_res = (float(new_res), float(new_res))
-        if not np.allclose(new_res, self._res):
-            raise PopcornInputError(
-                f"census regions are rasterised at {self._res}; resolution {new_res} is not "
-                "supported. Build CensusRegions on the imagery grid."
-            )
-
-    # ------------------------------------------------------------------ access
-    def mask_window(self, window: Window) -> np.ndarray:
-        """(h, w) int32 id raster over a pixel window; 0 outside the grid."""
-        row, col, h, w = window
-        out = np.zeros((h, w), dtype=np.int32)
-        clipped = clip_window(window, *self.grid.shape)
-        if clipped is not None:
-            (r, c, ch, cw), (dr, dc) = clipped
-            out[dr : dr + ch, dc : dc + cw] = self.id_raster[r : r + ch, c : c + cw]
-        return out
-
-    def region_mask(self, region_id: int, window: Window | None = None) -> np.ndarray:
-        """(h, w) bool mask of one region over ``window`` (default: its bounding box)."""
-        if region_id not in self.windows:
-            raise KeyError(f"unknown region id {region_id}")
-        return self.mask_window(window or self.windows[region_id]) == region_id
-
-    def region_bounds(self, region_id: int) -> tuple[slice, slice]:
-        """TorchGeo ``(x, y)`` slices of a region's bounding box (with step = res)."""
-        return self.grid.window_to_slices(self.windows[region_id])
-
-    def area_ha(self, region_id: int) -> float:
-        """Region area in 1 ha cells (its pixel count x pixel area)."""
-        return self.pixel_counts[region_id] * self.grid.res**2 / 1e4
-
-    def __getitem__(self, query: GeoSlice) -> dict[str, Any]:
-        """Id raster over ``[x0:x1:res, y0:y1:res(, t)]``: ``{"mask": (H,W) int64, ...}``."""
-        x, y, t = self._disambiguate_slice(query)
-        if not (np.isclose(x.step, self._res[0]) and np.isclose(y.step, self._res[1])):
-            raise PopcornInputError(
-                f"census regions are rasterised at {self._res[0]} m; query step "
-                f"({x.step}, {y.step}) is not supported"
-            )
-        hits = self.index.cx[x.start : x.stop, y.start : y.stop]
-        if hits.empty:
-            raise IndexError(f"query {query} not found in index with bounds {self.bounds}")
-        window = self.grid.slices_to_window(x, y)
-        mask = torch.from_numpy(self.mask_window(window).astype(np.int64))
-        return {"mask": mask, "crs": self.crs, "bounds": (x, y, t)}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __str__(self) -> str:
-        return (
-            f"CensusRegions({len(self.ids)} regions on a {self.grid.height}x{self.grid.width} "
-            f"grid at {self.grid.res} m, {self.grid.crs})"
+        if self.fine_regions_path is not None:
+            self.n_fine_units = self._check_fine_units()
+        self.census_regions = regions
+        self.grid_shape = self.grid.shape
+        self.transform = self.grid.transform
+        self.crs = self.grid.crs
+        n = len(regions.train_ids)
+        mean_ha = float(np.mean([regions.area_ha(i) for i in regions.train_ids]))
+        self.difficulty = mean_ha / n
+        log.info(
+            "census data: %d train regions, %d val regions, %d skipped; grid %dx%d px; mean "
+            "training region %.1f ha; difficulty D = S/N = %.4g",
+            n, len(regions.val_ids), len(self.skipped_ids), *self.grid_shape, mean_ha,
+            self.difficulty,
         )
+        if self.shuffle_seed is None:
+            self.shuffle_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        self._train_sampler = RegionSampler(
+            self._sample_windows(regions), regions.train_ids, self.seasons, shuffle=True,
+            seed=self.shuffle_seed, batch_size=self.batch_size,
+        )
+
+    def _check_fine_units(self) -> int:
+        """Read and validate the fine census units now (not after training); return their number.
+
+        Same rules as the training census (ids, counts, join of the CSV); every unit must
+        overlap the imagery.
+        """
+        try:
+            frame = read_regions(
+                self.fine_regions_path, self.fine_counts_path, self.grid.crs,
+                self.fine_id_column, self.fine_count_column,
+            )
+        except PopcornInputError as err:
+            raise PopcornInputError(
+                f"fine census regions: {err} (options: fine_regions, fine_counts, fine_id_column="
+                f"{self.fine_id_column!r}, fine_count_column={self.fine_count_column!r})"
+            ) from err
+        check_on_imagery(frame, self.grid, self.fine_regions_path, "fine unit",
+                         "Crop the fine units to the imagery.",
+                         "their predicted sums only cover the part inside it")
+        log.info("fine census units for the test: %d in %s", len(frame), self.fine_regions_path)
+        return len(frame)
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Any, sampler: Any, collate: Any, batch_size: int) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def _require_setup(self) -> CensusRegions:
+        if self.census_regions is None:
+            self.setup()
+        assert self.census_regions is not None
+        return self.census_regions
+
+    def _sample_windows(self, regions: CensusRegions) -> dict[int, Window]:
+        """Each region's bounding box grown by ``region_context_px`` on every side."""
+        m = self.region_context_px
+        return {i: (r - m, c - m, h + 2 * m, w + 2 * m) for i, (r, c, h, w) in regions.windows.items()}
+
+    def train_dataloader(self) -> DataLoader:
+        regions = self._require_setup()
+        return self._loader(
+            RegionSamples(self.s1, self.s2, regions), self._train_sampler, collate_regions,
+            self.batch_size,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        regions = self._require_setup()
+        if not regions.val_ids:
+            return []
+        sampler = RegionSampler(
+            self._sample_windows(regions), regions.val_ids, self.seasons, shuffle=False
+        )
+        return self._loader(
+            RegionSamples(self.s1, self.s2, regions), sampler, collate_regions, self.batch_size
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        self._require_setup()
+        sampler = TileSampler(
+            *self.grid_shape, self.test_tile_size, self.test_margin, self.test_seasons
+        )
+        return self._loader(TileSamples(self.s1, self.s2), sampler, collate_tiles, self.batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if self.augment and trainer is not None and trainer.training:
+            batch = self.augmentation(batch)
+        return batch
+
+
+class SyntheticCensusDataModule(CensusDataModule):
+    """:class:`CensusDataModule` on the embedded synthetic world (generated in prepare_data).
+
+    Paths come from ``popcorn.datasets.synthetic.world.world_dir(root, size_px, seed, domain_shift)``:
+    imagery in the world folder, ``census_regions.gpkg``, ``census_counts.csv``,
+    ``population_1ha.tif`` as fine truth and ``builtup_fraction.tif`` as built-up labels.
+    ``fine_regions`` (+ ``fine_counts``, ...) add fine census units to the test, as in
+    :class:`CensusDataModule`. ``domain_shift``: the world's look (a preset name of
+    :mod:`popcorn.datasets.synthetic.domain_shift`, e.g. ``other_continent``; None = the default look).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        size_px: int = 1200,
+        seed: int = 0,
+        n_regions: int = 200,
+        count_noise: float = 0.0,
+        domain_shift: str | None = None,
+        fine_regions: str | None = None,
+        fine_counts: str | None = None,
+        fine_id_column: str = "region_id",
+        fine_count_column: str = "count",
+        seasons: Sequence[str] = SEASONS,
+        test_seasons: Sequence[str] = SEASONS,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
+        max_region_pixels: int | None = 1_000_000,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        test_tile_size: int = 500,
+        test_margin: int = 32,
+        region_context_px: int = 16,
+        augment: bool = True,
+        shuffle_seed: int | None = None,
+        max_gap_px: int = 64,
+    ) -> None:
+        from popcorn.datasets.synthetic.world import world_dir
+
+        self.root = str(root)
+        self.size_px = int(size_px)
+        self.seed = int(seed)
+        self.n_regions = int(n_regions)
+        self.count_noise = float(count_noise)
+        self.domain_shift = domain_shift
+        directory = Path(world_dir(root, size_px, seed, domain_shift))
+        super().__init__(
+            imagery_root=str(directory),
+            census_regions=str(directory / "census_regions.gpkg"),
+            census_counts=str(directory / "census_counts.csv"),
+            fine_truth=str(directory / "population_1ha.tif"),
+            fine_regions=fine_regions, fine_counts=fine_counts, fine_id_column=fine_id_column,
+            fine_count_column=fine_count_column,
+            builtup_labels=str(directory / "builtup_fraction.tif"),
+            seasons=seasons, test_seasons=test_seasons, val_fraction=val_fraction,
+            split_seed=split_seed, max_region_pixels=max_region_pixels, batch_size=batch_size,
+            num_workers=num_workers, test_tile_size=test_tile_size, test_margin=test_margin,
+            region_context_px=region_context_px, augment=augment, shuffle_seed=shuffle_seed, max_gap_px=max_gap_px,
+        )
+        self.world_directory = directory
+
+    def prepare_data(self) -> None:
+        from popcorn.datasets.synthetic.world import make_synthetic_world
+
+        make_synthetic_world(
+            root=self.root, size_px=self.size_px, seed=self.seed, n_regions=self.n_regions,
+            count_noise=self.count_noise, domain_shift=self.domain_shift,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if not (self.world_directory / "world.json").exists():
+            self.prepare_data()
+        super().setup(stage)

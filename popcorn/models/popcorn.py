@@ -23,19 +23,24 @@ LOG_OCCUPANCY_CAP = 7.0
 people per 10 m pixel) so that a wild step cannot overflow the region sums."""
 
 
-def head_inputs(features: Tensor, builtup_score: Tensor, context_px: tuple[int, ...] = ()) -> Tensor:
+def head_inputs(
+    features: Tensor, builtup_score: Tensor, context_px: tuple[int, ...] = (), with_builtup: bool = False
+) -> Tensor:
     """Occupancy-branch features (B, C, H, W) -> the head's input: the features, plus for each
-    window of ``context_px`` (odd, px) their mean and the built-up score's mean over that window.
+    window of ``context_px`` (odd, px) their mean and the built-up score's mean over that window,
+    plus with ``with_builtup`` the frozen extractor's logit (clamped to +-10) as one more channel.
 
     The context (beyond the paper) lets a 1x1 head see the neighbourhood: how dense the roofs are
     over 70-200 m, whether they sit among gardens, yards or alleys. Windows are clipped at the
     image edge (``count_include_pad=False``), as tiles clipped to the raster are.
     """
-    if not context_px:
-        return features
-    stack = torch.cat([features, builtup_score.to(features.dtype)], dim=1)
-    pooled = [F.avg_pool2d(stack, k, stride=1, padding=k // 2, count_include_pad=False) for k in context_px]
-    return torch.cat([features, *pooled], dim=1)
+    parts = [features]
+    if context_px:
+        stack = torch.cat([features, builtup_score.to(features.dtype)], dim=1)
+        parts += [F.avg_pool2d(stack, k, stride=1, padding=k // 2, count_include_pad=False) for k in context_px]
+    if with_builtup:
+        parts.append(torch.logit(builtup_score.to(features.dtype), eps=1e-6).clamp(-10.0, 10.0))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else features
 
 
 def occupancy_from_head(raw: Tensor, activation: str = "relu") -> Tensor:
@@ -68,6 +73,7 @@ class Popcorn(nn.Module):
         occupancy_bias: float = 0.2267,
         occupancy_activation: OccupancyActivation = "relu",
         occupancy_context_px: tuple[int, ...] | list[int] = (),
+        head_sees_builtup: bool = False,
     ) -> None:
         super().__init__()
         if occupancy_init not in ("pretrained", "scratch"):
@@ -81,6 +87,7 @@ class Popcorn(nn.Module):
         if any(k < 3 or k % 2 == 0 for k in context):
             raise PopcornInputError(f"occupancy_context_px must be odd window sizes >= 3 px, got {list(context)}.")
         self.occupancy_context_px = context
+        self.head_sees_builtup = bool(head_sees_builtup)
         self.occupancy_init = occupancy_init
         self.modalities = modalities
         self.occupancy_split = occupancy_split
@@ -92,7 +99,7 @@ class Popcorn(nn.Module):
         if occupancy_init == "pretrained":
             self.occupancy.load_state_dict(self.builtup.state_dict())
         in_ch = 8 * (int(self.use_s1) + int(self.use_s2))
-        in_ch += len(context) * (in_ch + 1)
+        in_ch += len(context) * (in_ch + 1) + int(self.head_sees_builtup)
         self.head = nn.Sequential(
             nn.Conv2d(in_ch, 64, 1),
             nn.ReLU(inplace=True),
@@ -189,7 +196,7 @@ class Popcorn(nn.Module):
             builtup_score = torch.sigmoid(self.builtup.logits(*self.builtup.stream_features(prep_builtup)))
         f1, f2 = self.occupancy.stream_features(prep)
         feats = torch.cat([f for f in (f1, f2) if f is not None], dim=1)
-        feats = head_inputs(feats, builtup_score, self.occupancy_context_px)
+        feats = head_inputs(feats, builtup_score, self.occupancy_context_px, self.head_sees_builtup)
         value = occupancy_from_head(self.head(feats)[:, :1], self.occupancy_activation)
         if self.occupancy_split:
             occupancy = value
@@ -202,7 +209,7 @@ class Popcorn(nn.Module):
         return (
             f"modalities={self.modalities!r}, occupancy_init={self.occupancy_init!r}, "
             f"occupancy_split={self.occupancy_split}, occupancy_activation={self.occupancy_activation!r}, "
-            f"occupancy_context_px={list(self.occupancy_context_px)}"
+            f"occupancy_context_px={list(self.occupancy_context_px)}, head_sees_builtup={self.head_sees_builtup}"
         )
 
 

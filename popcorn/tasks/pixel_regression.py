@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch.nn import functional as F
 
-from popcorn.metrics import r2_score
+from popcorn.evaluation.metrics import r2_score
 from popcorn.models.popvae import LOG_CLIP_MAX, PopVAE, kl_divergence
 
 __all__ = ["PixelRegressionTask"]
@@ -90,7 +90,7 @@ class PixelRegressionTask(LightningModule):
             self.hparams.in_bands = int(dm.num_bands)
             self._build(self.hparams.in_bands)
         if dm is not None and getattr(dm, "normalizer", None) is not None:
-            from popcorn.datamodules.covariates import Normalizer
+            from popcorn.datasets.covariates import Normalizer
 
             if self.hparams.normalization is None:
                 self.hparams.normalization = dm.normalizer.to_dict()

@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from popcorn.dasymetric import block_sum, dasymetric_rescale
+from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
 from popcorn.errors import PopcornInputError
 from popcorn.io import write_geotiff
-from popcorn.metrics import format_table, regression_metrics
+from popcorn.evaluation.metrics import format_table, regression_metrics
 from popcorn.models import BuiltUpExtractor, Popcorn
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class WeakSupervisionTask(LightningModule):
         builtup_sees_augmentation: bool = True,
         occupancy_activation: Literal["relu", "exp"] = "relu",
         occupancy_context_px: list[int] | None = None,
+        head_sees_builtup: bool = False,
         output_dir: str | None = None,
     ) -> None:
         """Args:
@@ -116,6 +117,9 @@ class WeakSupervisionTask(LightningModule):
         occupancy_context_px: odd window sizes (px) over which the head also sees the mean
             occupancy features and built-up score (beyond the paper; None = paper, 1x1 head only;
             see :func:`popcorn.models.popcorn.head_inputs`).
+        head_sees_builtup: the head also gets the frozen extractor's logit, so that occupancy can
+            depend sharply on how sure the extractor is (yards and roads score 0.1-0.4 with the
+            published weights; beyond the paper, False = paper).
         output_dir: where test maps and tables go; default the logger's directory.
         """
         super().__init__()
@@ -128,6 +132,7 @@ class WeakSupervisionTask(LightningModule):
             occupancy_split=occupancy_split,
             occupancy_activation=occupancy_activation,
             occupancy_context_px=tuple(occupancy_context_px or ()),
+            head_sees_builtup=head_sees_builtup,
             occupancy_bias=occupancy_bias_init if occupancy_bias_init is not None else 0.2267,
         )
         if occupancy_regularisation_area not in ("region", "crop"):
@@ -393,14 +398,14 @@ class WeakSupervisionTask(LightningModule):
         """Evaluate the 10 m maps against the fine census units of the data module.
 
         The maps are written as GeoTIFFs (people per 10 m pixel) and evaluated with
-        :func:`popcorn.evaluate.evaluate_against_units` on the imagery grid, i.e. exactly what
-        ``python -m popcorn.evaluate --units ... --map ...`` computes for them. Writes
+        :func:`popcorn.evaluation.compare.evaluate_against_units` on the imagery grid, i.e. exactly what
+        ``popcorn evaluate --units ... --map ...`` computes for them. Writes
         ``fine_units_metrics.md/.csv`` and ``fine_units.csv`` (one row per unit); logs
         ``test/units/<method>_{r2,mae,rmse}``.
         """
         import pandas as pd
 
-        from popcorn.evaluate import evaluate_against_units, format_comparison, write_tables
+        from popcorn.evaluation.compare import evaluate_against_units, format_comparison, write_tables
 
         dm = self.trainer.datamodule
         files = {

@@ -1,0 +1,122 @@
+"""``popcorn predict``: population maps from trained POPCORN checkpoints.
+
+Examples::
+
+    # one model, all four seasons, the whole imagery
+    popcorn predict --checkpoint runs/demo/popcorn/version_0/checkpoints/best-epoch=005.ckpt \\
+        --imagery data/synthetic/world_1200px_seed0 --out maps/demo
+
+    # Bag-of-Popcorn (5 members x 4 seasons), rescaled to census counts, 10 m maps too
+    popcorn predict --checkpoint runs/bag/seed160{0,1,2,3,4}/checkpoints/best-*.ckpt \\
+        --imagery /data/rwa/imagery --census /data/rwa/regions.gpkg --counts /data/rwa/counts.csv \\
+        --write-10m --out maps/rwa
+
+    # a bounding box (in EPSG:4326) or the extent of a vector file
+    popcorn predict --checkpoint best.ckpt --imagery IMG --bbox 30.0 -2.0 30.2 -1.9 --bbox-crs EPSG:4326 --out maps/kigali
+    popcorn predict --checkpoint best.ckpt --imagery IMG --area kigali.gpkg --out maps/kigali
+
+Outputs in ``--out`` (Cloud-Optimized GeoTIFFs, nodata -1, provenance tags): population_1ha.tif,
+builtup_score_10m.tif, occupancy_10m.tif; with several members population_1ha_std.tif; with
+--write-10m population_10m.tif (+ _std); with --census population_1ha_rescaled.tif and
+scale_factors.csv. An interrupted run resumes from its finished tiles when rerun with the same
+arguments (--restart to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from popcorn.datasets.sentinel import SEASONS
+from popcorn.errors import PopcornInputError, exit_with_error
+from popcorn.inference.fast import DEFAULT_THRESHOLD
+from popcorn.inference.maps import PredictResult, PredictSettings, predict
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="popcorn predict",
+        description=__doc__.split("\n\n")[0] + " Tiled, streamed and resumable; averages every "
+        "checkpoint x season (an ensemble gives mean and per-pixel std maps).",
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("what to predict")
+    g.add_argument("--checkpoint", "-c", nargs="+", required=True, metavar="CKPT",
+                   help="one or more POPCORN checkpoints (.ckpt of `python -m popcorn.fit`); several = ensemble")
+    g.add_argument("--imagery", "-i", required=True, metavar="DIR",
+                   help="folder with S1_<season>*.tif (VV,VH dB) and S2_<season>*.tif (B02,B03,B04,B08)")
+    g.add_argument("--seasons", nargs="+", default=list(SEASONS), choices=SEASONS,
+                   help="seasonal composites to predict and average (default: all four)")
+    g.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
+    a = p.add_argument_group("area (default: the whole imagery)")
+    a.add_argument("--bbox", nargs=4, type=float, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
+                   help="bounding box, in --bbox-crs (default: the imagery CRS)")
+    a.add_argument("--bbox-crs", default=None, help="CRS of --bbox, e.g. EPSG:4326")
+    a.add_argument("--area", metavar="VECTOR", help="vector file; its polygons bound the maps (nodata outside)")
+    c = p.add_argument_group("dasymetric rescaling to census counts (optional)")
+    c.add_argument("--census", metavar="VECTOR", help="census regions (any vector format, any CRS)")
+    c.add_argument("--counts", metavar="CSV", help="CSV with id and count columns (default: the vector's count column)")
+    c.add_argument("--id-column", default="region_id")
+    c.add_argument("--count-column", default="count")
+    o = p.add_argument_group("outputs and performance")
+    o.add_argument("--write-10m", action="store_true", help="also write population at 10 m (and its std)")
+    o.add_argument("--tile-size", type=int, default=1000, help="tile core in px, multiple of 20 (default 1000)")
+    o.add_argument("--overlap", type=int, default=128,
+                   help="px shared by neighbouring tiles (context = overlap/2 per side; default 128)")
+    o.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="sparse head: occupancy is computed only where built-up > threshold, population is 0 "
+                        f"elsewhere (error <= threshold x occupancy per pixel; 0 = dense; default {DEFAULT_THRESHOLD:g})")
+    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    o.add_argument("--prefix", default="", help="prefix of the output file names")
+    o.add_argument("--restart", action="store_true", help="ignore a partial run in --out and start over")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def summarise(result: PredictResult) -> str:
+    lines = [
+        f"predicted {result.megapixels:.2f} Mpx ({result.tiles_total} tiles, {result.tiles_computed} computed now, "
+        f"{result.n_members} members) in {result.seconds:.1f} s",
+    ]
+    lines += [f"  {key}: {path}" for key, path in result.outputs.items()]
+    if result.scale_factors is not None:
+        lines.append(f"  scale factors: {result.scale_factors}")
+        if result.scale_percentiles is not None:
+            p10, p50, p90 = result.scale_percentiles
+            lines.append(f"  dasymetric scale factors p10/p50/p90: {p10:.2f} / {p50:.2f} / {p90:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> PredictResult:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    settings = PredictSettings(
+        checkpoints=[str(Path(c)) for c in args.checkpoint],
+        imagery_root=args.imagery,
+        seasons=list(args.seasons),
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        threshold=args.threshold,
+        bbox=args.bbox,
+        bbox_crs=args.bbox_crs,
+        area=args.area,
+        write_10m=args.write_10m,
+        census=args.census,
+        counts=args.counts,
+        id_column=args.id_column,
+        count_column=args.count_column,
+    )
+    try:
+        result = predict(settings, args.out, device=args.device, resume=not args.restart,
+                         threads=args.threads, progress=not args.quiet, prefix=args.prefix)
+    except PopcornInputError as err:
+        exit_with_error(err)
+    print(summarise(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

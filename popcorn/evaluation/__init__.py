@@ -1,0 +1,1 @@
+"""Evaluation: metrics, dasymetric rescaling, baselines, map comparison and the HTML report."""

@@ -1,0 +1,362 @@
+"""The model-agnostic tile engine: tile cores, prefetched reads, a resumable tile store and COG assembly.
+
+A caller gives tile cores covering a pixel window of a grid (:func:`tile_cores`) and a context
+``margin``; a *reader factory* (called once inside a background thread that owns its dataset
+handles) returning ``read(window) -> data``; a *model runner* ``runner(core, read, data) ->
+{name: float32 array on the core}``; a resume ``key``. Each finished tile is saved atomically to
+``<work>/tiles/`` and listed in ``<work>/state.json`` (a rerun with the same key skips finished
+tiles); the products (:class:`Product`) are assembled window by window into temporary files and
+renamed only when complete (COG, nodata -1, provenance tags). POPCORN's maps
+(:mod:`popcorn.inference.maps`) and popVAE's (:mod:`popcorn.inference.popvae`) use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.features
+import rasterio.shutil
+from affine import Affine
+from rasterio.windows import Window as RioWindow
+
+from popcorn.datasets.grid import RasterGrid, Window, clip_window
+from popcorn.errors import PopcornInputError
+from popcorn.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+
+FINE = 10
+"""10 m pixels per side of a 1 ha cell."""
+
+
+ALIGN = 20
+"""Area and tile origins are multiples of this many px (1 ha cells x U-Net pooling phase)."""
+
+
+NODATA = -1.0
+
+
+PARTIAL_DIR = ".popcorn-partial"
+
+
+STATE_VERSION = 1
+
+
+def tile_cores(window: Window, tile: int) -> list[Window]:
+    """Tile cores of ``tile`` px covering ``window`` (row-major, last ones cut at its edge)."""
+    r0, c0, h, w = window
+    return [
+        (r0 + r, c0 + c, min(tile, h - r), min(tile, w - c))
+        for r in range(0, h, tile)
+        for c in range(0, w, tile)
+    ]
+
+
+def window_transform(grid: RasterGrid, window: Window, factor: int = 1) -> Affine:
+    """Affine of a window of ``grid`` at ``factor`` x the pixel size."""
+    row, col, _, _ = window
+    t = grid.transform @ Affine.translation(col, row)
+    return t @ Affine.scale(factor, factor)
+
+
+def block_sum_partial(array: np.ndarray, valid: np.ndarray, factor: int = FINE) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ``factor`` x ``factor`` blocks of the valid pixels (edge blocks may be partial).
+
+    Returns (sums float64, number of valid pixels per block).
+    """
+    h, w = array.shape
+    H, W = -(-h // factor), -(-w // factor)
+    pad = ((0, H * factor - h), (0, W * factor - w))
+    a = np.pad(np.where(valid, array, 0.0).astype(np.float64), pad)
+    v = np.pad(valid.astype(np.int32), pad)
+    sums = a.reshape(H, factor, W, factor).sum(axis=(1, 3))
+    counts = v.reshape(H, factor, W, factor).sum(axis=(1, 3))
+    return sums, counts
+
+
+def read_windows(cores: Sequence[Window], margin: int, height: int, width: int,
+                 clip: bool = True) -> list[tuple[Window, Window]]:
+    """``(core, read)`` pairs: each core grown by ``margin`` px on every side, clipped to the
+    ``height`` x ``width`` grid when ``clip`` (else the read may extend beyond the grid)."""
+    jobs = []
+    for core in cores:
+        r, c, h, w = core
+        read: Window = (r - margin, c - margin, h + 2 * margin, w + 2 * margin)
+        if clip:
+            clipped = clip_window(read, height, width)
+            if clipped is None:
+                raise PopcornInputError(f"tile {core} lies outside the {height} x {width} px grid")
+            read = clipped[0]
+        jobs.append((core, read))
+    return jobs
+
+
+# ============================================================================= the engine
+OpenReader = Callable[[], Callable[[Window], Any]]
+"""Called once in the reader thread; returns ``read(window) -> data`` (handles owned by that thread)."""
+
+
+Runner = Callable[[Window, Window, Any], dict[str, np.ndarray]]
+"""``runner(core, read, data) -> {name: float32 array}`` for one tile (NaN = nodata)."""
+
+
+class TileReader:
+    """Reads the data of each ``(core, read)`` job in a background thread (prefetch queue).
+
+    ``open_reader`` is called inside the thread, so the dataset handles it opens are owned by
+    that thread (GDAL handles are not shared between threads).
+    """
+
+    def __init__(self, open_reader: OpenReader, jobs: Sequence[tuple[Window, Window]], prefetch: int = 2) -> None:
+        self.open_reader = open_reader
+        self.jobs = list(jobs)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="popcorn-reader")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            read_fn = self.open_reader()
+            for core, read in self.jobs:
+                if self._stop.is_set():
+                    return
+                self.queue.put((core, read, read_fn(read)))
+            self.queue.put(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            self.queue.put(err)
+
+    def __iter__(self) -> Iterator[tuple[Window, Window, Any]]:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Raised by ``stop_after`` to simulate a crash (a KeyboardInterrupt, like Ctrl-C)."""
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+
+
+def _tile_name(core: Window) -> str:
+    return f"tile_r{core[0]}_c{core[1]}.npz"
+
+
+def _save_tile(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+@dataclass
+class TileRun:
+    """The finished tiles of a :func:`run_tiles` call (in ``work/tiles``)."""
+
+    work: Path
+    cores: list[Window]
+    computed: int
+
+    @property
+    def tiles_dir(self) -> Path:
+        return self.work / "tiles"
+
+    def load(self, core: Window, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The arrays of a finished tile (only ``keys`` if given)."""
+        with np.load(self.tiles_dir / _tile_name(core)) as z:
+            return {k: z[k] for k in (z.files if keys is None else keys)}
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def run_tiles(
+    cores: Sequence[Window],
+    margin: int,
+    grid_shape: tuple[int, int],
+    open_reader: OpenReader,
+    runner: Runner,
+    work: str | os.PathLike[str],
+    key: str,
+    info: dict[str, Any] | None = None,
+    *,
+    clip_reads: bool = True,
+    resume: bool = True,
+    progress: bool = True,
+    desc: str = "predict",
+    stop_after: int | None = None,
+    on_tile: Callable[[Window], None] | None = None,
+    prefetch: int = 2,
+) -> TileRun:
+    """Run ``runner`` on every tile core not finished yet (see the module docstring).
+
+    ``key`` identifies the run (a rerun resumes only with the same key); ``info`` is stored in
+    ``state.json`` for humans. ``stop_after`` (tests, benchmarks) stops after computing that many
+    tiles, leaving the partial state as a crash would; ``on_tile`` is called with each computed
+    core.
+    """
+    work = Path(work)
+    cores = list(cores)
+    tiles_dir = work / "tiles"
+    state_path = work / "state.json"
+    finished: set[str] = set()
+    if work.exists():
+        state = None
+        if state_path.exists():
+            try:
+                state = json.loads(state_path.read_text())
+            except (OSError, ValueError):
+                state = None
+        if resume and state and state.get("key") == key:
+            finished = {name for name in state.get("finished", []) if (tiles_dir / name).exists()}
+            log.info("resuming: %d of %d tiles already finished", len(finished), len(cores))
+        else:
+            if state and state.get("key") != key:
+                log.warning("discarding the partial run in %s (made with other settings)", work)
+            shutil.rmtree(work)
+    tiles_dir.mkdir(parents=True, exist_ok=True)
+    state = {"key": key, **(info or {}), "tiles": len(cores), "finished": sorted(finished)}
+    _atomic_json(state_path, state)
+
+    todo = [c for c in cores if _tile_name(c) not in finished]
+    computed = 0
+    if todo:
+        reader = TileReader(open_reader, read_windows(todo, margin, *grid_shape, clip=clip_reads), prefetch)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(cores), initial=len(cores) - len(todo), unit="tile", desc=desc)
+        try:
+            for core, read, data in reader:
+                name = _tile_name(core)
+                _save_tile(tiles_dir / name, runner(core, read, data))
+                finished.add(name)
+                state["finished"] = sorted(finished)
+                _atomic_json(state_path, state)
+                computed += 1
+                if on_tile is not None:
+                    on_tile(core)
+                if bar is not None:
+                    bar.update(1)
+                if stop_after is not None and computed >= stop_after:
+                    raise _Interrupted()
+        finally:
+            reader.close()
+            if bar is not None:
+                bar.close()
+    return TileRun(work, cores, computed)
+
+
+# ----------------------------------------------------------------------------- writing
+def _profile(width: int, height: int, transform: Affine, crs: Any) -> dict[str, Any]:
+    profile: dict[str, Any] = {
+        "driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "float32",
+        "crs": crs, "transform": transform, "nodata": NODATA, "compress": "deflate",
+        "predictor": 3, "BIGTIFF": "IF_SAFER",
+    }
+    if width >= 256 and height >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    return profile
+
+
+class StreamedGeoTIFF:
+    """A single-band float32 GeoTIFF (nodata -1) written window by window under a temporary
+    name, then converted to a Cloud-Optimized GeoTIFF and renamed to its final name by
+    :meth:`finish`."""
+
+    def __init__(self, final: Path, work: Path, width: int, height: int, transform: Affine, crs: Any,
+                 band: str, tags: dict[str, str]) -> None:
+        self.final = Path(final)
+        self.tmp = Path(work) / f"{self.final.stem}.building.tif"
+        self.dst = rasterio.open(self.tmp, "w", **_profile(width, height, transform, crs))
+        self.dst.set_band_description(1, band)
+        self.dst.update_tags(**tags)
+
+    def write(self, array: np.ndarray, row: int, col: int) -> None:
+        data = np.where(np.isfinite(array), array, NODATA).astype(np.float32)
+        self.dst.write(data[None], window=RioWindow(col, row, data.shape[1], data.shape[0]))
+
+    def finish(self) -> Path:
+        self.dst.close()
+        with atomic_path(self.final) as tmp:
+            try:
+                rasterio.shutil.copy(self.tmp, tmp, driver="COG", compress="DEFLATE", predictor="3",
+                                     bigtiff="IF_SAFER", overview_resampling="average")
+            except Exception as err:  # noqa: BLE001 - GDAL without the COG driver: plain tiled
+                log.warning("COG driver unavailable (%s); writing a tiled GeoTIFF", err)
+                shutil.copyfile(self.tmp, tmp)
+        self.tmp.unlink(missing_ok=True)
+        return self.final
+
+    def abort(self) -> None:
+        try:
+            self.dst.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Product:
+    """One output GeoTIFF of :func:`assemble`.
+
+    ``key`` names the tile array written (or the product, when ``make(arrays, core)`` computes it
+    from a tile's arrays); ``factor``: an output pixel is ``factor`` x ``factor`` grid pixels
+    (the tile arrays of the product are on that coarser grid).
+    """
+
+    key: str
+    path: Path
+    band: str
+    tags: dict[str, str]
+    factor: int = 1
+    make: Callable[[dict[str, np.ndarray], Window], np.ndarray] | None = None
+
+
+def assemble(products: Sequence[Product], grid: RasterGrid, window: Window, run: TileRun) -> dict[str, Path]:
+    """Write every product from the finished tiles of ``run`` (one streamed pass over the tiles)."""
+    r0, c0, h, w = window
+    writers: dict[str, StreamedGeoTIFF] = {}
+    try:
+        for p in products:
+            f = p.factor
+            writers[p.key] = StreamedGeoTIFF(p.path, run.work, -(-w // f), -(-h // f),
+                                             window_transform(grid, window, f), grid.crs, p.band, p.tags)
+        for core in run.cores:
+            arrays = run.load(core)
+            for p in products:
+                data = p.make(arrays, core) if p.make is not None else arrays[p.key]
+                writers[p.key].write(data, (core[0] - r0) // p.factor, (core[1] - c0) // p.factor)
+        return {key: writer.finish() for key, writer in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            if not writer.dst.closed:
+                writer.abort()
+        raise

@@ -1,0 +1,1 @@
+"""Data preparation: Sentinel composites from STAC (download) and census regions and counts."""

@@ -1,0 +1,205 @@
+"""Samplers: one census region per sample; tiles covering the whole grid; random patches.
+
+Samplers yield small keys (named tuples) that the map-style datasets in
+:mod:`popcorn.datasets.samples` turn into tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+
+import torch
+from torch.utils.data import Sampler
+
+from popcorn.datasets.grid import Window
+from popcorn.datasets.samples import PatchKey, RegionKey, TileKey
+from popcorn.datasets.sentinel import check_seasons
+
+log = logging.getLogger(__name__)
+
+
+def oversized_regions(
+    windows: dict[int, Window], ids: Sequence[int], max_region_pixels: int | None
+) -> list[int]:
+    """Ids whose bounding box has more than ``max_region_pixels`` pixels (None = no limit)."""
+    if max_region_pixels is None:
+        return []
+    return [i for i in ids if windows[i][2] * windows[i][3] > max_region_pixels]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for epoch ``epoch`` of a sampler seeded with ``seed`` (``seed`` itself for epoch 0)."""
+    return (int(seed) + 1_000_003 * int(epoch)) % (2**63)
+
+
+class RegionSampler(Sampler[RegionKey]):
+    """Yield every region of ``ids`` exactly once per epoch, as :class:`RegionKey`.
+
+    Training (``shuffle=True``): the order is a fresh permutation each epoch and the season is
+    drawn uniformly from ``seasons`` per sample, both from one ``torch.Generator`` seeded with
+    ``seed`` (so a run is reproducible, epochs differ). Validation (``shuffle=False``): regions in
+    id order, the season fixed per region (cycling through ``seasons`` over the sorted ids), the
+    same every epoch.
+
+    Regions whose bounding box exceeds ``max_region_pixels`` are skipped (logged once, by id);
+    see :attr:`skipped_ids`.
+
+    With ``batch_size`` > 1 and ``bucket_batches`` > 1 (training), the shuffled regions are cut
+    into buckets of ``bucket_batches`` batches, sorted by area inside each bucket and grouped into
+    batches, and the batches are shuffled: regions of a batch have similar sizes, so less of the
+    padded batch is wasted (about 20 % fewer pixels per epoch on the demo world), while every
+    region still comes once per epoch in a random context.
+    """
+
+    def __init__(
+        self,
+        windows: dict[int, Window],
+        ids: Sequence[int],
+        seasons: Sequence[str],
+        shuffle: bool = True,
+        seed: int = 0,
+        max_region_pixels: int | None = None,
+        batch_size: int = 1,
+        bucket_batches: int = 8,
+    ) -> None:
+        self.windows = windows
+        self.batch_size = int(batch_size)
+        self.bucket_batches = int(bucket_batches)
+        self.seasons = check_seasons(seasons)
+        self.shuffle = shuffle
+        self.skipped_ids = oversized_regions(windows, ids, max_region_pixels)
+        if self.skipped_ids:
+            log.warning(
+                "skipping %d region(s) whose bounding box exceeds max_region_pixels=%s: %s",
+                len(self.skipped_ids), max_region_pixels,
+                ", ".join(
+                    f"{i} ({windows[i][2]}x{windows[i][3]} px)" for i in self.skipped_ids[:50]
+                ),
+            )
+        skipped = set(self.skipped_ids)
+        self.ids = sorted(i for i in ids if i not in skipped)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[RegionKey]:
+        n = len(self.ids)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).tolist()
+            seasons = torch.randint(len(self.seasons), (n,), generator=self.generator).tolist()
+            if self.batch_size > 1 and self.bucket_batches > 1:
+                order = self._size_bucketed(order)
+        else:
+            order = list(range(n))
+            seasons = [i % len(self.seasons) for i in range(n)]
+        for pos, k in enumerate(order):
+            rid = self.ids[k]
+            yield RegionKey(rid, self.seasons[seasons[pos]], self.windows[rid])
+
+
+    def _size_bucketed(self, order: list[int]) -> list[int]:
+        """Regroup a shuffled order into batches of similar-size regions, in random batch order."""
+        area = {k: self.windows[self.ids[k]][2] * self.windows[self.ids[k]][3] for k in order}
+        bucket = self.batch_size * self.bucket_batches
+        batches: list[list[int]] = []
+        for start in range(0, len(order), bucket):
+            chunk = sorted(order[start : start + bucket], key=area.__getitem__)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        full = [b for b in batches if len(b) == self.batch_size]
+        partial = [k for b in batches if len(b) < self.batch_size for k in b]  # last, so the
+        perm = torch.randperm(len(full), generator=self.generator).tolist()  # loader's batches
+        return [k for b in perm for k in full[b]] + partial  # stay aligned with these
+
+
+def tile_windows(height: int, width: int, tile: int) -> list[Window]:
+    """Non-overlapping ``tile`` x ``tile`` cores covering ``height`` x ``width`` (row-major);
+    the last row/column of tiles is cut at the grid edge."""
+    return [
+        (r, c, min(tile, height - r), min(tile, width - c))
+        for r in range(0, height, tile)
+        for c in range(0, width, tile)
+    ]
+
+
+class TileSampler(Sampler[TileKey]):
+    """Every tile core of the grid for every season (season-major, tiles row-major)."""
+
+    def __init__(
+        self, height: int, width: int, tile_size: int, margin: int, seasons: Sequence[str]
+    ) -> None:
+        self.seasons = check_seasons(seasons)
+        self.margin = int(margin)
+        self.cores = tile_windows(height, width, int(tile_size))
+
+    def __len__(self) -> int:
+        return len(self.cores) * len(self.seasons)
+
+    def __iter__(self) -> Iterator[TileKey]:
+        for season in self.seasons:
+            for core in self.cores:
+                yield TileKey(season, core, self.margin)
+
+
+class RandomPatchSampler(Sampler[PatchKey]):
+    """``length`` random ``patch_size`` windows inside ``area`` (a window of the grid), random
+    season each, from a generator seeded with ``seed``.
+
+    :meth:`set_epoch` (called by Lightning before every epoch) reseeds the generator from
+    ``(seed, epoch)``, so a run resumed from a checkpoint draws the same patches as an
+    uninterrupted one; epoch 0 draws what a sampler without ``set_epoch`` draws.
+    """
+
+    def __init__(
+        self, area: Window, patch_size: int, length: int, seasons: Sequence[str], seed: int = 0
+    ) -> None:
+        self.area = area
+        self.patch_size = int(patch_size)
+        self.length = int(length)
+        self.seasons = check_seasons(seasons)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed from ``(seed, epoch)``: the patches of an epoch depend on nothing else."""
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[PatchKey]:
+        row, col, h, w = self.area
+        ph, pw = min(self.patch_size, h), min(self.patch_size, w)
+        g = self.generator
+        rows = torch.randint(0, h - ph + 1, (self.length,), generator=g).tolist()
+        cols = torch.randint(0, w - pw + 1, (self.length,), generator=g).tolist()
+        seasons = torch.randint(len(self.seasons), (self.length,), generator=g).tolist()
+        for r, c, s in zip(rows, cols, seasons, strict=True):
+            yield PatchKey(self.seasons[s], (row + r, col + c, ph, pw))
+
+
+class FixedPatchSampler(Sampler[PatchKey]):
+    """Deterministic patches tiling ``area`` (seasons cycling), at most ``max_patches``."""
+
+    def __init__(
+        self, area: Window, patch_size: int, seasons: Sequence[str], max_patches: int | None = None
+    ) -> None:
+        row, col, h, w = area
+        ps = int(patch_size)
+        self.seasons = check_seasons(seasons)
+        wins = [
+            (row + r, col + c, min(ps, h), min(ps, w))
+            for r in range(0, max(h - ps, 0) + 1, ps)
+            for c in range(0, max(w - ps, 0) + 1, ps)
+        ]
+        if max_patches is not None:
+            wins = wins[: int(max_patches)]
+        self.keys = [PatchKey(self.seasons[i % len(self.seasons)], w_) for i, w_ in enumerate(wins)]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[PatchKey]:
+        return iter(self.keys)

@@ -1,0 +1,5 @@
+"""Transforms: batch augmentation on the device (Kornia)."""
+
+from popcorn.transforms.augmentation import BatchAugmentation
+
+__all__ = ["BatchAugmentation"]
