@@ -255,8 +255,8 @@ def settlement_names(world: Path) -> dict[int, str]:
 
 
 def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
-    from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
     from popcorn.datasets.synthetic.settlements import make_settlement_world
+    from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
 
     t0 = time.perf_counter()
     world_obj = make_settlement_world(args.data_root, size_px=args.size_px, seed=seed,

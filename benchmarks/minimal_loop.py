@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--builtup-weights", default=str(bench.PUBLISHED))
     args = p.parse_args(argv)
 
-    from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
     from popcorn.datamodules import CensusDataModule
-    from popcorn.transforms.augmentation import BatchAugmentation
+    from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
     from popcorn.models import BuiltUpExtractor, Popcorn
     from popcorn.tasks.weak_supervision import region_log_l1
+    from popcorn.transforms.augmentation import BatchAugmentation
 
     world, out = Path(args.world), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ def season_scores(net, world, season: str) -> np.ndarray:
 
 def class_table(net, world) -> tuple[list[str], dict[str, list[float]]]:
     """Per class name: mean score per season + mean over seasons, and the pixels it is over."""
-    from popcorn.datasets.synthetic.world import SEASONS
+    from popcorn.datasets.synthetic.constants import SEASONS
     from popcorn.datasets.synthetic.settlements import LAND_COVER_CLASSES, SETTLEMENT_TYPES
 
     lc = read(world.land_cover)[0]

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import lazy_instance
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from jsonargparse import lazy_instance
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 

@@ -16,8 +16,8 @@ import pytest
 import rasterio
 import torch
 import yaml
-
 from conftest import make_tiny_world
+
 from popcorn.datamodules import BuiltUpDataModule
 from popcorn.datasets.synthetic.domain_shift import DomainShift, apply_domain_shift
 from popcorn.errors import PopcornInputError

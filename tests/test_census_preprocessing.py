@@ -11,15 +11,16 @@ import pandas as pd
 import pytest
 import rasterio
 import shapely
+from conftest import CRS_UTM, REGIONS, pixel_box
 from rasterio.transform import from_origin
 
 from popcorn.cli import census as cz_cli
-from popcorn.prep import census as cz
 from popcorn.datasets.census import CensusRegions
 from popcorn.datasets.grid import RasterGrid
 from popcorn.errors import PopcornInputError
-
-from conftest import CRS_UTM, REGIONS, pixel_box
+from popcorn.prep import census as cz
+from popcorn.prep import census_sources as cs
+from popcorn.prep import census_tables as ct
 
 # shared data lives beside the project root (../shared), as in the other test files
 TUNISIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tunisia"
@@ -50,27 +51,27 @@ def test_messy_csv_and_xlsx(tmp_path):
     p.write_bytes(text[1:].encode("cp1252"))  # a non-UTF-8 export
     u = tmp_path / "counts_utf8.csv"
     u.write_bytes(text.encode("utf-8"))  # UTF-8 with BOM
-    assert cz.read_table(u, "code", "population", "name").frame.equals(
-        cz.read_table(p, "code", "population", "name").frame)
-    t = cz.read_table(p, "code", "population", "name")
+    assert ct.read_table(u, "code", "population", "name").frame.equals(
+        ct.read_table(p, "code", "population", "name").frame)
+    t = ct.read_table(p, "code", "population", "name")
     assert t.frame.source_id.tolist() == ["R01", "R02", "R03", "R04"]
     assert t.frame["count"].tolist() == [1000, 2500, 3000, 400.5]
     assert t.frame["name"].tolist() == ["Bèja", "Gabès", "Kébili", "Kef"]
     assert any("ignored 2 row(s)" in n for n in t.notes)
     # mojibake (UTF-8 read as cp1252 and saved again as UTF-8) is repaired
-    assert cz.repair_mojibake("Gouvernorat de BÃ¨ja") == "Gouvernorat de Bèja"
-    assert cz.repair_mojibake("Zürich") == "Zürich"
-    assert cz.parse_count("1,018,373") == 1018373 and cz.parse_count("12.5") == 12.5
-    assert cz.parse_count("n/a") is None
+    assert ct.repair_mojibake("Gouvernorat de BÃ¨ja") == "Gouvernorat de Bèja"
+    assert ct.repair_mojibake("Zürich") == "Zürich"
+    assert ct.parse_count("1,018,373") == 1018373 and ct.parse_count("12.5") == 12.5
+    assert ct.parse_count("n/a") is None
     x = tmp_path / "counts.xlsx"
     pd.DataFrame({"code": ["R01", "R02"], "population": [10, "2 000"]}).to_excel(x, index=False)
-    assert cz.read_table(x, "code", "population").frame["count"].tolist() == [10, 2000]
+    assert ct.read_table(x, "code", "population").frame["count"].tolist() == [10, 2000]
 
 
 @pytest.mark.skipif(not TUNISIA.exists(), reason=f"{TUNISIA} (the Tunisian census files) is absent")
 def test_tunisia_as_published(tmp_path):
     t0 = time.perf_counter()
-    product = cz.prepare_masks(str(TUNISIA / "Tunisia_Region_*.tif"), str(TUNISIA / "ins_population.csv"),
+    product = cs.prepare_masks(str(TUNISIA / "Tunisia_Region_*.tif"), str(TUNISIA / "ins_population.csv"),
                                "code_gov", "population", "gov", progress=False)
     elapsed = time.perf_counter() - t0
     regions = product.regions
@@ -195,26 +196,26 @@ def test_codes_with_leading_zeros_are_kept_verbatim(tiny_world, tmp_path):
                            dtype="uint8", crs=CRS_UTM, transform=from_origin(0, 100, 10, 10)) as dst:
             dst.write(m)
     (tmp_path / "mc.csv").write_text("id,n\n000001,5\n000002,6\n")
-    product = cz.prepare_masks(str(masks), str(tmp_path / "mc.csv"), "id", "n", progress=False)
+    product = cs.prepare_masks(str(masks), str(tmp_path / "mc.csv"), "id", "n", progress=False)
     assert product.regions.source_id.tolist() == ["000001", "000002"]
     assert product.regions.region_id.tolist() == [1, 2]
 
     # the same code written twice (with and without zeros) is one region listed twice
     table.write_text("code,population\n000101,1\n101,2\n")
     with pytest.raises(PopcornInputError, match=r"duplicate ids in column 'code'.*000101.*101"):
-        cz.read_table(table, "code", "population")
+        ct.read_table(table, "code", "population")
 
 
 def test_id_text_and_matching_key():
     """Storage keeps the text; only the matching key drops zeros and a ".0"."""
-    assert cz._id_text(" 000107 ") == "000107" and cz._id_text("CH0101") == "CH0101"
-    assert cz._id_text(107) == "107" and cz._id_text(107.0) == "107" and cz._id_text(np.int64(7)) == "7"
-    assert cz._id_text(12.5) == "12.5" and cz._id_text(float("nan")) == "" and cz._id_text(None) == ""
-    assert cz._norm_id("000107") == cz._norm_id(107) == cz._norm_id("107.0") == cz._norm_id(107.0) == "107"
-    assert cz._norm_id("0") == cz._norm_id("000") == "0" and cz._norm_id("-007") == "-7"
-    assert cz._norm_id("CH0101") == "CH0101"  # text codes are compared as they are
+    assert ct._id_text(" 000107 ") == "000107" and ct._id_text("CH0101") == "CH0101"
+    assert ct._id_text(107) == "107" and ct._id_text(107.0) == "107" and ct._id_text(np.int64(7)) == "7"
+    assert ct._id_text(12.5) == "12.5" and ct._id_text(float("nan")) == "" and ct._id_text(None) == ""
+    assert ct._norm_id("000107") == ct._norm_id(107) == ct._norm_id("107.0") == ct._norm_id(107.0) == "107"
+    assert ct._norm_id("0") == ct._norm_id("000") == "0" and ct._norm_id("-007") == "-7"
+    assert ct._norm_id("CH0101") == "CH0101"  # text codes are compared as they are
     # a 20-digit code is not squeezed through a float (which would round it)
-    assert cz._norm_id("12345678901234567890") == "12345678901234567890"
+    assert ct._norm_id("12345678901234567890") == "12345678901234567890"
 
 
 def test_bad_inputs_are_named_and_nothing_written(tiny_world, tmp_path):
@@ -287,7 +288,7 @@ def test_match_by_iou(tmp_path):
     census.to_file(tmp_path / "census.gpkg")
     acc.rename(columns={"code": "adm"}).to_file(tmp_path / "acc.gpkg")
     (tmp_path / "c.csv").write_text("code,count\n" + "".join(f"C{k},{10 * k}\n" for k in REGIONS))
-    product = cz.prepare_match(str(tmp_path / "census.gpkg"), str(tmp_path / "acc.gpkg"),
+    product = cs.prepare_match(str(tmp_path / "census.gpkg"), str(tmp_path / "acc.gpkg"),
                                str(tmp_path / "c.csv"), "code", "adm", min_iou=0.7)
     got = dict(zip(product.regions.source_id, product.regions["count"]))
     assert got == {"R01": 10, "R02": 20, "R04": 40, "R05": 50}

@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import H, REGIONS, W
+from conftest import REGIONS, H, W
 
 from popcorn.datamodules import BuiltUpDataModule, CensusDataModule, split_ids
 from popcorn.datasets import SEASONS, collate_regions
+from popcorn.errors import PopcornInputError
 from popcorn.samplers import RegionSampler, tile_windows
 from popcorn.transforms import BatchAugmentation
-from popcorn.errors import PopcornInputError
 
 WINDOWS = {rid: (r0, c0, r1 - r0, c1 - c0) for rid, (r0, r1, c0, c1) in REGIONS.items()}
 

@@ -12,7 +12,17 @@ import pytest
 import shapely
 import torch
 from conftest import (
-    CRS_UTM, REGIONS, RES, X0, Y0, H, W, make_tiny_world, pixel_box, s1_array, s2_array,
+    CRS_UTM,
+    REGIONS,
+    RES,
+    X0,
+    Y0,
+    H,
+    W,
+    make_tiny_world,
+    pixel_box,
+    s1_array,
+    s2_array,
     write_raster,
 )
 from rasterio.crs import CRS

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import re
 import threading
-import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,8 +33,11 @@ import rasterio
 from rasterio.transform import from_origin
 
 from popcorn.cli import download as dl_cli
-from popcorn.prep import download as dl
 from popcorn.errors import PopcornInputError
+from popcorn.prep import composite as dl_comp
+from popcorn.prep import download as dl
+from popcorn.prep import download_config as dl_cfg
+from popcorn.prep import stac as dl_stac
 
 BBOX = (9.0, 45.0, 9.008, 45.006)
 MARGIN = 200.0  # m of scene beyond the output grid
@@ -246,7 +248,7 @@ def write_cog(path: Path, data: np.ndarray, transform, crs: str, nodata) -> None
 
 
 def _item(server: StacServer, iid: str, collection: str, dt: str, assets: dict, props=None) -> dict:
-    bbox = list(dl.make_grid(BBOX)[0].lonlat_bounds())
+    bbox = list(dl_cfg.make_grid(BBOX)[0].lonlat_bounds())
     pad = 0.004
     bbox = [bbox[0] - pad, bbox[1] - pad, bbox[2] + pad, bbox[3] + pad]
     return {
@@ -278,7 +280,7 @@ def _scene_geometry(grid):
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("stac")
     server = StacServer(root).start()
-    grid, _ = dl.make_grid(BBOX)
+    grid, _ = dl_cfg.make_grid(BBOX)
     crs = grid.crs
     n10, n20, t10, t20, r0, c0, crop = _scene_geometry(grid)
     rng = np.random.default_rng(0)
@@ -294,7 +296,7 @@ def world(tmp_path_factory):
         scl = rng.choice(np.array([4, 5, 6, 3, 8, 9, 10], np.uint8), size=n20,
                          p=[0.4, 0.2, 0.1, 0.08, 0.08, 0.08, 0.06])
         assets = {}
-        for b, name in enumerate(dl.S2_BANDS):
+        for b, name in enumerate(dl_cfg.S2_BANDS):
             write_cog(root / f"s2_{k}_{name}.tif", bands[b : b + 1], t10, crs, 0)
             assets[name] = f"s2_{k}_{name}.tif"
         write_cog(root / f"s2_{k}_SCL.tif", scl[None], t20, crs, 0)
@@ -323,7 +325,7 @@ def world(tmp_path_factory):
         l1c_blocks.append(dn)
         full = dn[(rb - rb.min())[:, None], (cb - cb.min())[None, :]]
         assets = {}
-        for i, band in enumerate(dl.S2CLOUDLESS_BANDS):
+        for i, band in enumerate(dl_cfg.S2CLOUDLESS_BANDS):
             write_cog(root / f"{name}_{band}.tif", np.ascontiguousarray(full[None, :, :, i]), t10, crs, 0)
             assets[band] = f"{name}_{band}.tif"
         return assets
@@ -385,11 +387,11 @@ def _no_proxy(monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
-def cfg_for(world, out: Path, **kw) -> dl.DownloadConfig:
+def cfg_for(world, out: Path, **kw) -> dl_cfg.DownloadConfig:
     base = dict(out=str(out), bbox=BBOX, stac_url=world["server"].url, seasons=("summer",),
                 chunk_size=40, workers=1, retries=3, retry_delay=0.01, progress=False, sign="none")
     base.update(kw)
-    return dl.DownloadConfig(**base)
+    return dl_cfg.DownloadConfig(**base)
 
 
 def expected_s2(stack: np.ndarray) -> np.ndarray:
@@ -425,28 +427,28 @@ def orbit_stack(world, orbit: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- tests
 def test_seasons_grid_and_budget():
-    assert dl.season_dates("winter", 2020) == (dl.date(2020, 12, 1), dl.date(2021, 2, 28))
-    assert dl.season_dates("winter", 2023)[1] == dl.date(2024, 2, 29)
-    assert dl.season_datetime("spring") == "2020-03-01T00:00:00Z/2020-05-31T23:59:59Z"
-    grid, note = dl.make_grid(BBOX)
+    assert dl_cfg.season_dates("winter", 2020) == (dl_cfg.date(2020, 12, 1), dl_cfg.date(2021, 2, 28))
+    assert dl_cfg.season_dates("winter", 2023)[1] == dl_cfg.date(2024, 2, 29)
+    assert dl_cfg.season_datetime("spring") == "2020-03-01T00:00:00Z/2020-05-31T23:59:59Z"
+    grid, note = dl_cfg.make_grid(BBOX)
     assert grid.crs == "EPSG:32632" and note is None
     assert grid.left % 100 == 0 and grid.top % 100 == 0 and grid.res == 10
     # crossing the 6 E zone border: the zone of the centre, and a note saying so
-    grid, note = dl.make_grid((5.5, 45.0, 6.3, 45.2))
+    grid, note = dl_cfg.make_grid((5.5, 45.0, 6.3, 45.2))
     assert grid.crs == "EPSG:32631" and "spans UTM zones 31..32" in note and "EPSG:32631" in note
     # memory budget -> chunk side (multiple of 100 px), monotone in the budget
-    small = dl.chunk_size_for_budget(0.5e9, 40, 5)
-    big = dl.chunk_size_for_budget(8e9, 40, 5)
+    small = dl_cfg.chunk_size_for_budget(0.5e9, 40, 5)
+    big = dl_cfg.chunk_size_for_budget(8e9, 40, 5)
     assert small % 100 == 0 and big % 100 == 0 and 100 <= small < big
     assert 40 * 5 * 4 * 3 * big**2 <= 8e9
-    assert len(dl.chunk_windows(95, 130, 40)) == 3 * 4
+    assert len(dl_cfg.chunk_windows(95, 130, 40)) == 3 * 4
 
 
 def test_composites_pixel_by_pixel(world, tmp_path):
     out = tmp_path / "imagery"
     written = dl.run(cfg_for(world, out))
     assert sorted(p.name for p in written) == ["S1_summer.tif", "S2_summer.tif"]
-    assert not (out / dl.CHUNK_DIR).exists()  # chunks removed after assembly
+    assert not (out / dl_cfg.CHUNK_DIR).exists()  # chunks removed after assembly
     grid = world["grid"]
     with rasterio.open(out / "S2_summer.tif") as src:
         assert src.count == 4 and src.dtypes[0] == "uint16" and src.nodata == 0
@@ -493,25 +495,25 @@ def test_s1_statistics_by_hand():
     """Each statistic on one pixel computed by hand: linear power 0.1, 1.0, 0.001 (dB -10, 0,
     -30) and, in the second band, 0.1, no data, 1.0 (an even count: median = mean of the two)."""
     stack = np.array([[0.1, 0.1], [1.0, np.nan], [0.001, 1.0]], np.float32)[:, :, None, None]
-    med = dl.s1_composite(stack, "median_db")[:, 0, 0]
-    mean_db = dl.s1_composite(stack, "mean_db")[:, 0, 0]
-    mean_lin = dl.s1_composite(stack, "mean_linear")[:, 0, 0]
+    med = dl_comp.s1_composite(stack, "median_db")[:, 0, 0]
+    mean_db = dl_comp.s1_composite(stack, "mean_db")[:, 0, 0]
+    mean_lin = dl_comp.s1_composite(stack, "mean_linear")[:, 0, 0]
     np.testing.assert_allclose(med, [-10.0, -5.0], atol=1e-5)
     np.testing.assert_allclose(mean_db, [-40.0 / 3.0, -5.0], atol=1e-5)
     # 10 log10((0.1 + 1 + 0.001) / 3) = -4.3533; 10 log10(1.1 / 2) = -2.5964
     np.testing.assert_allclose(mean_lin, [-4.35333, -2.59637], atol=1e-4)
-    assert dl.DownloadConfig(out="x").s1_statistic == "median_db"  # the reference's default
+    assert dl_cfg.DownloadConfig(out="x").s1_statistic == "median_db"  # the reference's default
     # dB input (an already-logarithmic collection): the same results from the same observations
     db = np.where(np.isfinite(stack), 10 * np.log10(stack), np.nan).astype(np.float32)
     for stat, exp in (("median_db", med), ("mean_db", mean_db), ("mean_linear", mean_lin)):
-        np.testing.assert_allclose(dl.s1_composite(db, stat, linear_input=False)[:, 0, 0], exp, atol=1e-4)
+        np.testing.assert_allclose(dl_comp.s1_composite(db, stat, linear_input=False)[:, 0, 0], exp, atol=1e-4)
     # no observation, zero or negative power: no data
     none = np.array([[np.nan, 0.0], [np.nan, -1.0]], np.float32)[:, :, None, None]
-    for stat in dl.S1_STATISTICS:
-        assert np.isnan(dl.s1_composite(none, stat)).all()
-        assert np.isnan(dl.s1_composite(stack[:0], stat)).all()
+    for stat in dl_cfg.S1_STATISTICS:
+        assert np.isnan(dl_comp.s1_composite(none, stat)).all()
+        assert np.isnan(dl_comp.s1_composite(stack[:0], stat)).all()
     with pytest.raises(PopcornInputError, match="median_db, mean_db, mean_linear"):
-        dl.s1_composite(stack, "max")
+        dl_comp.s1_composite(stack, "max")
 
 
 @pytest.mark.parametrize("orbit,statistic", [("both", "mean_linear"), ("both", "mean_db"),
@@ -541,20 +543,20 @@ def test_s1_orbit_needs_orbit_state():
             self.properties = props
 
     items = [Item({"sat:orbit_state": "descending"}), Item({"sat:orbit_state": "ascending"}), Item({})]
-    keep, notes = dl.filter_items(items, "s1", dl.DownloadConfig(out="x"))
+    keep, notes = dl_stac.filter_items(items, "s1", dl_cfg.DownloadConfig(out="x"))
     assert keep == items[:1]
     assert any("not in orbit descending" in n for n in notes)
     assert any("1 item(s) without sat:orbit_state" in n and "--s1-orbit both" in n for n in notes)
-    keep, notes = dl.filter_items(items, "s1", dl.DownloadConfig(out="x", s1_orbit="both"))
+    keep, notes = dl_stac.filter_items(items, "s1", dl_cfg.DownloadConfig(out="x", s1_orbit="both"))
     assert keep == items and notes == []
     with pytest.raises(PopcornInputError, match="--s1-statistic must be one of"):
-        dl.DownloadConfig(out="x", bbox=BBOX, s1_statistic="max").check()
+        dl_cfg.DownloadConfig(out="x", bbox=BBOX, s1_statistic="max").check()
 
 
 def test_resume_and_retries(world, tmp_path, monkeypatch):
     out = tmp_path / "resume"
     calls = []
-    real = dl.composite_chunk
+    real = dl_comp.composite_chunk
 
     def flaky(items, sensor, grid, rows, cols, cfg, signer=None):
         calls.append((rows.start, cols.start))
@@ -567,9 +569,9 @@ def test_resume_and_retries(world, tmp_path, monkeypatch):
     with pytest.raises(PopcornInputError, match="simulated"):
         dl.run(cfg)
     assert not (out / "S2_summer.tif").exists()  # nothing half-written
-    kept = list((out / dl.CHUNK_DIR).rglob("*.tif"))
-    assert len(kept) == 2 and not list((out / dl.CHUNK_DIR).rglob("*.tmp-*"))
-    n_chunks = len(dl.chunk_windows(world["grid"].height, world["grid"].width, 40))
+    kept = list((out / dl_cfg.CHUNK_DIR).rglob("*.tif"))
+    assert len(kept) == 2 and not list((out / dl_cfg.CHUNK_DIR).rglob("*.tmp-*"))
+    n_chunks = len(dl_cfg.chunk_windows(world["grid"].height, world["grid"].width, 40))
     calls.clear()
     # transient failures of the search endpoint and of data reads are retried
     world["server"].fail.update(search=1, data=2)
@@ -593,7 +595,7 @@ def test_bad_inputs(world, tmp_path):
     with pytest.raises(PopcornInputError, match="no usable.*max-cloud-cover"):
         dl.run(cfg_for(world, out, max_cloud_cover=5))
     with pytest.raises(PopcornInputError, match="exactly one of --bbox"):
-        dl.run(dl.DownloadConfig(out=str(out)))
+        dl.run(dl_cfg.DownloadConfig(out=str(out)))
     with pytest.raises(PopcornInputError, match="bounding box"):
         dl.run(cfg_for(world, out, bbox=(10, 45, 9, 46)))
     assert not out.exists() or not any(out.rglob("*.tif"))
@@ -673,7 +675,7 @@ def test_pair_l1c_rules():
 
     import pystac
 
-    def item(iid, when, props=None, assets=dl.S2CLOUDLESS_BANDS):
+    def item(iid, when, props=None, assets=dl_cfg.S2CLOUDLESS_BANDS):
         it = pystac.Item(iid, None, None, pydt.datetime.fromisoformat(when), props or {})
         for a in assets:
             it.add_asset(a, pystac.Asset(f"http://x/{iid}/{a}"))
@@ -688,19 +690,19 @@ def test_pair_l1c_rules():
            item("b-near", "2021-03-04T10:14:00+00:00", {"mgrs:utm_zone": 33, "mgrs:latitude_band": "U",
                                                        "mgrs:grid_square": "UP", "platform": "sentinel-2b"}),
            item("c-no-b10", "2021-03-06T10:12:00+00:00", {"s2:mgrs_tile": "33UUP"},
-                assets=[b for b in dl.S2CLOUDLESS_BANDS if b != "B10"])]
-    pairs, why = dl.pair_l1c(l2a, l1c, dl.S2CLOUDLESS_BANDS)
+                assets=[b for b in dl_cfg.S2CLOUDLESS_BANDS if b != "B10"])]
+    pairs, why = dl_stac.pair_l1c(l2a, l1c, dl_cfg.S2CLOUDLESS_BANDS)
     assert [p.id if p else None for p in pairs] == [l1c[0].id, "b-near", None]
     assert why == {"l2a-c": "its L1C item c-no-b10 lacks the asset(s) ['B10']"}
-    assert dl.s2_dn_offset(l1c[0]) == (0.0, "product id")
+    assert dl_stac.s2_dn_offset(l1c[0]) == (0.0, "product id")
     new_l1c = item("S2B_MSIL1C_20220601T101559_N0400_R065_T32TMT_x", "2022-06-01T10:00:00+00:00")
-    assert dl.s2_dn_offset(new_l1c) == (-1000.0, "product id")
+    assert dl_stac.s2_dn_offset(new_l1c) == (-1000.0, "product id")
 
 
 def test_planetary_computer_signing_is_optional(monkeypatch):
     import builtins
 
-    cfg = dl.DownloadConfig(out="x", bbox=BBOX)
+    cfg = dl_cfg.DownloadConfig(out="x", bbox=BBOX)
     real_import = builtins.__import__
 
     def no_pc(name, *args, **kwargs):
@@ -710,8 +712,8 @@ def test_planetary_computer_signing_is_optional(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_pc)
     with pytest.raises(PopcornInputError, match="pip install planetary-computer"):
-        dl._signer(cfg)
-    assert dl._signer(dl.DownloadConfig(out="x", bbox=BBOX, stac_url="http://127.0.0.1:1")) is None
+        dl_stac._signer(cfg)
+    assert dl_stac._signer(dl_cfg.DownloadConfig(out="x", bbox=BBOX, stac_url="http://127.0.0.1:1")) is None
 
 
 def test_cli_help(capsys):
@@ -781,7 +783,7 @@ def winter(world):
         l1c_blocks[key] = refl
         full = (refl.astype(np.int64) - offset).astype(np.uint16)[(rb - rb.min())[:, None], (cb - cb.min())[None, :]]
         assets = {}
-        for i, band in enumerate(dl.S2CLOUDLESS_BANDS):
+        for i, band in enumerate(dl_cfg.S2CLOUDLESS_BANDS):
             write_cog(root / f"w_{key}_{band}.tif", np.ascontiguousarray(full[None, :, :, i]), t10,
                       grid.crs, 0)
             assets[band] = f"w_{key}_{band}.tif"
@@ -803,7 +805,7 @@ def winter(world):
         scl = rng.choice(np.array([4, 5, 6, 3, 8, 9, 10], np.uint8), size=n20,
                          p=[0.5, 0.2, 0.1, 0.05, 0.05, 0.05, 0.05])
         assets = {}
-        for b, name in enumerate(dl.S2_BANDS):
+        for b, name in enumerate(dl_cfg.S2_BANDS):
             write_cog(root / f"w{k}_{name}.tif", dn[b : b + 1], t10, grid.crs, 0)
             assets[name] = f"w{k}_{name}.tif"
         write_cog(root / f"w{k}_SCL.tif", scl[None], t20, grid.crs, 0)
@@ -841,7 +843,7 @@ def test_s2_dn_offset_rules():
         return pystac.Item(iid, None, None, pydt.datetime.fromisoformat(when), props or {})
 
     new, old = "2022-03-01T10:00:00+00:00", "2021-03-01T10:00:00+00:00"
-    off = dl.s2_dn_offset
+    off = dl_stac.s2_dn_offset
     assert off(item("x", old, {"s2:processing_baseline": "04.00"})) == (-1000.0, "baseline")
     assert off(item("x", old, {"s2:processing_baseline": "05.09"})) == (-1000.0, "baseline")  # reprocessed
     assert off(item("x", new, {"s2:processing_baseline": "03.01"})) == (0.0, "baseline")
@@ -860,7 +862,7 @@ def test_s2_dn_offset_rules():
     # s2_median: offset on valid DNs only, clipped to 1; split days fused, first step first
     bands = np.array([[1500, 0, 900, 2000], [400, 700, 0, 1000], [600, 800, 100, 3000]], np.uint16)
     bands = bands.reshape(3, 1, 1, 4).repeat(4, axis=1)
-    med = dl.s2_median(bands, None, (), offsets=[-1000, 0, 0], days=[1, 1, 2])[0, 0]
+    med = dl_comp.s2_median(bands, None, (), offsets=[-1000, 0, 0], days=[1, 1, 2])[0, 0]
     # day 1: [500, 700 (gap filled by step 1), 1 (clipped), 1000]; day 2: [600, 800, 100, 3000]
     np.testing.assert_array_equal(med, [550, 750, 50, 2000])
 

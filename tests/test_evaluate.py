@@ -12,9 +12,9 @@ import rasterio
 import shapely
 from rasterio.transform import from_origin
 
-from popcorn.evaluation.baselines import builtup_disaggregation, uniform_disaggregation
-from popcorn.errors import PopcornInputError
 from popcorn.cli.evaluate import main
+from popcorn.errors import PopcornInputError
+from popcorn.evaluation.baselines import builtup_disaggregation, uniform_disaggregation
 from popcorn.evaluation.compare import evaluate_against_raster, evaluate_against_units, map_on_grid
 from popcorn.evaluation.metrics import mae, r2_score, regression_metrics, rmse
 

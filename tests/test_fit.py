@@ -133,8 +133,8 @@ def test_test_stage_evaluates_fine_census_units(trained: tuple[Path, Path], tmp_
     import geopandas as gpd
 
     from popcorn.cli.census import run as census_run
-    from popcorn.datasets.synthetic.world import world_dir
     from popcorn.cli.evaluate import main as evaluate_main
+    from popcorn.datasets.synthetic.world import world_dir
 
     first, world_root = trained
     world = world_dir(world_root, 200, 0)

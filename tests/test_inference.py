@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-import popcorn.inference.cpu_kernels as cpu_kernels
+import popcorn.inference.cpu_build as cpu_build
 import popcorn.inference.fast as inference
-from popcorn.inference.cpu_kernels import load_kernels
 from popcorn.errors import PopcornInputError
+from popcorn.inference.cpu_build import load_kernels
 from popcorn.inference.fast import FastPopcorn, naive_forward
 from popcorn.models import Popcorn
 
@@ -165,12 +165,12 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_kernels_unavailable_without_compiler_or_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpu_kernels, "_state", {})  # forget the loaded library for this test
+    monkeypatch.setattr(cpu_build, "_state", {})  # forget the loaded library for this test
     monkeypatch.setenv("POPCORN_CPU_KERNELS", "0")
-    assert cpu_kernels.load_kernels() is None
+    assert cpu_build.load_kernels() is None
     monkeypatch.delenv("POPCORN_CPU_KERNELS")
-    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
-    assert cpu_kernels.load_kernels() is None
+    monkeypatch.setattr(cpu_build, "_compiler", lambda: None)
+    assert cpu_build.load_kernels() is None
 
 
 def test_kernels_reject_bad_inputs() -> None:

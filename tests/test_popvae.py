@@ -15,11 +15,11 @@ from rasterio.transform import from_origin
 
 from popcorn.datamodules.pixel import PixelDataModule
 from popcorn.datasets.covariates import CovariateStack, Normalizer, extract_patches, nonempty_patches
-from popcorn.samplers.pixels import PixelBatchSampler, PixelSampler
+from popcorn.inference.popvae import PopVAERunner, evaluate_region_raster, predict_map
 from popcorn.io import write_geotiff
 from popcorn.models import PopVAE
 from popcorn.models.popvae import LOG_CLIP_MAX, kl_divergence
-from popcorn.inference.popvae import PopVAERunner, evaluate_region_raster, predict_map
+from popcorn.samplers.pixels import PixelBatchSampler, PixelSampler
 from popcorn.tasks import PixelRegressionTask
 
 torch.set_num_threads(1)
@@ -352,7 +352,8 @@ def test_region_sums_on_real_tunisian_census(tmp_path: Path):
     each governorate: the region sums of our evaluation must give back the INS counts."""
     if not TUNISIA.exists():
         pytest.skip(f"real Tunisian census not available ({TUNISIA} is absent)")
-    from popcorn.prep.census import find_masks, read_masks, read_table
+    from popcorn.prep.census_sources import find_masks, read_masks
+    from popcorn.prep.census_tables import read_table
 
     files = find_masks(str(TUNISIA / "Tunisia_Region_*.tif"))
     table = read_table(TUNISIA / "ins_population.csv", "code_gov", "population", "gov")
@@ -388,11 +389,11 @@ def test_distillation_student_of_a_popcorn_map(tmp_path: Path):
     predictor (a random teacher) is the reference of popVAE, trained and mapped by the CLI."""
     import pandas as pd
 
-    from popcorn.evaluation.dasymetric import block_sum
+    from popcorn.cli.popvae import main
     from popcorn.datamodules.pixel import SyntheticPixelDataModule
     from popcorn.datasets.covariates import read_reference
     from popcorn.datasets.synthetic.world import make_synthetic_world
-    from popcorn.cli.popvae import main
+    from popcorn.evaluation.dasymetric import block_sum
     from popcorn.inference.maps import PredictSettings, predict
     from popcorn.tasks import WeakSupervisionTask
 

@@ -10,13 +10,13 @@ import pytest
 import rasterio
 import torch
 
-from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
+from popcorn.cli.predict import main as predict_main
 from popcorn.datasets import CensusRegions
 from popcorn.datasets.sentinel import open_imagery
 from popcorn.datasets.synthetic.world import make_synthetic_world
 from popcorn.errors import PopcornInputError
+from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
 from popcorn.inference.fast import FastPopcorn, load_popcorn
-from popcorn.cli.predict import main as predict_main
 from popcorn.inference.maps import PredictSettings, predict
 from popcorn.tasks import BuiltUpTask, WeakSupervisionTask
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import H, REGIONS, W
+from conftest import REGIONS, H, W
 
 from popcorn.datamodules import CensusDataModule
 from popcorn.errors import PopcornInputError

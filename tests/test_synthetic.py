@@ -11,17 +11,11 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.features
-
 from conftest import read_counts, read_raster, region_raster
 
-from popcorn.datasets.synthetic.world import (
-    LAND_COVER_CLASSES,
-    SEASONS,
-    SyntheticWorld,
-    _census_labels,
-    make_synthetic_world,
-    world_dir,
-)
+from popcorn.datasets.synthetic.constants import LAND_COVER_CLASSES, SEASONS
+from popcorn.datasets.synthetic.files import _census_labels
+from popcorn.datasets.synthetic.world import SyntheticWorld, make_synthetic_world, world_dir
 from popcorn.errors import PopcornInputError
 
 SIZE = 200  # 2 km x 2 km

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.features
-
 from conftest import read_counts, read_raster, region_raster
 
-from popcorn.datasets.synthetic.world import SEASONS
+from popcorn.datasets.synthetic.constants import SEASONS
 from popcorn.datasets.synthetic.settlements import (
     HELD_OUT_SEEDS,
     LAND_COVER_CLASSES,

@@ -10,7 +10,20 @@ from pathlib import Path
 
 from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.io import atomic_path
-from popcorn.prep.census import CensusProduct, Grid, _finish, coarsen, grid_from_bounds, grid_from_reference, prepare, prepare_masks, prepare_match, print_summary, read_prepared, summarise, write_product
+from popcorn.prep.census import (
+    CensusProduct,
+    Grid,
+    _finish,
+    coarsen,
+    grid_from_bounds,
+    grid_from_reference,
+    prepare,
+    print_summary,
+    read_prepared,
+    summarise,
+    write_product,
+)
+from popcorn.prep.census_sources import prepare_masks, prepare_match
 
 
 def _add_grid_args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,23 @@ import sys
 from collections.abc import Sequence
 
 from popcorn.errors import PopcornInputError, exit_with_error
-from popcorn.prep.download import DEFAULT_L1C_COLLECTION, DEFAULT_S1_ASSETS, DEFAULT_S1_COLLECTION, DEFAULT_S1_ORBIT, DEFAULT_S1_STATISTIC, DEFAULT_S2_ASSETS, DEFAULT_S2_COLLECTION, DEFAULT_SCL_MASK, DownloadConfig, PLANETARY_COMPUTER_URL, S1_ORBITS, S1_STATISTICS, S2CLOUDLESS_BANDS, SEASONS, run
+from popcorn.prep.download import run
+from popcorn.prep.download_config import (
+    DEFAULT_L1C_COLLECTION,
+    DEFAULT_S1_ASSETS,
+    DEFAULT_S1_COLLECTION,
+    DEFAULT_S1_ORBIT,
+    DEFAULT_S1_STATISTIC,
+    DEFAULT_S2_ASSETS,
+    DEFAULT_S2_COLLECTION,
+    DEFAULT_SCL_MASK,
+    PLANETARY_COMPUTER_URL,
+    S1_ORBITS,
+    S1_STATISTICS,
+    S2CLOUDLESS_BANDS,
+    SEASONS,
+    DownloadConfig,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

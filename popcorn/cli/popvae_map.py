@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.datasets.covariates import CovariateStack, Normalizer
+from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.inference.popvae import DEFAULT_TILE, evaluate_map, predict_map
 
 

@@ -20,14 +20,12 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from popcorn.errors import PopcornInputError
-
-from popcorn.transforms.augmentation import BatchAugmentation
-from popcorn.datasets.sentinel import open_imagery
 from popcorn.datasets.grid import Window
-from popcorn.samplers.windows import FixedPatchSampler, PatchKey, RandomPatchSampler, epoch_seed
 from popcorn.datasets.samples import ImagePatches, LabelRaster, PatchSamples, collate_patches
-from popcorn.datasets.sentinel import SEASONS, check_seasons
+from popcorn.datasets.sentinel import SEASONS, check_seasons, open_imagery
+from popcorn.errors import PopcornInputError
+from popcorn.samplers.windows import FixedPatchSampler, PatchKey, RandomPatchSampler, epoch_seed
+from popcorn.transforms.augmentation import BatchAugmentation
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from popcorn.errors import PopcornInputError
-
-from popcorn.transforms.augmentation import BatchAugmentation
 from popcorn.datasets.census import CensusRegions, check_on_imagery, read_regions
 from popcorn.datasets.grid import Window
-from popcorn.samplers.windows import RegionSampler, TileSampler, oversized_regions
 from popcorn.datasets.samples import RegionSamples, TileSamples, collate_regions, collate_tiles
 from popcorn.datasets.sentinel import SEASONS, check_seasons, open_imagery
+from popcorn.errors import PopcornInputError
+from popcorn.samplers.windows import RegionSampler, TileSampler, oversized_regions
+from popcorn.transforms.augmentation import BatchAugmentation
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,13 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from popcorn.datasets.covariates import (
-    FLOOR_WEIGHTS, NODATA_THRESHOLD, CovariateStack, Normalizer, PatchDataset, nonempty_patches, read_reference,
+    FLOOR_WEIGHTS,
+    NODATA_THRESHOLD,
+    CovariateStack,
+    Normalizer,
+    PatchDataset,
+    nonempty_patches,
+    read_reference,
 )
 from popcorn.datasets.synthetic.covariates import make_synthetic_covariates
 from popcorn.errors import PopcornInputError

@@ -30,9 +30,8 @@ from pyproj import CRS
 from torchgeo.datasets import GeoDataset
 from torchgeo.datasets.utils import GeoSlice
 
-from popcorn.errors import PopcornInputError
-
 from popcorn.datasets.grid import RasterGrid, Window, clip_window
+from popcorn.errors import PopcornInputError
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,10 @@ from rasterio.windows import Window as RioWindow
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from popcorn.errors import PopcornInputError
-
 from popcorn.datasets.census import CensusRegions
 from popcorn.datasets.grid import RasterGrid, Window, check_aligned, clip_window
 from popcorn.datasets.sentinel import Sentinel1Composite, Sentinel2Composite
+from popcorn.errors import PopcornInputError
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,8 @@ from torchgeo.datasets import RasterDataset
 from torchgeo.datasets.errors import DatasetNotFoundError
 from torchgeo.datasets.utils import GeoSlice
 
-from popcorn.errors import PopcornInputError
-
 from popcorn.datasets.grid import RasterGrid, Window, clip_window
+from popcorn.errors import PopcornInputError
 
 log = logging.getLogger(__name__)
 

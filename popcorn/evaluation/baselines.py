@@ -21,8 +21,8 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window as RioWindow
 
-from popcorn.evaluation.dasymetric import RegionRasterizer, scale_factors_from_sums
 from popcorn.errors import PopcornInputError
+from popcorn.evaluation.dasymetric import RegionRasterizer, scale_factors_from_sums
 from popcorn.io import atomic_path
 
 BLOCK = 2048

@@ -39,10 +39,10 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window as RioWindow
 
-from popcorn.errors import PopcornInputError
-from popcorn.io import atomic_path
 from popcorn.datasets.resample import _read_valid, check_overlap, map_on_grid
+from popcorn.errors import PopcornInputError
 from popcorn.evaluation.metrics import regression_metrics
+from popcorn.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ def evaluate_against_units(
     """
     import geopandas as gpd
 
-    from popcorn.evaluation.dasymetric import RegionRasterizer
     from popcorn.datasets.census import read_regions
+    from popcorn.evaluation.dasymetric import RegionRasterizer
 
     head = gpd.read_file(units, rows=1) if Path(units).exists() else None
     if head is None:

@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from popcorn.inference.cpu_kernels import CPUEngine, load_kernels
 from popcorn.errors import PopcornInputError
+from popcorn.inference.cpu_build import load_kernels
+from popcorn.inference.cpu_kernels import CPUEngine
 from popcorn.models import Popcorn
 from popcorn.models.popcorn import head_inputs, occupancy_from_head
 from popcorn.models.unet import PAD, DualStreamUNet, Prepared

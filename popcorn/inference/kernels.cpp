@@ -1,4 +1,4 @@
-// POPCORN CPU inference kernels (fp32). Compiled at run time by popcorn/inference/cpu_kernels.py.
+// POPCORN CPU inference kernels (fp32). Compiled at run time by popcorn/inference/cpu_build.py, driven by cpu_kernels.py.
 //
 // Feature maps are "planar padded" buffers: C planes of (H + 2) rows x S floats. Pixel (y, x)
 // of channel c sits at c * plane + (y + 1) * S + LPAD + x; row 0, row H + 1, the LPAD columns on

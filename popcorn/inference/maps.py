@@ -38,16 +38,28 @@ import shapely
 import torch
 
 from popcorn import __version__
-from popcorn.evaluation.dasymetric import region_sums
 from popcorn.datasets.grid import RasterGrid, Window, clip_window
 from popcorn.datasets.sentinel import SEASONS, check_seasons
 from popcorn.errors import PopcornInputError
+from popcorn.evaluation.dasymetric import region_sums
 from popcorn.inference.fast import DEFAULT_THRESHOLD, FastPopcorn, load_popcorn
-from popcorn.io import atomic_path
 from popcorn.inference.tiles import (
-    ALIGN, FINE, PARTIAL_DIR, STATE_VERSION, OpenReader, Product, TileReader, TileRun, assemble, block_sum_partial,
-    read_windows, run_tiles, tile_cores, window_transform,
+    ALIGN,
+    FINE,
+    PARTIAL_DIR,
+    STATE_VERSION,
+    OpenReader,
+    Product,
+    TileReader,
+    TileRun,
+    assemble,
+    block_sum_partial,
+    read_windows,
+    run_tiles,
+    tile_cores,
+    window_transform,
 )
+from popcorn.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +280,8 @@ class _CensusTiles:
     """Census regions rasterised tile by tile on the imagery grid (never the whole area)."""
 
     def __init__(self, regions: str, counts: str | None, grid: RasterGrid, id_column: str, count_column: str) -> None:
-        from popcorn.evaluation.dasymetric import RegionRasterizer
         from popcorn.datasets.census import read_regions
+        from popcorn.evaluation.dasymetric import RegionRasterizer
 
         self.grid = grid
         self.raster = RegionRasterizer(read_regions(regions, counts, grid.crs, id_column, count_column), grid.crs)

@@ -191,8 +191,8 @@ def raster_region_sums(map_path: str | os.PathLike[str], ids: np.ndarray, transf
     from rasterio.crs import CRS
     from rasterio.windows import Window as RioWindow
 
-    from popcorn.evaluation.dasymetric import region_sums
     from popcorn.datasets.resample import map_on_grid
+    from popcorn.evaluation.dasymetric import region_sums
 
     n = int(ids.max()) + 1
     sums, nan_px = np.zeros(n), np.zeros(n)

@@ -37,7 +37,6 @@ from popcorn.io import atomic_path
 log = logging.getLogger(__name__)
 
 
-
 FINE = 10
 """10 m pixels per side of a 1 ha cell."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
-
 import torch
 from torch.utils.data import Sampler
 
@@ -98,7 +97,6 @@ class RegionSampler(Sampler[RegionKey]):
         for pos, k in enumerate(order):
             rid = self.ids[k]
             yield RegionKey(rid, self.seasons[seasons[pos]], self.windows[rid])
-
 
     def _size_bucketed(self, order: list[int]) -> list[int]:
         """Regroup a shuffled order into batches of similar-size regions, in random batch order."""

@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
 from popcorn.errors import PopcornInputError
-from popcorn.io import write_geotiff
+from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
 from popcorn.evaluation.metrics import format_table, regression_metrics
+from popcorn.io import write_geotiff
 from popcorn.models import BuiltUpExtractor, Popcorn
 
 log = logging.getLogger(__name__)

@@ -51,9 +51,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from popcorn import __version__ as POPCORN_VERSION
-from popcorn.datasets.synthetic.world import (
-    FINE_FACTOR, PIXEL_SIZE, S1_BANDS, S2_BANDS, SEASONS, SyntheticWorld,
-)
+from popcorn.datasets.synthetic.constants import FINE_FACTOR, PIXEL_SIZE, S1_BANDS, S2_BANDS, SEASONS
+from popcorn.datasets.synthetic.domain_shift import DomainShift
 from popcorn.datasets.synthetic.settlements_build import (
     MATERIAL_P,
     NON_RESIDENTIAL_SHARE,
@@ -63,11 +62,22 @@ from popcorn.datasets.synthetic.settlements_build import (
 )
 from popcorn.datasets.synthetic.settlements_census import area_bounds_ha, census_labels, write_census
 from popcorn.datasets.synthetic.settlements_layout import (
-    APARTMENTS, CAMP, DETACHED, FARMLAND, FOREST, FORMAL, GRASSLAND, INDUSTRIAL, INFORMAL, PARK,
-    ROAD, VILLAGE, WATER,
+    APARTMENTS,
+    CAMP,
+    DETACHED,
+    FARMLAND,
+    FOREST,
+    FORMAL,
+    GRASSLAND,
+    INDUSTRIAL,
+    INFORMAL,
+    PARK,
+    ROAD,
+    VILLAGE,
+    WATER,
 )
 from popcorn.datasets.synthetic.settlements_render import quantise_s2, render_s1, render_s2, texture_fields
-from popcorn.datasets.synthetic.domain_shift import DomainShift
+from popcorn.datasets.synthetic.world import SyntheticWorld
 from popcorn.errors import PopcornInputError
 from popcorn.io import write_geotiff
 

@@ -18,16 +18,8 @@ import numpy as np
 from scipy import special
 from scipy.spatial import cKDTree
 
-from popcorn.datasets.synthetic.world import (
-    HERB_LAWN,
-    HERB_MAIZE,
-    HERB_MEADOW,
-    HERB_RAPESEED,
-    HERB_WINTER_CEREAL,
-    _hash_u01,
-    _ramp,
-    _smooth_noise,
-)
+from popcorn.datasets.synthetic.constants import HERB_LAWN, HERB_MAIZE, HERB_MEADOW, HERB_RAPESEED, HERB_WINTER_CEREAL
+from popcorn.datasets.synthetic.noise import _hash_u01, _ramp, _smooth_noise
 from popcorn.datasets.synthetic.settlements_layout import (
     APARTMENTS,
     CAMP,

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
-from popcorn.datasets.synthetic.world import PIXEL_SIZE, _smooth_noise
+from popcorn.datasets.synthetic.constants import PIXEL_SIZE
+from popcorn.datasets.synthetic.noise import _smooth_noise
 from popcorn.io import atomic_path
 
 PX_PER_HA = int(round(1e4 / PIXEL_SIZE**2))  # 100 pixels of 10 m per hectare

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
-from popcorn.datasets.synthetic.world import _ellipse_dist, _rasterise_lines, _smooth_noise
+from popcorn.datasets.synthetic.layout import _ellipse_dist, _rasterise_lines
+from popcorn.datasets.synthetic.noise import _smooth_noise
 
 # Land-cover codes (written to land_cover.tif). 1..7 are the settlement types.
 INFORMAL, APARTMENTS, CAMP, FORMAL, DETACHED, INDUSTRIAL, VILLAGE = 1, 2, 3, 4, 5, 6, 7

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from popcorn.datasets.synthetic.world import (
+from popcorn.datasets.synthetic.constants import (
     _ASPHALT,
     _DECID_GREENNESS,
     _PAVED,
@@ -34,13 +34,10 @@ from popcorn.datasets.synthetic.world import (
     _S1_WATER_VV,
     _SEASON_LIGHT,
     _WATER,
-    herb_greenness,
-    vegetation_spectra,
     SEASONS,
-    _db_to_lin,
-    _hash_u01,
-    _smooth_noise,
 )
+from popcorn.datasets.synthetic.noise import _hash_u01, _smooth_noise
+from popcorn.datasets.synthetic.render import _db_to_lin, herb_greenness, vegetation_spectra
 from popcorn.datasets.synthetic.settlements_layout import FOREST
 
 #: Dirt alleys and bare, trodden ground (reflectance x 1e4, B02 B03 B04 B08).
