@@ -234,7 +234,7 @@ def main() -> None:
             print(f"\npeak RSS of predict: A ({mem['A']['mpx']:.2f} Mpx) {mem['A']['maxrss_mb']:.0f} MB, "
                   f"4A ({mem['4A']['mpx']:.2f} Mpx) {mem['4A']['maxrss_mb']:.0f} MB, ratio {mem['ratio_4A_over_A']:.3f}", flush=True)
         if "demo" not in args.skip:
-            from popcorn.cli.pipeline import predict_evaluate_report
+            from popcorn.inference.evaluate import predict_evaluate_report
 
             w = Path(args.world)
             t0 = time.perf_counter()

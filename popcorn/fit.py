@@ -145,20 +145,10 @@ class PopcornCLI(LightningCLI):
         dm = self.datamodule
         if not path or not hasattr(dm, "imagery_root"):
             return
-        from popcorn.cli.pipeline import predict_evaluate_report
+        from popcorn.inference.evaluate import datamodule_references, predict_and_evaluate
 
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        world = Path(dm.imagery_root)
-        footprints = world / "builtup_fraction.tif" if (world / "world.json").exists() else None
-        predict_evaluate_report(
-            [path], dm.imagery_root, log_dir / "report", seasons=list(dm.test_seasons),
-            census=dm.census_regions_path, counts=dm.census_counts_path, truth=dm.fine_truth_path,
-            buildings=str(footprints) if footprints is not None and footprints.exists() else None,
-            id_column=dm.id_column, count_column=dm.count_column,
-            units=getattr(dm, "fine_regions_path", None), unit_counts=getattr(dm, "fine_counts_path", None),
-            unit_id_column=getattr(dm, "fine_id_column", "region_id"),
-            unit_count_column=getattr(dm, "fine_count_column", "count"),
-        )
+        predict_and_evaluate([path], dm.imagery_root, log_dir / "report", **datamodule_references(dm))
 
 
 def _builtup_source(datamodule: CensusDataModule, settings: BuiltUpPretraining) -> tuple[str, str] | None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from popcorn.datasets.sentinel import SEASONS
 from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.inference.fast import DEFAULT_THRESHOLD
-from popcorn.inference.maps import PredictResult, PredictSettings, predict
+from popcorn.inference.maps import PredictResult, PredictSettings, predict, summarise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,20 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--restart", action="store_true", help="ignore a partial run in --out and start over")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
-
-
-def summarise(result: PredictResult) -> str:
-    lines = [
-        f"predicted {result.megapixels:.2f} Mpx ({result.tiles_total} tiles, {result.tiles_computed} computed now, "
-        f"{result.n_members} members) in {result.seconds:.1f} s",
-    ]
-    lines += [f"  {key}: {path}" for key, path in result.outputs.items()]
-    if result.scale_factors is not None:
-        lines.append(f"  scale factors: {result.scale_factors}")
-        if result.scale_percentiles is not None:
-            p10, p50, p90 = result.scale_percentiles
-            lines.append(f"  dasymetric scale factors p10/p50/p90: {p10:.2f} / {p50:.2f} / {p90:.2f}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> PredictResult:

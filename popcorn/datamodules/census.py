@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 
 from popcorn.datasets.census import CensusRegions, check_on_imagery, read_regions
 from popcorn.datasets.grid import Window
-from popcorn.datasets.samples import RegionSamples, TileSamples, collate_regions, collate_tiles
+from popcorn.datasets.samples import RegionSamples, collate_regions
 from popcorn.datasets.sentinel import SEASONS, check_seasons, open_imagery
 from popcorn.errors import PopcornInputError
-from popcorn.samplers.windows import RegionSampler, TileSampler, oversized_regions
+from popcorn.samplers.windows import RegionSampler, oversized_regions
 from popcorn.transforms.augmentation import BatchAugmentation
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ class CensusDataModule(L.LightningDataModule):
     Training: every training region once per epoch, shuffled, random season per sample,
     ``batch_size`` regions per batch (padded, with ``valid_mask`` / ``region_mask``), augmented on
     the device. Validation: held-out regions (deterministic split by ``split_seed``), fixed
-    seasons. Test/predict: tiles of ``test_tile_size`` px (+ ``test_margin`` px context) covering
-    the whole imagery, for every season of ``test_seasons``.
+    seasons. Test/predict: one run of the tiled engine of :mod:`popcorn.inference` over the whole
+    imagery (tiles of ``test_tile_size`` px + ``test_margin`` px context, every season of
+    ``test_seasons``); the loaders hold that one run, the task does the rest.
 
     Args:
         imagery_root: folder with ``S1_<season>*.tif`` and ``S2_<season>*.tif``.
@@ -89,8 +90,10 @@ class CensusDataModule(L.LightningDataModule):
         max_region_pixels: regions whose bounding box has more pixels are skipped (None = all).
         batch_size: regions (or tiles) per batch; the paper uses 2.
         num_workers: DataLoader workers.
-        test_tile_size: tile core size in px (multiple of 10 so tiles align with 1 ha cells).
-        test_margin: px of context read on each side of a tile core.
+        test_tile_size: tile core size in px of the test/predict engine (multiple of 20: 1 ha
+            cells and the U-Net's pooling line up; ``popcorn predict --tile-size``).
+        test_margin: px of context read on each side of a tile core (half of
+            ``popcorn predict --overlap``).
         region_context_px: px of imagery read around each region's bounding box, so the
             networks see the same surroundings as in tiled inference (the region mask still
             limits the sum to the region's own pixels).
@@ -120,8 +123,8 @@ class CensusDataModule(L.LightningDataModule):
         max_region_pixels: int | None = 1_000_000,
         batch_size: int = 2,
         num_workers: int = 0,
-        test_tile_size: int = 500,
-        test_margin: int = 32,
+        test_tile_size: int = 1000,
+        test_margin: int = 64,
         region_context_px: int = 16,
         augment: bool = True,
         shuffle_seed: int | None = None,
@@ -161,10 +164,10 @@ class CensusDataModule(L.LightningDataModule):
             raise PopcornInputError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
-        if test_tile_size <= 0 or test_tile_size % 10:
+        if test_tile_size <= 0 or test_tile_size % 20:
             raise PopcornInputError(
-                f"test_tile_size must be a positive multiple of 10 (tiles align with 1 ha "
-                f"cells), got {test_tile_size}"
+                f"test_tile_size must be a positive multiple of 20 (1 ha cells and the U-Net's "
+                f"pooling line up), got {test_tile_size}"
             )
         if test_margin < 0:
             raise PopcornInputError(f"test_margin must be >= 0, got {test_margin}")
@@ -291,11 +294,10 @@ class CensusDataModule(L.LightningDataModule):
         )
 
     def test_dataloader(self) -> DataLoader:
+        """One batch: the test stage is one run of the tiled engine (see the class docstring)."""
         self._require_setup()
-        sampler = TileSampler(
-            *self.grid_shape, self.test_tile_size, self.test_margin, self.test_seasons
-        )
-        return self._loader(TileSamples(self.s1, self.s2), sampler, collate_tiles, self.batch_size)
+        run = {"imagery_root": str(self.imagery_root), "seasons": list(self.test_seasons)}
+        return DataLoader([run], batch_size=None)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
@@ -337,8 +339,8 @@ class SyntheticCensusDataModule(CensusDataModule):
         max_region_pixels: int | None = 1_000_000,
         batch_size: int = 2,
         num_workers: int = 0,
-        test_tile_size: int = 500,
-        test_margin: int = 32,
+        test_tile_size: int = 1000,
+        test_margin: int = 64,
         region_context_px: int = 16,
         augment: bool = True,
         shuffle_seed: int | None = None,

@@ -7,9 +7,6 @@ Batch formats (see docs/interfaces.md):
   ``count`` (B,) float32, ``region_id`` (B,) int64, ``window`` (B,4) int64 ``(row_off, col_off,
   height, width)`` of the crop in the full grid (before augmentation), ``season`` list[str].
   Crops of different sizes are placed at the top-left and padded at the bottom/right.
-- tiles (test/predict): ``s1``, ``s2`` of the tile core plus ``margin`` px of context on each side
-  (NaN beyond the grid and on padding at the bottom/right), ``window`` (B,4) int64
-  ``(row_off, col_off, height, width)`` of the core, ``margin`` int, ``season`` list[str].
 - patches (built-up pretraining): ``s1``, ``s2``, ``builtup`` (B,1,H,W) float32 in [0,1],
   ``season``; unlabelled (target) patches have no ``builtup`` key at all.
 """
@@ -44,14 +41,6 @@ class RegionKey(NamedTuple):
     window: Window
 
 
-class TileKey(NamedTuple):
-    """One test tile: ``core`` window of the grid plus ``margin`` px of context, one season."""
-
-    season: str
-    core: Window
-    margin: int
-
-
 class PatchKey(NamedTuple):
     """One built-up pretraining patch (window of the grid) in one season."""
 
@@ -80,27 +69,6 @@ class RegionSamples(Dataset[dict[str, Any]]):
             "region_id": int(rid),
             "season": season,
             "window": tuple(int(v) for v in window),
-        }
-
-
-class TileSamples(Dataset[dict[str, Any]]):
-    """S1/S2 over a tile core plus its margin, for a :class:`TileKey`."""
-
-    def __init__(self, s1: Sentinel1Composite, s2: Sentinel2Composite) -> None:
-        self.s1, self.s2 = s1, s2
-
-    def __len__(self) -> int:  # pragma: no cover - sampled by keys
-        return 0
-
-    def __getitem__(self, key: TileKey) -> dict[str, Any]:
-        season, (r, c, h, w), m = key
-        window = (r - m, c - m, h + 2 * m, w + 2 * m)
-        return {
-            "s1": self.s1.read_window(season, window),
-            "s2": self.s2.read_window(season, window),
-            "window": (r, c, h, w),
-            "margin": m,
-            "season": season,
         }
 
 
@@ -206,21 +174,6 @@ def collate_regions(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "count": torch.tensor([s["count"] for s in samples], dtype=torch.float32),
         "region_id": torch.tensor([s["region_id"] for s in samples], dtype=torch.int64),
         "window": torch.tensor([s["window"] for s in samples], dtype=torch.int64),
-        "season": [s["season"] for s in samples],
-    }
-
-
-def collate_tiles(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tiles (edge tiles padded with NaN at the bottom/right); see module docstring."""
-    margins = {s["margin"] for s in samples}
-    assert len(margins) == 1, "all tiles of a batch share one margin"
-    h = max(s["s2"].shape[-2] for s in samples)
-    w = max(s["s2"].shape[-1] for s in samples)
-    return {
-        "s1": _pad_stack([s["s1"] for s in samples], h, w, float("nan")),
-        "s2": _pad_stack([s["s2"] for s in samples], h, w, float("nan")),
-        "window": torch.tensor([s["window"] for s in samples], dtype=torch.int64),
-        "margin": int(margins.pop()),
         "season": [s["season"] for s in samples],
     }
 

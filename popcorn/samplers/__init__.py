@@ -7,8 +7,6 @@ from popcorn.samplers.windows import (
     RandomPatchSampler,
     RegionKey,
     RegionSampler,
-    TileKey,
-    TileSampler,
     tile_windows,
 )
 
@@ -20,7 +18,5 @@ __all__ = [
     "RandomPatchSampler",
     "RegionKey",
     "RegionSampler",
-    "TileKey",
-    "TileSampler",
     "tile_windows",
 ]

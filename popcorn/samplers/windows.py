@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Sampler
 
 from popcorn.datasets.grid import Window
-from popcorn.datasets.samples import PatchKey, RegionKey, TileKey
+from popcorn.datasets.samples import PatchKey, RegionKey
 from popcorn.datasets.sentinel import check_seasons
 
 log = logging.getLogger(__name__)
@@ -120,25 +120,6 @@ def tile_windows(height: int, width: int, tile: int) -> list[Window]:
         for r in range(0, height, tile)
         for c in range(0, width, tile)
     ]
-
-
-class TileSampler(Sampler[TileKey]):
-    """Every tile core of the grid for every season (season-major, tiles row-major)."""
-
-    def __init__(
-        self, height: int, width: int, tile_size: int, margin: int, seasons: Sequence[str]
-    ) -> None:
-        self.seasons = check_seasons(seasons)
-        self.margin = int(margin)
-        self.cores = tile_windows(height, width, int(tile_size))
-
-    def __len__(self) -> int:
-        return len(self.cores) * len(self.seasons)
-
-    def __iter__(self) -> Iterator[TileKey]:
-        for season in self.seasons:
-            for core in self.cores:
-                yield TileKey(season, core, self.margin)
 
 
 class RandomPatchSampler(Sampler[PatchKey]):

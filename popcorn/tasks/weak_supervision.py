@@ -14,9 +14,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from popcorn.errors import PopcornInputError
-from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
-from popcorn.evaluation.metrics import format_table, regression_metrics
-from popcorn.io import write_geotiff
+from popcorn.evaluation.metrics import regression_metrics
+from popcorn.io import atomic_path
 from popcorn.models import BuiltUpExtractor, Popcorn
 
 log = logging.getLogger(__name__)
@@ -314,128 +313,52 @@ class WeakSupervisionTask(LightningModule):
         return self._fine_truth_cache
 
     # ------------------------------------------------------------------- test
-    def on_test_epoch_start(self) -> None:
-        h, w = self.trainer.datamodule.grid_shape
-        self._test_acc = {
-            name: np.zeros((h, w), dtype=np.float64)
-            for name in ("population", "builtup_score", "occupancy")
-        }
-        self._test_acc["hits"] = np.zeros((h, w), dtype=np.float64)
-
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out = self(*self._inputs(batch))
-        margin = int(batch["margin"])
-        for i, (row, col, height, width) in enumerate(batch["window"].tolist()):
-            core = (slice(row, row + height), slice(col, col + width))
-            for name in ("population", "builtup_score", "occupancy"):
-                tile = out[name][i, 0, margin : margin + height, margin : margin + width]
-                self._test_acc[name][core] += tile.float().cpu().numpy()
-            self._test_acc["hits"][core] += 1
+        """The test stage is one run of the tiled engine over the whole imagery and its evaluation
+        (:func:`popcorn.inference.evaluate.predict_and_evaluate`): the same maps and metrics as
+        ``popcorn predict`` + ``popcorn evaluate`` give for these weights."""
+        from popcorn.inference.evaluate import datamodule_references, predict_and_evaluate
 
-    def on_test_epoch_end(self) -> None:
         dm = self.trainer.datamodule
-        hits = self._test_acc.pop("hits")
-        if (hits == 0).any():
-            raise RuntimeError(f"{int((hits == 0).sum())} pixels were never predicted in the test")
-        maps = {k: (v / hits).astype(np.float32) for k, v in self._test_acc.items()}
-        self._test_acc = {}
-        regions = dm.census_regions
-        ids = regions.id_raster
-        raw = maps["population"]
-        rescaled, scale = dasymetric_rescale(raw, ids, regions.counts)
-        builtup_disagg, _ = dasymetric_rescale(maps["builtup_score"], ids, regions.counts)
-        out_dir = self._output_dir()
-        seasons = ",".join(dm.test_seasons)
-        tags = {"seasons": seasons, "model": "POPCORN", "units": "people per 1 ha cell"}
-        fine = {
-            "POPCORN": block_sum(raw, FINE_FACTOR),
-            "POPCORN rescaled": block_sum(rescaled, FINE_FACTOR),
-            "BuiltUp disaggregation": block_sum(builtup_disagg, FINE_FACTOR),
-        }
-        fine_transform = dm.transform @ dm.transform.scale(FINE_FACTOR, FINE_FACTOR)
-        for name, array in (("population_1ha", fine["POPCORN"]),
-                            ("population_1ha_rescaled", fine["POPCORN rescaled"])):
-            write_geotiff(out_dir / f"{name}.tif", array.astype(np.float32), transform=fine_transform,
-                          crs=dm.crs, nodata=-1.0, band_names=["population"], tags=tags)
-        write_geotiff(out_dir / "builtup_score_10m.tif", maps["builtup_score"], transform=dm.transform,
-                      crs=dm.crs, nodata=-1.0, band_names=["builtup_score"], tags=tags)
-        factors = np.array([v for v in scale.values() if np.isfinite(v)])
-        if factors.size:
-            p10, p50, p90 = np.percentile(factors, [10, 50, 90])
-            rank_zero_info(f"dasymetric scale factors p10/p50/p90: {p10:.2f}/{p50:.2f}/{p90:.2f}")
-        units = getattr(dm, "fine_regions_path", None)
-        if units is not None:
-            self._test_fine_units(
-                {"POPCORN": raw, "POPCORN rescaled": rescaled, "BuiltUp disaggregation": builtup_disagg},
-                out_dir, tags,
-            )
-        truth_path = dm.fine_truth_path
-        if truth_path is None:
-            if units is None:
-                rank_zero_info("no fine truth raster or fine census regions configured: maps "
-                               "written, no fine-level metrics")
-            return
-        truth = self._fine_truth()
-        valid = np.isfinite(truth) & (block_sum((ids > 0).astype(np.float32), FINE_FACTOR) > 0)
-        self.test_results = {
-            name: regression_metrics(array[valid], truth[valid]) for name, array in fine.items()
-        }
-        self._log_test_metrics("test", self.test_results)
-        table = format_table(self.test_results, title=f"Fine level (1 ha), seasons {seasons}")
-        (out_dir / "fine_metrics.md").write_text(table + "\n")
-        rank_zero_info("\n" + table)
-        print("\n" + table + "\n", flush=True)
+        out = self._output_dir()
+        done = predict_and_evaluate(
+            [str(self.export_weights(out / "test_weights.pt"))], dm.imagery_root, out,
+            tile_size=dm.test_tile_size, overlap=2 * dm.test_margin, report=False, **datamodule_references(dm),
+        )
+        self.test_maps = done.prediction.outputs
+        if done.fine is not None:
+            self.test_results = done.fine.metrics
+            self._log_test_metrics("test/units" if dm.fine_truth_path is None else "test", done.fine.metrics)
+        if done.units is not None:
+            self.test_results_units = done.units.metrics
+            self._log_test_metrics("test/units", done.units.metrics)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Path]:
+        """Maps of the whole imagery by the tiled engine (no evaluation); returns their paths."""
+        from popcorn.inference.evaluate import predict_and_evaluate
+
+        dm = self.trainer.datamodule
+        out = self._output_dir()
+        done = predict_and_evaluate(
+            [str(self.export_weights(out / "predict_weights.pt"))], dm.imagery_root, out,
+            seasons=list(dm.test_seasons), census=dm.census_regions_path, counts=dm.census_counts_path,
+            id_column=dm.id_column, count_column=dm.count_column,
+            tile_size=dm.test_tile_size, overlap=2 * dm.test_margin, report=False,
+        )
+        return done.prediction.outputs
+
+    def export_weights(self, path: Path) -> Path:
+        """Write the model's weights and hyper-parameters (what ``load_popcorn`` reads), atomically."""
+        state = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
+        with atomic_path(path) as tmp:
+            torch.save({"state_dict": state, "hyper_parameters": dict(self.hparams)}, tmp)
+        return path
 
     def _log_test_metrics(self, prefix: str, results: dict[str, dict[str, float]]) -> None:
         for name, m in results.items():
             key = name.lower().replace(" ", "_")
             for metric in ("r2", "mae", "rmse"):
-                self.log(f"{prefix}/{key}_{metric}", m[metric])
-
-    def _test_fine_units(
-        self, maps: dict[str, np.ndarray], out_dir: Path, tags: dict[str, str]
-    ) -> None:
-        """Evaluate the 10 m maps against the fine census units of the data module.
-
-        The maps are written as GeoTIFFs (people per 10 m pixel) and evaluated with
-        :func:`popcorn.evaluation.compare.evaluate_against_units` on the imagery grid, i.e. exactly what
-        ``popcorn evaluate --units ... --map ...`` computes for them. Writes
-        ``fine_units_metrics.md/.csv`` and ``fine_units.csv`` (one row per unit); logs
-        ``test/units/<method>_{r2,mae,rmse}``.
-        """
-        import pandas as pd
-
-        from popcorn.evaluation.compare import evaluate_against_units, format_comparison, write_tables
-
-        dm = self.trainer.datamodule
-        files = {
-            "POPCORN": "population_10m.tif",
-            "POPCORN rescaled": "population_10m_rescaled.tif",
-            "BuiltUp disaggregation": "builtup_disaggregation_10m.tif",
-        }
-        paths = {}
-        for name, array in maps.items():
-            paths[name] = str(write_geotiff(
-                out_dir / files[name], array.astype(np.float32), transform=dm.transform, crs=dm.crs,
-                nodata=-1.0, band_names=["population"],
-                tags={**tags, "model": name, "units": "people per 10 m pixel"},
-            ))
-        ev = evaluate_against_units(
-            paths, dm.fine_regions_path, dm.fine_counts_path, dm.fine_id_column,
-            dm.fine_count_column, grid=(dm.crs, dm.transform, tuple(dm.grid_shape)),
-        )
-        self.test_results_units = ev.metrics
-        self._log_test_metrics("test/units", ev.metrics)
-        write_tables(ev, out_dir, stem="fine_units_metrics")
-        per_unit = pd.DataFrame({dm.fine_id_column: ev.ids, dm.fine_count_column: ev.truth})
-        for name, values in ev.predictions.items():
-            per_unit[name] = values
-        per_unit.to_csv(out_dir / "fine_units.csv", index=False)
-        table = format_comparison(
-            ev, title=f"Fine census units ({len(ev.truth):,}), seasons {tags['seasons']}"
-        )
-        rank_zero_info("\n" + table)
-        print("\n" + table + "\n", flush=True)
+                self.log(f"{prefix}/{key}_{metric}", m[metric], batch_size=1)
 
     def _output_dir(self) -> Path:
         if self.hparams.output_dir:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from paths import ROOT, TUNISIA
 from rasterio.transform import from_origin
 
 from popcorn.datamodules.pixel import PixelDataModule
@@ -24,7 +25,6 @@ from popcorn.tasks import PixelRegressionTask
 
 torch.set_num_threads(1)
 
-TUNISIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tunisia"
 CRS = "EPSG:32632"
 T100 = from_origin(500000.0, 4000000.0, 100.0, 100.0)
 H, W = 24, 20
@@ -414,7 +414,7 @@ def test_distillation_student_of_a_popcorn_map(tmp_path: Path):
                    tmp_path / "part", progress=False).outputs["population_1ha"]
 
     run, student = tmp_path / "run", tmp_path / "student.tif"
-    cli = main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "experiments" / "distill_popvae.yaml"),
+    cli = main(["fit", "--config", str(ROOT / "experiments" / "distill_popvae.yaml"),
                 f"--data.init_args.root={tmp_path}", "--data.init_args.size_px=200", "--data.init_args.world_seed=3",
                 "--data.init_args.n_regions=12", f"--data.init_args.reference={bag['population_1ha']}",
                 "--data.init_args.batch_size=32", "--model.latent_dim=16", "--model.lr=3e-3", "--seed_everything=0",
@@ -470,7 +470,7 @@ def test_experiment_configs_parse(name):
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "experiments" / name), "--print_config"])
+        main(["fit", "--config", str(ROOT / "experiments" / name), "--print_config"])
     assert exc.value.code in (0, None), out.getvalue()
     cfg = yaml.safe_load(out.getvalue())
     assert (cfg["model"]["lr"], cfg["model"]["latent_dim"], cfg["model"]["patch_size"]) == (1e-3, 900, 11)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from popcorn.cli.pipeline import predict_evaluate_report
 from popcorn.datasets.synthetic.world import make_synthetic_world
 from popcorn.evaluation.compare import Evaluation
 from popcorn.evaluation.metrics import regression_metrics
 from popcorn.evaluation.report import make_report, scatter_figure
+from popcorn.inference.evaluate import predict_evaluate_report
 from popcorn.tasks import WeakSupervisionTask
 
 

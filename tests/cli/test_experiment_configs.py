@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-from pathlib import Path
 
 import pytest
 import yaml
+from paths import ROOT
 
 from popcorn.fit import main
 
-EXP = Path(__file__).resolve().parents[1] / "experiments"
+EXP = ROOT / "experiments"
 PUBLISHED = ("https://github.com/prs-eth/Popcorn/raw/main/model/DDA_model/checkpoints/networks/"
              "fusionda_newAug8_16_checkpoint30_lossweight0.5.pt")
 SEASONS = ["spring", "summer", "autumn", "winter"]

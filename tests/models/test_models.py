@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from paths import PUBLISHED_CHECKPOINT
 
 import popcorn.models.builtup as builtup_mod
 from popcorn.errors import PopcornInputError
 from popcorn.models import PUBLISHED_SHA256, PUBLISHED_URL, BuiltUpExtractor, DualStreamUNet, Popcorn
 
 # the shared data sit beside the project root (../shared), as in the other test files
-SHARED_CKPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "popcorn_dda_slim_checkpoint30.pt"
+SHARED_CKPT = PUBLISHED_CHECKPOINT
 PUBLISHED_NAME = PUBLISHED_URL.rsplit("/", 1)[-1]
 needs_ckpt = pytest.mark.skipif(
     not SHARED_CKPT.is_file(), reason=f"published checkpoint not available at {SHARED_CKPT}"

@@ -12,6 +12,7 @@ import pytest
 import rasterio
 import rasterio.features
 from conftest import read_counts, read_raster, region_raster
+from paths import PUBLISHED_CHECKPOINT
 
 from popcorn.datasets.synthetic.constants import LAND_COVER_CLASSES, SEASONS
 from popcorn.datasets.synthetic.files import _census_labels
@@ -20,7 +21,7 @@ from popcorn.errors import PopcornInputError
 
 SIZE = 200  # 2 km x 2 km
 N_REGIONS = 15
-CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "data" / "popcorn_dda_slim_checkpoint30.pt"
+CHECKPOINT = PUBLISHED_CHECKPOINT
 CODE = {name: code for code, name in LAND_COVER_CLASSES.items()}
 
 

@@ -12,6 +12,7 @@ import pytest
 import rasterio
 import shapely
 from conftest import CRS_UTM, REGIONS, pixel_box
+from paths import TUNISIA
 from rasterio.transform import from_origin
 
 from popcorn.cli import census as cz_cli
@@ -23,7 +24,6 @@ from popcorn.prep import census_sources as cs
 from popcorn.prep import census_tables as ct
 
 # shared data lives beside the project root (../shared), as in the other test files
-TUNISIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tunisia"
 TUNISIA_TOTAL = 11_726_178
 
 

@@ -13,13 +13,12 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REGIONS, H, W
+from paths import ROOT
 
 from popcorn.datamodules import CensusDataModule
 from popcorn.errors import PopcornInputError
 from popcorn.fit import main
 from popcorn.tasks import WeakSupervisionTask
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _batch() -> dict:

@@ -17,6 +17,7 @@ import rasterio
 import torch
 import yaml
 from conftest import make_tiny_world
+from paths import ROOT
 
 from popcorn.datamodules import BuiltUpDataModule
 from popcorn.datasets.synthetic.domain_shift import DomainShift, apply_domain_shift
@@ -25,7 +26,6 @@ from popcorn.losses import CONSISTENCY_WEIGHT, s1_s2_consistency_loss
 from popcorn.models import BuiltUpExtractor
 from popcorn.tasks import BuiltUpTask
 
-ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT.parent / "shared" / "data" / "popcorn_dda_slim_checkpoint30.pt"
 needs_published = pytest.mark.skipif(
     not PUBLISHED.exists(), reason=f"published built-up weights not found at {PUBLISHED}"

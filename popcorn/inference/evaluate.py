@@ -1,0 +1,119 @@
+"""Predict, compute the baselines, evaluate (and report) in one call: the one path from weights to metrics.
+
+``popcorn predict`` + ``popcorn evaluate``, the Lightning test stage (``popcorn test``) and the
+report at the end of ``popcorn fit`` all come here, so they give the same maps and the same
+numbers for the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from popcorn.datasets.sentinel import SEASONS
+from popcorn.evaluation.compare import Evaluation, format_comparison, run
+from popcorn.inference.maps import PredictResult, PredictSettings, predict, summarise
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MapEvaluation", "datamodule_references", "predict_and_evaluate", "predict_evaluate_report"]
+
+
+@dataclass
+class MapEvaluation:
+    """What :func:`predict_and_evaluate` made: the prediction, the evaluations, the report (if any)."""
+
+    prediction: PredictResult
+    fine: Evaluation | None = None
+    """Against the fine truth raster (1 ha), or else against the fine census units."""
+    units: Evaluation | None = None
+    """Against the fine census units when a truth raster was evaluated too."""
+    report: Path | None = None
+
+
+def datamodule_references(dm: Any) -> dict[str, Any]:
+    """The census, fine truth and fine units of a :class:`~popcorn.datamodules.CensusDataModule`,
+    as keyword arguments of :func:`predict_and_evaluate`."""
+    world = Path(dm.imagery_root)
+    footprints = world / "builtup_fraction.tif"
+    synthetic = (world / "world.json").exists() and footprints.exists()
+    return {
+        "seasons": list(dm.test_seasons), "census": dm.census_regions_path, "counts": dm.census_counts_path,
+        "truth": dm.fine_truth_path, "buildings": str(footprints) if synthetic else None,
+        "id_column": dm.id_column, "count_column": dm.count_column,
+        "units": getattr(dm, "fine_regions_path", None), "unit_counts": getattr(dm, "fine_counts_path", None),
+        "unit_id_column": getattr(dm, "fine_id_column", "region_id"),
+        "unit_count_column": getattr(dm, "fine_count_column", "count"),
+    }
+
+
+def predict_and_evaluate(
+    checkpoints: list[str], imagery_root: str, out_dir: str | os.PathLike[str], *, seasons: list[str] | None = None,
+    census: str | None = None, counts: str | None = None, truth: str | None = None,
+    buildings: str | None = None, id_column: str = "region_id", count_column: str = "count",
+    units: str | None = None, unit_counts: str | None = None, unit_id_column: str = "region_id",
+    unit_count_column: str = "count", tile_size: int = 1000, overlap: int = 128, progress: bool = False,
+    report: bool = True, notes: str = "",
+) -> MapEvaluation:
+    """Predict maps (``out_dir/maps``), compute the baselines, evaluate them and optionally report.
+
+    The fine reference is the ``truth`` raster (1 ha) and/or the fine census ``units`` (+ counts);
+    tables and baseline rasters go to ``out_dir`` (``comparison.*``, ``fine_units_metrics.*``),
+    the report to ``out_dir/index.html``.
+    """
+    out = Path(out_dir)
+    settings = PredictSettings(
+        checkpoints=[str(c) for c in checkpoints], imagery_root=str(imagery_root),
+        seasons=list(seasons or SEASONS), tile_size=tile_size, overlap=overlap,
+        census=census, counts=counts, id_column=id_column, count_column=count_column,
+    )
+    result = predict(settings, out / "maps", progress=progress)
+    print(summarise(result), flush=True)
+    done = MapEvaluation(prediction=result)
+    maps = {"POPCORN": str(result.outputs["population_1ha"])}
+    if "population_1ha_rescaled" in result.outputs:
+        maps["POPCORN rescaled"] = str(result.outputs["population_1ha_rescaled"])
+    builtup = str(result.outputs["builtup_score"])
+    if truth is None and units is None:
+        log.warning("no fine truth raster or fine census units: maps written, no evaluation")
+        return done
+    baselines = {"census": census, "counts": counts, "id_column": id_column, "count_column": count_column,
+                 "builtup": builtup if census else None, "buildings": buildings if census else None,
+                 "uniform": builtup if census else None}
+    unit_args = {"units": units, "unit_counts": unit_counts, "unit_id_column": unit_id_column,
+                 "unit_count_column": unit_count_column}
+    if truth is not None:
+        done.fine = run(maps, out, truth=str(truth), **baselines)
+        print("\n" + format_comparison(done.fine) + "\n", flush=True)
+        if units is not None:
+            done.units = run(maps, out / "fine_units", **unit_args, **baselines)
+            print("\n" + format_comparison(done.units, title="Fine census units") + "\n", flush=True)
+    else:
+        done.fine = run(maps, out, **unit_args, **baselines)
+        print("\n" + format_comparison(done.fine) + "\n", flush=True)
+    if report:
+        from popcorn.evaluation.report import make_report
+
+        panels = {"prediction (people / ha)": maps.get("POPCORN rescaled", maps["POPCORN"]),
+                  "built-up score": builtup, "occupancy": str(result.outputs["occupancy"])}
+        if truth is not None:
+            panels["truth (people / ha)"] = str(truth)
+        text = (f"{result.n_members} members ({len(checkpoints)} checkpoint(s) x {len(settings.seasons)} seasons); "
+                f"prediction {result.seconds:.1f} s for {result.megapixels:.2f} Mpx.")
+        if buildings:
+            text += f" Building-count baseline weights: {buildings}."
+        done.report = make_report(done.fine, out, maps=done.fine.maps,  # type: ignore[attr-defined]
+                                  scale_factors=result.scale_factors, panels=panels, notes=(notes + " " + text).strip())
+        print(f"report: {done.report}", flush=True)
+    return done
+
+
+def predict_evaluate_report(checkpoints: list[str], imagery_root: str, out_dir: str | os.PathLike[str],
+                            **kwargs: Any) -> Path:
+    """:func:`predict_and_evaluate` with a report; returns ``out_dir/index.html`` (or the maps
+    folder when there is nothing to evaluate against)."""
+    done = predict_and_evaluate(checkpoints, imagery_root, out_dir, **kwargs)
+    return done.report if done.report is not None else Path(out_dir) / "maps"
