@@ -241,12 +241,60 @@ def last_checkpoint() -> ModelCheckpoint:
 
 
 def cli_arguments(args: list[str] | None, subcommands: tuple[str, ...]) -> list[str]:
-    """Command-line arguments with ``fit`` as the default subcommand (W&B offline by default)."""
+    """Command-line arguments with ``fit`` as the default subcommand (W&B offline by default) and
+    every ``--config`` expanded into its ``base:`` configs first (:func:`expand_config`)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or (argv[0] not in subcommands and argv[0] not in ("-h", "--help")):
         argv.insert(0, "fit")
-    return argv
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and i + 1 < len(argv):
+            out += [x for path in expand_config(argv[i + 1]) for x in ("--config", path)]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            out += [x for path in expand_config(arg.split("=", 1)[1]) for x in ("--config", path)]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def expand_config(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
+    """A config file -> the files to pass as ``--config``, bases first, in order.
+
+    A config may start with ``base: [other.yaml, ...]`` (paths relative to it): those are read
+    first, recursively, and the config itself last, so its keys override theirs (LightningCLI
+    merges successive ``--config`` files). A config with a ``base`` key is passed as a copy
+    without that key; one without is passed unchanged.
+    """
+    import tempfile
+
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        return [path]  # LightningCLI reports the missing file itself
+    key = str(file.resolve())
+    if key in _seen:
+        raise PopcornInputError(f"config {path}: its base configs include it again ({' -> '.join(_seen)})")
+    content = yaml.safe_load(file.read_text())
+    if not isinstance(content, dict) or "base" not in content:
+        return [path]
+    bases = content.pop("base")
+    bases = [bases] if isinstance(bases, str) else list(bases or [])
+    expanded: list[str] = []
+    for base in bases:
+        base_path = file.parent / str(base)
+        if not base_path.is_file():
+            raise PopcornInputError(f"config {path}: base config {base_path} does not exist")
+        expanded += expand_config(str(base_path), (*_seen, key))
+    copy = Path(tempfile.mkdtemp(prefix="popcorn-config-")) / file.name
+    copy.write_text(yaml.safe_dump(content, sort_keys=False))
+    return [*expanded, str(copy)]
 
 
 def main(args: list[str] | None = None) -> PopcornCLI:

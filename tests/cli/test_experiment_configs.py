@@ -95,3 +95,25 @@ def test_ablations_and_bag():
         cfg = print_config("fit", "--config", str(EXP / "rwa.yaml"), "--config",
                            str(EXP / "bag" / f"seed_{s}.yaml"))
         assert cfg["seed_everything"] == s and cfg["model"]["weight_decay"] == pytest.approx(1e-5)
+
+
+def test_country_configs_share_one_base(tmp_path) -> None:
+    """The published weights URL and the protocol live once, in experiments/base/country.yaml;
+    a country config overrides only its own keys, and a later --config overrides both."""
+    from popcorn.errors import PopcornInputError
+    from popcorn.fit import expand_config
+
+    fit_configs = [*EXP.glob("*.yaml"), *(EXP / "base").glob("*.yaml"), *(EXP / "ablations").glob("*.yaml")]
+    mentions = [p.name for p in fit_configs if PUBLISHED in p.read_text()]
+    assert mentions == ["country.yaml"], mentions
+    files = expand_config(str(EXP / "rwa.yaml"))
+    assert files[0] == str(EXP / "base" / "country.yaml") and "base" not in yaml.safe_load(open(files[1]))
+    cfg = print_config("fit", "--config", str(EXP / "rwa.yaml"), "--config", str(EXP / "ablations" / "s1_only.yaml"))
+    assert cfg["model"]["modalities"] == "s1" and cfg["model"]["weight_decay"] == pytest.approx(1e-5)
+    (tmp_path / "a.yaml").write_text("base: [b.yaml]\nseed_everything: 1\n")
+    (tmp_path / "b.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(PopcornInputError, match="include it again"):
+        expand_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: [missing.yaml]\n")
+    with pytest.raises(PopcornInputError, match="missing.yaml does not exist"):
+        expand_config(str(tmp_path / "c.yaml"))
