@@ -22,7 +22,6 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import rasterio.features
 import scipy.ndimage as ndi
 import shapely
 import torch
@@ -30,7 +29,7 @@ from pyproj import CRS
 from torchgeo.datasets import GeoDataset
 from torchgeo.datasets.utils import GeoSlice
 
-from popcorn.datasets.grid import RasterGrid, Window, clip_window
+from popcorn.datasets.grid import RasterGrid, Window, burn_ids, clip_window
 from popcorn.errors import PopcornInputError
 
 log = logging.getLogger(__name__)
@@ -217,11 +216,7 @@ class CensusRegions(GeoDataset):
         check_on_imagery(frame, grid, regions, "region", "Crop the census to the imagery or add "
                          "imagery covering them.", "their counts include people outside the imagery")
         # Rasterise consecutive labels once, then map to ids (windows via find_objects).
-        labels = rasterio.features.rasterize(
-            zip(frame.geometry, range(1, len(frame) + 1), strict=True),
-            out_shape=grid.shape, transform=grid.transform, fill=0, all_touched=False,
-            dtype="int32",
-        )
+        labels = burn_ids(frame.geometry, range(1, len(frame) + 1), grid.shape, grid.transform)
         slices = ndi.find_objects(labels, max_label=len(frame))
         npix = np.bincount(labels.ravel(), minlength=len(frame) + 1)
         lut = np.concatenate([[0], frame.region_id.to_numpy()]).astype(np.int32)

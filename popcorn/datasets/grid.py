@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 
@@ -117,3 +119,18 @@ def check_aligned(grid: RasterGrid, path: str, crs: CRS, transform: Affine, what
             f"(pixel size {grid.res}, origin ({grid.transform.c}, {grid.transform.f})). "
             "Resample it onto the imagery grid."
         )
+
+
+def burn_ids(geometries: Any, ids: Any, shape: tuple[int, int], transform: Affine) -> np.ndarray:
+    """(h, w) int32 raster of ``ids`` burnt from ``geometries`` (pixel-centre rule, 0 elsewhere).
+
+    The one rasteriser of census regions: training ids, census preparation and the tile-wise
+    dasymetric rescaling all burn polygons this way, so a pixel belongs to the same region in all.
+    """
+    import rasterio.features
+
+    pairs = list(zip(geometries, (int(i) for i in ids), strict=True))
+    if not pairs:
+        return np.zeros(shape, np.int32)
+    return rasterio.features.rasterize(pairs, out_shape=shape, transform=transform, fill=0, all_touched=False,
+                                       dtype="int32")

@@ -81,8 +81,9 @@ class RegionRasterizer:
 
     def ids_window(self, transform, shape: tuple[int, int]) -> np.ndarray:  # noqa: ANN001 - Affine
         """(h, w) int32 region id per pixel of a north-up window, 0 outside every region."""
-        import rasterio.features
         import shapely
+
+        from popcorn.datasets.grid import burn_ids
 
         h, w = shape
         left, top = transform.c, transform.f
@@ -90,10 +91,7 @@ class RegionRasterizer:
         hits = self.tree.query(shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom)))
         if len(hits) == 0:
             return np.zeros((h, w), np.int32)
-        return rasterio.features.rasterize(
-            zip(self.geoms[hits], self.ids[hits].tolist(), strict=True), out_shape=(h, w),
-            transform=transform, fill=0, all_touched=False, dtype="int32",
-        )
+        return burn_ids(self.geoms[hits], self.ids[hits].tolist(), (h, w), transform)
 
 
 def scale_factors_from_sums(

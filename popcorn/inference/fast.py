@@ -35,7 +35,6 @@ U-Net's receptive field, so the numbers equal the whole-tile computation).
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -49,6 +48,7 @@ from popcorn.errors import PopcornInputError
 from popcorn.inference.cpu_build import load_kernels
 from popcorn.inference.cpu_kernels import CPUEngine
 from popcorn.models import Popcorn
+from popcorn.models.builtup import sha256_of
 from popcorn.models.popcorn import head_inputs, occupancy_from_head
 from popcorn.models.unet import PAD, DualStreamUNet, Prepared
 
@@ -56,14 +56,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 1e-5
 """Default sparse-head threshold on the built-up score (see the module docstring)."""
-
-
-def _file_digest(path: Path, n: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
 
 
 def load_popcorn(path: str | os.PathLike[str]) -> tuple[Popcorn, dict[str, Any]]:
@@ -127,7 +119,7 @@ def load_popcorn(path: str | os.PathLike[str]) -> tuple[Popcorn, dict[str, Any]]
     except RuntimeError as err:
         raise PopcornInputError(f"checkpoint {path} does not match the POPCORN architecture: {err}") from err
     model.eval()
-    meta = {"checkpoint": str(path), "sha256": _file_digest(path), "modalities": modalities,
+    meta = {"checkpoint": str(path), "sha256": sha256_of(path)[:12], "modalities": modalities,
             "occupancy_split": model.occupancy_split, "occupancy_activation": model.occupancy_activation,
             "occupancy_context_px": list(model.occupancy_context_px), "head_sees_builtup": model.head_sees_builtup}
     return model, meta

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from popcorn.datasets.grid import RasterGrid
+from popcorn.datasets.grid import RasterGrid, burn_ids
 from popcorn.errors import PopcornInputError
 from popcorn.io import atomic_path
 from popcorn.prep.census_boundaries import (
@@ -118,13 +118,7 @@ class CensusProduct:
 
 def rasterize_ids(regions, grid: Grid) -> np.ndarray:  # noqa: ANN001
     """Region ids on the grid, pixel-centre rule (as CensusRegions)."""
-    import rasterio.features
-
-    return rasterio.features.rasterize(
-        zip(regions.geometry, regions.region_id.astype(int), strict=True),
-        out_shape=(grid.height, grid.width), transform=grid.transform, fill=0,
-        all_touched=False, dtype="int32",
-    )
+    return burn_ids(regions.geometry, regions.region_id, (grid.height, grid.width), grid.transform)
 
 
 def difficulty(areas_ha: Sequence[float]) -> float:
