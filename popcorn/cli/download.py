@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_ = p.add_argument_group("running")
     run_.add_argument("--memory-gb", type=float, default=4.0, help="memory budget; the chunk size follows from it (default 4)")
     run_.add_argument("--chunk-size", type=int, help="chunk side in pixels (overrides --memory-gb)")
-    run_.add_argument("--workers", type=int, default=2, help="reader threads (default 2)")
+    run_.add_argument("--workers", type=int, default=2, help="reader threads (default 2; per dask worker with --dask-scheduler)")
+    run_.add_argument("--dask-scheduler", metavar="ADDRESS", default=None,
+                      help="compute the chunks on a dask.distributed cluster: a scheduler address "
+                      "(tcp://host:8786) or local:N (a LocalCluster of N worker processes); default: local threads")
     run_.add_argument("--retries", type=int, default=5, help="retries on transient errors (default 5)")
     run_.add_argument("--retry-delay", type=float, default=2.0, help="first retry delay in s, doubled each time (default 2)")
     run_.add_argument("--dry-run", action="store_true", help="only print scenes, output size and estimated download volume")
@@ -105,7 +108,7 @@ def config_from_args(ns: argparse.Namespace) -> DownloadConfig:
         s2cloudless_average=ns.s2cloudless_average, s2cloudless_dilation=ns.s2cloudless_dilation,
         max_cloud_cover=ns.max_cloud_cover, crs=ns.crs, resolution=ns.resolution,
         resampling=ns.resampling, memory_gb=ns.memory_gb, chunk_size=ns.chunk_size,
-        workers=ns.workers, retries=ns.retries, retry_delay=ns.retry_delay, dry_run=ns.dry_run,
+        workers=ns.workers, dask_scheduler=ns.dask_scheduler, retries=ns.retries, retry_delay=ns.retry_delay, dry_run=ns.dry_run,
         keep_chunks=ns.keep_chunks, overwrite=ns.overwrite, sign=ns.sign,
         progress=not ns.no_progress,
     )

@@ -15,6 +15,15 @@ from popcorn.prep.stac import _bbox_intersects, _stac_cfg, s2_dn_offset
 
 
 # ---------------------------------------------------------------------------- compositing
+def compute(data: Any, cfg: DownloadConfig) -> Any:
+    """Compute a lazy (dask-backed) xarray object: on local threads (``cfg.workers``), or on the
+    ``dask.distributed`` client that :func:`popcorn.prep.download.dask_client` made the default,
+    with ``cfg.retries`` retries of a task whose worker died."""
+    if cfg.dask_scheduler:
+        return data.compute(retries=cfg.retries)
+    return data.compute(scheduler="threads", num_workers=max(1, cfg.workers))
+
+
 def _dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
     if pixels <= 0:
         return mask
@@ -213,14 +222,14 @@ def _composite_s2cloudless(items: Sequence[Any], l1c_items: Sequence[Any], grid:
     ds = odc_stac.load(items, bands=assets, geobox=grid.geobox(rows, cols),
                        resampling={"*": cfg.resampling, scl_key: "nearest"},
                        chunks={"x": csize, "y": csize}, patch_url=signer, **common)
-    ds = ds.compute(scheduler="threads", num_workers=max(1, cfg.workers))
+    ds = compute(ds, cfg)
     factor = int(round(cfg.s2cloudless_res / grid.res))
     halo = cfg.s2cloudless_average + cfg.s2cloudless_dilation + 1
     box, (r0, c0) = grid.coarse_geobox(rows, cols, factor, halo)
     l1c = odc_stac.load(l1c_items, bands=list(cfg.l1c_assets), geobox=box,
                         resampling="average" if factor > 1 else cfg.resampling,
                         chunks={"x": 2048, "y": 2048}, patch_url=l1c_signer, **common)
-    l1c = l1c.compute(scheduler="threads", num_workers=max(1, cfg.workers))
+    l1c = compute(l1c, cfg)
     groups = sorted(set(keys))  # odc-stac's order of the time steps
     if l1c.sizes["time"] != len(groups) or ds.sizes["time"] != len(groups):
         raise RuntimeError(f"L2A/L1C time steps differ ({ds.sizes['time']} / {l1c.sizes['time']} "
@@ -291,7 +300,7 @@ def composite_chunk(items: Sequence[Any], sensor: str, grid: Grid, rows: slice, 
         resampling=resampling, chunks={"x": csize, "y": csize}, stac_cfg=_stac_cfg(cfg),
         patch_url=signer, fail_on_error=True,
     )
-    ds = ds.compute(scheduler="threads", num_workers=max(1, cfg.workers))
+    ds = compute(ds, cfg)
     if sensor == "s2":
         bands = np.stack([ds[a].values for a in assets[:4]], axis=1)
         scl = ds[cfg.s2_assets[4]].values

@@ -74,6 +74,7 @@ Microsoft Planetary Computer (the default ``--stac-url``) needs signed asset URL
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -81,7 +82,7 @@ import logging
 import math
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -314,7 +315,8 @@ def _log_offsets(what: str, n: int, n_offset: int, by_date: Sequence[str]) -> No
                     "from %s on): %s", what, len(by_date), S2_OFFSET_START, listed)
 
 
-def _chunk_size(cfg: DownloadConfig, plans: Sequence[Plan]) -> int:
+def _chunk_size(cfg: DownloadConfig, plans: Sequence[Plan], budget_bytes: float | None = None) -> int:
+    """Chunk side (px) so that one chunk's stack fits ``budget_bytes`` (default ``cfg.memory_gb``)."""
     if cfg.chunk_size is not None:
         return int(cfg.chunk_size)
     worst = 1
@@ -323,7 +325,7 @@ def _chunk_size(cfg: DownloadConfig, plans: Sequence[Plan]) -> int:
         if p.sensor == "s2" and cfg.cloud_mask == "s2cloudless":
             n_assets += 1  # the L1C bands are read on a coarser lattice, plus the cloud mask
         worst = max(worst, _solar_days(p.items) * n_assets)
-    return chunk_size_for_budget(cfg.memory_gb * 1e9, worst, 1)
+    return chunk_size_for_budget(budget_bytes or cfg.memory_gb * 1e9, worst, 1)
 
 
 def print_plan(grid: Grid, plans: Sequence[Plan], size: int, file: Any = None) -> None:
@@ -355,13 +357,58 @@ _S1_TAG = {"median_db": "median of dB", "mean_db": "mean of dB",
            "mean_linear": "mean of linear power, in dB"}
 
 
+@contextlib.contextmanager
+def dask_client(cfg: DownloadConfig) -> Iterator[Any]:
+    """The ``dask.distributed`` client of ``cfg.dask_scheduler`` (the default client while open),
+    or None for local threads. ``local:N`` starts a LocalCluster of N worker processes here."""
+    if not cfg.dask_scheduler:
+        yield None
+        return
+    distributed = require("dask.distributed", "download")
+    cluster = None
+    if cfg.dask_scheduler.startswith("local:"):
+        n = int(cfg.dask_scheduler.split(":", 1)[1])
+        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=max(1, cfg.workers),
+                                           memory_limit=f"{cfg.memory_gb}GB", dashboard_address=None)
+        address = cluster.scheduler_address
+    else:
+        address = cfg.dask_scheduler
+    try:
+        client = distributed.Client(address, timeout=cfg.dask_connect_timeout_s)
+    except OSError as err:
+        if cluster is not None:
+            cluster.close()
+        raise PopcornInputError(f"--dask-scheduler {cfg.dask_scheduler}: cannot reach the scheduler ({err})") from err
+    try:
+        workers = client.scheduler_info().get("workers", {})
+        log.info("dask cluster %s: %d workers", address, len(workers))
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _worker_budget(client: Any, cfg: DownloadConfig) -> float:
+    """Bytes one chunk may take: ``--memory-gb``, capped by the smallest worker's memory limit."""
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info().get("workers", {}).values()]
+    limits = [m for m in limits if m > 0]
+    return min([cfg.memory_gb * 1e9, *[0.5 * m for m in limits]])
+
+
 def run(cfg: DownloadConfig) -> list[Path]:
     """Plan, then build every missing composite (or only print the plan with ``dry_run``)."""
     grid, plans, _, _ = plan_download(cfg)
-    size = _chunk_size(cfg, plans)
     if cfg.dry_run:
-        print_plan(grid, plans, size)
+        print_plan(grid, plans, _chunk_size(cfg, plans))
         return []
+    with dask_client(cfg) as client:
+        return _build(cfg, grid, plans, client)
+
+
+def _build(cfg: DownloadConfig, grid: Grid, plans: list[Plan], client: Any) -> list[Path]:
+    """Every missing composite, chunk by chunk (chunks computed on ``client`` if given)."""
+    size = _chunk_size(cfg, plans, _worker_budget(client, cfg) if client is not None else None)
     signer = _signer(cfg)
     l1c_signer = _signer(cfg, cfg.l1c_stac_url) if cfg.cloud_mask == "s2cloudless" else None
     try:
@@ -369,7 +416,7 @@ def run(cfg: DownloadConfig) -> list[Path]:
 
         odc_stac.configure_rio(
             cloud_defaults=True, GDAL_HTTP_MAX_RETRY=str(cfg.retries),
-            GDAL_HTTP_RETRY_DELAY=str(max(cfg.retry_delay, 0.1)),
+            GDAL_HTTP_RETRY_DELAY=str(max(cfg.retry_delay, 0.1)), client=client,
         )
     except Exception as err:  # noqa: BLE001 - best effort
         log.debug("configure_rio failed: %s", err)

@@ -298,6 +298,11 @@ class DownloadConfig:
     memory_gb: float = 4.0
     chunk_size: int | None = None
     workers: int = 2
+    dask_scheduler: str | None = None
+    """None: dask's local threads (``workers``); ``local:N``: a LocalCluster of N worker processes
+    started here; otherwise the address of a running ``dask.distributed`` scheduler
+    (``tcp://host:8786``): chunks are read and reduced on its workers."""
+    dask_connect_timeout_s: float = 30.0
     retries: int = 5
     retry_delay: float = 2.0
     dry_run: bool = False
@@ -350,6 +355,10 @@ class DownloadConfig:
             raise PopcornInputError(
                 f"--s1-statistic must be one of {', '.join(S1_STATISTICS)}, got {self.s1_statistic!r}"
             )
+        if self.dask_scheduler is not None and self.dask_scheduler.startswith("local:"):
+            n = self.dask_scheduler.split(":", 1)[1]
+            if not n.isdigit() or int(n) < 1:
+                raise PopcornInputError(f"--dask-scheduler local:N needs N >= 1 workers, got {self.dask_scheduler!r}")
         if self.memory_gb <= 0:
             raise PopcornInputError(f"--memory-gb must be positive, got {self.memory_gb}")
         if self.chunk_size is not None and self.chunk_size < 16:
