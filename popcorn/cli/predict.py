@@ -30,6 +30,7 @@ from pathlib import Path
 
 from popcorn.datasets.sentinel import SEASONS
 from popcorn.errors import PopcornInputError, exit_with_error
+from popcorn.inference.distributed import launched_rank, predict_distributed
 from popcorn.inference.fast import DEFAULT_THRESHOLD
 from popcorn.inference.maps import PredictResult, PredictSettings, predict, summarise
 
@@ -69,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparse head: occupancy is computed only where built-up > threshold, population is 0 "
                         f"elsewhere (error <= threshold x occupancy per pixel; 0 = dense; default {DEFAULT_THRESHOLD:g})")
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; "
+                   "with --devices N on CPU: cores / N per process)")
+    d = p.add_argument_group("many processes (docs/scaling.md)")
+    d.add_argument("--devices", type=int, default=1, help="processes on this machine, each computing a share "
+                   "of the tiles (default 1)")
+    d.add_argument("--num-nodes", type=int, default=1, help="machines (start the job with srun/torchrun)")
+    d.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="what each process uses")
     o.add_argument("--prefix", default="", help="prefix of the output file names")
     o.add_argument("--restart", action="store_true", help="ignore a partial run in --out and start over")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -95,12 +102,17 @@ def main(argv: list[str] | None = None) -> PredictResult:
         id_column=args.id_column,
         count_column=args.count_column,
     )
+    common = dict(resume=not args.restart, threads=args.threads, progress=not args.quiet, prefix=args.prefix)
     try:
-        result = predict(settings, args.out, device=args.device, resume=not args.restart,
-                         threads=args.threads, progress=not args.quiet, prefix=args.prefix)
+        if args.devices > 1 or args.num_nodes > 1 or launched_rank() is not None:
+            result = predict_distributed(settings, args.out, devices=args.devices, num_nodes=args.num_nodes,
+                                         accelerator=args.accelerator, **common)
+        else:
+            result = predict(settings, args.out, device=args.device, **common)
     except PopcornInputError as err:
         exit_with_error(err)
-    print(summarise(result))
+    if result is not None:  # rank 0 (the other ranks of a launched job only computed tiles)
+        print(summarise(result))
     return result
 
 

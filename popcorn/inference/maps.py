@@ -50,6 +50,7 @@ from popcorn.inference.tiles import (
     STATE_VERSION,
     OpenReader,
     Product,
+    Shard,
     assemble,
     block_sum_partial,
     run_tiles,
@@ -308,11 +309,14 @@ def predict(
     prefix: str = "",
     stop_after: int | None = None,
     on_tile: Callable[[Window], None] | None = None,
-) -> PredictResult:
+    shard: Shard | None = None,
+) -> PredictResult | None:
     """Predict POPCORN population maps for ``settings`` into ``out_dir`` (see the module docstring).
 
     ``stop_after`` (tests, benchmarks) stops after computing that many tiles, leaving the
-    partial state as a crash would. ``on_tile`` is called with each computed tile core.
+    partial state as a crash would. ``on_tile`` is called with each computed tile core. With a
+    ``shard`` (:mod:`popcorn.inference.distributed`), this process computes its share of the
+    tiles; rank 0 then assembles the maps and returns the result, the other ranks return None.
     """
     from popcorn.datasets.sentinel import open_imagery
 
@@ -365,8 +369,10 @@ def predict(
         cores, settings.margin, grid.shape, imagery_reader(settings.imagery_root, seasons), runner,
         out / PARTIAL_DIR, _settings_key(settings, members, window),
         {"settings": asdict(settings), "window": list(window)},
-        clip_reads=True, resume=resume, progress=progress, stop_after=stop_after, on_tile=on_tile,
+        clip_reads=True, resume=resume, progress=progress, stop_after=stop_after, on_tile=on_tile, shard=shard,
     )
+    if shard is not None and shard.rank != 0:
+        return None
 
     # --- census sums (pass 1 over the finished tiles)
     scale_csv = percentiles = None

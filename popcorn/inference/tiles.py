@@ -19,7 +19,7 @@ import queue
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,28 @@ class _Interrupted(KeyboardInterrupt):
     """Raised by ``stop_after`` to simulate a crash (a KeyboardInterrupt, like Ctrl-C)."""
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a prediction over ``size`` processes (rank ``rank``).
+
+    ``barrier`` waits for every process (``torch.distributed.barrier`` under a process group);
+    the default is one process, no waiting.
+    """
+
+    rank: int = 0
+    size: int = 1
+    barrier: Callable[[], None] = field(default=lambda: None, compare=False)
+
+    @staticmethod
+    def from_process_group() -> Shard:
+        """The shard of this process in the default ``torch.distributed`` group (or one process)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return Shard()
+        return Shard(dist.get_rank(), dist.get_world_size(), dist.barrier)
+
+
 def _atomic_json(path: Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=str))
@@ -213,19 +235,44 @@ def run_tiles(
     stop_after: int | None = None,
     on_tile: Callable[[Window], None] | None = None,
     prefetch: int = 2,
+    shard: Shard | None = None,
 ) -> TileRun:
     """Run ``runner`` on every tile core not finished yet (see the module docstring).
 
     ``key`` identifies the run (a rerun resumes only with the same key); ``info`` is stored in
     ``state.json`` for humans. ``stop_after`` (tests, benchmarks) stops after computing that many
     tiles, leaving the partial state as a crash would; ``on_tile`` is called with each computed
-    core.
+    core. With a ``shard`` (rank r of n processes), rank 0 prepares the tile store, every rank
+    computes the unfinished tiles ``r, r + n, ...`` into it, and all wait for each other at the
+    end: a finished tile is a tile file (written atomically), whoever wrote it.
     """
     work = Path(work)
     cores = list(cores)
     tiles_dir = work / "tiles"
     state_path = work / "state.json"
-    finished: set[str] = set()
+    shard = shard or Shard()
+    if shard.rank == 0:
+        _prepare_store(work, key, info, len(cores), resume)
+    shard.barrier()
+    finished = _finished_tiles(tiles_dir)
+    state = json.loads(state_path.read_text())
+    todo = [c for c in cores if _tile_name(c) not in finished][shard.rank :: shard.size]
+    computed = _compute_tiles(todo, cores, finished, margin, grid_shape, open_reader, runner, tiles_dir,
+                              state_path if shard.size == 1 else None, state, clip_reads,
+                              progress and shard.rank == 0, desc, stop_after, on_tile, prefetch)
+    shard.barrier()  # (a rank that failed never gets here: the others wait, the launcher stops them)
+    return TileRun(work, cores, computed)
+
+
+def _finished_tiles(tiles_dir: Path) -> set[str]:
+    """Names of the finished tiles: the tile files (a temporary ``.name.tmp-pid.npz`` is not one)."""
+    return {p.name for p in tiles_dir.glob("*.npz") if not p.name.startswith(".")}
+
+
+def _prepare_store(work: Path, key: str, info: dict[str, Any] | None, n_tiles: int, resume: bool) -> None:
+    """Keep the tile store of the same run (``key``), or start an empty one; write ``state.json``."""
+    tiles_dir = work / "tiles"
+    state_path = work / "state.json"
     if work.exists():
         state = None
         if state_path.exists():
@@ -234,17 +281,21 @@ def run_tiles(
             except (OSError, ValueError):
                 state = None
         if resume and state and state.get("key") == key:
-            finished = {name for name in state.get("finished", []) if (tiles_dir / name).exists()}
-            log.info("resuming: %d of %d tiles already finished", len(finished), len(cores))
+            log.info("resuming: %d of %d tiles already finished", len(_finished_tiles(tiles_dir)), n_tiles)
         else:
             if state and state.get("key") != key:
                 log.warning("discarding the partial run in %s (made with other settings)", work)
             shutil.rmtree(work)
     tiles_dir.mkdir(parents=True, exist_ok=True)
-    state = {"key": key, **(info or {}), "tiles": len(cores), "finished": sorted(finished)}
-    _atomic_json(state_path, state)
+    finished = sorted(_finished_tiles(tiles_dir))
+    _atomic_json(state_path, {"key": key, **(info or {}), "tiles": n_tiles, "finished": finished})
 
-    todo = [c for c in cores if _tile_name(c) not in finished]
+
+def _compute_tiles(todo: list[Window], cores: list[Window], finished: set[str], margin: int,
+                   grid_shape: tuple[int, int], open_reader: OpenReader, runner: Runner, tiles_dir: Path,
+                   state_path: Path | None, state: dict[str, Any], clip_reads: bool, progress: bool, desc: str,
+                   stop_after: int | None, on_tile: Callable[[Window], None] | None, prefetch: int) -> int:
+    """Compute ``todo`` with a prefetching reader; returns how many tiles were computed."""
     computed = 0
     if todo:
         reader = TileReader(open_reader, read_windows(todo, margin, *grid_shape, clip=clip_reads), prefetch)
@@ -258,8 +309,9 @@ def run_tiles(
                 name = _tile_name(core)
                 _save_tile(tiles_dir / name, runner(core, read, data))
                 finished.add(name)
-                state["finished"] = sorted(finished)
-                _atomic_json(state_path, state)
+                if state_path is not None:  # one process: the list of finished tiles, for humans
+                    state["finished"] = sorted(finished)
+                    _atomic_json(state_path, state)
                 computed += 1
                 if on_tile is not None:
                     on_tile(core)
@@ -271,7 +323,7 @@ def run_tiles(
             reader.close()
             if bar is not None:
                 bar.close()
-    return TileRun(work, cores, computed)
+    return computed
 
 
 # ----------------------------------------------------------------------------- writing
