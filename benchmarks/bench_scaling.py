@@ -1,0 +1,83 @@
+"""Scaling of prediction over processes on this machine: 1 vs N CPU processes, side by side.
+
+    python benchmarks/bench_scaling.py [--size-px 1200] [--processes 2] [--seasons 2] [--tile-size 300]
+                                       [--checkpoint CKPT] [--repeats 1]
+
+Runs ``popcorn predict`` on the embedded synthetic world (generated and cached in data/synthetic)
+once with one process (1 torch thread) and once with ``--processes`` processes (``--devices``,
+1 torch thread each), checks that the maps are equal bit for bit, and prints the wall times,
+the throughput (Mpx of 10 m input per second, counting every member pass) and the ratio. Weights:
+``--checkpoint``, or a randomly initialised POPCORN (throughput does not depend on the values;
+the sparse head is disabled so that every pixel costs the same).
+
+Training is not measured here: distributed (DDP) training is not implemented yet (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from popcorn.datasets.synthetic.world import make_synthetic_world  # noqa: E402
+from popcorn.inference.distributed import predict_distributed  # noqa: E402
+from popcorn.inference.maps import PredictSettings, predict  # noqa: E402
+from popcorn.tasks import WeakSupervisionTask  # noqa: E402
+
+SEASONS = ("spring", "summer", "autumn", "winter")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size-px", type=int, default=1200)
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--seasons", type=int, default=2, help="seasons predicted (members = checkpoints x seasons)")
+    p.add_argument("--tile-size", type=int, default=300)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--data-root", default=str(ROOT / "data" / "synthetic"))
+    args = p.parse_args()
+
+    world = make_synthetic_world(args.data_root, size_px=args.size_px, seed=0)
+    with tempfile.TemporaryDirectory(prefix="popcorn-scaling-") as tmp:
+        tmp = Path(tmp)
+        ckpt = args.checkpoint
+        if ckpt is None:
+            torch.manual_seed(0)
+            ckpt = str(WeakSupervisionTask(occupancy_bias_init=1.0).export_weights(tmp / "random.pt"))
+        settings = PredictSettings(checkpoints=[ckpt], imagery_root=str(world.imagery_dir),
+                                   seasons=list(SEASONS[: args.seasons]), tile_size=args.tile_size, overlap=128,
+                                   threshold=0.0)
+        print(f"# prediction scaling: world {args.size_px} x {args.size_px} px, {args.seasons} season(s), "
+              f"tiles {args.tile_size} px + 64 px context, {torch.get_num_threads()} cores seen by torch", flush=True)
+        t0 = time.perf_counter()
+        one = predict(settings, tmp / "one", progress=False, threads=1)
+        t_one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        many = predict_distributed(settings, tmp / "many", devices=args.processes, progress=False, threads=1)
+        t_many = time.perf_counter() - t0
+        equal = True
+        for name, path in one.outputs.items():
+            if name == "scale_factors":
+                continue
+            with rasterio.open(path) as a, rasterio.open(many.outputs[name]) as b:
+                equal &= bool(np.array_equal(a.read(), b.read()))
+        mpx = one.megapixels * args.seasons
+        print("| processes | wall time (s) | Mpx x members / s | speed-up |")
+        print("|---:|---:|---:|---:|")
+        print(f"| 1 | {t_one:.1f} | {mpx / t_one:.3f} | 1.00x |")
+        print(f"| {args.processes} | {t_many:.1f} | {mpx / t_many:.3f} | {t_one / t_many:.2f}x |")
+        print(f"maps equal bit for bit: {equal}; tiles {one.tiles_total}, "
+              f"computed by rank 0 with {args.processes} processes: {many.tiles_computed}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
