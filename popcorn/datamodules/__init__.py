@@ -5,15 +5,13 @@ Names are imported lazily, so that naming one data module in a config does not i
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from popcorn import lazy_exports
 
 _SUBMODULE = {
     "BuiltUpDataModule": "builtup",
     "SyntheticBuiltUpDataModule": "builtup",
     "CensusDataModule": "census",
     "SyntheticCensusDataModule": "census",
-    "open_imagery": "census",
     "split_ids": "census",
     "PixelDataModule": "pixel",
     "SyntheticPixelDataModule": "pixel",
@@ -22,13 +20,4 @@ _SUBMODULE = {
 __all__ = sorted(_SUBMODULE)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULE:
-        value = getattr(importlib.import_module(f".{_SUBMODULE[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_SUBMODULE))
+__getattr__, __dir__ = lazy_exports(__name__, _SUBMODULE)

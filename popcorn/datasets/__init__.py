@@ -6,8 +6,7 @@ for importing TorchGeo.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from popcorn import lazy_exports
 
 _SUBMODULE = {
     "CensusRegions": "census",
@@ -33,13 +32,4 @@ _SUBMODULE = {
 __all__ = sorted(_SUBMODULE)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULE:
-        value = getattr(importlib.import_module(f".{_SUBMODULE[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_SUBMODULE))
+__getattr__, __dir__ = lazy_exports(__name__, _SUBMODULE)
