@@ -318,7 +318,8 @@ class SyntheticBuiltUpDataModule(BuiltUpDataModule):
     labels (None seed = no source). Target: the world ``(target_size_px, target_seed,
     target_domain_shift)``, imagery only (None seed = no target); ``evaluate_target=True`` adds
     its ``builtup_fraction.tif`` as evaluation-only labels (validation metrics ``val/target/*``).
-    Worlds live under ``root`` (see :func:`popcorn.datasets.synthetic.world.world_dir`).
+    Worlds live under ``root`` (see :func:`popcorn.datasets.synthetic.world.world_dir`). Every
+    other argument is :class:`BuiltUpDataModule`'s (passed through).
     """
 
     def __init__(
@@ -332,17 +333,7 @@ class SyntheticBuiltUpDataModule(BuiltUpDataModule):
         target_domain_shift: str | None = None,
         evaluate_target: bool = False,
         n_regions: int = 200,
-        seasons: Sequence[str] = SEASONS,
-        patch_size: int = 128,
-        batch_size: int = 8,
-        target_batch_size: int | None = None,
-        batches_per_epoch: int = 100,
-        val_fraction: float = 0.1,
-        max_val_patches: int | None = 64,
-        max_target_val_patches: int | None = 64,
-        num_workers: int = 0,
-        augment: bool = True,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         from popcorn.datasets.synthetic.world import world_dir
 
@@ -363,11 +354,7 @@ class SyntheticBuiltUpDataModule(BuiltUpDataModule):
             target_eval_labels=(
                 None if target is None or not evaluate_target else [str(target / "builtup_fraction.tif")]
             ),
-            seasons=seasons, patch_size=patch_size, batch_size=batch_size,
-            target_batch_size=target_batch_size, batches_per_epoch=batches_per_epoch,
-            val_fraction=val_fraction, max_val_patches=max_val_patches,
-            max_target_val_patches=max_target_val_patches, num_workers=num_workers,
-            augment=augment, seed=seed,
+            **kwargs,
         )
 
     def prepare_data(self) -> None:

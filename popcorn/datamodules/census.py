@@ -318,6 +318,8 @@ class SyntheticCensusDataModule(CensusDataModule):
     ``fine_regions`` (+ ``fine_counts``, ...) add fine census units to the test, as in
     :class:`CensusDataModule`. ``domain_shift``: the world's look (a preset name of
     :mod:`popcorn.datasets.synthetic.domain_shift`, e.g. ``other_continent``; None = the default look).
+    Every other argument is :class:`CensusDataModule`'s (passed through; LightningCLI reads them
+    from there).
     """
 
     def __init__(
@@ -328,23 +330,7 @@ class SyntheticCensusDataModule(CensusDataModule):
         n_regions: int = 200,
         count_noise: float = 0.0,
         domain_shift: str | None = None,
-        fine_regions: str | None = None,
-        fine_counts: str | None = None,
-        fine_id_column: str = "region_id",
-        fine_count_column: str = "count",
-        seasons: Sequence[str] = SEASONS,
-        test_seasons: Sequence[str] = SEASONS,
-        val_fraction: float = 0.0,
-        split_seed: int = 0,
-        max_region_pixels: int | None = 1_000_000,
-        batch_size: int = 2,
-        num_workers: int = 0,
-        test_tile_size: int = 1000,
-        test_margin: int = 64,
-        region_context_px: int = 16,
-        augment: bool = True,
-        shuffle_seed: int | None = None,
-        max_gap_px: int = 64,
+        **kwargs: Any,
     ) -> None:
         from popcorn.datasets.synthetic.world import world_dir
 
@@ -360,13 +346,8 @@ class SyntheticCensusDataModule(CensusDataModule):
             census_regions=str(directory / "census_regions.gpkg"),
             census_counts=str(directory / "census_counts.csv"),
             fine_truth=str(directory / "population_1ha.tif"),
-            fine_regions=fine_regions, fine_counts=fine_counts, fine_id_column=fine_id_column,
-            fine_count_column=fine_count_column,
             builtup_labels=str(directory / "builtup_fraction.tif"),
-            seasons=seasons, test_seasons=test_seasons, val_fraction=val_fraction,
-            split_seed=split_seed, max_region_pixels=max_region_pixels, batch_size=batch_size,
-            num_workers=num_workers, test_tile_size=test_tile_size, test_margin=test_margin,
-            region_context_px=region_context_px, augment=augment, shuffle_seed=shuffle_seed, max_gap_px=max_gap_px,
+            **kwargs,
         )
         self.world_directory = directory
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -187,16 +188,7 @@ class SyntheticPixelDataModule(PixelDataModule):
         n_regions: int = 200,
         reference_noise: float = 0.2,
         reference: str | None = None,
-        reference_nodata_to_zero: bool = True,
-        patch_size: int = 11,
-        batch_size: int = 64,
-        sample_fraction: float = 1.0,
-        max_samples: int | None = None,
-        split: list[float] = [0.7, 0.15, 0.15],  # noqa: B006
-        seed: int = 0,
-        normalization: str | None = None,
-        normalization_out: str | None = None,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
         from popcorn.datasets.synthetic.world import world_dir
 
@@ -205,11 +197,8 @@ class SyntheticPixelDataModule(PixelDataModule):
         super().__init__(
             covariates=[str(cov / n) for n in ("s2_100m.tif", "s1_100m.tif", "builtup_100m.tif", "land_cover_100m.tif")],
             reference=reference or str(cov / "reference_population.tif"),
-            reference_nodata_to_zero=reference_nodata_to_zero, patch_size=patch_size, batch_size=batch_size,
-            sample_fraction=sample_fraction, max_samples=max_samples, split=split, seed=seed,
-            normalization=normalization, normalization_out=normalization_out,
             census_regions=str(wd / "census_regions.gpkg"), census_counts=str(wd / "census_counts.csv"),
-            num_workers=num_workers,
+            **kwargs,
         )
         self.root, self.size_px, self.world_seed, self.n_regions = root, size_px, world_seed, n_regions
         self.reference_noise = reference_noise
