@@ -132,33 +132,7 @@ def read_table(path: str | os.PathLike[str], id_column: str, count_column: str,
     path = Path(path)
     if not path.exists():
         raise PopcornInputError(f"census table {path} does not exist")
-    notes: list[str] = []
-    if path.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
-        try:
-            raw = pd.read_excel(path, sheet_name=sheet if sheet is not None else 0, dtype=object,
-                                header=None)
-        except ImportError as err:
-            raise PopcornInputError(f"reading {path} needs openpyxl, popcorn's 'xlsx' extra: pip install 'popcorn[xlsx]'") from err
-        except Exception as err:
-            raise PopcornInputError(f"cannot read census table {path} ({err})") from err
-        rows = [[_id_text(v) for v in r] for r in raw.itertuples(index=False)]
-        delim = ","
-    else:
-        text = _decode(path.read_bytes(), path)
-        delim, rows = None, []
-        for cand in _DELIMITERS:
-            cand_rows = _split_rows(text, cand)
-            header = next((r for r in cand_rows if any(c.strip() for c in r)), [])
-            cleaned = [repair_mojibake(_cut_junk(c, cand)) for c in header]
-            if id_column in cleaned and count_column in cleaned:
-                delim, rows = cand, cand_rows
-                break
-        if delim is None:
-            first = text.splitlines()[0] if text else ""
-            raise PopcornInputError(
-                f"{path}: no header line with both columns {id_column!r} and {count_column!r} "
-                f"(first line: {first[:120]!r}); set --id-column / --count-column to the names used"
-            )
+    rows, delim = _raw_rows(path, id_column, count_column, sheet)
     # header = first non-empty row holding both columns
     start = None
     for i, r in enumerate(rows):
@@ -173,11 +147,62 @@ def read_table(path: str | os.PathLike[str], id_column: str, count_column: str,
         )
     if name_column is not None and name_column not in header:
         raise PopcornInputError(f"{path}: name column {name_column!r} not found; columns: {header}")
-    ic, cc = header.index(id_column), header.index(count_column)
-    nc = header.index(name_column) if name_column else None
+    columns = (header.index(id_column), header.index(count_column),
+               header.index(name_column) if name_column else None)
+    records, text_rows, repaired = _records(path, rows[start + 1 :], start + 2, delim, columns, count_column)
+    notes: list[str] = []
+    if text_rows:
+        notes.append(f"{path}: ignored {len(text_rows)} row(s) without a count (text/notes) at "
+                     f"line(s) {_fmt(text_rows)}")
+    if not records:
+        raise PopcornInputError(f"{path}: no data row with an id and a count")
+    frame = pd.DataFrame(records)
+    dup = frame.source_id[frame.key.duplicated(keep=False)].tolist()
+    if dup:
+        raise PopcornInputError(
+            f"{path}: duplicate ids in column {id_column!r}: {_fmt(dup)} (ids are compared as text, "
+            "integers without leading zeros); each region must appear once"
+        )
+    if repaired:
+        notes.append(f"{path}: repaired mis-encoded text (UTF-8 read as cp1252) in {repaired} cell(s)")
+    for n in notes:
+        log.info(n)
+    return Table(frame, str(path), notes)
+
+
+def _raw_rows(path: Path, id_column: str, count_column: str, sheet: str | int | None) -> tuple[list[list[str]], str]:
+    """The table's rows as text cells and the delimiter (CSV: the one whose header holds both columns)."""
+    if path.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
+        try:
+            raw = pd.read_excel(path, sheet_name=sheet if sheet is not None else 0, dtype=object,
+                                header=None)
+        except ImportError as err:
+            raise PopcornInputError(f"reading {path} needs openpyxl, popcorn's 'xlsx' extra: pip install 'popcorn[xlsx]'") from err
+        except Exception as err:
+            raise PopcornInputError(f"cannot read census table {path} ({err})") from err
+        return [[_id_text(v) for v in r] for r in raw.itertuples(index=False)], ","
+    text = _decode(path.read_bytes(), path)
+    for cand in _DELIMITERS:
+        cand_rows = _split_rows(text, cand)
+        header = next((r for r in cand_rows if any(c.strip() for c in r)), [])
+        cleaned = [repair_mojibake(_cut_junk(c, cand)) for c in header]
+        if id_column in cleaned and count_column in cleaned:
+            return cand_rows, cand
+    first = text.splitlines()[0] if text else ""
+    raise PopcornInputError(
+        f"{path}: no header line with both columns {id_column!r} and {count_column!r} "
+        f"(first line: {first[:120]!r}); set --id-column / --count-column to the names used"
+    )
+
+
+def _records(path: Path, rows: list[list[str]], first_line: int, delim: str, columns: tuple[int, int, int | None],
+             count_column: str) -> tuple[list[dict[str, Any]], list[int], int]:
+    """Data rows -> records (source_id verbatim, matching key, count, name), the line numbers of
+    text rows (notes, totals) and the number of repaired cells; bad counts raise, all listed."""
+    ic, cc, nc = columns
     records, text_rows, bad = [], [], []
     repaired = 0
-    for lineno, r in enumerate(rows[start + 1 :], start=start + 2):
+    for lineno, r in enumerate(rows, start=first_line):
         cut = [_cut_junk(c, delim) for c in r]
         cells = [repair_mojibake(c) for c in cut]
         repaired += sum(a != b for a, b in zip(cut, cells, strict=True))
@@ -208,23 +233,7 @@ def read_table(path: str | os.PathLike[str], id_column: str, count_column: str,
             f"{path}: column {count_column!r} must hold non-negative numbers; bad values at "
             + "; ".join(bad[:_MAX_LIST]) + (f" ... ({len(bad)} in total)" if len(bad) > _MAX_LIST else "")
         )
-    if text_rows:
-        notes.append(f"{path}: ignored {len(text_rows)} row(s) without a count (text/notes) at "
-                     f"line(s) {_fmt(text_rows)}")
-    if not records:
-        raise PopcornInputError(f"{path}: no data row with an id and a count")
-    frame = pd.DataFrame(records)
-    dup = frame.source_id[frame.key.duplicated(keep=False)].tolist()
-    if dup:
-        raise PopcornInputError(
-            f"{path}: duplicate ids in column {id_column!r}: {_fmt(dup)} (ids are compared as text, "
-            "integers without leading zeros); each region must appear once"
-        )
-    if repaired:
-        notes.append(f"{path}: repaired mis-encoded text (UTF-8 read as cp1252) in {repaired} cell(s)")
-    for n in notes:
-        log.info(n)
-    return Table(frame, str(path), notes)
+    return records, text_rows, repaired
 
 
 def _id_text(value: Any) -> str:
