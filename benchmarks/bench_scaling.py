@@ -1,16 +1,17 @@
 """Scaling of prediction over processes on this machine: 1 vs N CPU processes, side by side.
 
-    python benchmarks/bench_scaling.py [--size-px 1200] [--processes 2] [--seasons 2] [--tile-size 300]
-                                       [--checkpoint CKPT] [--repeats 1]
+    python benchmarks/bench_scaling.py [--size-px 1200] [--processes 2] [--seasons 4] [--members 3]
+                                       [--tile-size 300] [--checkpoint CKPT]
 
-Runs ``popcorn predict`` on the embedded synthetic world (generated and cached in data/synthetic)
+Runs ``popcorn predict`` on a synthetic world (generated and cached in data/scaling)
 once with one process (1 torch thread) and once with ``--processes`` processes (``--devices``,
 1 torch thread each), checks that the maps are equal bit for bit, and prints the wall times,
 the throughput (Mpx of 10 m input per second, counting every member pass) and the ratio. Weights:
 ``--checkpoint``, or a randomly initialised POPCORN (throughput does not depend on the values;
 the sparse head is disabled so that every pixel costs the same).
 
-Training is not measured here: distributed (DDP) training is not implemented yet (see the README).
+Process start-up (spawn, imports, loading the weights: a few seconds per process) is included,
+as a user would see it. Training is not measured here: distributed (DDP) training is not implemented yet (see the README).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size-px", type=int, default=1200)
     p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--seasons", type=int, default=2, help="seasons predicted (members = checkpoints x seasons)")
+    p.add_argument("--seasons", type=int, default=4, help="seasons predicted (members = checkpoints x seasons)")
+    p.add_argument("--members", type=int, default=3, help="checkpoints (copies of one) in the ensemble")
     p.add_argument("--tile-size", type=int, default=300)
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--data-root", default=str(ROOT / "data" / "synthetic"))
+    p.add_argument("--data-root", default=str(ROOT / "data" / "scaling"))
     args = p.parse_args()
 
     world = make_synthetic_world(args.data_root, size_px=args.size_px, seed=0)
@@ -53,10 +55,11 @@ def main() -> None:
         if ckpt is None:
             torch.manual_seed(0)
             ckpt = str(WeakSupervisionTask(occupancy_bias_init=1.0).export_weights(tmp / "random.pt"))
-        settings = PredictSettings(checkpoints=[ckpt], imagery_root=str(world.imagery_dir),
+        settings = PredictSettings(checkpoints=[ckpt] * args.members, imagery_root=str(world.imagery_dir),
                                    seasons=list(SEASONS[: args.seasons]), tile_size=args.tile_size, overlap=128,
                                    threshold=0.0)
-        print(f"# prediction scaling: world {args.size_px} x {args.size_px} px, {args.seasons} season(s), "
+        print(f"# prediction scaling: world {args.size_px} x {args.size_px} px, {args.members} checkpoint(s) x "
+              f"{args.seasons} season(s), "
               f"tiles {args.tile_size} px + 64 px context, {torch.get_num_threads()} cores seen by torch", flush=True)
         t0 = time.perf_counter()
         one = predict(settings, tmp / "one", progress=False, threads=1)
@@ -70,7 +73,7 @@ def main() -> None:
                 continue
             with rasterio.open(path) as a, rasterio.open(many.outputs[name]) as b:
                 equal &= bool(np.array_equal(a.read(), b.read()))
-        mpx = one.megapixels * args.seasons
+        mpx = one.megapixels * args.seasons * args.members
         print("| processes | wall time (s) | Mpx x members / s | speed-up |")
         print("|---:|---:|---:|---:|")
         print(f"| 1 | {t_one:.1f} | {mpx / t_one:.3f} | 1.00x |")
