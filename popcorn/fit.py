@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from popcorn.datamodules import BuiltUpDataModule, CensusDataModule
 from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.tasks import BuiltUpTask, WeakSupervisionTask
+from popcorn.tasks.callbacks import MapReport
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -79,7 +80,8 @@ class BuiltUpPretraining:
 
 
 class PopcornCLI(LightningCLI):
-    """LightningCLI with POPCORN's defaults, built-up pretraining and a test after fitting."""
+    """LightningCLI with POPCORN's defaults, built-up pretraining and a report after fitting
+    (:class:`popcorn.tasks.callbacks.MapReport`)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(BuiltUpPretraining, "builtup_pretraining")
@@ -118,8 +120,12 @@ class PopcornCLI(LightningCLI):
             callbacks = [self._get(self.config_init, key) for key in parser.callback_keys
                          if key != "checkpoint"]
             trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-            return self._instantiate_trainer(trainer_config, callbacks)
-        return super().instantiate_trainer(**kwargs)
+            trainer = self._instantiate_trainer(trainer_config, callbacks)
+        else:
+            trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit" and self._get(self.config, "test_after_fit", default=True):
+            trainer.callbacks.append(MapReport())  # predict, evaluate and report after fit
+        return trainer
 
     def before_fit(self) -> None:
         model = self.model
@@ -129,26 +135,6 @@ class PopcornCLI(LightningCLI):
         settings = BuiltUpPretraining(**dict(self.config[self.subcommand]["builtup_pretraining"]))
         weights = pretrain_builtup(self.datamodule, settings, self.trainer)
         model.load_builtup_weights(str(weights))
-
-    def after_fit(self) -> None:
-        """Predict, evaluate and report the best checkpoint at the fine level.
-
-        The report's table holds the Lightning test stage's three rows (POPCORN, rescaled,
-        BuiltUp disaggregation) plus more baselines, so the test stage is not run twice
-        (``python -m popcorn.fit test --ckpt_path ...`` runs it on its own).
-        """
-        if not self.config[self.subcommand].get("test_after_fit", True):
-            return
-        if self.trainer.interrupted or not self.trainer.is_global_zero:
-            return
-        path = selected_checkpoint(self.trainer)
-        dm = self.datamodule
-        if not path or not hasattr(dm, "imagery_root"):
-            return
-        from popcorn.inference.evaluate import datamodule_references, predict_and_evaluate
-
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        predict_and_evaluate([path], dm.imagery_root, log_dir / "report", **datamodule_references(dm))
 
 
 def _builtup_source(datamodule: CensusDataModule, settings: BuiltUpPretraining) -> tuple[str, str] | None:
@@ -220,16 +206,6 @@ def pretrain_builtup(datamodule: CensusDataModule, settings: BuiltUpPretraining,
     pretrainer.fit(task, datamodule=builtup_data, ckpt_path=str(last) if last.exists() else None)
     task.export_extractor(output)
     return output
-
-
-def selected_checkpoint(trainer: Trainer) -> str:
-    """The checkpoint a finished fit stands for: the best monitored one, else the last epoch's."""
-    callbacks = trainer.checkpoint_callbacks
-    monitored = [cb for cb in callbacks if cb.monitor and cb.best_model_path]
-    if monitored:
-        return monitored[0].best_model_path
-    last = [cb for cb in callbacks if cb.monitor is None and cb.best_model_path]
-    return last[0].best_model_path if last else ""
 
 
 def last_checkpoint() -> ModelCheckpoint:

@@ -51,6 +51,7 @@ from popcorn.inference.tiles import (
     OpenReader,
     Product,
     Shard,
+    TileRun,
     assemble,
     block_sum_partial,
     run_tiles,
@@ -374,40 +375,47 @@ def predict(
     if shard is not None and shard.rank != 0:
         return None
 
-    # --- census sums (pass 1 over the finished tiles)
-    scale_csv = percentiles = None
+    # --- census sums (pass 1 over the finished tiles), then the GeoTIFFs (pass 2)
     products = _popcorn_products(settings, members, seasons, out, prefix)
+    scale_csv = percentiles = None
     if census is not None:
-        sums = np.zeros(census.n, np.float64)
-        pixels = np.zeros(census.n, np.float64)
-        for core in cores:
-            pop = run.load(core, ["population_10m"])["population_10m"]
-            ids = census.ids_window(core)
-            ok = np.isfinite(pop)
-            sums += region_sums(pop[ok], ids[ok], census.n)[: census.n]
-            pixels += np.bincount(ids[ok], minlength=census.n)[: census.n]
-        factors, uniform, scale_csv, percentiles = _scale_factors(census, sums, pixels, out, prefix)
-
-        def rescaled(arrays: dict[str, np.ndarray], core: Window) -> np.ndarray:
-            pop = arrays["population_10m"]
-            ok = np.isfinite(pop)
-            ids = census.ids_window(core)
-            adj = np.where(ok, pop * factors[ids] + uniform[ids], 0.0)
-            s, cnt = block_sum_partial(adj, ok)
-            return np.where(cnt > 0, s, np.nan)
-
-        tags = dict(products[0].tags, units="people per 1 ha cell, ensemble mean rescaled to the census counts "
-                    "(dasymetric)", product="population_1ha_rescaled", census=f"{settings.census};{settings.counts}")
-        products.append(Product("population_1ha_rescaled", out / f"{prefix}population_1ha_rescaled.tif",
-                                "population", tags, FINE, rescaled))
-
-    # --- the GeoTIFFs (pass 2)
+        rescaled, scale_csv, percentiles = _rescaled_product(settings, census, run, cores, products[0].tags, out,
+                                                             prefix)
+        products.append(rescaled)
     outputs = assemble(products, grid, window, run)
     run.cleanup()
     seconds = time.perf_counter() - t_start
     mpx = sum(c[2] * c[3] for c in cores) / 1e6
     return PredictResult(out, outputs, grid, window, len(members) * len(seasons), len(cores), run.computed,
                          seconds, mpx, scale_csv, percentiles)
+
+
+def _rescaled_product(settings: PredictSettings, census: _CensusTiles, run: TileRun, cores: Sequence[Window],
+                      tags: dict[str, str], out: Path, prefix: str) -> tuple[Product, Path, Any]:
+    """Sum the finished tiles per census region, write the scale factors, and return the
+    dasymetrically rescaled 1 ha product (made tile by tile during assembly)."""
+    sums = np.zeros(census.n, np.float64)
+    pixels = np.zeros(census.n, np.float64)
+    for core in cores:
+        pop = run.load(core, ["population_10m"])["population_10m"]
+        ids = census.ids_window(core)
+        ok = np.isfinite(pop)
+        sums += region_sums(pop[ok], ids[ok], census.n)[: census.n]
+        pixels += np.bincount(ids[ok], minlength=census.n)[: census.n]
+    factors, uniform, scale_csv, percentiles = _scale_factors(census, sums, pixels, out, prefix)
+
+    def rescaled(arrays: dict[str, np.ndarray], core: Window) -> np.ndarray:
+        pop = arrays["population_10m"]
+        ok = np.isfinite(pop)
+        ids = census.ids_window(core)
+        adj = np.where(ok, pop * factors[ids] + uniform[ids], 0.0)
+        s, cnt = block_sum_partial(adj, ok)
+        return np.where(cnt > 0, s, np.nan)
+
+    tags = dict(tags, units="people per 1 ha cell, ensemble mean rescaled to the census counts (dasymetric)",
+                product="population_1ha_rescaled", census=f"{settings.census};{settings.counts}")
+    return (Product("population_1ha_rescaled", out / f"{prefix}population_1ha_rescaled.tif", "population", tags,
+                    FINE, rescaled), scale_csv, percentiles)
 
 
 def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seasons: Sequence[str], out: Path,

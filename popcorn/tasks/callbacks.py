@@ -1,0 +1,45 @@
+"""Callbacks of the POPCORN training run: what happens around fitting, kept out of the task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+__all__ = ["MapReport", "selected_checkpoint"]
+
+
+def selected_checkpoint(trainer: Trainer) -> str:
+    """The checkpoint a finished fit stands for: the best monitored one, else the last epoch's."""
+    callbacks = trainer.checkpoint_callbacks
+    monitored = [cb for cb in callbacks if cb.monitor and cb.best_model_path]
+    if monitored:
+        return monitored[0].best_model_path
+    last = [cb for cb in callbacks if cb.monitor is None and cb.best_model_path]
+    return last[0].best_model_path if last else ""
+
+
+class MapReport(Callback):
+    """After fit: predict the selected checkpoint over the data module's imagery, compute the
+    baselines, evaluate at the fine level and write the HTML report (``<log_dir>/report``), by the
+    same path as ``popcorn predict`` + ``popcorn evaluate`` (:mod:`popcorn.inference.evaluate`).
+
+    The report holds the test stage's rows plus more baselines, so the test stage is not run
+    again after fit (``popcorn test --ckpt_path ...`` runs it on its own). Rank 0 only; nothing
+    after an interrupted fit or for a data module without imagery (e.g. popVAE's).
+    """
+
+    def __init__(self, folder: str = "report") -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from popcorn.inference.evaluate import datamodule_references, predict_and_evaluate
+
+        if trainer.interrupted or not trainer.is_global_zero:
+            return
+        path = selected_checkpoint(trainer)
+        dm = trainer.datamodule
+        if not path or not hasattr(dm, "imagery_root"):
+            return
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        predict_and_evaluate([path], dm.imagery_root, log_dir / self.folder, **datamodule_references(dm))
