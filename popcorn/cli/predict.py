@@ -31,8 +31,9 @@ from pathlib import Path
 from popcorn.datasets.sentinel import SEASONS
 from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.inference.distributed import launched_rank, predict_distributed
+from popcorn.inference.evaluate import summarise
 from popcorn.inference.fast import DEFAULT_THRESHOLD
-from popcorn.inference.maps import PredictResult, PredictSettings, predict, summarise
+from popcorn.inference.maps import PredictResult, PredictSettings, predict
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -476,22 +476,6 @@ def _scale_factors(census: _CensusTiles, sums: np.ndarray, pixels: np.ndarray, o
 
 
 
-
-def summarise(result: PredictResult) -> str:
-    """A few lines for the terminal: what was predicted, where the files are, the scale factors."""
-    lines = [
-        f"predicted {result.megapixels:.2f} Mpx ({result.tiles_total} tiles, {result.tiles_computed} computed now, "
-        f"{result.n_members} members) in {result.seconds:.1f} s",
-    ]
-    lines += [f"  {key}: {path}" for key, path in result.outputs.items()]
-    if result.scale_factors is not None:
-        lines.append(f"  scale factors: {result.scale_factors}")
-        if result.scale_percentiles is not None:
-            p10, p50, p90 = result.scale_percentiles
-            lines.append(f"  dasymetric scale factors p10/p50/p90: {p10:.2f} / {p50:.2f} / {p90:.2f}")
-    return "\n".join(lines)
-
-
 __all__ = [
     "PredictResult",
     "PredictSettings",
@@ -500,5 +484,4 @@ __all__ = [
     "predict",
     "predict_tile",
     "resolve_area",
-    "summarise",
 ]
