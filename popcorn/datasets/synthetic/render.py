@@ -69,15 +69,21 @@ def vegetation_spectra(
     return herb, tree
 
 
-def _render_s2(sc: dict[str, Any], season: str, rng: np.random.Generator) -> np.ndarray:
-    """(4, n, n) uint16 reflectance x 1e4, nodata 0 under cloud gaps."""
-    si = SEASONS.index(season)
-    n = sc["lc"].shape[0]
+def surface_fractions(sc: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """Per-pixel cover of a scene: roof, street, road, water, open ground, and the open ground
+    split into paved, tree and herb fractions (what both sensors are rendered from)."""
     roof, street, road, water, open_f = sc["roof"], sc["street"], sc["road"], sc["water"], sc["open"]
     paved = open_f * sc["paved_share"]
     veg = open_f - paved
     tree = veg * sc["tree_share"]
-    herb_f = veg - tree
+    return roof, street, road, water, open_f, paved, tree, veg - tree
+
+
+def _render_s2(sc: dict[str, Any], season: str, rng: np.random.Generator) -> np.ndarray:
+    """(4, n, n) uint16 reflectance x 1e4, nodata 0 under cloud gaps."""
+    si = SEASONS.index(season)
+    n = sc["lc"].shape[0]
+    roof, street, road, water, open_f, paved, tree, herb_f = surface_fractions(sc)
     g, is_crop = herb_greenness(sc, si)
     gd = _DECID_GREENNESS[si]
     # building shadows: cast north (up), longer in winter
@@ -126,11 +132,7 @@ def _render_s1(sc: dict[str, Any], season: str, rng: np.random.Generator) -> np.
     """(2, n, n) float32 backscatter in dB, NaN in a few tiny gaps."""
     si = SEASONS.index(season)
     n = sc["lc"].shape[0]
-    roof, street, road, water, open_f = sc["roof"], sc["street"], sc["road"], sc["water"], sc["open"]
-    paved = open_f * sc["paved_share"]
-    veg = open_f - paved
-    tree = veg * sc["tree_share"]
-    herb_f = veg - tree
+    roof, street, road, water, open_f, paved, tree, herb_f = surface_fractions(sc)
     g_tab = np.array([_GREENNESS[h][si] for h in sorted(_GREENNESS)], dtype=np.float32)
     g = np.clip(g_tab[sc["herb"]] + sc["fphase"], 0.0, 1.0)
     gd = _DECID_GREENNESS[si]
