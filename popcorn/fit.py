@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from popcorn.datamodules import BuiltUpDataModule, CensusDataModule
 from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.tasks import BuiltUpTask, WeakSupervisionTask
-from popcorn.tasks.callbacks import MapReport
+from popcorn.tasks.callbacks import MapReport, RandomState
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -126,6 +126,20 @@ class PopcornCLI(LightningCLI):
         if self.subcommand == "fit" and self._get(self.config, "test_after_fit", default=True):
             trainer.callbacks.append(MapReport())  # predict, evaluate and report after fit
         return trainer
+
+    def before_instantiate_classes(self) -> None:
+        """Resuming (``--ckpt_path .../version_N/checkpoints/last.ckpt``) continues in the same run
+        folder: the CSV logger gets version N instead of a new one."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        ckpt = config.get("ckpt_path") if config is not None else None
+        if not ckpt or Path(ckpt).parent.name != "checkpoints" or not Path(ckpt).parent.parent.name.startswith("version_"):
+            return
+        version = Path(ckpt).parent.parent.name
+        loggers = config.trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, bool) else None
+            if init is not None and "CSVLogger" in str(getattr(logger, "class_path", "")) and init.get("version") is None:
+                init.version = version
 
     def before_fit(self) -> None:
         model = self.model
@@ -282,7 +296,7 @@ def main(args: list[str] | None = None) -> PopcornCLI:
         subclass_mode_data=True,
         args=argv,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="epoch"), last_checkpoint()]},
+        trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="epoch"), last_checkpoint(), RandomState()]},
     )
 
 

@@ -275,6 +275,18 @@ class CensusDataModule(L.LightningDataModule):
         m = self.region_context_px
         return {i: (r - m, c - m, h + 2 * m, w + 2 * m) for i, (r, c, h, w) in regions.windows.items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the region sampler's generator, so a resumed run draws the same
+        region order and seasons as an uninterrupted one."""
+        sampler = getattr(self, "_train_sampler", None)
+        return {} if sampler is None else {"train_sampler_generator": sampler.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("train_sampler_generator")
+        sampler = getattr(self, "_train_sampler", None)
+        if state is not None and sampler is not None:
+            sampler.generator.set_state(state)
+
     def train_dataloader(self) -> DataLoader:
         regions = self._require_setup()
         return self._loader(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-__all__ = ["MapReport", "selected_checkpoint"]
+__all__ = ["MapReport", "RandomState", "selected_checkpoint"]
 
 
 def selected_checkpoint(trainer: Trainer) -> str:
@@ -43,3 +47,22 @@ class MapReport(Callback):
             return
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         predict_and_evaluate([path], dm.imagery_root, log_dir / self.folder, **datamodule_references(dm))
+
+
+class RandomState(Callback):
+    """Saves the global random states (torch, numpy, Python) in every checkpoint and restores them
+    on resume, so that a run resumed from ``last.ckpt`` draws the same augmentations as the run
+    that was interrupted (the region sampler's own generator is the data module's state)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        # plain tensors and numbers only: checkpoints stay readable with torch.load(weights_only=True)
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                          "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        random.setstate(state_dict["python"])
+        n = state_dict["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
