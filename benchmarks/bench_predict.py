@@ -234,11 +234,11 @@ def main() -> None:
             print(f"\npeak RSS of predict: A ({mem['A']['mpx']:.2f} Mpx) {mem['A']['maxrss_mb']:.0f} MB, "
                   f"4A ({mem['4A']['mpx']:.2f} Mpx) {mem['4A']['maxrss_mb']:.0f} MB, ratio {mem['ratio_4A_over_A']:.3f}", flush=True)
         if "demo" not in args.skip:
-            from popcorn.inference.evaluate import predict_evaluate_report
+            from popcorn.inference.evaluate import predict_and_evaluate
 
             w = Path(args.world)
             t0 = time.perf_counter()
-            predict_evaluate_report(ckpts[:1], str(w), tmp / "demo", census=str(w / "census_regions.gpkg"),
+            predict_and_evaluate(ckpts[:1], str(w), tmp / "demo", census=str(w / "census_regions.gpkg"),
                                     counts=str(w / "census_counts.csv"), truth=str(w / "population_1ha.tif"),
                                     buildings=str(w / "builtup_fraction.tif"))
             report["demo_predict_evaluate_report_s"] = time.perf_counter() - t0

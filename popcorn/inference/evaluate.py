@@ -19,7 +19,7 @@ from popcorn.inference.maps import PredictResult, PredictSettings, predict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MapEvaluation", "datamodule_references", "predict_and_evaluate", "predict_evaluate_report", "summarise"]
+__all__ = ["MapEvaluation", "datamodule_references", "predict_and_evaluate", "summarise"]
 
 
 def summarise(result: PredictResult) -> str:
@@ -76,8 +76,8 @@ def predict_and_evaluate(
     """Predict maps (``out_dir/maps``), compute the baselines, evaluate them and optionally report.
 
     The fine reference is the ``truth`` raster (1 ha) and/or the fine census ``units`` (+ counts);
-    tables and baseline rasters go to ``out_dir`` (``comparison.*``, ``fine_units_metrics.*``),
-    the report to ``out_dir/index.html``.
+    tables and baseline rasters go to ``out_dir`` (``comparison.*``; against the units too when a
+    truth raster is given: ``out_dir/fine_units/comparison.*``), the report to ``out_dir/index.html``.
     """
     out = Path(out_dir)
     settings = PredictSettings(
@@ -125,10 +125,3 @@ def predict_and_evaluate(
         print(f"report: {done.report}", flush=True)
     return done
 
-
-def predict_evaluate_report(checkpoints: list[str], imagery_root: str, out_dir: str | os.PathLike[str],
-                            **kwargs: Any) -> Path:
-    """:func:`predict_and_evaluate` with a report; returns ``out_dir/index.html`` (or the maps
-    folder when there is nothing to evaluate against)."""
-    done = predict_and_evaluate(checkpoints, imagery_root, out_dir, **kwargs)
-    return done.report if done.report is not None else Path(out_dir) / "maps"

@@ -317,35 +317,34 @@ class WeakSupervisionTask(LightningModule):
         """The test stage is one run of the tiled engine over the whole imagery and its evaluation
         (:func:`popcorn.inference.evaluate.predict_and_evaluate`): the same maps and metrics as
         ``popcorn predict`` + ``popcorn evaluate`` give for these weights."""
-        from popcorn.inference.evaluate import datamodule_references, predict_and_evaluate
-
-        dm = self.trainer.datamodule
-        out = self._output_dir()
-        done = predict_and_evaluate(
-            [str(self.export_weights(out / "test_weights.pt"))], dm.imagery_root, out,
-            tile_size=dm.test_tile_size, overlap=2 * dm.test_margin, report=False, **datamodule_references(dm),
-        )
+        done = self._run_engine("test", evaluate=True)
         self.test_maps = done.prediction.outputs
         if done.fine is not None:
             self.test_results = done.fine.metrics
-            self._log_test_metrics("test/units" if dm.fine_truth_path is None else "test", done.fine.metrics)
+            self._log_test_metrics("test/units" if self.trainer.datamodule.fine_truth_path is None else "test",
+                                   done.fine.metrics)
         if done.units is not None:
             self.test_results_units = done.units.metrics
             self._log_test_metrics("test/units", done.units.metrics)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Path]:
         """Maps of the whole imagery by the tiled engine (no evaluation); returns their paths."""
-        from popcorn.inference.evaluate import predict_and_evaluate
+        return self._run_engine("predict", evaluate=False).prediction.outputs
+
+    def _run_engine(self, stage: str, evaluate: bool) -> Any:
+        """These weights through the tiled engine over the data module's imagery, with the data
+        module's tiles, seasons and census; ``evaluate`` adds its fine truth and fine units."""
+        from popcorn.inference.evaluate import datamodule_references, predict_and_evaluate
 
         dm = self.trainer.datamodule
         out = self._output_dir()
-        done = predict_and_evaluate(
-            [str(self.export_weights(out / "predict_weights.pt"))], dm.imagery_root, out,
-            seasons=list(dm.test_seasons), census=dm.census_regions_path, counts=dm.census_counts_path,
-            id_column=dm.id_column, count_column=dm.count_column,
-            tile_size=dm.test_tile_size, overlap=2 * dm.test_margin, report=False,
+        references = datamodule_references(dm)
+        if not evaluate:
+            references.update(truth=None, units=None, buildings=None)
+        return predict_and_evaluate(
+            [str(self.export_weights(out / f"{stage}_weights.pt"))], dm.imagery_root, out,
+            tile_size=dm.test_tile_size, overlap=2 * dm.test_margin, report=False, **references,
         )
-        return done.prediction.outputs
 
     def export_weights(self, path: Path) -> Path:
         """Write the model's weights and hyper-parameters (what ``load_popcorn`` reads), atomically."""

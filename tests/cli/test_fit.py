@@ -110,6 +110,20 @@ def test_test_subcommand_is_popcorn_predict_plus_evaluate(trained: tuple[Path, P
             assert logged == pytest.approx(ev.metrics[name][metric], rel=1e-6, abs=1e-6)
 
 
+def test_predict_subcommand_writes_the_engine_maps(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """`popcorn.fit predict` runs the same engine without evaluating: maps, no comparison table."""
+    first, world_root = trained
+    best = next((first / "run" / "popcorn" / "version_0" / "checkpoints").glob("best*.ckpt"))
+    args = _args(tmp_path, world_root, max_epochs=1)
+    args[0] = "predict"
+    args = [a for a in args if not a.startswith("--builtup_pretraining")] + [f"--ckpt_path={best}"]
+    main(args)
+    out = tmp_path / "run" / "popcorn" / "version_0"
+    for name in ("population_1ha.tif", "population_1ha_rescaled.tif", "builtup_score_10m.tif"):
+        assert (out / "maps" / name).exists(), name
+    assert not (out / "comparison.csv").exists()
+
+
 def test_fit_resumes_from_checkpoint(trained: tuple[Path, Path], tmp_path: Path) -> None:
     first, world_root = trained
     last = first / "run" / "popcorn" / "version_0" / "checkpoints" / "last.ckpt"

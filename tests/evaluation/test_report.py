@@ -12,7 +12,7 @@ from popcorn.datasets.synthetic.world import make_synthetic_world
 from popcorn.evaluation.compare import Evaluation
 from popcorn.evaluation.metrics import regression_metrics
 from popcorn.evaluation.report import make_report, scatter_figure
-from popcorn.inference.evaluate import predict_evaluate_report
+from popcorn.inference.evaluate import predict_and_evaluate
 from popcorn.tasks import WeakSupervisionTask
 
 
@@ -43,11 +43,11 @@ def test_predict_evaluate_report_on_a_tiny_world(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     try:
         world, ckpt = _tiny_world_and_checkpoint(tmp_path)
-        index = predict_evaluate_report(
+        index = predict_and_evaluate(
             [str(ckpt)], str(world.imagery_dir), tmp_path / "report", seasons=["summer"],
             census=str(world.census_regions), counts=str(world.census_counts), truth=str(world.population_1ha),
             buildings=str(world.builtup_fraction), tile_size=100,
-        )
+        ).report
     finally:
         torch.set_num_threads(before)
     out = tmp_path / "report"
@@ -85,7 +85,7 @@ def test_report_against_fine_census_units(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     try:
         world, ckpt = _tiny_world_and_checkpoint(tmp_path)
-        predict_evaluate_report(
+        predict_and_evaluate(
             [str(ckpt)], str(world.imagery_dir), tmp_path / "report", seasons=["summer"],
             census=str(world.census_regions), counts=str(world.census_counts),
             units=str(world.census_regions), unit_counts=str(world.census_counts), tile_size=100,
