@@ -279,13 +279,19 @@ class CensusDataModule(L.LightningDataModule):
         """Saved in checkpoints: the region sampler's generator, so a resumed run draws the same
         region order and seasons as an uninterrupted one."""
         sampler = getattr(self, "_train_sampler", None)
-        return {} if sampler is None else {"train_sampler_generator": sampler.generator.get_state()}
+        if sampler is None:
+            return {}
+        state: dict[str, Any] = {"train_sampler_generator": sampler.generator.get_state()}
+        if sampler.draw_probabilities is not None:
+            state["train_sampler_draw_probabilities"] = sampler.draw_probabilities
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = state_dict.get("train_sampler_generator")
         sampler = getattr(self, "_train_sampler", None)
         if state is not None and sampler is not None:
             sampler.generator.set_state(state)
+            sampler.draw_probabilities = state_dict.get("train_sampler_draw_probabilities")
 
     def train_dataloader(self) -> DataLoader:
         regions = self._require_setup()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -50,6 +51,10 @@ class RegionSampler(Sampler[RegionKey]):
     batches, and the batches are shuffled: regions of a batch have similar sizes, so less of the
     padded batch is wasted (about 20 % fewer pixels per epoch on the demo world), while every
     region still comes once per epoch in a random context.
+
+    :meth:`set_region_weights` (beyond the paper, used by
+    :class:`popcorn.tasks.callbacks.HardRegionSampling`) switches training to drawing the epoch's
+    ``len(self)`` regions with replacement, a share of them in proportion to given weights.
     """
 
     def __init__(
@@ -80,17 +85,38 @@ class RegionSampler(Sampler[RegionKey]):
         skipped = set(self.skipped_ids)
         self.ids = sorted(i for i in ids if i not in skipped)
         self.generator = torch.Generator().manual_seed(int(seed))
+        self.draw_probabilities: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def set_region_weights(self, weights: dict[int, float], share: float) -> None:
+        """From the next epoch on, draw each sample with probability ``(1 - share) / n + share *
+        w_i / sum(w)`` (with replacement); regions missing from ``weights`` get the mean weight.
+        ``share = 0`` restores one pass over every region per epoch."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {share}")
+        if share == 0.0 or not self.ids:
+            self.draw_probabilities = None
+            return
+        known = [max(float(w), 0.0) for i, w in weights.items() if i in set(self.ids)]
+        fill = float(np.mean(known)) if known else 1.0
+        w = torch.tensor([max(float(weights.get(i, fill)), 0.0) for i in self.ids], dtype=torch.float64)
+        uniform = torch.full_like(w, 1.0 / len(w))
+        self.draw_probabilities = (1.0 - share) * uniform + share * (w / w.sum() if w.sum() > 0 else uniform)
+
     def __iter__(self) -> Iterator[RegionKey]:
         n = len(self.ids)
         if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).tolist()
+            if self.draw_probabilities is not None:
+                order = torch.multinomial(self.draw_probabilities, n, replacement=True, generator=self.generator).tolist()
+            else:
+                order = torch.randperm(n, generator=self.generator).tolist()
             seasons = torch.randint(len(self.seasons), (n,), generator=self.generator).tolist()
             if self.batch_size > 1 and self.bucket_batches > 1:
                 order = self._size_bucketed(order)
+            if self.draw_probabilities is not None and self.batch_size > 1:
+                order = separate_repeats(order, self.batch_size)
         else:
             order = list(range(n))
             seasons = [i % len(self.seasons) for i in range(n)]
@@ -100,7 +126,7 @@ class RegionSampler(Sampler[RegionKey]):
 
     def _size_bucketed(self, order: list[int]) -> list[int]:
         """Regroup a shuffled order into batches of similar-size regions, in random batch order."""
-        area = {k: self.windows[self.ids[k]][2] * self.windows[self.ids[k]][3] for k in order}
+        area = {k: self.windows[self.ids[k]][2] * self.windows[self.ids[k]][3] for k in set(order)}
         bucket = self.batch_size * self.bucket_batches
         batches: list[list[int]] = []
         for start in range(0, len(order), bucket):
@@ -110,6 +136,27 @@ class RegionSampler(Sampler[RegionKey]):
         partial = [k for b in batches if len(b) < self.batch_size for k in b]  # last, so the
         perm = torch.randperm(len(full), generator=self.generator).tolist()  # loader's batches
         return [k for b in perm for k in full[b]] + partial  # stay aligned with these
+
+
+def separate_repeats(order: list[int], batch_size: int) -> list[int]:
+    """Swap entries so that no batch of ``batch_size`` consecutive entries holds one value twice
+    (a batch sums each region's pixels once), as far as the values allow."""
+    order = list(order)
+    batches = [range(i, min(i + batch_size, len(order))) for i in range(0, len(order), batch_size)]
+    for b, positions in enumerate(batches):
+        seen: set[int] = set()
+        for pos in positions:
+            if order[pos] not in seen:
+                seen.add(order[pos])
+                continue
+            for other in batches[b + 1 :] + batches[:b]:
+                values = [order[q] for q in other]
+                swap = next((q for q in other if order[q] not in seen and values.count(order[pos]) == 0), None)
+                if swap is not None:
+                    order[pos], order[swap] = order[swap], order[pos]
+                    break
+            seen.add(order[pos])
+    return order
 
 
 def tile_windows(height: int, width: int, tile: int) -> list[Window]:

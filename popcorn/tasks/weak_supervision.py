@@ -243,14 +243,16 @@ class WeakSupervisionTask(LightningModule):
         if self._epoch_region_pixels and seconds > 0:
             self.log("train/region_pixels_per_s", self._epoch_region_pixels / seconds)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, data_loss, occupancy, _, _, _ = self._region_step(batch)
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        """The loss, plus each region's log error for callbacks (``HardRegionSampling``)."""
+        loss, data_loss, occupancy, sums, counts, _ = self._region_step(batch)
         self._epoch_region_pixels += int(batch["region_mask"].sum())
         n = len(batch["count"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/log_l1", data_loss, on_epoch=True, batch_size=n)
         self.log("train/mean_occupancy", occupancy, on_epoch=True, batch_size=n)
-        return loss
+        errors = (torch.log1p(counts) - torch.log1p(sums.detach().clamp(min=0))).abs()
+        return {"loss": loss, "region_id": torch.unique(batch["region_id"]), "region_log_error": errors}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, data_loss, _, sums, counts, population = self._region_step(batch)
