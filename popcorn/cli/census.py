@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.io import atomic_path
@@ -44,6 +45,91 @@ def _grid(ns: argparse.Namespace) -> Grid | None:
     return None
 
 
+def _add_prepare(sub: Any, fmt: type, common: argparse.ArgumentParser) -> None:
+    """``popcorn census prepare``: boundary file + count table."""
+    s = sub.add_parser("prepare", formatter_class=fmt, parents=[common], help="boundaries + table -> census files",
+                       description="Join a boundary file (any vector format and CRS) and a count "
+                       "table (CSV/XLSX, as published) by id; repair invalid polygons; check "
+                       "overlaps; write the census files.")
+    s.add_argument("--boundaries", required=True, help="vector file of the regions")
+    s.add_argument("--layer", help="layer of the vector file (GeoPackage with several layers)")
+    s.add_argument("--table", help="CSV/XLSX with id and count columns (default: the count column of --boundaries)")
+    s.add_argument("--sheet", help="XLSX sheet name (default: the first)")
+    s.add_argument("--id-column", required=True, help="id column of the boundaries (and of the table)")
+    s.add_argument("--table-id-column", help="id column of the table if named differently")
+    s.add_argument("--count-column", default="count", help="count column (default %(default)s)")
+    s.add_argument("--name-column", help="region name column of the table (optional)")
+    s.add_argument("--drop-unmatched", action="store_true", help="drop ids that do not join (reported) instead of failing")
+    s.add_argument("--resolve-overlaps", action="store_true", help="give overlapping areas to the lower id instead of failing")
+    s.add_argument("--overlap-tolerance", type=float, default=0.001, help="overlaps below this share of the smaller region are resolved silently (default 0.001)")
+    s.add_argument("--drop-outside", action="store_true", help="drop regions outside the grid (reported) instead of failing, e.g. to cut a city out of a country")
+    s.add_argument("--out", required=True, help="output folder")
+    _add_grid_args(s)
+
+
+def _add_masks(sub: Any, fmt: type, common: argparse.ArgumentParser) -> None:
+    """``popcorn census masks``: one mask raster per region + count table."""
+    m = sub.add_parser("masks", formatter_class=fmt, parents=[common], help="one mask raster per region -> census files",
+                       description="Combine one mask raster per region (non-zero = inside; the "
+                       "region id is the last number in the file name) with a count table.")
+    m.add_argument("--masks", required=True, help="folder of mask .tif files, or a glob such as 'dir/Tunisia_Region_*.tif'")
+    m.add_argument("--id-regex", default=r"(\d+)(?=\D*$)", help="regex whose group 1 is the id in a file name (default: last number)")
+    m.add_argument("--table", required=True, help="CSV/XLSX with id and count columns")
+    m.add_argument("--sheet", help="XLSX sheet name")
+    m.add_argument("--id-column", required=True, help="id column of the table (e.g. code_gov)")
+    m.add_argument("--count-column", required=True, help="count column of the table (e.g. population)")
+    m.add_argument("--name-column", help="name column (e.g. gov)")
+    m.add_argument("--workers", type=int, default=2, help="threads reading masks (default 2)")
+    m.add_argument("--out", required=True, help="output folder")
+    _add_grid_args(m)
+
+
+def _add_match(sub: Any, fmt: type, common: argparse.ArgumentParser) -> None:
+    """``popcorn census match``: counts moved to accurate boundaries by IoU (Rwanda)."""
+    t = sub.add_parser("match", formatter_class=fmt, parents=[common], help="transfer counts to accurate boundaries by IoU",
+                       description="Rwanda procedure: census counts come with inaccurate "
+                       "geometry; transfer each count to the accurate boundary it overlaps with "
+                       "IoU >= --min-iou (one-to-one, best pairs first); everything else is "
+                       "dropped and reported.")
+    t.add_argument("--census", required=True, help="vector file of the census regions (geometry of the table)")
+    t.add_argument("--table", help="CSV/XLSX of counts (default: count column of --census)")
+    t.add_argument("--id-column", required=True, help="id column of --census (and the table)")
+    t.add_argument("--table-id-column", help="id column of the table if named differently")
+    t.add_argument("--count-column", default="count")
+    t.add_argument("--name-column")
+    t.add_argument("--accurate", required=True, help="vector file of the accurate boundaries")
+    t.add_argument("--accurate-id-column", required=True)
+    t.add_argument("--min-iou", type=float, default=0.7, help="IoU threshold (default 0.7)")
+    t.add_argument("--out", required=True)
+    _add_grid_args(t)
+
+
+def _add_coarsen(sub: Any, fmt: type, common: argparse.ArgumentParser) -> None:
+    """``popcorn census coarsen``: merge adjacent regions down to N (scalability study)."""
+    c = sub.add_parser("coarsen", formatter_class=fmt, parents=[common], help="merge adjacent regions down to N",
+                       description="Scalability study: repeatedly merge the adjacent pair with the "
+                       "smallest combined count (--by area: area) until N regions remain; counts "
+                       "are summed. Writes <out>/coarse_<N>/ for every N.")
+    c.add_argument("--regions", required=True, help="census_regions.gpkg from prepare/masks")
+    c.add_argument("--counts", help="census_counts.csv (default: count column of --regions)")
+    c.add_argument("--n", type=int, nargs="+", default=[512, 256, 128, 64, 32, 16], help="target numbers of regions (default 512 256 128 64 32 16)")
+    c.add_argument("--by", choices=("count", "area"), default="count", help="size of a pair (default count)")
+    c.add_argument("--tolerance", type=float, default=1.0, help="regions closer than this (m) are adjacent (default 1)")
+    c.add_argument("--out", required=True)
+    _add_grid_args(c)
+
+
+def _add_difficulty(sub: Any, fmt: type, common: argparse.ArgumentParser) -> None:
+    """``popcorn census difficulty``: D = S/N and the weight decay it implies."""
+    d = sub.add_parser("difficulty", formatter_class=fmt, parents=[common], help="print D = S/N and the weight decay",
+                       description="Dataset difficulty D = S/N (S = mean region area in 1 ha "
+                       "cells, N = regions) and the weight decay it implies.")
+    d.add_argument("--regions", required=True)
+    d.add_argument("--counts")
+    d.add_argument("--val-fraction", type=float, default=0.1, help="share of regions held out for validation (default 0.1, as CensusDataModule)")
+    _add_grid_args(d)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -64,78 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("prepare", formatter_class=fmt, parents=[common], help="boundaries + table -> census files",
-                       description="Join a boundary file (any vector format and CRS) and a count "
-                       "table (CSV/XLSX, as published) by id; repair invalid polygons; check "
-                       "overlaps; write the census files.")
-    s.add_argument("--boundaries", required=True, help="vector file of the regions")
-    s.add_argument("--layer", help="layer of the vector file (GeoPackage with several layers)")
-    s.add_argument("--table", help="CSV/XLSX with id and count columns (default: the count column of --boundaries)")
-    s.add_argument("--sheet", help="XLSX sheet name (default: the first)")
-    s.add_argument("--id-column", required=True, help="id column of the boundaries (and of the table)")
-    s.add_argument("--table-id-column", help="id column of the table if named differently")
-    s.add_argument("--count-column", default="count", help="count column (default %(default)s)")
-    s.add_argument("--name-column", help="region name column of the table (optional)")
-    s.add_argument("--drop-unmatched", action="store_true", help="drop ids that do not join (reported) instead of failing")
-    s.add_argument("--resolve-overlaps", action="store_true", help="give overlapping areas to the lower id instead of failing")
-    s.add_argument("--overlap-tolerance", type=float, default=0.001, help="overlaps below this share of the smaller region are resolved silently (default 0.001)")
-    s.add_argument("--drop-outside", action="store_true", help="drop regions outside the grid (reported) instead of failing, e.g. to cut a city out of a country")
-    s.add_argument("--out", required=True, help="output folder")
-    _add_grid_args(s)
-
-    m = sub.add_parser("masks", formatter_class=fmt, parents=[common], help="one mask raster per region -> census files",
-                       description="Combine one mask raster per region (non-zero = inside; the "
-                       "region id is the last number in the file name) with a count table.")
-    m.add_argument("--masks", required=True, help="folder of mask .tif files, or a glob such as 'dir/Tunisia_Region_*.tif'")
-    m.add_argument("--id-regex", default=r"(\d+)(?=\D*$)", help="regex whose group 1 is the id in a file name (default: last number)")
-    m.add_argument("--table", required=True, help="CSV/XLSX with id and count columns")
-    m.add_argument("--sheet", help="XLSX sheet name")
-    m.add_argument("--id-column", required=True, help="id column of the table (e.g. code_gov)")
-    m.add_argument("--count-column", required=True, help="count column of the table (e.g. population)")
-    m.add_argument("--name-column", help="name column (e.g. gov)")
-    m.add_argument("--workers", type=int, default=2, help="threads reading masks (default 2)")
-    m.add_argument("--out", required=True, help="output folder")
-    _add_grid_args(m)
-
-    t = sub.add_parser("match", formatter_class=fmt, parents=[common], help="transfer counts to accurate boundaries by IoU",
-                       description="Rwanda procedure: census counts come with inaccurate "
-                       "geometry; transfer each count to the accurate boundary it overlaps with "
-                       "IoU >= --min-iou (one-to-one, best pairs first); everything else is "
-                       "dropped and reported.")
-    t.add_argument("--census", required=True, help="vector file of the census regions (geometry of the table)")
-    t.add_argument("--table", help="CSV/XLSX of counts (default: count column of --census)")
-    t.add_argument("--id-column", required=True, help="id column of --census (and the table)")
-    t.add_argument("--table-id-column", help="id column of the table if named differently")
-    t.add_argument("--count-column", default="count")
-    t.add_argument("--name-column")
-    t.add_argument("--accurate", required=True, help="vector file of the accurate boundaries")
-    t.add_argument("--accurate-id-column", required=True)
-    t.add_argument("--min-iou", type=float, default=0.7, help="IoU threshold (default 0.7)")
-    t.add_argument("--out", required=True)
-    _add_grid_args(t)
-
-    c = sub.add_parser("coarsen", formatter_class=fmt, parents=[common], help="merge adjacent regions down to N",
-                       description="Scalability study: repeatedly merge the adjacent pair with the "
-                       "smallest combined count (--by area: area) until N regions remain; counts "
-                       "are summed. Writes <out>/coarse_<N>/ for every N.")
-    c.add_argument("--regions", required=True, help="census_regions.gpkg from prepare/masks")
-    c.add_argument("--counts", help="census_counts.csv (default: count column of --regions)")
-    c.add_argument("--n", type=int, nargs="+", default=[512, 256, 128, 64, 32, 16], help="target numbers of regions (default 512 256 128 64 32 16)")
-    c.add_argument("--by", choices=("count", "area"), default="count", help="size of a pair (default count)")
-    c.add_argument("--tolerance", type=float, default=1.0, help="regions closer than this (m) are adjacent (default 1)")
-    c.add_argument("--out", required=True)
-    _add_grid_args(c)
-
-    d = sub.add_parser("difficulty", formatter_class=fmt, parents=[common], help="print D = S/N and the weight decay",
-                       description="Dataset difficulty D = S/N (S = mean region area in 1 ha "
-                       "cells, N = regions) and the weight decay it implies.")
-    d.add_argument("--regions", required=True)
-    d.add_argument("--counts")
-    d.add_argument("--val-fraction", type=float, default=0.1, help="share of regions held out for validation (default 0.1, as CensusDataModule)")
-    _add_grid_args(d)
+    for add in (_add_prepare, _add_masks, _add_match, _add_coarsen, _add_difficulty):
+        add(sub, fmt, common)
     return p
-
 
 def run(argv: Sequence[str] | None = None) -> CensusProduct | dict:
     ns = build_parser().parse_args(argv)

@@ -299,6 +299,54 @@ def _settings_key(settings: PredictSettings, members: Sequence[Member], window: 
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _check_settings(settings: PredictSettings) -> None:
+    """Refuse tile sizes, overlaps and census options the engine cannot honour."""
+    if settings.tile_size <= 0 or settings.tile_size % ALIGN:
+        raise PopcornInputError(
+            f"tile size must be a positive multiple of {ALIGN} px (1 ha cells and the U-Net's "
+            f"pooling must line up), got {settings.tile_size}"
+        )
+    if settings.overlap < 0:
+        raise PopcornInputError(f"overlap must be >= 0 px, got {settings.overlap}")
+    if (settings.census is None) != (settings.counts is None) and settings.counts is not None:
+        raise PopcornInputError("--counts needs --census (the regions vector file)")
+
+
+def _cores_in_area(grid: RasterGrid, window: Window, geom: Any, tile_size: int) -> list[Window]:
+    """Tile cores of ``window``; with an area polygon only those that touch it."""
+    cores = tile_cores(window, tile_size)
+    if geom is None:
+        return cores
+    shapely.prepare(geom)
+
+    def inside(core: Window) -> bool:
+        t = window_transform(grid, core)
+        box = shapely.box(t.c, t.f - core[2] * grid.res, t.c + core[3] * grid.res, t.f)
+        return bool(geom.intersects(box))
+
+    return [c for c in cores if inside(c)]
+
+
+def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: RasterGrid, geom: Any,
+                 dev: torch.device, keep_10m: bool) -> Callable[..., dict[str, np.ndarray]]:
+    """The engine's per-tile function: the members' maps of one tile, masked to the area polygon;
+    10 m layers are dropped unless written (or needed for the census rescaling, ``keep_10m``)."""
+
+    def runner(core: Window, read: Window, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
+        mask = None
+        if geom is not None:
+            mask = rasterio.features.geometry_mask([geom], out_shape=core[2:], transform=window_transform(grid, core),
+                                                   invert=True)
+        arrays = predict_tile(members, data, core, read, dev, mask)
+        if not settings.write_10m:
+            arrays.pop("population_10m_std")
+            if not keep_10m:
+                arrays.pop("population_10m")
+        return arrays
+
+    return runner
+
+
 def predict(
     settings: PredictSettings,
     out_dir: str | os.PathLike[str],
@@ -324,15 +372,7 @@ def predict(
     t_start = time.perf_counter()
     out = Path(out_dir)
     seasons = list(check_seasons(settings.seasons))
-    if settings.tile_size <= 0 or settings.tile_size % ALIGN:
-        raise PopcornInputError(
-            f"tile size must be a positive multiple of {ALIGN} px (1 ha cells and the U-Net's "
-            f"pooling must line up), got {settings.tile_size}"
-        )
-    if settings.overlap < 0:
-        raise PopcornInputError(f"overlap must be >= 0 px, got {settings.overlap}")
-    if (settings.census is None) != (settings.counts is None) and settings.counts is not None:
-        raise PopcornInputError("--counts needs --census (the regions vector file)")
+    _check_settings(settings)
     if threads:
         torch.set_num_threads(int(threads))
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -343,29 +383,8 @@ def predict(
         _CensusTiles(settings.census, settings.counts, grid, settings.id_column, settings.count_column)
         if settings.census else None
     )
-    cores = tile_cores(window, settings.tile_size)
-    if geom is not None:
-        shapely.prepare(geom)
-
-        def inside(core: Window) -> bool:
-            t = window_transform(grid, core)
-            box = shapely.box(t.c, t.f - core[2] * grid.res, t.c + core[3] * grid.res, t.f)
-            return bool(geom.intersects(box))
-
-        cores = [c for c in cores if inside(c)]
-
-    def runner(core: Window, read: Window, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
-        mask = None
-        if geom is not None:
-            mask = rasterio.features.geometry_mask([geom], out_shape=core[2:], transform=window_transform(grid, core),
-                                                   invert=True)
-        arrays = predict_tile(members, data, core, read, dev, mask)
-        if not settings.write_10m:
-            arrays.pop("population_10m_std")
-            if census is None:
-                arrays.pop("population_10m")
-        return arrays
-
+    cores = _cores_in_area(grid, window, geom, settings.tile_size)
+    runner = _tile_runner(settings, members, grid, geom, dev, keep_10m=census is not None)
     run = run_tiles(
         cores, settings.margin, grid.shape, imagery_reader(settings.imagery_root, seasons), runner,
         out / PARTIAL_DIR, _settings_key(settings, members, window),

@@ -323,6 +323,105 @@ def prepare(boundaries: str, table: str | None, id_column: str, count_column: st
 
 
 # ============================================================================ coarsen
+class _PairMerger:
+    """Greedy merging of adjacent regions, smallest combined weight first (a heap of candidate
+    pairs; entries made stale by a merge are skipped by their version numbers)."""
+
+    def __init__(self, geoms: np.ndarray, weight: np.ndarray, neigh: list[set[int]]) -> None:
+        n = len(geoms)
+        self.geoms, self.w, self.neigh = geoms, weight.copy(), neigh
+        self.alive = set(range(n))
+        self.members = {i: [i] for i in range(n)}
+        self.version = [0] * n
+        self.heap: list[tuple[float, int, int, int, int]] = []
+        for i in range(n):
+            for j in neigh[i]:
+                if i < j:
+                    self.push(i, j)
+
+    def push(self, i: int, j: int) -> None:
+        a, b = min(i, j), max(i, j)
+        heapq.heappush(self.heap, (self.w[a] + self.w[b], a, b, self.version[a], self.version[b]))
+
+    def pop_pair(self) -> tuple[int, int] | None:
+        """The lightest pair still valid, or None when no adjacent pair is left."""
+        while self.heap:
+            _, a, b, va, vb = heapq.heappop(self.heap)
+            if a in self.alive and b in self.alive and self.version[a] == va and self.version[b] == vb:
+                return a, b
+        return None
+
+    def link_islands(self) -> None:
+        """Make each remaining group adjacent to its nearest group (islands, exclaves)."""
+        import geopandas as gpd
+        import shapely
+
+        keys = sorted(self.alive)
+        gs = gpd.GeoSeries([shapely.union_all(self.geoms[self.members[k]]) for k in keys])
+        for idx, k in enumerate(keys):
+            d = gs.drop(idx).distance(gs.iloc[idx])
+            j = keys[int(d.idxmin())]
+            self.neigh[k].add(j)
+            self.neigh[j].add(k)
+            self.push(k, j)
+
+    def merge(self, a: int, b: int) -> None:
+        """Merge group ``b`` into ``a``: members, weight, neighbours and new candidate pairs."""
+        neigh = self.neigh
+        self.alive.discard(b)
+        self.members[a].extend(self.members.pop(b))
+        self.w[a] += self.w[b]
+        self.version[a] += 1
+        neigh[a] = (neigh[a] | neigh[b]) - {a, b}
+        for k in neigh[b]:
+            neigh[k].discard(b)
+            if k != a:
+                neigh[k].add(a)
+        neigh[b] = set()
+        for k in neigh[a]:
+            self.push(a, k)
+
+    def merge_down_to(self, target: int) -> None:
+        while len(self.alive) > target:
+            pair = self.pop_pair()
+            if pair is None:
+                self.link_islands()
+                continue
+            self.merge(*pair)
+
+
+def _adjacency(regions, geoms: np.ndarray, tolerance: float) -> list[set[int]]:  # noqa: ANN001
+    """Regions touching within ``tolerance`` (CRS units), as neighbour sets by row."""
+    import shapely
+
+    ia, ib = regions.sindex.query(shapely.buffer(geoms, tolerance), predicate="intersects")
+    neigh: list[set[int]] = [set() for _ in range(len(geoms))]
+    for i, j in zip(ia.tolist(), ib.tolist(), strict=True):
+        if i != j:
+            neigh[i].add(j)
+            neigh[j].add(i)
+    return neigh
+
+
+def _coarse_frames(regions, merger: _PairMerger):  # noqa: ANN001, ANN202
+    """The coarse regions now alive (ids 1..N by their smallest fine row) and the fine -> coarse map."""
+    import geopandas as gpd
+    import shapely
+
+    keys = sorted(merger.alive, key=lambda k: min(merger.members[k]))
+    fine_ids = regions.region_id.to_numpy()
+    counts = regions["count"].to_numpy()
+    mapping, rows = [], []
+    for cid, k in enumerate(keys, start=1):
+        idx = sorted(merger.members[k])
+        rows.append({"region_id": cid, "count": float(counts[idx].sum()),
+                     "source_id": "+".join(str(fine_ids[i]) for i in idx[:50]) + ("+..." if len(idx) > 50 else ""),
+                     "name": f"{len(idx)} region(s)", "geometry": shapely.union_all(merger.geoms[idx])})
+        mapping += [(int(fine_ids[i]), cid) for i in idx]
+    frame = gpd.GeoDataFrame(rows, geometry="geometry", crs=regions.crs)
+    return frame, pd.DataFrame(mapping, columns=["fine_region_id", "region_id"]).sort_values("fine_region_id")
+
+
 def coarsen(regions, targets: Sequence[int], by: str = "count", tolerance: float = 1.0):  # noqa: ANN001, ANN201
     """Merge the adjacent pair with the smallest combined ``count`` (or ``area``) until N
     regions remain, for every N in ``targets``. Regions touching within ``tolerance`` (CRS
@@ -331,7 +430,6 @@ def coarsen(regions, targets: Sequence[int], by: str = "count", tolerance: float
     Returns ``{N: (GeoDataFrame region_id 1..N, count, source_id, name, geometry; mapping
     DataFrame fine region_id -> coarse region_id)}``.
     """
-    import geopandas as gpd
     import shapely
 
     if by not in ("count", "area"):
@@ -344,76 +442,11 @@ def coarsen(regions, targets: Sequence[int], by: str = "count", tolerance: float
         raise PopcornInputError(f"cannot coarsen {n} regions to {bad} regions (need 1 <= N <= {n})")
     geoms = regions.geometry.to_numpy()
     weight = (regions["count"].to_numpy(float) if by == "count" else shapely.area(geoms)).astype(float)
-    ia, ib = regions.sindex.query(shapely.buffer(geoms, tolerance), predicate="intersects")
-    neigh: list[set[int]] = [set() for _ in range(n)]
-    for i, j in zip(ia.tolist(), ib.tolist(), strict=True):
-        if i != j:
-            neigh[i].add(j)
-            neigh[j].add(i)
-    parent = list(range(n))
-    alive = set(range(n))
-    w = weight.copy()
-    members = {i: [i] for i in range(n)}
-    version = [0] * n
-    heap: list[tuple[float, int, int, int, int]] = []
-
-    def push(i, j):
-        a, b = min(i, j), max(i, j)
-        heapq.heappush(heap, (w[a] + w[b], a, b, version[a], version[b]))
-
-    for i in range(n):
-        for j in neigh[i]:
-            if i < j:
-                push(i, j)
+    merger = _PairMerger(geoms, weight, _adjacency(regions, geoms, tolerance))
     out = {}
-    count = n
-    geom_alive = None
     for target in targets:
-        while count > target:
-            pair = None
-            while heap:
-                s, a, b, va, vb = heapq.heappop(heap)
-                if a in alive and b in alive and version[a] == va and version[b] == vb:
-                    pair = (a, b)
-                    break
-            if pair is None:  # islands: connect each remaining group to its nearest group
-                geom_alive = {k: shapely.union_all(geoms[members[k]]) for k in alive}
-                keys = sorted(alive)
-                gs = gpd.GeoSeries([geom_alive[k] for k in keys])
-                for idx, k in enumerate(keys):
-                    others = gs.drop(idx)
-                    d = others.distance(gs.iloc[idx])
-                    j = keys[int(d.idxmin())]
-                    neigh[k].add(j)
-                    neigh[j].add(k)
-                    push(k, j)
-                continue
-            a, b = pair
-            alive.discard(b)
-            parent[b] = a
-            members[a].extend(members.pop(b))
-            w[a] += w[b]
-            version[a] += 1
-            neigh[a] = (neigh[a] | neigh[b]) - {a, b}
-            for k in neigh[b]:
-                neigh[k].discard(b)
-                if k != a:
-                    neigh[k].add(a)
-            neigh[b] = set()
-            for k in neigh[a]:
-                push(a, k)
-            count -= 1
-        keys = sorted(alive, key=lambda k: min(members[k]))
-        fine_ids = regions.region_id.to_numpy()
-        mapping, rows = [], []
-        for cid, k in enumerate(keys, start=1):
-            idx = sorted(members[k])
-            rows.append({"region_id": cid, "count": float(regions["count"].to_numpy()[idx].sum()),
-                         "source_id": "+".join(str(fine_ids[i]) for i in idx[:50]) + ("+..." if len(idx) > 50 else ""),
-                         "name": f"{len(idx)} region(s)", "geometry": shapely.union_all(geoms[idx])})
-            mapping += [(int(fine_ids[i]), cid) for i in idx]
-        frame = gpd.GeoDataFrame(rows, geometry="geometry", crs=regions.crs)
-        out[target] = (frame, pd.DataFrame(mapping, columns=["fine_region_id", "region_id"]).sort_values("fine_region_id"))
+        merger.merge_down_to(target)
+        out[target] = _coarse_frames(regions, merger)
     return out
 
 

@@ -123,30 +123,8 @@ class WeakSupervisionTask(LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        builtup = BuiltUpExtractor.from_pretrained(builtup_weights) if builtup_weights else None
-        self.model = Popcorn(
-            builtup=builtup,
-            occupancy_init=occupancy_init,
-            modalities=modalities,
-            occupancy_split=occupancy_split,
-            occupancy_activation=occupancy_activation,
-            occupancy_context_px=tuple(occupancy_context_px or ()),
-            head_sees_builtup=head_sees_builtup,
-            occupancy_bias=occupancy_bias_init if occupancy_bias_init is not None else 0.2267,
-        )
-        if occupancy_regularisation_area not in ("region", "crop"):
-            raise PopcornInputError(
-                "occupancy_regularisation_area must be 'region' or 'crop', got "
-                f"{occupancy_regularisation_area!r}"
-            )
-        if region_weighting not in REGION_WEIGHTINGS:
-            raise PopcornInputError(
-                f"region_weighting must be one of {REGION_WEIGHTINGS}, got {region_weighting!r}"
-            )
-        if head_lr_factor <= 0:
-            raise PopcornInputError(f"head_lr_factor must be > 0, got {head_lr_factor}")
-        if not train_occupancy_unet:
-            self.model.occupancy.requires_grad_(False)
+        self._check_options()
+        self.configure_models()
         # Saved in checkpoints so a resumed run does not estimate the bias again.
         self.register_buffer("bias_initialised", torch.tensor(occupancy_bias_init is not None))
         self._epoch_start = time.perf_counter()  # throughput of the running training epoch
@@ -155,11 +133,40 @@ class WeakSupervisionTask(LightningModule):
         self._val_counts: list[torch.Tensor] = []
         self._val_cells: list[tuple[np.ndarray, np.ndarray]] = []
         self._fine_truth_cache: np.ndarray | None = None
-        self._test_acc: dict[str, np.ndarray] = {}
         self.test_results: dict[str, dict[str, float]] = {}
         self.test_results_units: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------ set-up
+    def _check_options(self) -> None:
+        """Refuse option values the task does not know (the model checks its own)."""
+        h = self.hparams
+        if h.occupancy_regularisation_area not in ("region", "crop"):
+            raise PopcornInputError(
+                f"occupancy_regularisation_area must be 'region' or 'crop', got {h.occupancy_regularisation_area!r}"
+            )
+        if h.region_weighting not in REGION_WEIGHTINGS:
+            raise PopcornInputError(f"region_weighting must be one of {REGION_WEIGHTINGS}, got {h.region_weighting!r}")
+        if h.head_lr_factor <= 0:
+            raise PopcornInputError(f"head_lr_factor must be > 0, got {h.head_lr_factor}")
+
+    def configure_models(self) -> None:
+        """The POPCORN network: frozen built-up extractor (given weights, or to be pretrained) and
+        the occupancy branch (trained whole, or its head only)."""
+        h = self.hparams
+        builtup = BuiltUpExtractor.from_pretrained(h.builtup_weights) if h.builtup_weights else None
+        self.model = Popcorn(
+            builtup=builtup,
+            occupancy_init=h.occupancy_init,
+            modalities=h.modalities,
+            occupancy_split=h.occupancy_split,
+            occupancy_activation=h.occupancy_activation,
+            occupancy_context_px=tuple(h.occupancy_context_px or ()),
+            head_sees_builtup=h.head_sees_builtup,
+            occupancy_bias=h.occupancy_bias_init if h.occupancy_bias_init is not None else 0.2267,
+        )
+        if not h.train_occupancy_unet:
+            self.model.occupancy.requires_grad_(False)
+
     def load_builtup_weights(self, path_or_url: str) -> None:
         """Load built-up weights (and copy them into the occupancy branch when pretrained)."""
         extractor = BuiltUpExtractor.from_pretrained(path_or_url)
