@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +27,17 @@ class _Settlement:
     angle: float
 
 
+_Road = tuple[tuple[float, float], tuple[float, float]]  # straight road: (row, col) -> (row, col)
+
+
 def _place(
     rng: np.random.Generator,
     n: int,
     margin: float,
-    ok,
+    ok: Callable[[float, float], bool],
     tries: int = 300,
 ) -> tuple[float, float] | None:
+    """A random point ``margin`` px inside the map that passes ``ok``, or None after ``tries`` misses."""
     for _ in range(tries):
         cy, cx = rng.uniform(margin, n - margin, size=2)
         if ok(cy, cx):
@@ -43,24 +48,54 @@ def _place(
 def _layout(rng: np.random.Generator, n: int) -> dict[str, Any]:
     """Place the settlements, the river, the lake, industrial zones, parks and roads."""
     area_km2 = (n * PIXEL_SIZE / 1000.0) ** 2
-    settlements: list[_Settlement] = []
+    city = _city(rng, n)
+    settlements: list[_Settlement] = [city]
+    river, river_cross = _river(rng, n, city)
+    clear = _clearance(settlements, river, river_cross)
+    _towns_and_villages(rng, n, area_km2, settlements, clear)
+    lake = _lake(rng, n, area_km2, clear)
+    industrial = _industrial_zones(rng, settlements)
+    parks = _parks(rng, settlements)
+    road_lines = _road_lines(rng, _roads(rng, n, settlements))
+    return {
+        "settlements": settlements,
+        "river": river,
+        "river_cross": river_cross,
+        "lake": lake,
+        "industrial": industrial,
+        "parks": parks,
+        "roads": road_lines,
+    }
 
-    # --- the city, somewhere in the middle
+
+def _city(rng: np.random.Generator, n: int) -> _Settlement:
+    """The city, somewhere in the middle of the map (always settlement 0)."""
     r_city = 0.17 * n
     cy, cx = rng.uniform(0.38 * n, 0.62 * n, size=2)
-    settlements.append(_Settlement("city", float(cy), float(cx), r_city, float(rng.uniform(0, np.pi / 2))))
+    return _Settlement("city", float(cy), float(cx), r_city, float(rng.uniform(0, np.pi / 2)))
 
-    # --- a river through (near) the city centre: cross = f(along)
-    vertical = bool(rng.random() < 0.5)
-    along_c, cross_c = (cy, cx) if vertical else (cx, cy)
-    amps = rng.uniform(0.02, 0.05, size=3) * n / np.array([1.0, 1.6, 2.6])
-    waves = n / rng.uniform([0.6, 1.4, 3.0], [1.0, 2.2, 4.5])  # wavelengths (px)
-    phases = rng.uniform(0, 2 * np.pi, size=3)
+
+def _river_curve(amps: np.ndarray, waves: np.ndarray, phases: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The river's meander, cross = f(along): a sum of three sines."""
 
     def river_cross(t: np.ndarray) -> np.ndarray:
         return sum(a * np.sin(2 * np.pi * t / wl + ph) for a, wl, ph in zip(amps, waves, phases))
 
-    river_offset = float(cross_c + rng.uniform(0.12, 0.25) * r_city * rng.choice([-1, 1]) - river_cross(np.array(along_c)))
+    return river_cross
+
+
+def _river(
+    rng: np.random.Generator, n: int, city: _Settlement
+) -> tuple[dict[str, Any], Callable[[np.ndarray], np.ndarray]]:
+    """A meandering river through (near) the city centre: its parameters and its curve."""
+    vertical = bool(rng.random() < 0.5)
+    along_c, cross_c = (city.cy, city.cx) if vertical else (city.cx, city.cy)
+    amps = rng.uniform(0.02, 0.05, size=3) * n / np.array([1.0, 1.6, 2.6])
+    waves = n / rng.uniform([0.6, 1.4, 3.0], [1.0, 2.2, 4.5])  # wavelengths (px)
+    phases = rng.uniform(0, 2 * np.pi, size=3)
+    river_cross = _river_curve(amps, waves, phases)
+    shift = rng.uniform(0.12, 0.25) * city.radius * rng.choice([-1, 1])
+    river_offset = float(cross_c + shift - river_cross(np.array(along_c)))
     river_width = float(rng.uniform(5.0, 8.0)) if n >= 600 else float(rng.uniform(3.5, 5.0))
     river = {
         "vertical": vertical,
@@ -70,41 +105,65 @@ def _layout(rng: np.random.Generator, n: int) -> dict[str, Any]:
         "offset": river_offset,
         "width_px": river_width,
     }
+    return river, river_cross
+
+
+def _clearance(
+    settlements: list[_Settlement], river: dict[str, Any], river_cross: Callable[[np.ndarray], np.ndarray]
+) -> Callable[[float, float, float, float], bool]:
+    """A test whether a disc (cy, cx, r) plus a gap stays clear of the river and of ``settlements`` (as it grows)."""
+    vertical, river_offset, river_width = river["vertical"], river["offset"], river["width_px"]
 
     def river_dist(y: float, x: float) -> float:
         a, c = (y, x) if vertical else (x, y)
         return abs(c - river_offset - float(river_cross(np.array(a))))
-
-    # --- towns and villages
-    n_towns = max(1, round(area_km2 / 45))
-    n_villages = max(2, round(area_km2 / 12))
 
     def far_enough(cy: float, cx: float, r: float, gap: float) -> bool:
         if river_dist(cy, cx) < 0.35 * r + river_width:
             return False
         return all(math.hypot(cy - s.cy, cx - s.cx) > s.radius + r + gap for s in settlements)
 
+    return far_enough
+
+
+def _towns_and_villages(
+    rng: np.random.Generator,
+    n: int,
+    area_km2: float,
+    settlements: list[_Settlement],
+    clear: Callable[[float, float, float, float], bool],
+) -> None:
+    """Append towns and then villages to ``settlements``, each clear of the river and earlier ones."""
+    n_towns = max(1, round(area_km2 / 45))
+    n_villages = max(2, round(area_km2 / 12))
     for _ in range(n_towns):
         r = max(0.05 * n * rng.uniform(0.9, 1.4), 20.0)
-        pos = _place(rng, n, 0.6 * r, lambda y, x: far_enough(y, x, r, 0.04 * n))
+        pos = _place(rng, n, 0.6 * r, lambda y, x, r=r: clear(y, x, r, 0.04 * n))
         if pos is not None:
             settlements.append(_Settlement("town", pos[0], pos[1], r, float(rng.uniform(0, np.pi / 2))))
     for _ in range(n_villages):
         r = float(rng.uniform(13.0, 26.0))
-        pos = _place(rng, n, 0.5 * r, lambda y, x: far_enough(y, x, r, 10.0))
+        pos = _place(rng, n, 0.5 * r, lambda y, x, r=r: clear(y, x, r, 10.0))
         if pos is not None:
             settlements.append(_Settlement("village", pos[0], pos[1], r, float(rng.uniform(0, np.pi / 2))))
 
-    # --- a lake in the countryside
-    lake = None
-    if area_km2 >= 16:
-        r_lake = float(rng.uniform(0.025, 0.045) * n)
-        pos = _place(rng, n, r_lake, lambda y, x: far_enough(y, x, r_lake, 15.0))
-        if pos is not None:
-            lake = {"cy": pos[0], "cx": pos[1], "radius": r_lake, "aspect": float(rng.uniform(0.5, 0.9)),
-                    "angle": float(rng.uniform(0, np.pi))}
 
-    # --- industrial / commercial zones at the edges of the city and towns
+def _lake(
+    rng: np.random.Generator, n: int, area_km2: float, clear: Callable[[float, float, float, float], bool]
+) -> dict[str, float] | None:
+    """A lake in the countryside (worlds of at least 16 km2 only), or None where none fits."""
+    if area_km2 < 16:
+        return None
+    r_lake = float(rng.uniform(0.025, 0.045) * n)
+    pos = _place(rng, n, r_lake, lambda y, x: clear(y, x, r_lake, 15.0))
+    if pos is None:
+        return None
+    return {"cy": pos[0], "cx": pos[1], "radius": r_lake, "aspect": float(rng.uniform(0.5, 0.9)),
+            "angle": float(rng.uniform(0, np.pi))}
+
+
+def _industrial_zones(rng: np.random.Generator, settlements: list[_Settlement]) -> list[dict[str, float]]:
+    """Industrial / commercial zones at the edges of the city and towns, plus one in the city's inner ring."""
     industrial = []
     for s in settlements:
         if s.kind == "village":
@@ -120,14 +179,19 @@ def _layout(rng: np.random.Generator, n: int) -> dict[str, Any]:
                 "angle": float(rng.uniform(0, np.pi)),
             })
     # a commercial zone in the city's inner ring
+    city = settlements[0]
+    r_city = city.radius
     ang = rng.uniform(0, 2 * np.pi)
     industrial.append({
-        "cy": settlements[0].cy + 0.45 * r_city * math.sin(ang),
-        "cx": settlements[0].cx + 0.45 * r_city * math.cos(ang),
+        "cy": city.cy + 0.45 * r_city * math.sin(ang),
+        "cx": city.cx + 0.45 * r_city * math.cos(ang),
         "radius": max(0.07 * r_city, 7.0), "aspect": 0.7, "angle": float(rng.uniform(0, np.pi)),
     })
+    return industrial
 
-    # --- parks inside the city and towns
+
+def _parks(rng: np.random.Generator, settlements: list[_Settlement]) -> list[dict[str, float]]:
+    """Parks inside the city (3-5) and towns (0-1); villages get none."""
     parks = []
     for s in settlements:
         if s.kind == "village":
@@ -141,9 +205,11 @@ def _layout(rng: np.random.Generator, n: int) -> dict[str, Any]:
                 "radius": max(float(s.radius * rng.uniform(0.05, 0.1)), 5.0),
                 "aspect": float(rng.uniform(0.5, 1.0)), "angle": float(rng.uniform(0, np.pi)),
             })
+    return parks
 
-    # --- roads: minimum spanning tree of the settlements + a few roads leaving the map
-    pts = np.array([[s.cy, s.cx] for s in settlements])
+
+def _spanning_tree(pts: np.ndarray) -> list[tuple[int, int]]:
+    """Edges of the minimum spanning tree of ``pts`` (Prim from point 0), so every settlement is reachable."""
     m = len(pts)
     in_tree = [0]
     edges = []
@@ -158,8 +224,16 @@ def _layout(rng: np.random.Generator, n: int) -> dict[str, Any]:
                     best = (dmat[i, j], i, j)
         in_tree.append(best[2])
         edges.append((best[1], best[2]))
+    return edges
+
+
+
+def _roads(rng: np.random.Generator, n: int, settlements: list[_Settlement]) -> list[_Road]:
+    """Straight roads: the settlements' spanning tree, one extra loop road and roads leaving the map."""
+    pts = np.array([[s.cy, s.cx] for s in settlements])
+    m = len(pts)
+    edges = _spanning_tree(pts)
     roads = [(tuple(pts[i]), tuple(pts[j])) for i, j in edges]
-    # one extra loop road and roads to the border
     if m >= 4:
         i, j = rng.choice(m, size=2, replace=False)
         if (i, j) not in edges and (j, i) not in edges:
@@ -169,6 +243,11 @@ def _layout(rng: np.random.Generator, n: int) -> dict[str, Any]:
         t = float(rng.uniform(0.15, 0.85) * n)
         end = [(-5.0, t), (n + 5.0, t), (t, -5.0), (t, n + 5.0)][side]
         roads.append(((s.cy, s.cx), end))
+    return roads
+
+
+def _road_lines(rng: np.random.Generator, roads: list[_Road]) -> list[np.ndarray]:
+    """Bend each straight road into a polyline (8 px segments) with a random sideways wobble."""
     road_lines = []
     for (y0, x0), (y1, x1) in roads:
         length = math.hypot(y1 - y0, x1 - x0)
@@ -179,16 +258,7 @@ def _layout(rng: np.random.Generator, n: int) -> dict[str, Any]:
         ys = y0 + (y1 - y0) * t + lat * ny
         xs = x0 + (x1 - x0) * t + lat * nx
         road_lines.append(np.stack([ys, xs], axis=1))
-
-    return {
-        "settlements": settlements,
-        "river": river,
-        "river_cross": river_cross,
-        "lake": lake,
-        "industrial": industrial,
-        "parks": parks,
-        "roads": road_lines,
-    }
+    return road_lines
 
 
 def _ellipse_dist(yy, xx, e: dict, noise: np.ndarray | None = None, amp: float = 0.2) -> np.ndarray:
