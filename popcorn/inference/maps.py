@@ -34,14 +34,14 @@ import numpy as np
 import rasterio
 import rasterio.features
 import rasterio.shutil
-import shapely
 import torch
 
 from popcorn import __version__
-from popcorn.datasets.grid import RasterGrid, Window, clip_window
+from popcorn.datasets.grid import RasterGrid, Window
 from popcorn.datasets.sentinel import SEASONS, check_seasons
 from popcorn.errors import PopcornInputError
 from popcorn.evaluation.dasymetric import region_sums
+from popcorn.inference.area import cores_in_area, resolve_area
 from popcorn.inference.fast import DEFAULT_THRESHOLD, FastPopcorn, load_popcorn
 from popcorn.inference.tiles import (
     ALIGN,
@@ -55,7 +55,6 @@ from popcorn.inference.tiles import (
     assemble,
     block_sum_partial,
     run_tiles,
-    tile_cores,
     window_transform,
 )
 from popcorn.io import atomic_path
@@ -104,64 +103,6 @@ class PredictResult:
     megapixels: float
     scale_factors: Path | None = None
     scale_percentiles: tuple[float, float, float] | None = None
-
-
-# ----------------------------------------------------------------------------- area
-def _snap_window(grid: RasterGrid, left: float, bottom: float, right: float, top: float, what: str) -> Window:
-    res = grid.res
-    x0, y0 = grid.transform.c, grid.transform.f
-    c0 = math.floor((left - x0) / res / ALIGN) * ALIGN
-    r0 = math.floor((y0 - top) / res / ALIGN) * ALIGN
-    c1 = math.ceil((right - x0) / res / ALIGN) * ALIGN
-    r1 = math.ceil((y0 - bottom) / res / ALIGN) * ALIGN
-    clipped = clip_window((r0, c0, r1 - r0, c1 - c0), grid.height, grid.width)
-    if clipped is None or right <= left or top <= bottom:
-        raise PopcornInputError(
-            f"{what} (bounds {left:.1f}, {bottom:.1f}, {right:.1f}, {top:.1f} in {grid.crs}) does "
-            f"not overlap the imagery (bounds {tuple(round(v, 1) for v in grid.bounds)}); give an "
-            "area inside the imagery"
-        )
-    return clipped[0]
-
-
-def resolve_area(
-    grid: RasterGrid, bbox: Sequence[float] | None = None, bbox_crs: str | None = None,
-    area: str | os.PathLike[str] | None = None,
-) -> tuple[Window, Any]:
-    """Pixel window of the area to predict and its geometry in the grid CRS (None = the window).
-
-    ``bbox`` is ``(left, bottom, right, top)`` in ``bbox_crs`` (default: the imagery CRS);
-    ``area`` a vector file (any CRS) whose polygons bound the prediction.
-    """
-    if bbox is not None and area is not None:
-        raise PopcornInputError("give either --bbox or --area, not both")
-    if bbox is not None:
-        if len(bbox) != 4:
-            raise PopcornInputError(f"--bbox needs 4 numbers left bottom right top, got {list(bbox)}")
-        left, bottom, right, top = (float(v) for v in bbox)
-        if bbox_crs:
-            from rasterio.warp import transform_bounds
-
-            left, bottom, right, top = transform_bounds(bbox_crs, grid.crs, left, bottom, right, top)
-        return _snap_window(grid, left, bottom, right, top, f"bounding box {list(bbox)}"), None
-    if area is not None:
-        import geopandas as gpd
-
-        path = Path(area)
-        if not path.exists():
-            raise PopcornInputError(f"area file {path} does not exist")
-        try:
-            frame = gpd.read_file(path)
-        except Exception as err:  # noqa: BLE001
-            raise PopcornInputError(f"cannot read the area file {path} ({err})") from err
-        if frame.crs is None:
-            raise PopcornInputError(f"area file {path} has no CRS; set it (ogr2ogr -a_srs ...)")
-        frame = frame[~(frame.geometry.isna() | frame.geometry.is_empty)]
-        if frame.empty:
-            raise PopcornInputError(f"area file {path} has no geometry")
-        geom = shapely.union_all(frame.to_crs(grid.crs).geometry.to_numpy())
-        return _snap_window(grid, *geom.bounds, f"area {path}"), geom
-    return (0, 0, grid.height, grid.width), None
 
 
 # ============================================================================= POPCORN
@@ -312,21 +253,6 @@ def _check_settings(settings: PredictSettings) -> None:
         raise PopcornInputError("--counts needs --census (the regions vector file)")
 
 
-def _cores_in_area(grid: RasterGrid, window: Window, geom: Any, tile_size: int) -> list[Window]:
-    """Tile cores of ``window``; with an area polygon only those that touch it."""
-    cores = tile_cores(window, tile_size)
-    if geom is None:
-        return cores
-    shapely.prepare(geom)
-
-    def inside(core: Window) -> bool:
-        t = window_transform(grid, core)
-        box = shapely.box(t.c, t.f - core[2] * grid.res, t.c + core[3] * grid.res, t.f)
-        return bool(geom.intersects(box))
-
-    return [c for c in cores if inside(c)]
-
-
 def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: RasterGrid, geom: Any,
                  dev: torch.device, keep_10m: bool) -> Callable[..., dict[str, np.ndarray]]:
     """The engine's per-tile function: the members' maps of one tile, masked to the area polygon;
@@ -383,7 +309,7 @@ def predict(
         _CensusTiles(settings.census, settings.counts, grid, settings.id_column, settings.count_column)
         if settings.census else None
     )
-    cores = _cores_in_area(grid, window, geom, settings.tile_size)
+    cores = cores_in_area(grid, window, geom, settings.tile_size)
     runner = _tile_runner(settings, members, grid, geom, dev, keep_10m=census is not None)
     run = run_tiles(
         cores, settings.margin, grid.shape, imagery_reader(settings.imagery_root, seasons), runner,
