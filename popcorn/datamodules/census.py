@@ -61,6 +61,11 @@ def _existing(path: str | None, what: str) -> str | None:
 class CensusDataModule(L.LightningDataModule):
     """Census-region weak supervision data (see docs/interfaces.md for batches and attributes).
 
+    Samples are TorchGeo-native: :class:`~popcorn.samplers.RegionSampler` yields GeoSlices of each
+    region's padded bounding box in one season (:class:`~popcorn.datasets.samples.RegionQuery`),
+    answered by ``region_samples``, the :class:`~torchgeo.datasets.IntersectionDataset`
+    ``(s1 & s2) & census_regions`` (:class:`~popcorn.datasets.samples.RegionSamples`).
+
     Training: every training region once per epoch, shuffled, random season per sample,
     ``batch_size`` regions per batch (padded, with ``valid_mask`` / ``region_mask``), augmented on
     the device. Validation: held-out regions (deterministic split by ``split_seed``), fixed
@@ -232,8 +237,9 @@ class CensusDataModule(L.LightningDataModule):
             self.shuffle_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         self._train_sampler = RegionSampler(
             self._sample_windows(regions), regions.train_ids, self.seasons, shuffle=True,
-            seed=self.shuffle_seed, batch_size=self.batch_size,
+            seed=self.shuffle_seed, batch_size=self.batch_size, grid=self.grid,
         )
+        self.region_samples = RegionSamples(self.s1, self.s2, regions)
 
     def _check_fine_units(self) -> int:
         """Read and validate the fine census units now (not after training); return their number.
@@ -294,22 +300,17 @@ class CensusDataModule(L.LightningDataModule):
             sampler.draw_probabilities = state_dict.get("train_sampler_draw_probabilities")
 
     def train_dataloader(self) -> DataLoader:
-        regions = self._require_setup()
-        return self._loader(
-            RegionSamples(self.s1, self.s2, regions), self._train_sampler, collate_regions,
-            self.batch_size,
-        )
+        self._require_setup()
+        return self._loader(self.region_samples, self._train_sampler, collate_regions, self.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         regions = self._require_setup()
         if not regions.val_ids:
             return []
         sampler = RegionSampler(
-            self._sample_windows(regions), regions.val_ids, self.seasons, shuffle=False
+            self._sample_windows(regions), regions.val_ids, self.seasons, shuffle=False, grid=self.grid
         )
-        return self._loader(
-            RegionSamples(self.s1, self.s2, regions), sampler, collate_regions, self.batch_size
-        )
+        return self._loader(self.region_samples, sampler, collate_regions, self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         """One batch: the test stage is one run of the tiled engine (see the class docstring)."""

@@ -18,6 +18,7 @@ _SUBMODULE = {
     "Sentinel2Composite": "sentinel",
     "check_same_grid": "sentinel",
     "season_slice": "sentinel",
+    "RegionQuery": "samples",
     "RegionSamples": "samples",
     "ImagePatches": "samples",
     "PatchSamples": "samples",

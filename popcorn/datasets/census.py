@@ -30,6 +30,7 @@ from torchgeo.datasets import GeoDataset
 from torchgeo.datasets.utils import GeoSlice
 
 from popcorn.datasets.grid import RasterGrid, Window, burn_ids, clip_window
+from popcorn.datasets.sentinel import index_crs, index_rows, resolve_query, same_step
 from popcorn.errors import PopcornInputError
 
 log = logging.getLogger(__name__)
@@ -317,18 +318,17 @@ class CensusRegions(GeoDataset):
 
     def __getitem__(self, query: GeoSlice) -> dict[str, Any]:
         """Id raster over ``[x0:x1:res, y0:y1:res(, t)]``: ``{"mask": (H,W) int64, ...}``."""
-        x, y, t = self._disambiguate_slice(query)
-        if not (np.isclose(x.step, self._res[0]) and np.isclose(y.step, self._res[1])):
+        x, y, t = resolve_query(self, query)
+        if not (same_step(x.step, self._res[0]) and same_step(y.step, self._res[1])):
             raise PopcornInputError(
                 f"census regions are rasterised at {self._res[0]} m; query step "
                 f"({x.step}, {y.step}) is not supported"
             )
-        hits = self.index.cx[x.start : x.stop, y.start : y.stop]
-        if hits.empty:
+        if not index_rows(self, x, y, t).size:
             raise IndexError(f"query {query} not found in index with bounds {self.bounds}")
         window = self.grid.slices_to_window(x, y)
         mask = torch.from_numpy(self.mask_window(window).astype(np.int64))
-        return {"mask": mask, "crs": self.crs, "bounds": (x, y, t)}
+        return {"mask": mask, "crs": index_crs(self), "bounds": (x, y, t)}
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -5,7 +5,7 @@ from popcorn.samplers.windows import (
     FixedPatchSampler,
     PatchKey,
     RandomPatchSampler,
-    RegionKey,
+    RegionQuery,
     RegionSampler,
     tile_windows,
 )
@@ -16,7 +16,7 @@ __all__ = [
     "PixelBatchSampler",
     "PixelSampler",
     "RandomPatchSampler",
-    "RegionKey",
+    "RegionQuery",
     "RegionSampler",
     "tile_windows",
 ]

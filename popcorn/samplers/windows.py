@@ -1,7 +1,10 @@
 """Samplers: one census region per sample; tiles covering the whole grid; random patches.
 
-Samplers yield small keys (named tuples) that the map-style datasets in
-:mod:`popcorn.datasets.samples` turn into tensors.
+The region sampler follows TorchGeo's :class:`~torchgeo.samplers.GeoSampler` convention: it yields
+GeoSlices ``(x, y, t)`` (:class:`~popcorn.datasets.samples.RegionQuery`, which also carry their
+region id) for the :class:`~torchgeo.datasets.IntersectionDataset` of the imagery and the census
+(:class:`~popcorn.datasets.samples.RegionSamples`). The patch samplers yield pixel-window keys
+(named tuples) for the built-up patch datasets.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from popcorn.datasets.grid import Window
-from popcorn.datasets.samples import PatchKey, RegionKey
-from popcorn.datasets.sentinel import check_seasons
+from popcorn.datasets.grid import RasterGrid, Window
+from popcorn.datasets.samples import PatchKey, RegionQuery
+from popcorn.datasets.sentinel import check_seasons, season_slice
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(seed) + 1_000_003 * int(epoch)) % (2**63)
 
 
-class RegionSampler(Sampler[RegionKey]):
-    """Yield every region of ``ids`` exactly once per epoch, as :class:`RegionKey`.
+class RegionSampler(Sampler[RegionQuery]):
+    """Yield every region of ``ids`` exactly once per epoch, as a GeoSlice (:class:`RegionQuery`).
+
+    Each query is the region's ``windows[id]`` (its bounding box grown by the context margin, in
+    pixels of ``grid``) as TorchGeo ``x`` / ``y`` slices in map units, on the pixel grid, with
+    ``step = grid.res``, and the ``t`` slice of the season's compositing period
+    (:func:`~popcorn.datasets.sentinel.season_slice`), which selects that season's composite.
+    Without ``grid`` the slices are in pixels (``x`` = column, ``y`` = minus row, step 1): enough
+    for uses that only look at the order, ids and seasons.
 
     Training (``shuffle=True``): the order is a fresh permutation each epoch and the season is
     drawn uniformly from ``seasons`` per sample, both from one ``torch.Generator`` seeded with
@@ -67,8 +77,10 @@ class RegionSampler(Sampler[RegionKey]):
         max_region_pixels: int | None = None,
         batch_size: int = 1,
         bucket_batches: int = 8,
+        grid: RasterGrid | None = None,
     ) -> None:
         self.windows = windows
+        self.grid = grid
         self.batch_size = int(batch_size)
         self.bucket_batches = int(bucket_batches)
         self.seasons = check_seasons(seasons)
@@ -105,7 +117,17 @@ class RegionSampler(Sampler[RegionKey]):
         uniform = torch.full_like(w, 1.0 / len(w))
         self.draw_probabilities = (1.0 - share) * uniform + share * (w / w.sum() if w.sum() > 0 else uniform)
 
-    def __iter__(self) -> Iterator[RegionKey]:
+    def query(self, region_id: int, season: str) -> RegionQuery:
+        """The GeoSlice of one region's padded bounding box in one season."""
+        window = self.windows[region_id]
+        if self.grid is None:
+            row, col, h, w = window
+            x, y = slice(col, col + w, 1), slice(-(row + h), -row, 1)
+        else:
+            x, y = self.grid.window_to_slices(window)
+        return RegionQuery(x, y, season_slice(season), region_id=region_id, season=season, window=window)
+
+    def __iter__(self) -> Iterator[RegionQuery]:
         n = len(self.ids)
         if self.shuffle:
             if self.draw_probabilities is not None:
@@ -122,7 +144,7 @@ class RegionSampler(Sampler[RegionKey]):
             seasons = [i % len(self.seasons) for i in range(n)]
         for pos, k in enumerate(order):
             rid = self.ids[k]
-            yield RegionKey(rid, self.seasons[seasons[pos]], self.windows[rid])
+            yield self.query(rid, self.seasons[seasons[pos]])
 
     def _size_bucketed(self, order: list[int]) -> list[int]:
         """Regroup a shuffled order into batches of similar-size regions, in random batch order."""

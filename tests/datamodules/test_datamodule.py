@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REGIONS, H, W
+from torchgeo.datasets import IntersectionDataset
 
 from popcorn.datamodules import BuiltUpDataModule, CensusDataModule, split_ids
 from popcorn.datasets import SEASONS, collate_regions
@@ -210,8 +211,12 @@ def test_datamodule_setup_attributes_and_train_batches(
     assert dm2.census_regions.val_ids == regions.val_ids
 
     seen = []
-    for batch in dm.train_dataloader():
+    loader = dm.train_dataloader()  # TorchGeo: GeoSlices of the regions into (s1 & s2) & regions
+    assert isinstance(loader.dataset, IntersectionDataset) and loader.sampler is dm._train_sampler
+    for batch in loader:
         for i, rid in enumerate(batch["region_id"].tolist()):
+            x, y, _ = batch["bounds"][i]
+            assert dm.grid.slices_to_window(x, y) == tuple(batch["window"][i].tolist())
             seen.append(rid)
             assert batch["count"][i] == 100.0 * rid
             assert batch["region_mask"][i].sum() == regions.pixel_counts[rid]
