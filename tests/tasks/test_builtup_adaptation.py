@@ -327,7 +327,7 @@ def test_demo_pretraining_never_opens_the_evaluated_worlds_labels(
     from lightning.pytorch import Trainer
 
     from popcorn.datamodules import SyntheticCensusDataModule
-    from popcorn.fit import BuiltUpPretraining, pretrain_builtup
+    from popcorn.tasks.pretraining import BuiltUpPretraining, pretrain_builtup
 
     dm = SyntheticCensusDataModule(root=str(tmp_path / "worlds"), size_px=200, seed=0, n_regions=8)
     dm.prepare_data()
