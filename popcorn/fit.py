@@ -62,6 +62,8 @@ class PopcornCLI(LightningCLI):
                 "checkpoint.filename": "best-{epoch:03d}",
                 "trainer.max_epochs": 100,
                 "trainer.gradient_clip_val": 0.01,
+                # the region sampler shards itself under DDP (CensusDataModule._shard)
+                "trainer.use_distributed_sampler": False,
                 "trainer.precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
                 "trainer.default_root_dir": "runs",
                 "trainer.logger": lazy_instance(CSVLogger, save_dir="runs", name="popcorn"),
@@ -104,6 +106,15 @@ class PopcornCLI(LightningCLI):
             init = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, bool) else None
             if init is not None and "CSVLogger" in str(getattr(logger, "class_path", "")) and init.get("version") is None:
                 init.version = version
+
+    def before_fit(self) -> None:
+        """A multi-process fit pretrains the built-up extractor now, before its processes connect
+        (see :meth:`PretrainBuiltUp.before_launch`)."""
+        if self.trainer.world_size > 1:
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, PretrainBuiltUp):
+                    callback.before_launch(self.trainer, self.model, self.datamodule, ckpt_path)
 
 
 def last_checkpoint() -> ModelCheckpoint:

@@ -299,18 +299,28 @@ class CensusDataModule(L.LightningDataModule):
             sampler.generator.set_state(state)
             sampler.draw_probabilities = state_dict.get("train_sampler_draw_probabilities")
 
+    def _shard(self, sampler: RegionSampler) -> RegionSampler:
+        """Under DDP each process gets its share of the batches (the sampler shards itself, with
+        the trainer's ``use_distributed_sampler=False``: Lightning's wrapper would reshuffle and
+        break the size-bucketed batches)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            sampler.set_distributed(trainer.global_rank, trainer.world_size)
+        return sampler
+
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        return self._loader(self.region_samples, self._train_sampler, collate_regions, self.batch_size)
+        return self._loader(self.region_samples, self._shard(self._train_sampler), collate_regions, self.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         regions = self._require_setup()
         if not regions.val_ids:
             return []
         sampler = RegionSampler(
-            self._sample_windows(regions), regions.val_ids, self.seasons, shuffle=False, grid=self.grid
+            self._sample_windows(regions), regions.val_ids, self.seasons, shuffle=False, grid=self.grid,
+            batch_size=self.batch_size,
         )
-        return self._loader(self.region_samples, sampler, collate_regions, self.batch_size)
+        return self._loader(self.region_samples, self._shard(sampler), collate_regions, self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         """One batch: the test stage is one run of the tiled engine (see the class docstring)."""

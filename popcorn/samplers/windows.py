@@ -10,7 +10,8 @@ region id) for the :class:`~torchgeo.datasets.IntersectionDataset` of the imager
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,9 +99,25 @@ class RegionSampler(Sampler[RegionQuery]):
         self.ids = sorted(i for i in ids if i not in skipped)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.draw_probabilities: torch.Tensor | None = None
+        self.rank, self.world_size = 0, 1
+
+    def set_distributed(self, rank: int, world_size: int) -> None:
+        """Yield only this process's share under DDP: batch j of the epoch (the same sequence on
+        every rank: one generator, one seed) goes to rank j mod ``world_size``. Training pads the
+        epoch from its start to a whole number of batches per rank (every rank must step as often);
+        validation does not pad, so every region is validated exactly once."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        n, b, w = len(self.ids), self.batch_size, self.world_size
+        if w == 1:
+            return n
+        if self.shuffle:
+            return -(-n // (w * b)) * b
+        sizes = [min(b, n - start) for start in range(0, n, b)]
+        return sum(sizes[self.rank :: w])
 
     def set_region_weights(self, weights: dict[int, float], share: float) -> None:
         """From the next epoch on, draw each sample with probability ``(1 - share) / n + share *
@@ -131,20 +148,25 @@ class RegionSampler(Sampler[RegionQuery]):
         n = len(self.ids)
         if self.shuffle:
             if self.draw_probabilities is not None:
-                order = torch.multinomial(self.draw_probabilities, n, replacement=True, generator=self.generator).tolist()
+                draws = torch.multinomial(self.draw_probabilities, n, replacement=True, generator=self.generator)
+                order = draws.tolist()
             else:
                 order = torch.randperm(n, generator=self.generator).tolist()
             seasons = torch.randint(len(self.seasons), (n,), generator=self.generator).tolist()
             if self.batch_size > 1 and self.bucket_batches > 1:
                 order = self._size_bucketed(order)
-            if self.draw_probabilities is not None and self.batch_size > 1:
-                order = separate_repeats(order, self.batch_size)
+            pairs = list(zip(order, seasons))
+            if self.world_size > 1:  # pad from the start: every rank gets as many full batches
+                total = -(-n // (self.world_size * self.batch_size)) * self.world_size * self.batch_size
+                pairs += (pairs * (total // max(n, 1) + 1))[: total - n]
+            if (self.draw_probabilities is not None or self.world_size > 1) and self.batch_size > 1:
+                pairs = separate_repeats(pairs, self.batch_size, key=lambda pair: pair[0])
         else:
-            order = list(range(n))
-            seasons = [i % len(self.seasons) for i in range(n)]
-        for pos, k in enumerate(order):
-            rid = self.ids[k]
-            yield self.query(rid, self.seasons[seasons[pos]])
+            pairs = [(k, k % len(self.seasons)) for k in range(n)]
+        b = self.batch_size
+        for pos, (k, season) in enumerate(pairs):
+            if (pos // b) % self.world_size == self.rank:
+                yield self.query(self.ids[k], self.seasons[season])
 
     def _size_bucketed(self, order: list[int]) -> list[int]:
         """Regroup a shuffled order into batches of similar-size regions, in random batch order."""
@@ -160,24 +182,26 @@ class RegionSampler(Sampler[RegionQuery]):
         return [k for b in perm for k in full[b]] + partial  # stay aligned with these
 
 
-def separate_repeats(order: list[int], batch_size: int) -> list[int]:
-    """Swap entries so that no batch of ``batch_size`` consecutive entries holds one value twice
+def separate_repeats(order: list[Any], batch_size: int, key: Callable[[Any], Any] = lambda v: v) -> list[Any]:
+    """Swap entries so that no batch of ``batch_size`` consecutive entries holds one ``key`` twice
     (a batch sums each region's pixels once), as far as the values allow."""
     order = list(order)
+    keys = [key(v) for v in order]
     batches = [range(i, min(i + batch_size, len(order))) for i in range(0, len(order), batch_size)]
     for b, positions in enumerate(batches):
-        seen: set[int] = set()
+        seen: set[Any] = set()
         for pos in positions:
-            if order[pos] not in seen:
-                seen.add(order[pos])
+            if keys[pos] not in seen:
+                seen.add(keys[pos])
                 continue
             for other in batches[b + 1 :] + batches[:b]:
-                values = [order[q] for q in other]
-                swap = next((q for q in other if order[q] not in seen and values.count(order[pos]) == 0), None)
+                there = [keys[q] for q in other]
+                swap = next((q for q in other if keys[q] not in seen and keys[pos] not in there), None)
                 if swap is not None:
                     order[pos], order[swap] = order[swap], order[pos]
+                    keys[pos], keys[swap] = keys[swap], keys[pos]
                     break
-            seen.add(order[pos])
+            seen.add(keys[pos])
     return order
 
 

@@ -10,6 +10,7 @@ pretraining resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from popcorn.datamodules import BuiltUpDataModule, CensusDataModule
 from popcorn.errors import PopcornInputError
@@ -69,25 +70,60 @@ class PretrainBuiltUp(Callback):
     """Before the first epoch of a fresh fit of a task without built-up weights (``model.
     builtup_weights`` empty), pretrain the extractor (:func:`pretrain_builtup`) and load it, so
     that the task's occupancy prior is estimated with it. Nothing on resume (the checkpoint holds
-    the extractor) or when weights were given. Under DDP rank 0 pretrains, the others wait and load
-    its export."""
+    the extractor) or when weights were given.
 
-    def __init__(self, settings: BuiltUpPretraining | None = None) -> None:
+    Under DDP the pretraining cannot run inside the job (its own trainer would wait on the other
+    processes), so ``popcorn fit`` calls :meth:`before_launch` before the processes connect:
+    rank 0 pretrains, the others wait for its export; ``on_fit_start`` then only loads it.
+    """
+
+    def __init__(self, settings: BuiltUpPretraining | None = None, wait_seconds: float = 24 * 3600) -> None:
         self.settings = settings or BuiltUpPretraining()
+        self.wait_seconds = wait_seconds
+
+    @staticmethod
+    def needed(pl_module: LightningModule, ckpt_path: str | None) -> bool:
+        hparams = getattr(pl_module, "hparams", {})
+        return "builtup_weights" in hparams and not hparams["builtup_weights"] and not ckpt_path
+
+    def before_launch(self, trainer: Trainer, pl_module: LightningModule, datamodule: CensusDataModule,
+                      ckpt_path: str | None) -> None:
+        """Multi-process fit, before the processes connect: rank 0 pretrains, the others wait."""
+        if not self.needed(pl_module, ckpt_path):
+            return
+        if rank_zero_only.rank == 0:
+            pretrain_builtup(datamodule, self.settings, trainer)
+            return
+        output = export_path(self.settings, trainer)
+        deadline = time.monotonic() + self.wait_seconds
+        while not output.exists():
+            if time.monotonic() > deadline:
+                raise PopcornInputError(
+                    f"rank {rank_zero_only.rank}: no built-up export {output} from rank 0 after "
+                    f"{self.wait_seconds:.0f} s; pretrain first or give model.builtup_weights"
+                )
+            time.sleep(2.0)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        hparams = getattr(pl_module, "hparams", {})
-        if "builtup_weights" not in hparams or hparams["builtup_weights"] or trainer.ckpt_path:
+        if not self.needed(pl_module, trainer.ckpt_path):
             return
-        if trainer.world_size > 1:  # once: rank 0 trains, the other ranks then find its export
-            if trainer.is_global_zero:
-                pretrain_builtup(trainer.datamodule, self.settings, trainer)
-            trainer.strategy.barrier("builtup_pretraining")
+        if trainer.world_size > 1 and not export_path(self.settings, trainer).exists():
+            raise PopcornInputError(
+                "built-up pretraining cannot run inside a multi-process fit: run `popcorn fit` (which "
+                "pretrains before the processes start) or give model.builtup_weights"
+            )
         weights = pretrain_builtup(trainer.datamodule, self.settings, trainer)
         pl_module.load_builtup_weights(str(weights))
 
     def __repr__(self) -> str:
         return f"PretrainBuiltUp({asdict(self.settings)})"
+
+
+def export_path(settings: BuiltUpPretraining, trainer: Trainer) -> Path:
+    """Where the pretrained extractor is exported (``settings.output`` or under the run root)."""
+    if settings.output:
+        return Path(settings.output)
+    return Path(trainer.default_root_dir) / "builtup" / "builtup_extractor.pt"
 
 
 def _builtup_source(datamodule: CensusDataModule, settings: BuiltUpPretraining) -> tuple[str, str] | None:
@@ -119,7 +155,7 @@ def _builtup_source(datamodule: CensusDataModule, settings: BuiltUpPretraining) 
 def pretrain_builtup(datamodule: CensusDataModule, settings: BuiltUpPretraining, trainer: Trainer) -> Path:
     """Train the built-up extractor (see :class:`BuiltUpPretraining`), or reuse its export."""
     root = Path(trainer.default_root_dir) / "builtup"
-    output = Path(settings.output) if settings.output else root / "builtup_extractor.pt"
+    output = export_path(settings, trainer)
     if output.exists():
         rank_zero_info(f"using the pretrained built-up extractor {output}")
         return output

@@ -179,7 +179,8 @@ class WeakSupervisionTask(LightningModule):
 
     @torch.no_grad()
     def estimate_occupancy_bias(self) -> float:
-        """Average occupancy of the training regions: total count / total built-up score.
+        """Average occupancy of the training regions: total count / total built-up score (over
+        every process's shard under DDP).
 
         For direct estimation it is the average population per pixel instead.
         """
@@ -198,6 +199,9 @@ class WeakSupervisionTask(LightningModule):
                 total_weight += float(mask.sum())
             total_count += float(batch["count"].sum())
         self.model.train(was_training)
+        if self.trainer.world_size > 1:  # each process saw its shard: add them up
+            totals = torch.tensor([total_count, total_weight], dtype=torch.float64, device=self.device)
+            total_count, total_weight = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         if total_weight <= 0:
             raise PopcornInputError(
                 "the built-up extractor finds no built-up area in any training region, so the "
@@ -248,24 +252,24 @@ class WeakSupervisionTask(LightningModule):
     def on_train_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._epoch_start
         if self._epoch_region_pixels and seconds > 0:
-            self.log("train/region_pixels_per_s", self._epoch_region_pixels / seconds)
+            self.log("train/region_pixels_per_s", self._epoch_region_pixels / seconds, sync_dist=True, reduce_fx="sum")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         """The loss, plus each region's log error for callbacks (``HardRegionSampling``)."""
         loss, data_loss, occupancy, sums, counts, _ = self._region_step(batch)
         self._epoch_region_pixels += int(batch["region_mask"].sum())
         n = len(batch["count"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/log_l1", data_loss, on_epoch=True, batch_size=n)
-        self.log("train/mean_occupancy", occupancy, on_epoch=True, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("train/log_l1", data_loss, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("train/mean_occupancy", occupancy, on_epoch=True, batch_size=n, sync_dist=True)
         errors = (torch.log1p(counts) - torch.log1p(sums.detach().clamp(min=0))).abs()
         return {"loss": loss, "region_id": torch.unique(batch["region_id"]), "region_log_error": errors}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         loss, data_loss, _, sums, counts, population = self._region_step(batch)
         n = len(batch["count"])
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=n)
-        self.log("val/log_l1", data_loss, on_epoch=True, batch_size=n)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("val/log_l1", data_loss, on_epoch=True, batch_size=n, sync_dist=True)
         self._val_sums.append(sums.detach().float().cpu())
         self._val_counts.append(counts.detach().float().cpu())
         if "window" in batch and self._fine_truth() is not None:
@@ -281,15 +285,28 @@ class WeakSupervisionTask(LightningModule):
             cells = ((row + rows) // FINE_FACTOR) * width_cells + (col + cols) // FINE_FACTOR
             self._val_cells.append((cells, values[i][rows, cols]))
 
+    def _gather_validation(self) -> None:
+        """Under DDP: every process gets all processes' region sums and 1 ha cells, so the
+        epoch's metrics are those of the whole validation set (the same on every rank)."""
+        if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        mine = (self._val_sums, self._val_counts, self._val_cells)
+        everyone: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        self._val_sums = [t for part in everyone for t in part[0]]
+        self._val_counts = [t for part in everyone for t in part[1]]
+        self._val_cells = [c for part in everyone for c in part[2]]
+
     def on_validation_epoch_end(self) -> None:
+        self._gather_validation()
         if self._val_sums:
             pred = torch.cat(self._val_sums).numpy()
             true = torch.cat(self._val_counts).numpy()
             if len(true) >= 2:
                 m = regression_metrics(pred, true)
-                self.log("val/region_r2", m["r2"], prog_bar=True)
-                self.log("val/region_mae", m["mae"])
-                self.log("val/region_rmse", m["rmse"])
+                self.log("val/region_r2", m["r2"], prog_bar=True, sync_dist=True)
+                self.log("val/region_mae", m["mae"], sync_dist=True)
+                self.log("val/region_rmse", m["rmse"], sync_dist=True)
         if self._val_cells:
             cells = np.concatenate([c for c, _ in self._val_cells])
             values = np.concatenate([v for _, v in self._val_cells])
@@ -301,9 +318,9 @@ class WeakSupervisionTask(LightningModule):
             ok = np.isfinite(truth)
             if ok.sum() >= 2:
                 m = regression_metrics(sums[whole][ok], truth[ok])
-                self.log("val/fine_r2", m["r2"], prog_bar=True)
-                self.log("val/fine_mae", m["mae"])
-                self.log("val/fine_rmse", m["rmse"])
+                self.log("val/fine_r2", m["r2"], prog_bar=True, sync_dist=True)
+                self.log("val/fine_mae", m["mae"], sync_dist=True)
+                self.log("val/fine_rmse", m["rmse"], sync_dist=True)
         self._val_sums.clear()
         self._val_counts.clear()
         self._val_cells.clear()
