@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,6 +29,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def geotiff_profile(
+    height: int, width: int, *, count: int = 1, dtype: str = "float32", crs: Any = None, transform: Any = None,
+    nodata: float | None = None, predictor: int | None = None, block: int = 256, **extra: Any,
+) -> dict[str, Any]:
+    """The one GeoTIFF creation profile of every writer: deflate-compressed, tiled in ``block`` px
+    (a multiple of 16) when both sides are at least that long, else strips; ``predictor`` 2
+    (integers) or 3 (floats) when given; ``extra`` creation options (e.g. ``BIGTIFF="IF_SAFER"``)."""
+    profile: dict[str, Any] = {
+        "driver": "GTiff", "height": height, "width": width, "count": count, "dtype": dtype, "crs": crs,
+        "transform": transform, "nodata": nodata, "compress": "deflate", **extra,
+    }
+    if predictor is not None:
+        profile["predictor"] = predictor
+    if height >= block and width >= block:
+        profile.update(tiled=True, blockxsize=block, blockysize=block)
+    return profile
 
 
 def write_geotiff(
@@ -55,24 +73,8 @@ def write_geotiff(
     if data.ndim == 2:
         data = data[None]
     bands, height, width = data.shape
-    profile = {
-        "driver": "GTiff",
-        "height": height,
-        "width": width,
-        "count": bands,
-        "dtype": data.dtype.name,
-        "crs": crs,
-        "transform": transform,
-        "nodata": nodata,
-        "compress": "deflate",
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-    }
-    if width < 256 or height < 256:
-        profile.update(tiled=False)
-        profile.pop("blockxsize")
-        profile.pop("blockysize")
+    profile = geotiff_profile(height, width, count=bands, dtype=data.dtype.name, crs=crs, transform=transform,
+                              nodata=nodata)
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(data)

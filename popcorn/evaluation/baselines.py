@@ -23,7 +23,7 @@ from rasterio.windows import Window as RioWindow
 
 from popcorn.errors import PopcornInputError
 from popcorn.evaluation.dasymetric import RegionRasterizer, scale_factors_from_sums
-from popcorn.io import atomic_path
+from popcorn.io import atomic_path, geotiff_profile
 
 BLOCK = 2048
 NODATA = -1.0
@@ -80,13 +80,8 @@ def disaggregate(
             sums += np.bincount(ids[valid], weights=w[valid], minlength=n)[:n]
             pixels += np.bincount(ids[valid], minlength=n)[:n]
         factor, fill, _ = scale_factors_from_sums(regions.counts, sums, pixels)
-        profile = {
-            "driver": "GTiff", "width": src.width, "height": src.height, "count": 1, "dtype": "float32",
-            "crs": src.crs, "transform": src.transform, "nodata": NODATA, "compress": "deflate",
-            "BIGTIFF": "IF_SAFER",
-        }
-        if src.width >= 256 and src.height >= 256:
-            profile.update(tiled=True, blockxsize=256, blockysize=256)
+        profile = geotiff_profile(src.height, src.width, crs=src.crs, transform=src.transform, nodata=NODATA,
+                                  BIGTIFF="IF_SAFER")
         with atomic_path(out) as tmp, rasterio.open(tmp, "w", **profile) as dst:
             for win in _windows(src.height, src.width):
                 w, valid = _read_weights(src, win, uniform)

@@ -32,7 +32,7 @@ from rasterio.windows import Window as RioWindow
 
 from popcorn.datasets.grid import RasterGrid, Window, clip_window
 from popcorn.errors import PopcornInputError
-from popcorn.io import atomic_path
+from popcorn.io import atomic_path, geotiff_profile
 
 log = logging.getLogger(__name__)
 
@@ -328,14 +328,7 @@ def _compute_tiles(todo: list[Window], cores: list[Window], finished: set[str], 
 
 # ----------------------------------------------------------------------------- writing
 def _profile(width: int, height: int, transform: Affine, crs: Any) -> dict[str, Any]:
-    profile: dict[str, Any] = {
-        "driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "float32",
-        "crs": crs, "transform": transform, "nodata": NODATA, "compress": "deflate",
-        "predictor": 3, "BIGTIFF": "IF_SAFER",
-    }
-    if width >= 256 and height >= 256:
-        profile.update(tiled=True, blockxsize=256, blockysize=256)
-    return profile
+    return geotiff_profile(height, width, crs=crs, transform=transform, nodata=NODATA, predictor=3, BIGTIFF="IF_SAFER")
 
 
 class StreamedGeoTIFF:

@@ -59,7 +59,7 @@ import pandas as pd
 
 from popcorn.datasets.grid import RasterGrid, burn_ids
 from popcorn.errors import PopcornInputError
-from popcorn.io import atomic_path
+from popcorn.io import atomic_path, geotiff_profile
 from popcorn.prep.census_boundaries import (
     assign_region_ids,
     read_boundaries,
@@ -204,11 +204,7 @@ def write_product(product: CensusProduct, out: str | os.PathLike[str]) -> list[P
         if product.id_raster is not None:
             g = product.grid
             h, w = product.id_raster.shape
-            profile = {"driver": "GTiff", "height": h, "width": w, "count": 1, "dtype": "int32",
-                       "crs": g.crs, "transform": g.transform, "nodata": 0, "compress": "deflate",
-                       "predictor": 2}
-            if h >= 256 and w >= 256:
-                profile.update(tiled=True, blockxsize=256, blockysize=256)
+            profile = geotiff_profile(h, w, dtype="int32", crs=g.crs, transform=g.transform, nodata=0, predictor=2)
             with rasterio.open(tmps[3], "w", **profile) as dst:
                 dst.write(product.id_raster.astype(np.int32), 1)
                 dst.set_band_description(1, "region_id")

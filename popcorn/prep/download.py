@@ -89,7 +89,7 @@ from typing import Any
 import numpy as np
 
 from popcorn.errors import PopcornInputError, require
-from popcorn.io import atomic_path
+from popcorn.io import atomic_path, geotiff_profile
 from popcorn.prep.composite import _import_s2cloudless, composite_chunk
 from popcorn.prep.download_config import (
     CHUNK_DIR,
@@ -121,16 +121,10 @@ log = logging.getLogger("popcorn.prep.download")
 
 # ---------------------------------------------------------------------------- files
 def _profile(sensor: str, h: int, w: int, grid: Grid, block: int = 256) -> dict:
-    dtype = "uint16" if sensor == "s2" else "float32"
-    profile = {
-        "driver": "GTiff", "height": h, "width": w, "count": 4 if sensor == "s2" else 2,
-        "dtype": dtype, "crs": grid.crs, "transform": grid.transform,
-        "nodata": 0 if sensor == "s2" else float("nan"), "compress": "deflate",
-        "predictor": 2 if sensor == "s2" else 3, "BIGTIFF": "IF_SAFER",
-    }
-    if h >= block and w >= block:
-        profile.update(tiled=True, blockxsize=block, blockysize=block)
-    return profile
+    s2 = sensor == "s2"
+    return geotiff_profile(h, w, count=4 if s2 else 2, dtype="uint16" if s2 else "float32", crs=grid.crs,
+                           transform=grid.transform, nodata=0 if s2 else float("nan"), predictor=2 if s2 else 3,
+                           block=block, BIGTIFF="IF_SAFER")
 
 
 def _write_chunk(path: Path, data: np.ndarray, sensor: str, grid: Grid, rows: slice, cols: slice) -> None:

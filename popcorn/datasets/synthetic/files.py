@@ -15,7 +15,7 @@ from scipy.spatial import cKDTree
 
 from popcorn.datasets.synthetic.constants import FINE_FACTOR, PIXEL_SIZE, SYNTHETIC_CRS, _transform
 from popcorn.datasets.synthetic.noise import _smooth_noise
-from popcorn.io import atomic_path
+from popcorn.io import atomic_path, geotiff_profile
 
 
 # ============================================================================================
@@ -107,29 +107,14 @@ def _write_tif(
         data = data[None]
     count, h, w = data.shape
 
-    def block(dim: int) -> int:
-        for b in (256, 128, 64, 32, 16):
-            if dim >= b:
-                return b
-        return 16
-
-    profile = {
-        "driver": "GTiff",
-        "height": h,
-        "width": w,
-        "count": count,
-        "dtype": data.dtype.name,
-        "crs": SYNTHETIC_CRS,
-        "transform": transform if transform is not None else _transform(),
-        "nodata": nodata,
-        "compress": "deflate",
-        "predictor": 3 if data.dtype.kind == "f" else 2,
-        "zlevel": 4,
-        "num_threads": "ALL_CPUS",
-        "interleave": "band",
-    }
-    if h >= 16 and w >= 16:
-        profile.update(tiled=True, blockxsize=block(w), blockysize=block(h))
+    # small worlds still get tiles: the largest block of 256..16 px that fits both sides
+    block = next((b for b in (256, 128, 64, 32, 16) if h >= b and w >= b), 16)
+    profile = geotiff_profile(
+        h, w, count=count, dtype=data.dtype.name, crs=SYNTHETIC_CRS,
+        transform=transform if transform is not None else _transform(), nodata=nodata,
+        predictor=3 if data.dtype.kind == "f" else 2, block=block, zlevel=4, num_threads="ALL_CPUS",
+        interleave="band",
+    )
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **profile) as ds:
             ds.write(data)
