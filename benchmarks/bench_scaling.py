@@ -1,7 +1,7 @@
-"""Scaling of prediction over processes on this machine: 1 vs N CPU processes, side by side.
+"""Scaling of prediction and training over processes on this machine: 1 vs N CPU processes.
 
     python benchmarks/bench_scaling.py [--size-px 1200] [--processes 2] [--seasons 4] [--members 3]
-                                       [--tile-size 300] [--checkpoint CKPT]
+                                       [--tile-size 300] [--checkpoint CKPT] [--train-epochs 2]
 
 Runs ``popcorn predict`` on a synthetic world (generated and cached in data/scaling)
 once with one process (1 torch thread) and once with ``--processes`` processes (``--devices``,
@@ -11,18 +11,27 @@ the throughput (Mpx of 10 m input per second, counting every member pass) and th
 the sparse head is disabled so that every pixel costs the same).
 
 Process start-up (spawn, imports, loading the weights: a few seconds per process) is included,
-as a user would see it. Training is not measured here: distributed (DDP) training is not implemented yet (see the README).
+as a user would see it.
+
+Training (``--train-epochs`` > 0): ``popcorn fit`` of the demo configuration on a synthetic world
+of ``--size-px`` (data/scaling_train), once on 1 process (1 torch thread) and once with Lightning
+DDP on ``--processes`` CPU processes (gloo, 1 thread each), the built-up pretraining shared (run
+once, 1 epoch x 2 batches, before both); prints the wall time of each fit and the training
+throughput logged by the task (region pixels per second, summed over the processes).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import rasterio
 import torch
 
@@ -46,8 +55,48 @@ def main() -> None:
     p.add_argument("--tile-size", type=int, default=300)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--data-root", default=str(ROOT / "data" / "scaling"))
+    p.add_argument("--train-epochs", type=int, default=2, help="epochs of the training comparison (0 = skip)")
     args = p.parse_args()
+    predict_scaling(args)
+    if args.train_epochs > 0:
+        train_scaling(args)
 
+
+def _fit(run: Path, args: argparse.Namespace, devices: int) -> tuple[float, float]:
+    """One ``popcorn fit`` on ``devices`` CPU processes: (wall seconds, region px/s of the last epoch)."""
+    cmd = [sys.executable, "-m", "popcorn.fit", "fit", "--config", str(ROOT / "experiments" / "demo.yaml"),
+           "--seed_everything=0", f"--trainer.max_epochs={args.train_epochs}", f"--trainer.default_root_dir={run}",
+           "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run}",
+           "--trainer.logger.name=popcorn", "--trainer.logger.version=0", "--trainer.enable_progress_bar=false",
+           f"--data.init_args.root={ROOT / 'data' / 'scaling_train'}", f"--data.init_args.size_px={args.size_px}",
+           "--builtup_pretraining.max_epochs=1", "--builtup_pretraining.batches_per_epoch=2",
+           f"--builtup_pretraining.output={run.parent / 'builtup.pt'}", "--test_after_fit=false",
+           "--trainer.accelerator=cpu", f"--trainer.devices={devices}"]
+    if devices > 1:
+        cmd.append("--trainer.strategy=ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POPCORN_TORCH_THREADS": "1"}
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
+    seconds = time.perf_counter() - t0
+    metrics = pd.read_csv(run / "popcorn" / "version_0" / "metrics.csv")
+    return seconds, float(metrics["train/region_pixels_per_s"].dropna().iloc[-1])
+
+
+def train_scaling(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="popcorn-train-scaling-") as tmp:
+        runs = Path(tmp)
+        _fit(runs / "warmup", argparse.Namespace(**{**vars(args), "train_epochs": 1}), 1)  # world + pretraining
+        one = _fit(runs / "one", args, 1)
+        many = _fit(runs / "many", args, args.processes)
+    print(f"# training scaling: demo configuration, world {args.size_px} x {args.size_px} px, "
+          f"{args.train_epochs} epoch(s), built-up pretraining shared")
+    print("| processes | wall time of the fit (s) | region px / s (last epoch, all processes) | speed-up |")
+    print("|---:|---:|---:|---:|")
+    print(f"| 1 | {one[0]:.1f} | {one[1]:,.0f} | 1.00x |")
+    print(f"| {args.processes} (DDP) | {many[0]:.1f} | {many[1]:,.0f} | {many[1] / one[1]:.2f}x |", flush=True)
+
+
+def predict_scaling(args: argparse.Namespace) -> None:
     world = make_synthetic_world(args.data_root, size_px=args.size_px, seed=0)
     with tempfile.TemporaryDirectory(prefix="popcorn-scaling-") as tmp:
         tmp = Path(tmp)
