@@ -11,17 +11,19 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from paths import ROOT
 
 REGIONS, VAL = 24, 6  # n_regions and the regions val_fraction=0.25 holds out
 
 
-def _fit(run: Path, world_root: Path, epochs: int, *extra: str) -> None:
+def _fit(run: Path, world_root: Path, epochs: int, *extra: str, command: str = "fit", devices: int = 2) -> None:
     cmd = [
-        sys.executable, "-m", "popcorn.fit", "fit", "--config", str(ROOT / "experiments" / "demo.yaml"),
+        sys.executable, "-m", "popcorn.fit", command, "--config", str(ROOT / "experiments" / "demo.yaml"),
         "--seed_everything=3", f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={run}",
-        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+        *(["--trainer.strategy=ddp"] if devices > 1 else []), f"--trainer.devices={devices}",
+        "--trainer.accelerator=cpu",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run}",
         "--trainer.logger.name=popcorn", "--trainer.enable_progress_bar=false",
         "--trainer.check_val_every_n_epoch=1",
@@ -30,7 +32,7 @@ def _fit(run: Path, world_root: Path, epochs: int, *extra: str) -> None:
         "--data.init_args.batch_size=1", "--builtup_pretraining.max_epochs=1",
         "--builtup_pretraining.batches_per_epoch=2", "--builtup_pretraining.batch_size=2",
         "--builtup_pretraining.patch_size=64", "--builtup_pretraining.source_world_size_px=200",
-        "--test_after_fit=false", *extra,
+        *(["--test_after_fit=false"] if command == "fit" else []), *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "POPCORN_TORCH_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -63,3 +65,21 @@ def test_ddp_fit_shards_validates_everything_and_resumes_exactly(tmp_path: Path)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_ddp_validation_equals_one_process(tmp_path: Path) -> None:
+    """The same checkpoint validated on 1 and on 2 processes: the same region and 1 ha metrics."""
+    world_root = tmp_path / "world"
+    run = tmp_path / "fit"
+    _fit(run, world_root, 1, devices=1)
+    ckpt = run / "popcorn" / "version_0" / "checkpoints" / "last.ckpt"
+    logged = {}
+    for devices in (1, 2):
+        out = tmp_path / f"validate_{devices}"
+        _fit(out, world_root, 1, f"--ckpt_path={ckpt}", command="validate", devices=devices)
+        metrics = pd.read_csv(out / "popcorn" / "version_0" / "metrics.csv")
+        logged[devices] = {c: float(metrics[c].dropna().iloc[-1]) for c in metrics.columns if c.startswith("val/")}
+    assert {"val/region_r2", "val/fine_r2", "val/loss"} <= set(logged[1])
+    assert logged[1].keys() == logged[2].keys()
+    for key, value in logged[1].items():
+        assert logged[2][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
