@@ -11,6 +11,7 @@ from typing import Any
 
 from popcorn.datasets.covariates import CovariateStack, Normalizer
 from popcorn.errors import PopcornInputError, exit_with_error
+from popcorn.inference.distributed import launched_rank, predict_map_distributed
 from popcorn.inference.popvae import DEFAULT_TILE, evaluate_map, predict_map
 
 
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=int, default=DEFAULT_TILE, help=f"tile side in pixels (default {DEFAULT_TILE})")
     p.add_argument("--batch-size", type=int, default=4096, help="patches per forward pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--devices", type=int, default=1,
+                   help="processes sharing the tiles (CPU processes, or GPUs with --device cuda); default 1")
     p.add_argument("--restart", action="store_true", help="ignore a partial run of --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--reference", help="reference raster for the pixel R^2")
@@ -57,9 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         task = load_task(args.ckpt, need_normalization=not args.normalization)
         norm = Normalizer.load(args.normalization) if args.normalization else Normalizer.from_dict(task.hparams.normalization)
         stack = CovariateStack(args.covariates, args.floor_bands)
-        path = predict_map(task, stack, norm, args.out, tile_size=args.tile_size, batch_size=args.batch_size,
-                           device=args.device, tags={"checkpoint": str(args.ckpt)}, resume=not args.restart,
-                           progress=not args.quiet)
+        options = dict(tile_size=args.tile_size, batch_size=args.batch_size, tags={"checkpoint": str(args.ckpt)},
+                       resume=not args.restart, progress=not args.quiet)
+        if args.devices > 1 or launched_rank() is not None:
+            accelerator = "gpu" if str(args.device).startswith("cuda") else "cpu"
+            path = predict_map_distributed(task, stack, norm, args.out, devices=args.devices, accelerator=accelerator,
+                                           **options)
+            if path is None:  # not rank 0: rank 0 assembles, evaluates and reports
+                return 0
+        else:
+            path = predict_map(task, stack, norm, args.out, device=args.device, **options)
         print(f"map: {path}")
         ev = evaluate_map(path, reference=args.reference, census_regions=args.census, census_counts=args.counts,
                           region_ids=args.region_ids, id_column=args.id_column, count_column=args.count_column)

@@ -37,7 +37,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from popcorn.datasets.covariates import CovariateStack, Normalizer, nonempty_pat
 from popcorn.datasets.grid import RasterGrid, Window
 from popcorn.errors import PopcornInputError
 from popcorn.models.popvae import LOG_CLIP_MAX, PopVAE
+
+if TYPE_CHECKING:
+    from popcorn.inference.tiles import Shard
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +144,12 @@ def _stack_settings(stack: CovariateStack) -> dict[str, Any]:
 def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: str | os.PathLike[str], *,
                 tile_size: int = DEFAULT_TILE, batch_size: int = 4096, device: str | torch.device = "cpu",
                 tags: dict[str, str] | None = None, resume: bool = True, progress: bool = False,
-                stop_after: int | None = None, on_tile: Callable[[Window], None] | None = None) -> Path:
+                stop_after: int | None = None, on_tile: Callable[[Window], None] | None = None,
+                shard: Shard | None = None) -> Path | None:
     """Predict the whole covariate grid into a GeoTIFF (people per pixel, nodata -1) through the
-    tiled engine of :mod:`popcorn.inference.maps` (see the module docstring)."""
+    tiled engine of :mod:`popcorn.inference.maps` (see the module docstring). With a ``shard``
+    (:mod:`popcorn.inference.distributed`) this process computes its share of the tiles; rank 0
+    then assembles the map and returns its path, the other ranks return None."""
     from popcorn import __version__
     from popcorn.inference.tiles import Product, assemble, run_tiles, tile_cores
 
@@ -165,7 +171,10 @@ def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: 
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     run = run_tiles(tile_cores(window, tile_size), net.patch_size // 2, grid.shape, covariate_reader(stack), runner,
                     out.parent / f".{out.name}.partial", key, {"settings": settings}, clip_reads=False,
-                    resume=resume, progress=progress, desc="popVAE", stop_after=stop_after, on_tile=on_tile)
+                    resume=resume, progress=progress, desc="popVAE", stop_after=stop_after, on_tile=on_tile,
+                    shard=shard)
+    if shard is not None and shard.rank != 0:
+        return None
     meta = {"software": f"popcorn {__version__}", "model": "popVAE", "product": "population",
             "units": "people per pixel", "model_sha256": digest,
             "covariates": json.dumps([str(p) for p in stack.paths]), "band_names": json.dumps(stack.band_names),
