@@ -128,7 +128,8 @@ class RegionSampler(Sampler[RegionQuery]):
         if share == 0.0 or not self.ids:
             self.draw_probabilities = None
             return
-        known = [max(float(w), 0.0) for i, w in weights.items() if i in set(self.ids)]
+        ids = set(self.ids)
+        known = [max(float(w), 0.0) for i, w in weights.items() if i in ids]
         fill = float(np.mean(known)) if known else 1.0
         w = torch.tensor([max(float(weights.get(i, fill)), 0.0) for i in self.ids], dtype=torch.float64)
         uniform = torch.full_like(w, 1.0 / len(w))

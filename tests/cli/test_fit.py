@@ -72,6 +72,16 @@ def test_fit_pretrains_trains_and_tests(trained: tuple[Path, Path]) -> None:
     assert any(p.name == "last.ckpt" for p in ckpts) and any(p.name.startswith("best") for p in ckpts)
 
 
+def _run_with_best_checkpoint(command: str, trained: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """``popcorn.fit <command>`` with the trained run's best checkpoint: (checkpoint, run folder)."""
+    first, world_root = trained
+    best = next((first / "run" / "popcorn" / "version_0" / "checkpoints").glob("best*.ckpt"))
+    args = _args(tmp_path, world_root, max_epochs=1)
+    args[0] = command
+    main([a for a in args if not a.startswith("--builtup_pretraining")] + [f"--ckpt_path={best}"])
+    return best, tmp_path / "run" / "popcorn" / "version_0"
+
+
 def test_test_subcommand_is_popcorn_predict_plus_evaluate(trained: tuple[Path, Path], tmp_path: Path) -> None:
     """One prediction path: `popcorn test` gives the maps and metrics that `popcorn predict` +
     `popcorn evaluate` give for the same checkpoint (same tiles, same edges, same numbers)."""
@@ -79,13 +89,8 @@ def test_test_subcommand_is_popcorn_predict_plus_evaluate(trained: tuple[Path, P
     from popcorn.cli.predict import main as predict_main
     from popcorn.datasets.synthetic.world import world_dir
 
-    first, world_root = trained
-    best = next((first / "run" / "popcorn" / "version_0" / "checkpoints").glob("best*.ckpt"))
-    args = _args(tmp_path, world_root, max_epochs=1)
-    args[0] = "test"
-    args = [a for a in args if not a.startswith("--builtup_pretraining")] + [f"--ckpt_path={best}"]
-    main(args)
-    out = tmp_path / "run" / "popcorn" / "version_0"
+    _, world_root = trained
+    best, out = _run_with_best_checkpoint("test", trained, tmp_path)
     metrics = pd.read_csv(out / "metrics.csv")
     for key in ("test/popcorn_r2", "test/popcorn_rescaled_r2", "test/builtup_disaggregation_r2"):
         assert metrics[key].notna().any(), key
@@ -112,13 +117,7 @@ def test_test_subcommand_is_popcorn_predict_plus_evaluate(trained: tuple[Path, P
 
 def test_predict_subcommand_writes_the_engine_maps(trained: tuple[Path, Path], tmp_path: Path) -> None:
     """`popcorn.fit predict` runs the same engine without evaluating: maps, no comparison table."""
-    first, world_root = trained
-    best = next((first / "run" / "popcorn" / "version_0" / "checkpoints").glob("best*.ckpt"))
-    args = _args(tmp_path, world_root, max_epochs=1)
-    args[0] = "predict"
-    args = [a for a in args if not a.startswith("--builtup_pretraining")] + [f"--ckpt_path={best}"]
-    main(args)
-    out = tmp_path / "run" / "popcorn" / "version_0"
+    _, out = _run_with_best_checkpoint("predict", trained, tmp_path)
     for name in ("population_1ha.tif", "population_1ha_rescaled.tif", "builtup_score_10m.tif"):
         assert (out / "maps" / name).exists(), name
     assert not (out / "comparison.csv").exists()
