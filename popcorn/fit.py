@@ -108,13 +108,14 @@ class PopcornCLI(LightningCLI):
                 init.version = version
 
     def before_fit(self) -> None:
-        """A multi-process fit pretrains the built-up extractor now, before its processes connect
-        (see :meth:`PretrainBuiltUp.before_launch`)."""
-        if self.trainer.world_size > 1:
-            ckpt_path = self.config[self.subcommand].get("ckpt_path")
-            for callback in self.trainer.callbacks:
-                if isinstance(callback, PretrainBuiltUp):
-                    callback.before_launch(self.trainer, self.model, self.datamodule, ckpt_path)
+        """The built-up extractor is pretrained now, before ``trainer.fit`` (see
+        :meth:`PretrainBuiltUp.before_launch`): a multi-process fit must, since its own trainer
+        would wait on the other processes; a single-process fit does too, so that pretraining
+        draws the same random numbers (right after seeding) with one process or many."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PretrainBuiltUp):
+                callback.before_launch(self.trainer, self.model, self.datamodule, ckpt_path)
 
 
 def last_checkpoint() -> ModelCheckpoint:

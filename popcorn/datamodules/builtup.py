@@ -2,9 +2,12 @@
 
 As Hafner et al. (2022) train it: built-up labels in a *source* area (BCE), and the imagery of one
 or more *target* areas without labels (S1/S2 consistency). Target patches come from
-:class:`~popcorn.datasets.samples.ImagePatches`, which holds no label raster, so no label can
+:class:`~popcorn.datasets.samples.SentinelPairs`, which holds no label raster, so no label can
 reach a training step from a target; a target's labels may be given for evaluation only
 (``target_eval_labels``), read by the validation loaders alone.
+
+Patches are TorchGeo queries: the samplers yield :class:`~popcorn.datasets.samples.PatchQuery`
+GeoSlices on each area's grid, answered by the intersection ``s1 & s2`` of that area.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from popcorn.datasets.grid import Window
-from popcorn.datasets.samples import ImagePatches, LabelRaster, PatchSamples, collate_patches
+from popcorn.datasets.grid import RasterGrid, Window
+from popcorn.datasets.samples import LabelRaster, PatchQuery, PatchSamples, SentinelPairs, collate_patches
 from popcorn.datasets.sentinel import SEASONS, check_seasons, open_imagery
 from popcorn.errors import PopcornInputError
-from popcorn.samplers.windows import FixedPatchSampler, PatchKey, RandomPatchSampler, epoch_seed
+from popcorn.samplers.windows import FixedPatchSampler, RandomPatchSampler, epoch_seed
 from popcorn.transforms.augmentation import BatchAugmentation
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,7 @@ def _collate_domain(samples: Sequence[dict[str, Any]], domain: str) -> dict[str,
 
 
 class _AreaPatches(Dataset[dict[str, Any]]):
-    """Patches from several areas (datasets) keyed by ``(area index, PatchKey)``."""
+    """Patches from several areas (datasets, each on its own grid) keyed by ``(area index, PatchQuery)``."""
 
     def __init__(self, areas: Sequence[Dataset[dict[str, Any]]]) -> None:
         self.areas = list(areas)
@@ -49,19 +52,21 @@ class _AreaPatches(Dataset[dict[str, Any]]):
     def __len__(self) -> int:  # pragma: no cover - sampled by keys
         return 0
 
-    def __getitem__(self, key: tuple[int, PatchKey]) -> dict[str, Any]:
+    def __getitem__(self, key: tuple[int, PatchQuery]) -> dict[str, Any]:
         area, patch = key
         return self.areas[area][patch]
 
 
-class _MultiAreaSampler(Sampler[tuple[int, PatchKey]]):
-    """Random patches over several areas (each area's share = its share of the pixels), shuffled.
+class _MultiAreaSampler(Sampler[tuple[int, PatchQuery]]):
+    """Random patches over several areas (each area's share = its share of the pixels), shuffled;
+    ``grids[i]`` is the grid of ``areas[i]`` (the queries' slices are in its map units).
 
     ``set_epoch`` reseeds every generator from ``(seed, epoch)`` (resumable runs).
     """
 
     def __init__(
-        self, areas: Sequence[Window], patch_size: int, length: int, seasons: Sequence[str], seed: int
+        self, areas: Sequence[Window], grids: Sequence[RasterGrid], patch_size: int, length: int,
+        seasons: Sequence[str], seed: int,
     ) -> None:
         pixels = [a[2] * a[3] for a in areas]
         quota = [length * p / sum(pixels) for p in pixels]
@@ -69,8 +74,8 @@ class _MultiAreaSampler(Sampler[tuple[int, PatchKey]]):
         for i in sorted(range(len(areas)), key=lambda i: counts[i] - quota[i])[: length - sum(counts)]:
             counts[i] += 1  # largest remainders
         self.samplers = [
-            RandomPatchSampler(a, patch_size, n, seasons, seed + 7919 * (i + 1))
-            for i, (a, n) in enumerate(zip(areas, counts, strict=True))
+            RandomPatchSampler(a, patch_size, n, seasons, seed + 7919 * (i + 1), grid)
+            for i, (a, n, grid) in enumerate(zip(areas, counts, grids, strict=True))
         ]
         self.length = int(length)
         self.seed = int(seed)
@@ -84,7 +89,7 @@ class _MultiAreaSampler(Sampler[tuple[int, PatchKey]]):
     def __len__(self) -> int:
         return self.length
 
-    def __iter__(self) -> Iterator[tuple[int, PatchKey]]:
+    def __iter__(self) -> Iterator[tuple[int, PatchQuery]]:
         keys = [(i, k) for i, s in enumerate(self.samplers) for k in s]
         for j in torch.randperm(len(keys), generator=self.generator).tolist():
             yield keys[j]
@@ -238,26 +243,27 @@ class BuiltUpDataModule(L.LightningDataModule):
             self.val_area: Window = (0, w - val_w, h, val_w)
             self._samples = PatchSamples(s1, s2, labels)
             self._train_sampler = RandomPatchSampler(
-                self.train_area, ps, self.batches_per_epoch * self.batch_size, self.seasons, self.seed
+                self.train_area, ps, self.batches_per_epoch * self.batch_size, self.seasons, self.seed, grid
             )
             log.info("built-up source %s: train columns 0..%d, validation columns %d..%d",
                      self.imagery_root, w - val_w, w - val_w, w)
-        areas, unlabelled, self._target_eval = [], [], []
+        areas, grids, unlabelled, self._target_eval = [], [], [], []
         for root, eval_labels in zip(self.target_roots, self.target_eval_labels, strict=True):
             s1, s2, grid = open_imagery(root, self.seasons)
             h, w = grid.shape
             self._check_size(root, h, w, ps)
             areas.append((0, 0, h, w))
-            unlabelled.append(ImagePatches(s1, s2))
+            grids.append(grid)
+            unlabelled.append(SentinelPairs(s1, s2))
             if eval_labels is not None:  # evaluation only: never part of a training loader
                 labels = LabelRaster(eval_labels, grid, "target evaluation labels raster")
-                self._target_eval.append((PatchSamples(s1, s2, labels), (0, 0, h, w)))
+                self._target_eval.append((PatchSamples(s1, s2, labels), (0, 0, h, w), grid))
             log.info("built-up target %s (%dx%d px, %s)", root, h, w,
                      "labels for evaluation only" if eval_labels else "no labels")
         if unlabelled:
             self._targets = _AreaPatches(unlabelled)
             self._target_sampler = _MultiAreaSampler(
-                areas, ps, self.batches_per_epoch * self.target_batch_size, self.seasons,
+                areas, grids, ps, self.batches_per_epoch * self.target_batch_size, self.seasons,
                 self.seed + 1,
             )
         self._ready = True
@@ -287,13 +293,13 @@ class BuiltUpDataModule(L.LightningDataModule):
         if self._samples is not None:
             out.append(self._loader(
                 self._samples,
-                FixedPatchSampler(self.val_area, self.patch_size, self.seasons, self.max_val_patches),
+                FixedPatchSampler(self.val_area, self.patch_size, self.seasons, self.max_val_patches, self.grid),
                 self.batch_size, "source",
             ))
-        for dataset, area in self._target_eval:
+        for dataset, area, grid in self._target_eval:
             out.append(self._loader(
                 dataset,
-                FixedPatchSampler(area, self.patch_size, self.seasons, self.max_target_val_patches),
+                FixedPatchSampler(area, self.patch_size, self.seasons, self.max_target_val_patches, grid),
                 self.batch_size, "target",
             ))
         return out

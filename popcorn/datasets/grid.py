@@ -61,6 +61,11 @@ class RasterGrid:
         top = self.transform.f - row * res
         return slice(left, left + w * res, res), slice(top - h * res, top, res)
 
+    def window_transform(self, window: Window, factor: int = 1) -> Affine:
+        """Affine of a pixel window of the grid, at ``factor`` x the pixel size."""
+        row, col, _, _ = window
+        return self.transform @ Affine.translation(col, row) @ Affine.scale(factor, factor)
+
     def slices_to_window(self, x: slice, y: slice) -> Window:
         """Pixel window of TorchGeo ``(x, y)`` slices (coordinates rounded to whole pixels)."""
         res = self.res

@@ -4,7 +4,10 @@ Census regions are TorchGeo-native: :class:`~popcorn.samplers.RegionSampler` yie
 :class:`RegionQuery` s (GeoSlices of a region's padded bounding box in one season) and
 :class:`RegionSamples` is the :class:`~torchgeo.datasets.IntersectionDataset` ``(s1 & s2) &
 regions`` answering them; :func:`collate_regions` pads, then stacks as TorchGeo's
-``stack_samples`` does. Built-up patches are still addressed by pixel windows (:class:`PatchKey`).
+``stack_samples`` does. Built-up patches are TorchGeo-native too:
+:class:`~popcorn.samplers.RandomPatchSampler` and :class:`~popcorn.samplers.FixedPatchSampler`
+yield :class:`PatchQuery` s (GeoSlices of a patch in one season), answered by :class:`SentinelPairs`
+(the intersection ``s1 & s2``) and :class:`PatchSamples` (plus the built-up label).
 
 Batch formats (see docs/interfaces.md):
 
@@ -23,70 +26,121 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import rasterio
 import torch
 from rasterio.windows import Window as RioWindow
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchgeo.datasets import IntersectionDataset
 from torchgeo.datasets.utils import GeoSlice, stack_samples
 
 from popcorn.datasets.census import CensusRegions
 from popcorn.datasets.grid import RasterGrid, Window, check_aligned, clip_window
-from popcorn.datasets.sentinel import Sentinel1Composite, Sentinel2Composite
+from popcorn.datasets.sentinel import Sentinel1Composite, Sentinel2Composite, season_slice
 from popcorn.errors import PopcornInputError
 
 log = logging.getLogger(__name__)
 
 
-class RegionQuery(tuple):
-    """A TorchGeo GeoSlice ``(x, y, t)`` that also names the census region it was drawn for.
+class TaggedGeoSlice(tuple):
+    """A TorchGeo GeoSlice ``(x, y, t)`` that also carries named tags: the sampler's terms of it.
 
-    Why a GeoSlice with attributes: TorchGeo passes the query of an :class:`IntersectionDataset`
-    unchanged to every member, so the imagery datasets read it as the plain GeoSlice it is
-    (``s2[query]`` works), while :class:`RegionSamples` reads ``region_id`` to tell the region
-    from its neighbours (a padded bounding box does not identify a region: boxes may coincide or
-    nest). ``season`` and ``window`` are the same query in the sampler's terms (the season the
-    ``t`` slice selects, the pixel window of ``x``/``y``). Two queries are equal when their slices
-    and region ids are.
+    Why: TorchGeo passes the query of an :class:`IntersectionDataset` unchanged to every member,
+    so the imagery datasets read it as the plain GeoSlice it is (``s2[query]`` works), while the
+    dataset assembling the sample reads the tags. A subclass names its tags in :attr:`tags` and,
+    in :attr:`distinct_by`, those that tell two queries with the same slices apart. Two queries are
+    equal when they are of one class and their slices and ``distinct_by`` tags are; the hash is
+    that of all tags (slices are not hashable). Picklable (DataLoader workers get pickled queries).
     """
 
-    region_id: int
-    season: str
-    window: Window
+    tags: ClassVar[tuple[str, ...]] = ()
+    distinct_by: ClassVar[tuple[str, ...]] = ()
 
-    def __new__(cls, x: slice, y: slice, t: slice, *, region_id: int, season: str, window: Window) -> RegionQuery:
+    def __new__(cls, x: slice, y: slice, t: slice, **tags: Any) -> Self:
+        if set(tags) != set(cls.tags):
+            raise TypeError(f"{cls.__name__} takes the tags {cls.tags}, got {tuple(tags)}")
         self = super().__new__(cls, (x, y, t))
-        self.region_id, self.season, self.window = int(region_id), str(season), tuple(int(v) for v in window)
+        for name in cls.tags:
+            setattr(self, name, tags[name])
         return self
 
     def __getnewargs_ex__(self) -> tuple[tuple[slice, slice, slice], dict[str, Any]]:  # pickling (workers)
-        return tuple(self), {"region_id": self.region_id, "season": self.season, "window": self.window}
+        return tuple(self), {name: getattr(self, name) for name in self.tags}
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, tuple) and tuple.__eq__(self, other)
-                and self.region_id == getattr(other, "region_id", None))
+        return (type(other) is type(self) and tuple.__eq__(self, other)
+                and all(getattr(self, name) == getattr(other, name) for name in self.distinct_by))
 
     def __ne__(self, other: object) -> bool:
         return not self == other
 
     def __hash__(self) -> int:
-        return hash((self.region_id, self.season, self.window))
+        return hash(tuple(getattr(self, name) for name in self.tags))
 
     def __repr__(self) -> str:
         x, y, t = self
-        return (f"RegionQuery(region_id={self.region_id}, season={self.season!r}, window={self.window}, "
-                f"x={x}, y={y}, t={t})")
+        tags = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.tags)
+        return f"{type(self).__name__}({tags}, x={x}, y={y}, t={t})"
 
 
-class PatchKey(NamedTuple):
-    """One built-up pretraining patch (window of the grid) in one season."""
+class RegionQuery(TaggedGeoSlice):
+    """A TorchGeo GeoSlice ``(x, y, t)`` that also names the census region it was drawn for.
 
+    :class:`RegionSamples` reads ``region_id`` to tell the region from its neighbours (a padded
+    bounding box does not identify a region: boxes may coincide or nest). ``season`` and
+    ``window`` are the same query in the sampler's terms (the season the ``t`` slice selects, the
+    pixel window of ``x``/``y``). Two queries are equal when their slices and region ids are.
+    """
+
+    tags = ("region_id", "season", "window")
+    distinct_by = ("region_id",)
+    region_id: int
     season: str
     window: Window
+
+    def __new__(cls, x: slice, y: slice, t: slice, *, region_id: int, season: str, window: Window) -> Self:
+        return super().__new__(cls, x, y, t, region_id=int(region_id), season=str(season),
+                               window=tuple(int(v) for v in window))
+
+
+class PatchQuery(TaggedGeoSlice):
+    """A TorchGeo GeoSlice ``(x, y, t)`` of one built-up patch, with the ``season`` (that ``t``
+    selects) and pixel ``window`` (of ``x``/``y``) it was drawn as: :class:`PatchSamples` reads
+    the label over ``window``. Two queries are equal when their slices, seasons and windows are.
+    """
+
+    tags = ("season", "window")
+    distinct_by = ("season", "window")
+    season: str
+    window: Window
+
+    def __new__(cls, x: slice, y: slice, t: slice, *, season: str, window: Window) -> Self:
+        return super().__new__(cls, x, y, t, season=str(season), window=tuple(int(v) for v in window))
+
+
+class TileQuery(TaggedGeoSlice):
+    """A TorchGeo GeoSlice ``(x, y, t)`` of a prediction tile's ``read`` window (its ``core`` plus
+    context, pixel windows of the grid), from :class:`~popcorn.samplers.TileGridSampler`. ``t``
+    spans the seasons to predict (``season`` None) until :meth:`in_season` picks one. The engine
+    keys a finished tile by ``core``; two queries are equal when their slices and cores are.
+    """
+
+    tags = ("core", "read", "season")
+    distinct_by = ("core",)
+    core: Window
+    read: Window
+    season: str | None
+
+    def __new__(cls, x: slice, y: slice, t: slice, *, core: Window, read: Window, season: str | None = None) -> Self:
+        return super().__new__(cls, x, y, t, core=tuple(int(v) for v in core), read=tuple(int(v) for v in read),
+                               season=None if season is None else str(season))
+
+    def in_season(self, season: str) -> TileQuery:
+        """The same tile in one season (``t`` = that season's compositing period)."""
+        x, y, _ = self
+        return TileQuery(x, y, season_slice(season), core=self.core, read=self.read, season=season)
 
 
 def concat_shared(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -111,11 +165,40 @@ def by_sensor(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {**{k: v for k, v in first.items() if k != "image"}, "s1": first["image"], "s2": second["image"]}
 
 
+class SentinelPairs(IntersectionDataset):
+    """``s1 & s2`` as TorchGeo intersects them (collate :func:`by_sensor`): the imagery of every
+    query type (regions, patches, tiles), and the unlabelled (target) patches.
+
+    A query gets ``s1``, ``s2``, ``season`` and TorchGeo's ``bounds``, the same arrays as direct
+    pixel-window reads, bit for bit. It holds no label raster at all, so a label can never reach a
+    batch made from it. A sensor with no file under a query on the grid (S1 and S2 of different
+    extents, tiles with gaps) makes TorchGeo raise IndexError; a query that names its ``season``
+    (:class:`RegionQuery`, :class:`PatchQuery`, :meth:`TileQuery.in_season`) then reads its pixel
+    window directly: all NaN where files are missing, as a prediction expects.
+    """
+
+    def __init__(self, s1: Sentinel1Composite, s2: Sentinel2Composite) -> None:
+        super().__init__(s1, s2, collate_fn=by_sensor)
+        self.s1, self.s2 = s1, s2
+
+    def __getitem__(self, query: GeoSlice) -> dict[str, Any]:
+        try:
+            sample = super().__getitem__(query)
+        except IndexError:
+            season = getattr(query, "season", None)
+            if season is None:
+                raise
+            window = self.s2.grid.slices_to_window(query[0], query[1])
+            sample = {"s1": self.s1.read_window(season, window), "s2": self.s2.read_window(season, window),
+                      "season": season, "bounds": tuple(query)}
+        return {key: sample[key] for key in ("s1", "s2", "season", "bounds")}
+
+
 class RegionSamples(IntersectionDataset):
     """``(s1 & s2) & regions`` as TorchGeo intersects them, with the queried region's fields.
 
     TorchGeo's :class:`IntersectionDataset` hands the query to each member and joins the samples:
-    the imagery ``s1 & s2`` with :func:`by_sensor` (``s1``, ``s2``: the keys the tasks read, see
+    the imagery :class:`SentinelPairs` (``s1``, ``s2``: the keys the tasks read, see
     docs/interfaces.md; renaming them to TorchGeo's ``image`` would need task changes), then the
     id raster ``mask`` of :class:`CensusRegions` with :func:`concat_shared`. For a
     :class:`RegionQuery` this class turns ``mask`` into ``region_mask`` (``mask == region_id``)
@@ -128,7 +211,7 @@ class RegionSamples(IntersectionDataset):
     """
 
     def __init__(self, s1: Sentinel1Composite, s2: Sentinel2Composite, regions: CensusRegions) -> None:
-        super().__init__(IntersectionDataset(s1, s2, collate_fn=by_sensor), regions, collate_fn=concat_shared)
+        super().__init__(SentinelPairs(s1, s2), regions, collate_fn=concat_shared)
         self.s1, self.s2, self.regions = s1, s2, regions
 
     def __getitem__(self, query: GeoSlice) -> dict[str, Any]:
@@ -182,32 +265,10 @@ class LabelRaster:
         return out
 
 
-class ImagePatches(Dataset[dict[str, Any]]):
-    """S1 and S2 over a :class:`PatchKey` window and nothing else: unlabelled (target) patches.
-
-    It holds no label raster at all, so a label can never reach a batch made from it.
-    """
-
-    def __init__(self, s1: Sentinel1Composite, s2: Sentinel2Composite) -> None:
-        self.s1, self.s2 = s1, s2
-
-    def __len__(self) -> int:  # pragma: no cover - sampled by keys
-        return 0
-
-    def __getitem__(self, key: PatchKey) -> dict[str, Any]:
-        season, window = key
-        return {
-            "s1": self.s1.read_window(season, window),
-            "s2": self.s2.read_window(season, window),
-            "season": season,
-        }
-
-
-class PatchSamples(ImagePatches):
-    """S1, S2 and the built-up fraction label over a :class:`PatchKey` window.
-
-    Label pixels that are nodata or outside the labels raster become 0 (not built up).
-    """
+class PatchSamples(SentinelPairs):
+    """:class:`SentinelPairs` plus ``builtup``: the built-up fraction label over the query's pixel
+    window, (1,H,W) float32; label pixels that are nodata or outside the labels raster become 0
+    (not built up), values are clipped to [0, 1]."""
 
     def __init__(
         self, s1: Sentinel1Composite, s2: Sentinel2Composite, labels: LabelRaster
@@ -215,11 +276,11 @@ class PatchSamples(ImagePatches):
         super().__init__(s1, s2)
         self.labels = labels
 
-    def __getitem__(self, key: PatchKey) -> dict[str, Any]:
-        _, window = key
-        lab = self.labels.read(window, fill=0.0)
+    def __getitem__(self, query: GeoSlice) -> dict[str, Any]:
+        sample = super().__getitem__(query)
+        lab = self.labels.read(self.labels.grid.slices_to_window(*sample["bounds"][:2]), fill=0.0)
         lab = np.clip(np.nan_to_num(lab, nan=0.0), 0.0, 1.0)
-        return {**super().__getitem__(key), "builtup": torch.from_numpy(lab)[None]}
+        return {**sample, "builtup": torch.from_numpy(lab)[None]}
 
 
 def _pad_stack(tensors: Sequence[Tensor], h: int, w: int, fill: float | bool) -> Tensor:

@@ -1,5 +1,5 @@
 """The area a prediction covers: a bounding box or a vector file, snapped to whole 1 ha cells of
-the imagery grid, and the tile cores that touch it."""
+the imagery grid (the tiles that touch it: :class:`popcorn.samplers.tiles.TileGridSampler`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import shapely
 
 from popcorn.datasets.grid import RasterGrid, Window, clip_window
 from popcorn.errors import PopcornInputError
-from popcorn.inference.tiles import ALIGN, tile_cores, window_transform
+from popcorn.inference.tiles import ALIGN
 
-__all__ = ["cores_in_area", "resolve_area"]
+__all__ = ["resolve_area"]
 
 
 def _snap_window(grid: RasterGrid, left: float, bottom: float, right: float, top: float, what: str) -> Window:
@@ -73,18 +73,3 @@ def resolve_area(
         geom = shapely.union_all(frame.to_crs(grid.crs).geometry.to_numpy())
         return _snap_window(grid, *geom.bounds, f"area {path}"), geom
     return (0, 0, grid.height, grid.width), None
-
-
-def cores_in_area(grid: RasterGrid, window: Window, geom: Any, tile_size: int) -> list[Window]:
-    """Tile cores of ``window``; with an area polygon only those that touch it."""
-    cores = tile_cores(window, tile_size)
-    if geom is None:
-        return cores
-    shapely.prepare(geom)
-
-    def inside(core: Window) -> bool:
-        t = window_transform(grid, core)
-        box = shapely.box(t.c, t.f - core[2] * grid.res, t.c + core[3] * grid.res, t.f)
-        return bool(geom.intersects(box))
-
-    return [c for c in cores if inside(c)]

@@ -38,10 +38,11 @@ import torch
 
 from popcorn import __version__
 from popcorn.datasets.grid import RasterGrid, Window
+from popcorn.datasets.samples import TileQuery
 from popcorn.datasets.sentinel import SEASONS, check_seasons
 from popcorn.errors import PopcornInputError
 from popcorn.evaluation.dasymetric import region_sums
-from popcorn.inference.area import cores_in_area, resolve_area
+from popcorn.inference.area import resolve_area
 from popcorn.inference.fast import DEFAULT_THRESHOLD, FastPopcorn, load_popcorn
 from popcorn.inference.tiles import (
     ALIGN,
@@ -55,9 +56,9 @@ from popcorn.inference.tiles import (
     assemble,
     block_sum_partial,
     run_tiles,
-    window_transform,
 )
 from popcorn.io import atomic_path
+from popcorn.samplers.tiles import TileGridSampler
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +128,22 @@ def load_members(checkpoints: Sequence[str], threshold: float, device: torch.dev
 
 
 def imagery_reader(imagery_root: str, seasons: Sequence[str]) -> OpenReader:
-    """Reader factory of the engine for POPCORN: ``read(window) -> {season: (s1, s2)}``."""
+    """Reader factory of the engine for POPCORN: ``read(query) -> {season: (s1, s2)}``, each
+    season's composites read from TorchGeo's intersection ``s1 & s2`` (the tile's GeoSlice with
+    that season's time slice)."""
     seasons = list(seasons)
 
-    def open_reader() -> Callable[[Window], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    def open_reader() -> Callable[[TileQuery], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        from popcorn.datasets.samples import SentinelPairs
         from popcorn.datasets.sentinel import open_imagery
 
-        s1, s2, _ = open_imagery(imagery_root, seasons)
-        return lambda read: {season: (s1.read_window(season, read), s2.read_window(season, read))
-                             for season in seasons}
+        imagery = SentinelPairs(*open_imagery(imagery_root, seasons)[:2])
+
+        def read(query: TileQuery) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+            samples = {season: imagery[query.in_season(season)] for season in seasons}
+            return {season: (sample["s1"], sample["s2"]) for season, sample in samples.items()}
+
+        return read
 
     return open_reader
 
@@ -229,7 +237,7 @@ class _CensusTiles:
         self.n = self.raster.n
 
     def ids_window(self, window: Window) -> np.ndarray:
-        return self.raster.ids_window(window_transform(self.grid, window), window[2:])
+        return self.raster.ids_window(self.grid.window_transform(window), window[2:])
 
 
 def _settings_key(settings: PredictSettings, members: Sequence[Member], window: Window) -> str:
@@ -261,7 +269,7 @@ def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: Ras
     def runner(core: Window, read: Window, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
         mask = None
         if geom is not None:
-            mask = rasterio.features.geometry_mask([geom], out_shape=core[2:], transform=window_transform(grid, core),
+            mask = rasterio.features.geometry_mask([geom], out_shape=core[2:], transform=grid.window_transform(core),
                                                    invert=True)
         arrays = predict_tile(members, data, core, read, dev, mask)
         if not settings.write_10m:
@@ -309,13 +317,14 @@ def predict(
         _CensusTiles(settings.census, settings.counts, grid, settings.id_column, settings.count_column)
         if settings.census else None
     )
-    cores = cores_in_area(grid, window, geom, settings.tile_size)
+    tiles = TileGridSampler(grid, settings.tile_size, settings.margin, window=window, roi=geom, seasons=seasons)
+    cores = tiles.cores
     runner = _tile_runner(settings, members, grid, geom, dev, keep_10m=census is not None)
     run = run_tiles(
-        cores, settings.margin, grid.shape, imagery_reader(settings.imagery_root, seasons), runner,
+        tiles, imagery_reader(settings.imagery_root, seasons), runner,
         out / PARTIAL_DIR, _settings_key(settings, members, window),
         {"settings": asdict(settings), "window": list(window)},
-        clip_reads=True, resume=resume, progress=progress, stop_after=stop_after, on_tile=on_tile, shard=shard,
+        resume=resume, progress=progress, stop_after=stop_after, on_tile=on_tile, shard=shard,
     )
     if shard is not None and shard.rank != 0:
         return None

@@ -44,8 +44,10 @@ import torch
 
 from popcorn.datasets.covariates import CovariateStack, Normalizer, nonempty_patches
 from popcorn.datasets.grid import RasterGrid, Window
+from popcorn.datasets.samples import TileQuery
 from popcorn.errors import PopcornInputError
 from popcorn.models.popvae import LOG_CLIP_MAX, PopVAE
+from popcorn.samplers.tiles import TileGridSampler
 
 if TYPE_CHECKING:
     from popcorn.inference.tiles import Shard
@@ -78,13 +80,14 @@ def model_digest(net: torch.nn.Module) -> str:
 
 
 # ============================================================================ engine parts
-def covariate_reader(stack: CovariateStack) -> Callable[[], Callable[[Window], tuple[np.ndarray, np.ndarray]]]:
-    """Reader factory of the prediction engine: ``read(window) -> (raw (C, h, w), missing (h, w))``
-    of the preprocessed covariate stack; the window may extend beyond the grid (NaN there)."""
+def covariate_reader(stack: CovariateStack) -> Callable[[], Callable[[TileQuery], tuple[np.ndarray, np.ndarray]]]:
+    """Reader factory of the prediction engine: ``read(query) -> (raw (C, h, w), missing (h, w))``
+    of the preprocessed covariate stack over the tile's read window, which may extend beyond the
+    grid (NaN there)."""
 
-    def open_reader() -> Callable[[Window], tuple[np.ndarray, np.ndarray]]:
-        def read(window: Window) -> tuple[np.ndarray, np.ndarray]:
-            r, c, h, w = window
+    def open_reader() -> Callable[[TileQuery], tuple[np.ndarray, np.ndarray]]:
+        def read(query: TileQuery) -> tuple[np.ndarray, np.ndarray]:
+            r, c, h, w = query.read
             return stack.read_window(r, r + h, c, c + w)
 
         return read
@@ -151,7 +154,7 @@ def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: 
     (:mod:`popcorn.inference.distributed`) this process computes its share of the tiles; rank 0
     then assembles the map and returns its path, the other ranks return None."""
     from popcorn import __version__
-    from popcorn.inference.tiles import Product, assemble, run_tiles, tile_cores
+    from popcorn.inference.tiles import Product, assemble, run_tiles
 
     runner = PopVAERunner(model, normalizer, batch_size, device)
     net = runner.net
@@ -159,19 +162,17 @@ def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: 
     if net.in_bands != stack.num_bands:
         raise PopcornInputError(f"the model takes {net.in_bands} bands but the covariates have {stack.num_bands} "
                                 f"({stack.band_names}): use the covariates the model was trained on")
-    if tile_size < 1:
-        raise PopcornInputError(f"tile size must be >= 1 px, got {tile_size}")
     out = Path(out)
     grid = RasterGrid(stack.crs, stack.transform, stack.height, stack.width)
     window: Window = (0, 0, stack.height, stack.width)
+    tiles = TileGridSampler(grid, tile_size, net.patch_size // 2, clip=False)  # reads fill past the edge
     digest = model_digest(net)
     settings = {"model_sha256": digest, **_stack_settings(stack), "normalization": normalizer.to_dict(),
                 "patch_size": net.patch_size, "tile_size": int(tile_size), "log_clip": LOG_CLIP_MAX,
                 "version": STATE_VERSION}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-    run = run_tiles(tile_cores(window, tile_size), net.patch_size // 2, grid.shape, covariate_reader(stack), runner,
-                    out.parent / f".{out.name}.partial", key, {"settings": settings}, clip_reads=False,
-                    resume=resume, progress=progress, desc="popVAE", stop_after=stop_after, on_tile=on_tile,
+    run = run_tiles(tiles, covariate_reader(stack), runner, out.parent / f".{out.name}.partial", key,
+                    {"settings": settings}, resume=resume, progress=progress, desc="popVAE", stop_after=stop_after, on_tile=on_tile,
                     shard=shard)
     if shard is not None and shard.rank != 0:
         return None

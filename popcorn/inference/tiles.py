@@ -1,9 +1,9 @@
 """The model-agnostic tile engine: tile cores, prefetched reads, a resumable tile store and COG assembly.
 
-A caller gives tile cores covering a pixel window of a grid (:func:`tile_cores`) and a context
-``margin``; a *reader factory* (called once inside a background thread that owns its dataset
-handles) returning ``read(window) -> data``; a *model runner* ``runner(core, read, data) ->
-{name: float32 array on the core}``; a resume ``key``. Each finished tile is saved atomically to
+A caller gives a :class:`~popcorn.samplers.tiles.TileGridSampler` (tile GeoSlices over an area
+of the grid, each carrying its ``core`` and ``read`` pixel windows); a *reader factory* (called
+once inside a background thread that owns its dataset handles) returning ``read(query) -> data``;
+a *model runner* ``runner(core, read, data) -> {name: float32 array on the core}``; a resume ``key``. Each finished tile is saved atomically to
 ``<work>/tiles/`` and listed in ``<work>/state.json`` (a rerun with the same key skips finished
 tiles); the products (:class:`Product`) are assembled window by window into temporary files and
 renamed only when complete (COG, nodata -1, provenance tags). POPCORN's maps
@@ -30,9 +30,10 @@ import rasterio.shutil
 from affine import Affine
 from rasterio.windows import Window as RioWindow
 
-from popcorn.datasets.grid import RasterGrid, Window, clip_window
-from popcorn.errors import PopcornInputError
+from popcorn.datasets.grid import RasterGrid, Window
+from popcorn.datasets.samples import TileQuery
 from popcorn.io import atomic_path, geotiff_profile
+from popcorn.samplers.tiles import TileGridSampler
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +55,6 @@ PARTIAL_DIR = ".popcorn-partial"
 STATE_VERSION = 1
 
 
-def tile_cores(window: Window, tile: int) -> list[Window]:
-    """Tile cores of ``tile`` px covering ``window`` (row-major, last ones cut at its edge)."""
-    r0, c0, h, w = window
-    return [
-        (r0 + r, c0 + c, min(tile, h - r), min(tile, w - c))
-        for r in range(0, h, tile)
-        for c in range(0, w, tile)
-    ]
-
-
-def window_transform(grid: RasterGrid, window: Window, factor: int = 1) -> Affine:
-    """Affine of a window of ``grid`` at ``factor`` x the pixel size."""
-    row, col, _, _ = window
-    t = grid.transform @ Affine.translation(col, row)
-    return t @ Affine.scale(factor, factor)
-
-
 def block_sum_partial(array: np.ndarray, valid: np.ndarray, factor: int = FINE) -> tuple[np.ndarray, np.ndarray]:
     """Sum ``factor`` x ``factor`` blocks of the valid pixels (edge blocks may be partial).
 
@@ -86,26 +70,9 @@ def block_sum_partial(array: np.ndarray, valid: np.ndarray, factor: int = FINE) 
     return sums, counts
 
 
-def read_windows(cores: Sequence[Window], margin: int, height: int, width: int,
-                 clip: bool = True) -> list[tuple[Window, Window]]:
-    """``(core, read)`` pairs: each core grown by ``margin`` px on every side, clipped to the
-    ``height`` x ``width`` grid when ``clip`` (else the read may extend beyond the grid)."""
-    jobs = []
-    for core in cores:
-        r, c, h, w = core
-        read: Window = (r - margin, c - margin, h + 2 * margin, w + 2 * margin)
-        if clip:
-            clipped = clip_window(read, height, width)
-            if clipped is None:
-                raise PopcornInputError(f"tile {core} lies outside the {height} x {width} px grid")
-            read = clipped[0]
-        jobs.append((core, read))
-    return jobs
-
-
 # ============================================================================= the engine
-OpenReader = Callable[[], Callable[[Window], Any]]
-"""Called once in the reader thread; returns ``read(window) -> data`` (handles owned by that thread)."""
+OpenReader = Callable[[], Callable[[TileQuery], Any]]
+"""Called once in the reader thread; returns ``read(query) -> data`` (handles owned by that thread)."""
 
 
 Runner = Callable[[Window, Window, Any], dict[str, np.ndarray]]
@@ -113,15 +80,15 @@ Runner = Callable[[Window, Window, Any], dict[str, np.ndarray]]
 
 
 class TileReader:
-    """Reads the data of each ``(core, read)`` job in a background thread (prefetch queue).
+    """Reads the data of each tile query in a background thread (prefetch queue).
 
     ``open_reader`` is called inside the thread, so the dataset handles it opens are owned by
     that thread (GDAL handles are not shared between threads).
     """
 
-    def __init__(self, open_reader: OpenReader, jobs: Sequence[tuple[Window, Window]], prefetch: int = 2) -> None:
+    def __init__(self, open_reader: OpenReader, queries: Sequence[TileQuery], prefetch: int = 2) -> None:
         self.open_reader = open_reader
-        self.jobs = list(jobs)
+        self.queries = list(queries)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="popcorn-reader")
@@ -130,15 +97,15 @@ class TileReader:
     def _run(self) -> None:
         try:
             read_fn = self.open_reader()
-            for core, read in self.jobs:
+            for query in self.queries:
                 if self._stop.is_set():
                     return
-                self.queue.put((core, read, read_fn(read)))
+                self.queue.put((query, read_fn(query)))
             self.queue.put(None)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
             self.queue.put(err)
 
-    def __iter__(self) -> Iterator[tuple[Window, Window, Any]]:
+    def __iter__(self) -> Iterator[tuple[TileQuery, Any]]:
         while True:
             item = self.queue.get()
             if item is None:
@@ -219,16 +186,13 @@ class TileRun:
 
 
 def run_tiles(
-    cores: Sequence[Window],
-    margin: int,
-    grid_shape: tuple[int, int],
+    tiles: TileGridSampler,
     open_reader: OpenReader,
     runner: Runner,
     work: str | os.PathLike[str],
     key: str,
     info: dict[str, Any] | None = None,
     *,
-    clip_reads: bool = True,
     resume: bool = True,
     progress: bool = True,
     desc: str = "predict",
@@ -237,7 +201,7 @@ def run_tiles(
     prefetch: int = 2,
     shard: Shard | None = None,
 ) -> TileRun:
-    """Run ``runner`` on every tile core not finished yet (see the module docstring).
+    """Run ``runner`` on every tile of ``tiles`` not finished yet (see the module docstring).
 
     ``key`` identifies the run (a rerun resumes only with the same key); ``info`` is stored in
     ``state.json`` for humans. ``stop_after`` (tests, benchmarks) stops after computing that many
@@ -247,7 +211,7 @@ def run_tiles(
     end: a finished tile is a tile file (written atomically), whoever wrote it.
     """
     work = Path(work)
-    cores = list(cores)
+    cores = list(tiles.cores)
     tiles_dir = work / "tiles"
     state_path = work / "state.json"
     shard = shard or Shard()
@@ -256,10 +220,10 @@ def run_tiles(
     shard.barrier()
     finished = _finished_tiles(tiles_dir)
     state = json.loads(state_path.read_text())
-    todo = [c for c in cores if _tile_name(c) not in finished][shard.rank :: shard.size]
-    computed = _compute_tiles(todo, cores, finished, margin, grid_shape, open_reader, runner, tiles_dir,
-                              state_path if shard.size == 1 else None, state, clip_reads,
-                              progress and shard.rank == 0, desc, stop_after, on_tile, prefetch)
+    todo = [q for q in tiles if _tile_name(q.core) not in finished][shard.rank :: shard.size]
+    computed = _compute_tiles(todo, len(cores), finished, open_reader, runner, tiles_dir,
+                              state_path if shard.size == 1 else None, state, progress and shard.rank == 0, desc,
+                              stop_after, on_tile, prefetch)
     shard.barrier()  # (a rank that failed never gets here: the others wait, the launcher stops them)
     return TileRun(work, cores, computed)
 
@@ -291,30 +255,29 @@ def _prepare_store(work: Path, key: str, info: dict[str, Any] | None, n_tiles: i
     _atomic_json(state_path, {"key": key, **(info or {}), "tiles": n_tiles, "finished": finished})
 
 
-def _compute_tiles(todo: list[Window], cores: list[Window], finished: set[str], margin: int,
-                   grid_shape: tuple[int, int], open_reader: OpenReader, runner: Runner, tiles_dir: Path,
-                   state_path: Path | None, state: dict[str, Any], clip_reads: bool, progress: bool, desc: str,
-                   stop_after: int | None, on_tile: Callable[[Window], None] | None, prefetch: int) -> int:
+def _compute_tiles(todo: list[TileQuery], n_tiles: int, finished: set[str], open_reader: OpenReader,
+                   runner: Runner, tiles_dir: Path, state_path: Path | None, state: dict[str, Any], progress: bool,
+                   desc: str, stop_after: int | None, on_tile: Callable[[Window], None] | None, prefetch: int) -> int:
     """Compute ``todo`` with a prefetching reader; returns how many tiles were computed."""
     computed = 0
     if todo:
-        reader = TileReader(open_reader, read_windows(todo, margin, *grid_shape, clip=clip_reads), prefetch)
+        reader = TileReader(open_reader, todo, prefetch)
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(cores), initial=len(cores) - len(todo), unit="tile", desc=desc)
+            bar = tqdm(total=n_tiles, initial=n_tiles - len(todo), unit="tile", desc=desc)
         try:
-            for core, read, data in reader:
-                name = _tile_name(core)
-                _save_tile(tiles_dir / name, runner(core, read, data))
+            for query, data in reader:
+                name = _tile_name(query.core)
+                _save_tile(tiles_dir / name, runner(query.core, query.read, data))
                 finished.add(name)
                 if state_path is not None:  # one process: the list of finished tiles, for humans
                     state["finished"] = sorted(finished)
                     _atomic_json(state_path, state)
                 computed += 1
                 if on_tile is not None:
-                    on_tile(core)
+                    on_tile(query.core)
                 if bar is not None:
                     bar.update(1)
                 if stop_after is not None and computed >= stop_after:
@@ -392,7 +355,7 @@ def assemble(products: Sequence[Product], grid: RasterGrid, window: Window, run:
         for p in products:
             f = p.factor
             writers[p.key] = StreamedGeoTIFF(p.path, run.work, -(-w // f), -(-h // f),
-                                             window_transform(grid, window, f), grid.crs, p.band, p.tags)
+                                             grid.window_transform(window, f), grid.crs, p.band, p.tags)
         for core in run.cores:
             arrays = run.load(core)
             for p in products:

@@ -1,22 +1,23 @@
 """Samplers: which windows of the imagery a data loader reads (regions, tiles, patches, pixels)."""
 
 from popcorn.samplers.pixels import PixelBatchSampler, PixelSampler
+from popcorn.samplers.tiles import TileGridSampler, tile_cores
 from popcorn.samplers.windows import (
     FixedPatchSampler,
-    PatchKey,
+    PatchQuery,
     RandomPatchSampler,
     RegionQuery,
     RegionSampler,
-    tile_windows,
 )
 
 __all__ = [
     "FixedPatchSampler",
-    "PatchKey",
+    "PatchQuery",
     "PixelBatchSampler",
     "PixelSampler",
     "RandomPatchSampler",
     "RegionQuery",
     "RegionSampler",
-    "tile_windows",
+    "TileGridSampler",
+    "tile_cores",
 ]

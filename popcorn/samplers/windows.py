@@ -3,8 +3,10 @@
 The region sampler follows TorchGeo's :class:`~torchgeo.samplers.GeoSampler` convention: it yields
 GeoSlices ``(x, y, t)`` (:class:`~popcorn.datasets.samples.RegionQuery`, which also carry their
 region id) for the :class:`~torchgeo.datasets.IntersectionDataset` of the imagery and the census
-(:class:`~popcorn.datasets.samples.RegionSamples`). The patch samplers yield pixel-window keys
-(named tuples) for the built-up patch datasets.
+(:class:`~popcorn.datasets.samples.RegionSamples`). The patch samplers yield GeoSlices of patches
+(:class:`~popcorn.datasets.samples.PatchQuery`, which also carry their season and pixel window)
+for the intersection ``s1 & s2`` of the built-up patch datasets
+(:class:`~popcorn.datasets.samples.SentinelPairs`, :class:`~popcorn.datasets.samples.PatchSamples`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch.utils.data import Sampler
 
 from popcorn.datasets.grid import RasterGrid, Window
-from popcorn.datasets.samples import PatchKey, RegionQuery
+from popcorn.datasets.samples import PatchQuery, RegionQuery
 from popcorn.datasets.sentinel import check_seasons, season_slice
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,22 @@ def oversized_regions(
     if max_region_pixels is None:
         return []
     return [i for i in ids if windows[i][2] * windows[i][3] > max_region_pixels]
+
+
+def window_slices(window: Window, grid: RasterGrid | None) -> tuple[slice, slice]:
+    """TorchGeo ``(x, y)`` slices of a pixel window: map units on ``grid`` (``step = grid.res``),
+    or pixels without a grid (``x`` = column, ``y`` = minus row, step 1) for uses that only look
+    at the order, windows and seasons."""
+    if grid is not None:
+        return grid.window_to_slices(window)
+    row, col, h, w = window
+    return slice(col, col + w, 1), slice(-(row + h), -row, 1)
+
+
+def patch_query(window: Window, season: str, grid: RasterGrid | None) -> PatchQuery:
+    """The GeoSlice of one patch in one season (slices as :func:`window_slices`)."""
+    x, y = window_slices(window, grid)
+    return PatchQuery(x, y, season_slice(season), season=season, window=window)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -138,11 +156,7 @@ class RegionSampler(Sampler[RegionQuery]):
     def query(self, region_id: int, season: str) -> RegionQuery:
         """The GeoSlice of one region's padded bounding box in one season."""
         window = self.windows[region_id]
-        if self.grid is None:
-            row, col, h, w = window
-            x, y = slice(col, col + w, 1), slice(-(row + h), -row, 1)
-        else:
-            x, y = self.grid.window_to_slices(window)
+        x, y = window_slices(window, self.grid)
         return RegionQuery(x, y, season_slice(season), region_id=region_id, season=season, window=window)
 
     def __iter__(self) -> Iterator[RegionQuery]:
@@ -206,19 +220,10 @@ def separate_repeats(order: list[Any], batch_size: int, key: Callable[[Any], Any
     return order
 
 
-def tile_windows(height: int, width: int, tile: int) -> list[Window]:
-    """Non-overlapping ``tile`` x ``tile`` cores covering ``height`` x ``width`` (row-major);
-    the last row/column of tiles is cut at the grid edge."""
-    return [
-        (r, c, min(tile, height - r), min(tile, width - c))
-        for r in range(0, height, tile)
-        for c in range(0, width, tile)
-    ]
-
-
-class RandomPatchSampler(Sampler[PatchKey]):
-    """``length`` random ``patch_size`` windows inside ``area`` (a window of the grid), random
-    season each, from a generator seeded with ``seed``.
+class RandomPatchSampler(Sampler[PatchQuery]):
+    """``length`` random ``patch_size`` windows inside ``area`` (a window of ``grid``), random
+    season each, from a generator seeded with ``seed``, as GeoSlices (:class:`PatchQuery`, slices
+    as :func:`window_slices`).
 
     :meth:`set_epoch` (called by Lightning before every epoch) reseeds the generator from
     ``(seed, epoch)``, so a run resumed from a checkpoint draws the same patches as an
@@ -226,9 +231,11 @@ class RandomPatchSampler(Sampler[PatchKey]):
     """
 
     def __init__(
-        self, area: Window, patch_size: int, length: int, seasons: Sequence[str], seed: int = 0
+        self, area: Window, patch_size: int, length: int, seasons: Sequence[str], seed: int = 0,
+        grid: RasterGrid | None = None,
     ) -> None:
         self.area = area
+        self.grid = grid
         self.patch_size = int(patch_size)
         self.length = int(length)
         self.seasons = check_seasons(seasons)
@@ -242,7 +249,7 @@ class RandomPatchSampler(Sampler[PatchKey]):
     def __len__(self) -> int:
         return self.length
 
-    def __iter__(self) -> Iterator[PatchKey]:
+    def __iter__(self) -> Iterator[PatchQuery]:
         row, col, h, w = self.area
         ph, pw = min(self.patch_size, h), min(self.patch_size, w)
         g = self.generator
@@ -250,14 +257,16 @@ class RandomPatchSampler(Sampler[PatchKey]):
         cols = torch.randint(0, w - pw + 1, (self.length,), generator=g).tolist()
         seasons = torch.randint(len(self.seasons), (self.length,), generator=g).tolist()
         for r, c, s in zip(rows, cols, seasons, strict=True):
-            yield PatchKey(self.seasons[s], (row + r, col + c, ph, pw))
+            yield patch_query((row + r, col + c, ph, pw), self.seasons[s], self.grid)
 
 
-class FixedPatchSampler(Sampler[PatchKey]):
-    """Deterministic patches tiling ``area`` (seasons cycling), at most ``max_patches``."""
+class FixedPatchSampler(Sampler[PatchQuery]):
+    """Deterministic patches tiling ``area`` (seasons cycling), at most ``max_patches``, as
+    GeoSlices (:class:`PatchQuery`, slices as :func:`window_slices`)."""
 
     def __init__(
-        self, area: Window, patch_size: int, seasons: Sequence[str], max_patches: int | None = None
+        self, area: Window, patch_size: int, seasons: Sequence[str], max_patches: int | None = None,
+        grid: RasterGrid | None = None,
     ) -> None:
         row, col, h, w = area
         ps = int(patch_size)
@@ -269,10 +278,10 @@ class FixedPatchSampler(Sampler[PatchKey]):
         ]
         if max_patches is not None:
             wins = wins[: int(max_patches)]
-        self.keys = [PatchKey(self.seasons[i % len(self.seasons)], w_) for i, w_ in enumerate(wins)]
+        self.queries = [patch_query(w_, self.seasons[i % len(self.seasons)], grid) for i, w_ in enumerate(wins)]
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.queries)
 
-    def __iter__(self) -> Iterator[PatchKey]:
-        return iter(self.keys)
+    def __iter__(self) -> Iterator[PatchQuery]:
+        return iter(self.queries)

@@ -73,8 +73,10 @@ class PretrainBuiltUp(Callback):
     the extractor) or when weights were given.
 
     Under DDP the pretraining cannot run inside the job (its own trainer would wait on the other
-    processes), so ``popcorn fit`` calls :meth:`before_launch` before the processes connect:
-    rank 0 pretrains, the others wait for its export; ``on_fit_start`` then only loads it.
+    processes), so ``popcorn fit`` calls :meth:`before_launch` before ``trainer.fit`` (with one
+    process too, so that the random draws do not depend on the number of processes): rank 0
+    pretrains, the others wait for its export; ``on_fit_start`` then only loads it. Used alone
+    (a plain ``Trainer``), the callback pretrains in ``on_fit_start``.
     """
 
     def __init__(self, settings: BuiltUpPretraining | None = None, wait_seconds: float = 24 * 3600) -> None:
