@@ -75,13 +75,15 @@ class PretrainBuiltUp(Callback):
     Under DDP the pretraining cannot run inside the job (its own trainer would wait on the other
     processes), so ``popcorn fit`` calls :meth:`before_launch` before ``trainer.fit`` (with one
     process too, so that the random draws do not depend on the number of processes): rank 0
-    pretrains, the others wait for its export; ``on_fit_start`` then only loads it. Used alone
-    (a plain ``Trainer``), the callback pretrains in ``on_fit_start``.
+    pretrains, the others wait for its export, and every process loads it. Used alone (a plain
+    ``Trainer``), the callback pretrains and loads in ``on_fit_start``.
     """
 
     def __init__(self, settings: BuiltUpPretraining | None = None, wait_seconds: float = 24 * 3600) -> None:
         self.settings = settings or BuiltUpPretraining()
         self.wait_seconds = wait_seconds
+        self.loaded = False
+        """True once :meth:`before_launch` has loaded the export into the task."""
 
     @staticmethod
     def needed(pl_module: LightningModule, ckpt_path: str | None) -> bool:
@@ -93,10 +95,9 @@ class PretrainBuiltUp(Callback):
         """Multi-process fit, before the processes connect: rank 0 pretrains, the others wait."""
         if not self.needed(pl_module, ckpt_path):
             return
+        output = export_path(self.settings, trainer)
         if rank_zero_only.rank == 0:
             pretrain_builtup(datamodule, self.settings, trainer)
-            return
-        output = export_path(self.settings, trainer)
         deadline = time.monotonic() + self.wait_seconds
         while not output.exists():
             if time.monotonic() > deadline:
@@ -105,9 +106,13 @@ class PretrainBuiltUp(Callback):
                     f"{self.wait_seconds:.0f} s; pretrain first or give model.builtup_weights"
                 )
             time.sleep(2.0)
+        # loaded now, before the data module's set-up draws its shuffle seed (building the
+        # extractor draws random numbers too): the same draws as a fit that was given the weights
+        pl_module.load_builtup_weights(str(output))
+        self.loaded = True
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.needed(pl_module, trainer.ckpt_path):
+        if self.loaded or not self.needed(pl_module, trainer.ckpt_path):
             return
         if trainer.world_size > 1 and not export_path(self.settings, trainer).exists():
             raise PopcornInputError(

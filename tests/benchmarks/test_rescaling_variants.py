@@ -1,0 +1,55 @@
+"""benchmarks/rescaling_variants.py: each way to match the census, checked on maps whose answer is
+known (the world's own 10 m truth; a constant map)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from paths import ROOT
+
+from popcorn.datasets.synthetic.settlements import TUNING_SEEDS, make_settlement_world
+
+
+def _module():  # noqa: ANN202 - the benchmark script as a module
+    spec = importlib.util.spec_from_file_location("rescaling_variants", ROOT / "benchmarks" / "rescaling_variants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_settlement_world(tmp_path_factory.mktemp("worlds"), size_px=250, seed=TUNING_SEEDS[0],
+                                 mean_region_ha=40.0).directory
+
+
+def _maps(world: Path, out: Path, population: np.ndarray | None = None) -> Path:
+    out.mkdir()
+    shutil.copy(world / "builtup_fraction.tif", out / "builtup_score_10m.tif")
+    shutil.copy(world / "population_10m.tif", out / "population_10m.tif")
+    if population is not None:
+        with rasterio.open(out / "population_10m.tif", "r+") as dst:
+            dst.write(population.astype(dst.dtypes[0])[None])
+    return out
+
+
+def test_the_truth_itself_scores_one_raw(world: Path, tmp_path: Path) -> None:
+    scores = _module().variants(str(world), str(_maps(world, tmp_path / "truth")))
+    assert scores["raw"] == pytest.approx(1.0)
+    # the census (with its noise) moves the matched maps off the truth, but not far
+    assert 0.8 < scores["mult"] <= 1.0 and 0.8 < scores["add_uniform"] <= 1.0
+    assert scores["uniform"] < scores["mult"]
+
+
+def test_a_constant_map_matched_to_the_census_is_uniform_weighting(world: Path, tmp_path: Path) -> None:
+    with rasterio.open(world / "population_10m.tif") as src:
+        shape = (src.height, src.width)
+    scores = _module().variants(str(world), str(_maps(world, tmp_path / "flat", np.full(shape, 0.5))))
+    for name in ("mult", "add_uniform"):  # spreading a shortfall evenly over an even map is uniform
+        assert scores[name] == pytest.approx(scores["uniform"], abs=1e-9), name
+    assert scores["blend0.5"] != pytest.approx(scores["uniform"])
