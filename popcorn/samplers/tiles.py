@@ -4,9 +4,9 @@ TorchGeo's :class:`~torchgeo.samplers.GridGeoSampler` yields one chip per file a
 interval of the index, and chips run past the raster edge; a prediction needs one query per tile
 for every season at once, tile cores that cover the area exactly once (a finished tile is
 remembered by its core), and reads that stop at the raster edge. :class:`TileGridSampler` yields
-such :class:`~popcorn.datasets.samples.TileQuery` s: the GeoSlice ``(x, y, t)`` of the tile's *read* window (its core grown
-by the context margin; clipped to the grid unless ``clip=False``), ``t`` spanning the seasons to
-predict, with the ``core`` and ``read`` pixel windows attached.
+such :class:`~popcorn.datasets.samples.TileQuery` s: the GeoSlice ``(x, y, t)`` of the tile's
+*read* window (its core grown by the context margin; clipped to the grid unless ``clip=False``),
+``t`` spanning the seasons to predict, with the ``core`` and ``read`` pixel windows attached.
 """
 
 from __future__ import annotations
