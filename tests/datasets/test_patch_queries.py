@@ -18,7 +18,7 @@ from popcorn.datamodules.builtup import _MultiAreaSampler
 from popcorn.datasets import SEASONS, PatchQuery, PatchSamples, RegionQuery, SentinelPairs, season_slice
 from popcorn.datasets.samples import LabelRaster, collate_patches
 from popcorn.datasets.sentinel import open_imagery
-from popcorn.samplers import FixedPatchSampler, RandomPatchSampler
+from popcorn.samplers import FixedPatchSampler, RandomPatchSampler, TileGridSampler
 from popcorn.samplers.windows import patch_query
 
 LABEL_ROWS, LABEL_COLS = (5, 55), (10, 70)  # the label raster covers only part of the grid
@@ -158,8 +158,8 @@ def test_patch_query_is_a_picklable_geoslice(data) -> None:  # noqa: ANN001
 
 
 def test_patch_outside_one_sensors_files_reads_as_missing(tmp_path: Path) -> None:
-    """S1 covering only part of the grid: TorchGeo finds no S1 file under the right-hand patches,
-    which read as all-NaN S1 (as the pixel-window datasets did), not as an error."""
+    """S1 covering only part of the grid: TorchGeo finds no S1 file under the right-hand patches
+    and tiles, which read as all-NaN S1 (as the pixel-window datasets did), not as an error."""
     root = make_tiny_world(tmp_path / "world")
     for s, season in enumerate(SEASONS):
         write_raster(root / f"S1_{season}.tif", np.ascontiguousarray(s1_array(s)[:, :, :40]), nodata=float("nan"),
@@ -176,3 +176,10 @@ def test_patch_outside_one_sensors_files_reads_as_missing(tmp_path: Path) -> Non
     assert images[far]["s1"].isnan().all() and not images[far]["s2"].isnan().any()
     with pytest.raises(IndexError):
         images[tuple(far)]  # a plain GeoSlice keeps TorchGeo's answer
+    # prediction tiles likewise: every tile reads in every season, NaN S1 where S1 has no file
+    for q in TileGridSampler(grid, tile_size=20, margin=8):
+        for season in SEASONS:
+            sample = images[q.in_season(season)]
+            assert same_bits(sample["s1"], s1.read_window(season, q.read))
+            assert same_bits(sample["s2"], s2.read_window(season, q.read))
+    assert images[TileGridSampler(grid, 20).query((0, 60, 20, 20)).in_season("winter")]["s1"].isnan().all()
