@@ -39,7 +39,10 @@ def _maps(world: Path, out: Path, population: np.ndarray | None = None) -> Path:
 
 
 def test_the_truth_itself_scores_one_raw(world: Path, tmp_path: Path) -> None:
-    scores = _module().variants(str(world), str(_maps(world, tmp_path / "truth")))
+    results = _module().variants(str(world), str(_maps(world, tmp_path / "truth")))
+    scores = {name: r2 for name, (r2, _) in results.items()}
+    assert results["raw"][1] == 0.0  # nobody lives in the warehouse district
+    assert results["BuiltUp"][1] == pytest.approx(1.0)
     assert scores["raw"] == pytest.approx(1.0)
     # the census (with its noise) moves the matched maps off the truth, but not far
     assert 0.8 < scores["mult"] <= 1.0 and 0.8 < scores["add_uniform"] <= 1.0
@@ -49,7 +52,8 @@ def test_the_truth_itself_scores_one_raw(world: Path, tmp_path: Path) -> None:
 def test_a_constant_map_matched_to_the_census_is_uniform_weighting(world: Path, tmp_path: Path) -> None:
     with rasterio.open(world / "population_10m.tif") as src:
         shape = (src.height, src.width)
-    scores = _module().variants(str(world), str(_maps(world, tmp_path / "flat", np.full(shape, 0.5))))
+    results = _module().variants(str(world), str(_maps(world, tmp_path / "flat", np.full(shape, 0.5))))
+    scores = {name: r2 for name, (r2, _) in results.items()}
     for name in ("mult", "add_uniform"):  # spreading a shortfall evenly over an even map is uniform
         assert scores[name] == pytest.approx(scores["uniform"], abs=1e-9), name
     assert scores["blend0.5"] != pytest.approx(scores["uniform"])
