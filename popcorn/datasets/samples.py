@@ -124,11 +124,11 @@ class TileQuery(TaggedGeoSlice):
     """A TorchGeo GeoSlice ``(x, y, t)`` of a prediction tile's ``read`` window (its ``core`` plus
     context, pixel windows of the grid), from :class:`~popcorn.samplers.TileGridSampler`. ``t``
     spans the seasons to predict (``season`` None) until :meth:`in_season` picks one. The engine
-    keys a finished tile by ``core``; two queries are equal when their slices and cores are.
+    keys a finished tile by ``core``; two queries are equal when their slices and tags are.
     """
 
     tags = ("core", "read", "season")
-    distinct_by = ("core",)
+    distinct_by = ("core", "read", "season")
     core: Window
     read: Window
     season: str | None
