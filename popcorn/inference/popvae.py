@@ -172,8 +172,8 @@ def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: 
                 "version": STATE_VERSION}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     run = run_tiles(tiles, covariate_reader(stack), runner, out.parent / f".{out.name}.partial", key,
-                    {"settings": settings}, resume=resume, progress=progress, desc="popVAE", stop_after=stop_after, on_tile=on_tile,
-                    shard=shard)
+                    {"settings": settings}, resume=resume, progress=progress, desc="popVAE", stop_after=stop_after,
+                    on_tile=on_tile, shard=shard)
     if shard is not None and shard.rank != 0:
         return None
     meta = {"software": f"popcorn {__version__}", "model": "popVAE", "product": "population",

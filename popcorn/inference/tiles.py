@@ -5,8 +5,9 @@ of the grid, each carrying its ``core`` and ``read`` pixel windows); a *reader f
 once inside a background thread that owns its dataset handles) returning ``read(query) -> data``;
 a *model runner* ``runner(core, read, data) -> {name: float32 array on the core}``; a resume
 ``key``. Each finished tile is saved atomically to ``<work>/tiles/`` (named by its core) and
-listed in ``<work>/state.json`` (a rerun with the same key skips finished tiles); the products (:class:`Product`) are assembled window by window into temporary files and
-renamed only when complete (COG, nodata -1, provenance tags). POPCORN's maps
+listed in ``<work>/state.json`` (a rerun with the same key skips finished tiles); the products
+(:class:`Product`) are assembled window by window into temporary files and renamed only when
+complete (COG, nodata -1, provenance tags). POPCORN's maps
 (:mod:`popcorn.inference.maps`) and popVAE's (:mod:`popcorn.inference.popvae`) use it.
 """
 

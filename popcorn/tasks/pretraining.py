@@ -82,8 +82,7 @@ class PretrainBuiltUp(Callback):
     def __init__(self, settings: BuiltUpPretraining | None = None, wait_seconds: float = 24 * 3600) -> None:
         self.settings = settings or BuiltUpPretraining()
         self.wait_seconds = wait_seconds
-        self.loaded = False
-        """True once :meth:`before_launch` has loaded the export into the task."""
+        self.loaded = False  # True once before_launch has loaded the export into the task
 
     @staticmethod
     def needed(pl_module: LightningModule, ckpt_path: str | None) -> bool:
@@ -92,7 +91,8 @@ class PretrainBuiltUp(Callback):
 
     def before_launch(self, trainer: Trainer, pl_module: LightningModule, datamodule: CensusDataModule,
                       ckpt_path: str | None) -> None:
-        """Multi-process fit, before the processes connect: rank 0 pretrains, the others wait."""
+        """Before ``trainer.fit`` (and before the processes of a multi-process fit connect): rank 0
+        pretrains, the others wait for its export, every process loads it into the task."""
         if not self.needed(pl_module, ckpt_path):
             return
         output = export_path(self.settings, trainer)
@@ -106,8 +106,8 @@ class PretrainBuiltUp(Callback):
                     f"{self.wait_seconds:.0f} s; pretrain first or give model.builtup_weights"
                 )
             time.sleep(2.0)
-        # loaded now, before the data module's set-up draws its shuffle seed (building the
-        # extractor draws random numbers too): the same draws as a fit that was given the weights
+        # loaded now, before the data module's set-up draws its shuffle seed: building the extractor
+        # draws random numbers, so loading it after the set-up would change the training order
         pl_module.load_builtup_weights(str(output))
         self.loaded = True
 
