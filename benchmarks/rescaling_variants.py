@@ -16,13 +16,16 @@ to choose; the truth is read here.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 import rasterio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, also when imported
+from bench_accuracy import settlement_names  # noqa: E402 - after the path
 
 from popcorn.datasets.grid import burn_ids
 from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale, region_sums
@@ -70,8 +73,7 @@ def variants(world: str, maps: str) -> dict[str, tuple[float, float]]:
 
 def _warehouse_mask(world: str, shape: tuple[int, ...]) -> np.ndarray:
     """Pixels of the warehouse district (the settlement type without residents) of a world."""
-    types = json.loads(Path(world, "world.json").read_text())["settlement_types"]
-    codes = [int(code) for code, name in types.items() if "warehouse" in name]
+    codes = [code for code, name in settlement_names(Path(world)).items() if "warehouse" in name]
     cover, _ = _read(f"{world}/land_cover.tif")
     return np.isin(cover, codes) if codes else np.zeros(shape, bool)
 
