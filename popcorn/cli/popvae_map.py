@@ -11,7 +11,7 @@ from typing import Any
 
 from popcorn.datasets.covariates import CovariateStack, Normalizer
 from popcorn.errors import PopcornInputError, exit_with_error
-from popcorn.inference.distributed import launched_rank, predict_map_distributed
+from popcorn.inference.distributed import launched_externally, predict_map_distributed
 from popcorn.inference.popvae import DEFAULT_TILE, evaluate_map, predict_map
 
 
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack = CovariateStack(args.covariates, args.floor_bands)
         options = dict(tile_size=args.tile_size, batch_size=args.batch_size, tags={"checkpoint": str(args.ckpt)},
                        resume=not args.restart, progress=not args.quiet)
-        if args.devices > 1 or launched_rank() is not None:
+        if args.devices > 1 or launched_externally():
             accelerator = "gpu" if str(args.device).startswith("cuda") else "cpu"
             path = predict_map_distributed(task, stack, norm, args.out, devices=args.devices, accelerator=accelerator,
                                            **options)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from popcorn.datasets.sentinel import SEASONS
 from popcorn.errors import PopcornInputError, exit_with_error
-from popcorn.inference.distributed import launched_rank, predict_distributed
+from popcorn.inference.distributed import launched_externally, predict_distributed
 from popcorn.inference.evaluate import summarise
 from popcorn.inference.fast import DEFAULT_THRESHOLD
 from popcorn.inference.maps import PredictResult, PredictSettings, predict
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> PredictResult:
     )
     common = dict(resume=not args.restart, threads=args.threads, progress=not args.quiet, prefix=args.prefix)
     try:
-        if args.devices > 1 or args.num_nodes > 1 or launched_rank() is not None:
+        if args.devices > 1 or args.num_nodes > 1 or launched_externally():
             result = predict_distributed(settings, args.out, devices=args.devices, num_nodes=args.num_nodes,
                                          accelerator=args.accelerator, **common)
         else:

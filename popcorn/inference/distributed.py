@@ -2,21 +2,22 @@
 rank 0 assembles the maps (``popcorn predict --devices N [--num-nodes M]``, ``popcorn popvae-map
 --devices N``): :func:`run_sharded` runs any engine function that takes ``device=`` and ``shard=``.
 
-One machine: this process becomes rank 0 and starts ``devices - 1`` more (``torch.multiprocessing``,
-a ``gloo`` group on 127.0.0.1, or ``nccl`` for GPUs). Several machines: start one process per
-device with the launcher of the cluster (``srun``, ``torchrun``); each finds its rank in the
-environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``, or
-SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``). The tile store is shared (a path on a
-shared file system for several machines): a rank that dies loses only its unfinished tiles, and
-the next run resumes. Maps equal the one-process maps bit for bit (the same tiles, the same
-arithmetic, only computed elsewhere).
+The processes are Lightning's: a :class:`~lightning.fabric.Fabric` DDP strategy starts them and
+forms the process group (``gloo`` on CPUs, ``nccl`` on GPUs). One machine: Fabric spawns
+``devices`` processes. Several machines: start one process per device with the cluster's launcher
+(``srun``, ``torchrun``); Fabric reads the rank from SLURM's or torchrun's environment and meets the
+others at ``MASTER_ADDR:MASTER_PORT``. The tile store is shared (a path on a shared file system for
+several machines): a rank that dies loses only its unfinished tiles, and the next run resumes.
+Maps equal the one-process maps bit for bit (the same tiles, the same arithmetic, only computed
+elsewhere).
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import pickle
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,45 +28,36 @@ from popcorn.inference.maps import PredictResult, PredictSettings, predict
 from popcorn.inference.popvae import predict_map
 from popcorn.inference.tiles import Shard
 
-__all__ = ["launched_rank", "predict_distributed", "predict_map_distributed", "run_sharded"]
+__all__ = ["launched_externally", "predict_distributed", "predict_map_distributed", "run_sharded"]
+
+#: How long a rank waits for the others (at the end, while they finish their tiles).
+WAIT_FOR_OTHER_RANKS = timedelta(hours=12)
 
 
-def launched_rank() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) set by a cluster launcher, or None when not launched so."""
-    env = os.environ
-    if "WORLD_SIZE" in env and "RANK" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and int(env["SLURM_NTASKS"]) > 1:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return None
+def launched_externally() -> bool:
+    """True when a cluster launcher (``srun``, ``torchrun``) started this process as one rank of a job
+    (Lightning's SLURM and torchelastic environments)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _rank_main(rank: int, size: int, local_rank: int, init: str, accelerator: str, threads: int | None,
-               fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    import torch.distributed as dist
-
-    backend = "nccl" if accelerator == "gpu" else "gloo"
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=size)
+def _on_rank(fabric: Any, threads: int | None, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """One rank's work: ``fn`` on this rank's device with its shard of the tiles."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = str(fabric.device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(fabric.device)
     try:
-        device = f"cuda:{local_rank}" if accelerator == "gpu" else "cpu"
-        if accelerator == "gpu":
-            torch.cuda.set_device(local_rank)
-        if threads:
-            torch.set_num_threads(threads)
-        return fn(*args, device=device, shard=Shard.from_process_group(), **kwargs)
-    finally:
-        dist.destroy_process_group()
-
-
-def _child(local_rank: int, size: int, init: str, accelerator: str, threads: int | None, fn: Callable[..., Any],
-           args: tuple, kwargs: dict) -> None:
-    _rank_main(local_rank + 1, size, local_rank + 1, init, accelerator, threads, fn, args, kwargs)
+        result: Any = fn(*args, device=device, shard=Shard.from_process_group(), **kwargs)
+    except PopcornInputError as err:  # the same inputs on every rank: rank 0 reports it in one line
+        result = err
+    except KeyboardInterrupt as err:  # torch's spawn wrapper would let the rank exit as a success
+        raise RuntimeError(f"rank {fabric.global_rank} was interrupted") from err
+    # Fabric hands rank 0's result back after rebuilding its dataclasses (to move tensors to the
+    # CPU), which frozen ones refuse: it travels as bytes instead.
+    return pickle.dumps(result)
 
 
 def run_sharded(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], *, devices: int = 1, num_nodes: int = 1,
@@ -73,39 +65,30 @@ def run_sharded(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], *, 
     """``fn(*args, device=..., shard=..., **kwargs)`` on ``devices`` x ``num_nodes`` processes (see the
     module docstring); returns rank 0's result (None on the other ranks of a launched job). ``fn``
     must be importable (spawned processes pickle it) and return None on ranks other than 0."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
     if accelerator not in ("cpu", "gpu"):
         raise PopcornInputError(f"--accelerator must be cpu or gpu, got {accelerator!r}")
     if devices < 1 or num_nodes < 1:
         raise PopcornInputError(f"--devices and --num-nodes must be >= 1, got {devices} and {num_nodes}")
     if accelerator == "gpu" and torch.cuda.device_count() < devices:
         raise PopcornInputError(f"--devices {devices} GPUs asked for, {torch.cuda.device_count()} visible")
-    launched = launched_rank()
-    if launched is not None:  # srun / torchrun started this process as one rank of the job
-        rank, size, local_rank = launched
-        addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
-        return _rank_main(rank, size, local_rank, f"tcp://{addr}:{port}", accelerator, None, fn, args, kwargs)
-    if num_nodes > 1:
+    external = launched_externally()
+    if num_nodes > 1 and not external:
         raise PopcornInputError(
             "--num-nodes > 1: start one process per device on every node with the cluster's launcher "
             "(srun or torchrun, see docs/scaling.md); each process finds its rank in the environment"
         )
-    if devices == 1:
+    if devices == 1 and not external:
         return fn(*args, device="cuda:0" if accelerator == "gpu" else "cpu", **kwargs)
-    threads = max(1, (os.cpu_count() or devices) // devices) if accelerator == "cpu" else None
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    import torch.multiprocessing as mp
-
-    children = mp.start_processes(_child, args=(devices, init, accelerator, threads, fn, args, kwargs),
-                                  nprocs=devices - 1, join=False, start_method="spawn")
-    try:
-        result = _rank_main(0, devices, 0, init, accelerator, threads, fn, args, kwargs)
-    except BaseException:
-        for proc in children.processes:
-            if proc.is_alive():
-                proc.terminate()
-        raise
-    while not children.join():
-        pass
+    # Spawned processes on this machine; processes a launcher already started only join the group.
+    strategy = DDPStrategy(start_method="popen" if external else "spawn", timeout=WAIT_FOR_OTHER_RANKS)
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
+    threads = max(1, (os.cpu_count() or devices) // devices) if accelerator == "cpu" and not external else None
+    result = pickle.loads(fabric.launch(_on_rank, threads, fn, args, kwargs))
+    if isinstance(result, PopcornInputError):
+        raise result
     return result
 
 

@@ -1,13 +1,22 @@
-"""Prediction over 2 CPU processes (gloo): the same maps bit for bit, and a killed run resumes."""
+"""Prediction over 2 CPU processes (gloo): the same maps bit for bit, and a run whose rank was killed resumes."""
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import rasterio
 import torch
+from paths import ROOT
 
 from popcorn.datasets.synthetic.world import make_synthetic_world
 from popcorn.errors import PopcornInputError
@@ -52,20 +61,63 @@ def test_two_processes_equal_one_bit_for_bit(job) -> None:
     assert not (root / "two" / ".popcorn-partial").exists()  # the tile store is removed after assembly
 
 
-def test_a_killed_two_process_run_resumes_to_the_same_map(job) -> None:
+def _cli(settings: PredictSettings, out: Path, devices: int) -> list[str]:
+    return [sys.executable, "-m", "popcorn", "predict", "-c", *settings.checkpoints, "-i", settings.imagery_root,
+            "--seasons", *settings.seasons, "--census", settings.census, "--counts", settings.counts,
+            "--tile-size", str(settings.tile_size), "--overlap", str(settings.overlap), "-o", str(out),
+            "--devices", str(devices), "--quiet"]
+
+
+def test_a_rank_killed_mid_way_resumes_to_the_same_map(job) -> None:
+    """``popcorn predict --devices 2``; one rank is killed (SIGKILL) after a few tiles: the job fails,
+    the finished tiles stay in the store, and the same command again computes only the rest and
+    writes the maps of one process, bit for bit."""
     root, settings = job
+    small = replace(settings, tile_size=20)  # 100 tiles: the kill lands mid-way
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = root / "killed"
-    with pytest.raises(BaseException):  # noqa: B017 - each rank stops after one tile, like a crash
-        predict_distributed(settings, out, devices=2, progress=False, stop_after=1)
-    tiles = list((out / ".popcorn-partial" / "tiles").glob("*.npz"))
-    assert 1 <= len(tiles) < 16  # some tiles were finished and kept
-    done = predict_distributed(settings, out, devices=2, progress=False)
-    assert done.tiles_computed <= 16 - len(tiles) // 2  # finished tiles were not computed again
-    ref = _maps(root / "one") if (root / "one").exists() else _maps(
-        predict(settings, root / "one", progress=False, threads=1).out_dir)
-    got = _maps(out)
+    store = out / ".popcorn-partial" / "tiles"
+    proc = subprocess.Popen(_cli(small, out, 2), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and len(list(store.glob("*.npz"))) < 4:
+            time.sleep(0.05)
+        ranks = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert proc.poll() is None and len(ranks) == 2, "the run ended before a rank could be killed"
+        ranks[-1].kill()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and b"SIGKILL" in stderr, stderr[-2000:]  # the launcher says which rank died
+    done = len(list(store.glob("*.npz")))
+    assert 4 <= done < 100  # finished tiles were kept, the rest is left to do
+
+    again = subprocess.run(_cli(small, out, 2), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    computed = int(re.search(r"(\d+) computed now", again.stdout).group(1))  # rank 0's share of the rest
+    assert computed <= math.ceil((100 - done) / 2)
+    ref = predict(small, root / "one_20px", progress=False, threads=1)
+    assert ref.tiles_total == 100
+    got, want = _maps(out), _maps(root / "one_20px")
     for name in MAPS:
-        assert np.array_equal(got[name], ref[name]), name
+        assert np.array_equal(got[name], want[name]), name
+
+
+def test_processes_started_by_a_cluster_launcher(job) -> None:
+    """Processes that ``torchrun`` starts (as ``srun`` would on a cluster) only join the group: the
+    same maps as one process, bit for bit."""
+    root, settings = job
+    out = root / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--monitor_interval=0.5", "-m", *_cli(settings, out, 2)[2:]]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref = root / "one" if (root / "one").exists() else predict(settings, root / "one", progress=False, threads=1).out_dir
+    got, want = _maps(out), _maps(ref)
+    for name in MAPS:
+        assert np.array_equal(got[name], want[name]), name
 
 
 def test_bad_distributed_options(job) -> None:
