@@ -1,25 +1,33 @@
 """POPCORN training under Lightning DDP (2 CPU processes, gloo): sharded regions, pretraining
-once, validation over every process's regions, and a resume that ends where an uninterrupted
-run ends, bit for bit."""
+once, validation over every process's regions, and a run killed mid-epoch that resumes to where
+an uninterrupted run ends, bit for bit."""
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from paths import ROOT
+from seen_regions import seen_per_epoch
 
 REGIONS, VAL = 24, 6  # n_regions and the regions val_fraction=0.25 holds out
 
 
-def _fit(run: Path, world_root: Path, epochs: int, *extra: str, command: str = "fit", devices: int = 2) -> None:
-    cmd = [
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "POPCORN_TORCH_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}  # seen_regions
+
+
+def _fit_command(run: Path, world_root: Path, epochs: int, *extra: str, command: str = "fit",
+                 devices: int = 2) -> list[str]:
+    return [
         sys.executable, "-m", "popcorn.fit", command, "--config", str(ROOT / "experiments" / "demo.yaml"),
         "--seed_everything=3", f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={run}",
         *(["--trainer.strategy=ddp"] if devices > 1 else []), f"--trainer.devices={devices}",
@@ -34,8 +42,11 @@ def _fit(run: Path, world_root: Path, epochs: int, *extra: str, command: str = "
         "--builtup_pretraining.patch_size=64", "--builtup_pretraining.source_world_size_px=200",
         *(["--test_after_fit=false"] if command == "fit" else []), *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "POPCORN_TORCH_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def _fit(run: Path, world_root: Path, epochs: int, *extra: str, command: str = "fit", devices: int = 2) -> None:
+    cmd = _fit_command(run, world_root, epochs, *extra, command=command, devices=devices)
+    proc = subprocess.run(cmd, env=_ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -44,27 +55,68 @@ def _checkpoint(run: Path) -> dict:
                       weights_only=False)
 
 
+def _best(ckpt: dict) -> tuple[str, float]:
+    """The best-checkpoint tracking a checkpoint carries: (file name, val/loss)."""
+    (state,) = [v for k, v in ckpt["callbacks"].items() if "val/loss" in k]
+    return Path(state["best_model_path"]).name, float(state["best_model_score"])
+
+
+def _kill_during_second_epoch(run: Path, world_root: Path, epochs: int, *extra: str) -> None:
+    """Start a 2-process fit and kill every process of it (SIGKILL, like a preempted job) once the
+    first epoch's checkpoint is written."""
+    last = run / "popcorn" / "version_0" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(_fit_command(run, world_root, epochs, *extra), env=_ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not last.exists():
+            time.sleep(0.1)
+        time.sleep(1.0)  # into the second epoch
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # rank 0 and the rank it started
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_ddp_fit_shards_validates_everything_and_resumes_exactly(tmp_path: Path) -> None:
+    """2 processes: every training region once per epoch over both ranks, pretraining once,
+    validation each epoch; a run killed (kill -9) during its second epoch and resumed from
+    last.ckpt ends with the uninterrupted run's weights, metrics and best checkpoint, in one folder."""
     world_root = tmp_path / "world"
     ref = tmp_path / "ref"
-    _fit(ref, world_root, 3)
+    monitor = ("--checkpoint.monitor=val/loss",)
+    _fit(ref, world_root, 3, *monitor, "--trainer.callbacks+=seen_regions.SeenRegions",
+         f"--trainer.callbacks.folder={ref / 'seen'}")
     done = _checkpoint(ref)
     steps_per_epoch = math.ceil((REGIONS - VAL) / 2)  # 18 training regions, one per process and step
     assert done["epoch"] == 2 and done["global_step"] == 3 * steps_per_epoch
+    seen = seen_per_epoch(ref / "seen")
+    assert sorted(seen) == [0, 1, 2]
+    for ids in seen.values():  # each training region exactly once per epoch, over both processes
+        assert len(ids) == REGIONS - VAL and sorted(ids) == sorted(set(seen[0]))
     assert len(list((ref / "builtup").glob("builtup_extractor.pt"))) == 1  # pretrained once, by rank 0
     metrics = pd.read_csv(ref / "popcorn" / "version_0" / "metrics.csv")
     assert metrics["val/region_r2"].notna().sum() == 3  # every epoch, over the regions of both ranks
     assert metrics["train/region_pixels_per_s"].dropna().gt(0).all()
 
     run = tmp_path / "resumed"
-    _fit(run, world_root, 2)
-    assert _checkpoint(run)["epoch"] == 1
+    _kill_during_second_epoch(run, world_root, 3, *monitor)
     last = run / "popcorn" / "version_0" / "checkpoints" / "last.ckpt"
-    _fit(run, world_root, 3, f"--ckpt_path={last}")
-    a, b = done["state_dict"], _checkpoint(run)["state_dict"]
+    assert _checkpoint(run)["epoch"] < 2  # killed before the end
+    _fit(run, world_root, 3, *monitor, f"--ckpt_path={last}")
+    assert sorted(p.name for p in (run / "popcorn").iterdir()) == ["version_0"]  # one run folder
+    resumed = _checkpoint(run)
+    a, b = done["state_dict"], resumed["state_dict"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    assert _best(resumed) == _best(done)
+    got = pd.read_csv(run / "popcorn" / "version_0" / "metrics.csv")
+    for column in ("val/loss", "val/region_r2", "val/fine_r2"):
+        want = metrics[column].dropna().iloc[-1]
+        assert got[column].dropna().iloc[-1] == pytest.approx(want, rel=1e-6), column
 
 
 def test_ddp_validation_equals_one_process(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Exact resume: a fit killed mid-epoch (kill -9 of a real process) and resumed from last.ckpt
-ends with the weights of an uninterrupted run, in the same run folder."""
+ends with the weights, metrics and best checkpoint of an uninterrupted run, in the same run folder."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+import pytest
 import torch
 from paths import ROOT
 
@@ -26,15 +28,21 @@ def _args(run: Path, world_root: Path) -> list[str]:
         "--data.init_args.batch_size=1", "--builtup_pretraining.max_epochs=1",
         "--builtup_pretraining.batches_per_epoch=2", "--builtup_pretraining.batch_size=2",
         "--builtup_pretraining.patch_size=64", "--builtup_pretraining.source_world_size_px=200",
-        "--test_after_fit=false",
+        "--test_after_fit=false", "--data.init_args.val_fraction=0.25", "--checkpoint.monitor=val/loss",
     ]
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
+def _final(run: Path) -> dict:
     ckpt = torch.load(run / "popcorn" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu",
                       weights_only=False)
     assert ckpt["epoch"] == EPOCHS - 1
-    return ckpt["state_dict"]
+    return ckpt
+
+
+def _best(ckpt: dict) -> tuple[str, float]:
+    """The best-checkpoint tracking a checkpoint carries: (file name, val/loss)."""
+    (state,) = [v for k, v in ckpt["callbacks"].items() if "val/loss" in k]
+    return Path(state["best_model_path"]).name, float(state["best_model_score"])
 
 
 def test_killed_fit_resumes_exactly(tmp_path: Path) -> None:
@@ -66,7 +74,13 @@ def test_killed_fit_resumes_exactly(tmp_path: Path) -> None:
                    cwd=ROOT, capture_output=True, timeout=600)
 
     assert sorted(p.name for p in (run / "popcorn").iterdir()) == ["version_0"]  # one run folder
-    a, b = _weights(ref), _weights(run)
+    done, resumed = _final(ref), _final(run)
+    a, b = done["state_dict"], resumed["state_dict"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    assert _best(resumed) == _best(done)  # best-checkpoint tracking restored
+    want = pd.read_csv(ref / "popcorn" / "version_0" / "metrics.csv")
+    got = pd.read_csv(run / "popcorn" / "version_0" / "metrics.csv")
+    for column in ("val/loss", "val/region_r2", "train/loss_epoch"):
+        assert got[column].dropna().iloc[-1] == pytest.approx(want[column].dropna().iloc[-1], rel=1e-6), column
