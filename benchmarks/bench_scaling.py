@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,12 @@ def train_scaling(args: argparse.Namespace) -> None:
     print(f"| {args.processes} (DDP) | {many[0]:.1f} | {many[1]:,.0f} | {many[1] / one[1]:.2f}x |", flush=True)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished child processes (user + system)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def predict_scaling(args: argparse.Namespace) -> None:
     world = make_synthetic_world(args.data_root, size_px=args.size_px, seed=0)
     with tempfile.TemporaryDirectory(prefix="popcorn-scaling-") as tmp:
@@ -110,12 +117,12 @@ def predict_scaling(args: argparse.Namespace) -> None:
         print(f"# prediction scaling: world {args.size_px} x {args.size_px} px, {args.members} checkpoint(s) x "
               f"{args.seasons} season(s), "
               f"tiles {args.tile_size} px + 64 px context, {torch.get_num_threads()} cores seen by torch", flush=True)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         one = predict(settings, tmp / "one", progress=False, threads=1)
-        t_one = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_one, cpu_one = time.perf_counter() - t0, _cpu_seconds() - cpu0
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         many = predict_distributed(settings, tmp / "many", devices=args.processes, progress=False, threads=1)
-        t_many = time.perf_counter() - t0
+        t_many, cpu_many = time.perf_counter() - t0, _cpu_seconds() - cpu0
         equal = True
         for name, path in one.outputs.items():
             if name == "scale_factors":
@@ -123,10 +130,12 @@ def predict_scaling(args: argparse.Namespace) -> None:
             with rasterio.open(path) as a, rasterio.open(many.outputs[name]) as b:
                 equal &= bool(np.array_equal(a.read(), b.read()))
         mpx = one.megapixels * args.seasons * args.members
-        print("| processes | wall time (s) | Mpx x members / s | speed-up |")
-        print("|---:|---:|---:|---:|")
-        print(f"| 1 | {t_one:.1f} | {mpx / t_one:.3f} | 1.00x |")
-        print(f"| {args.processes} | {t_many:.1f} | {mpx / t_many:.3f} | {t_one / t_many:.2f}x |")
+        print("| processes | wall time (s) | Mpx x members / s | speed-up | CPU time, all processes (s) "
+              "| rank 0 inside predict (s) |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        print(f"| 1 | {t_one:.1f} | {mpx / t_one:.3f} | 1.00x | {cpu_one:.1f} | {one.seconds:.1f} |")
+        print(f"| {args.processes} | {t_many:.1f} | {mpx / t_many:.3f} | {t_one / t_many:.2f}x | {cpu_many:.1f} "
+              f"| {many.seconds:.1f} |")
         print(f"maps equal bit for bit: {equal}; tiles {one.tiles_total}, "
               f"computed by rank 0 with {args.processes} processes: {many.tiles_computed}", flush=True)
 
