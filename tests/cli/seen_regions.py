@@ -1,4 +1,5 @@
-"""Test helper: a callback that records which census regions each process trains on, per epoch."""
+"""Test helper: a callback that records which census regions each process trains on, per epoch,
+and the occupancy prior each process starts from."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ import lightning.pytorch as pl
 
 
 class SeenRegions(pl.Callback):
-    """Appends ``{"epoch", "ids"}`` of every training batch to ``<folder>/seen_rank<R>.jsonl``."""
+    """Appends ``{"epoch", "ids"}`` of every training batch to ``<folder>/seen_rank<R>.jsonl``, and
+    each process's occupancy prior (the head bias, once training starts) to ``prior_rank<R>.txt``."""
 
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        prior = float(pl_module.model.head_last_layer.bias[0])
+        (self.folder / f"prior_rank{trainer.global_rank}.txt").write_text(repr(prior))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

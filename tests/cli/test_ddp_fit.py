@@ -96,6 +96,8 @@ def test_ddp_fit_shards_validates_everything_and_resumes_exactly(tmp_path: Path)
     assert sorted(seen) == [0, 1, 2]
     for ids in seen.values():  # each training region exactly once per epoch, over both processes
         assert len(ids) == REGIONS - VAL and sorted(ids) == sorted(set(seen[0]))
+    priors = {float(p.read_text()) for p in (ref / "seen").glob("prior_rank*.txt")}
+    assert len(list((ref / "seen").glob("prior_rank*.txt"))) == 2 and len(priors) == 1  # one estimate, all regions
     assert len(list((ref / "builtup").glob("builtup_extractor.pt"))) == 1  # pretrained once, by rank 0
     metrics = pd.read_csv(ref / "popcorn" / "version_0" / "metrics.csv")
     assert metrics["val/region_r2"].notna().sum() == 3  # every epoch, over the regions of both ranks
