@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 import torch
 from paths import ROOT
-from seen_regions import seen_per_epoch
+from run_records import best_tracking, seen_per_epoch
 
 REGIONS, VAL = 24, 6  # n_regions and the regions val_fraction=0.25 holds out
 
 
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1", "POPCORN_TORCH_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}  # seen_regions
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}  # run_records
 
 
 def _fit_command(run: Path, world_root: Path, epochs: int, *extra: str, command: str = "fit",
@@ -55,12 +55,6 @@ def _checkpoint(run: Path) -> dict:
                       weights_only=False)
 
 
-def _best(ckpt: dict) -> tuple[str, float]:
-    """The best-checkpoint tracking a checkpoint carries: (file name, val/loss)."""
-    (state,) = [v for k, v in ckpt["callbacks"].items() if "val/loss" in k]
-    return Path(state["best_model_path"]).name, float(state["best_model_score"])
-
-
 def _kill_during_second_epoch(run: Path, world_root: Path, epochs: int, *extra: str) -> None:
     """Start a 2-process fit and kill every process of it (SIGKILL, like a preempted job) once the
     first epoch's checkpoint is written."""
@@ -87,7 +81,7 @@ def test_ddp_fit_shards_validates_everything_and_resumes_exactly(tmp_path: Path)
     world_root = tmp_path / "world"
     ref = tmp_path / "ref"
     monitor = ("--checkpoint.monitor=val/loss",)
-    _fit(ref, world_root, 3, *monitor, "--trainer.callbacks+=seen_regions.SeenRegions",
+    _fit(ref, world_root, 3, *monitor, "--trainer.callbacks+=run_records.SeenRegions",
          f"--trainer.callbacks.folder={ref / 'seen'}")
     done = _checkpoint(ref)
     steps_per_epoch = math.ceil((REGIONS - VAL) / 2)  # 18 training regions, one per process and step
@@ -114,7 +108,7 @@ def test_ddp_fit_shards_validates_everything_and_resumes_exactly(tmp_path: Path)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert _best(resumed) == _best(done)
+    assert best_tracking(resumed) == best_tracking(done)
     got = pd.read_csv(run / "popcorn" / "version_0" / "metrics.csv")
     for column in ("val/loss", "val/region_r2", "val/fine_r2"):
         want = metrics[column].dropna().iloc[-1]

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from paths import ROOT
+from run_records import best_tracking
 
 EPOCHS = 4
 
@@ -37,12 +38,6 @@ def _final(run: Path) -> dict:
                       weights_only=False)
     assert ckpt["epoch"] == EPOCHS - 1
     return ckpt
-
-
-def _best(ckpt: dict) -> tuple[str, float]:
-    """The best-checkpoint tracking a checkpoint carries: (file name, val/loss)."""
-    (state,) = [v for k, v in ckpt["callbacks"].items() if "val/loss" in k]
-    return Path(state["best_model_path"]).name, float(state["best_model_score"])
 
 
 def test_killed_fit_resumes_exactly(tmp_path: Path) -> None:
@@ -79,7 +74,7 @@ def test_killed_fit_resumes_exactly(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert _best(resumed) == _best(done)  # best-checkpoint tracking restored
+    assert best_tracking(resumed) == best_tracking(done)  # best-checkpoint tracking restored
     want = pd.read_csv(ref / "popcorn" / "version_0" / "metrics.csv")
     got = pd.read_csv(run / "popcorn" / "version_0" / "metrics.csv")
     for column in ("val/loss", "val/region_r2", "train/loss_epoch"):

@@ -1,5 +1,6 @@
-"""Test helper: a callback that records which census regions each process trains on, per epoch,
-and the occupancy prior each process starts from."""
+"""Test helpers for fit runs: a callback that records which census regions each process trains on,
+per epoch, and the occupancy prior each process starts from; the best-checkpoint tracking a
+checkpoint carries."""
 
 from __future__ import annotations
 
@@ -37,3 +38,9 @@ def seen_per_epoch(folder: Path) -> dict[int, list[int]]:
             row = json.loads(line)
             seen.setdefault(row["epoch"], []).extend(row["ids"])
     return seen
+
+
+def best_tracking(ckpt: dict) -> tuple[str, float]:
+    """The best-checkpoint tracking a checkpoint carries: (file name, val/loss)."""
+    (state,) = [v for k, v in ckpt["callbacks"].items() if "val/loss" in k]
+    return Path(state["best_model_path"]).name, float(state["best_model_score"])
