@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import threading
 import urllib.parse
@@ -491,6 +492,28 @@ def test_composites_on_a_dask_cluster_equal_the_local_ones(world, tmp_path):
         dl.run(cfg_for(world, tmp_path / "bad", dask_scheduler="local:0"))
     with pytest.raises(PopcornInputError, match="cannot reach the scheduler"):
         dl.run(cfg_for(world, tmp_path / "bad", dask_scheduler="tcp://127.0.0.1:9", dask_connect_timeout_s=2))
+
+
+def test_a_dask_worker_lost_mid_way_changes_nothing(world, tmp_path, monkeypatch):
+    """A worker of the cluster is killed (SIGKILL) as it starts its first chunk: the scheduler
+    gives its work to the other worker (and the restarted one), and the files equal the local ones."""
+    distributed = pytest.importorskip("dask.distributed")
+    here = str(Path(__file__).parent)  # dask_faults: importable here and in the worker processes
+    monkeypatch.syspath_prepend(here)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    from dask_faults import DieOnFirstTask
+
+    local = dl.run(cfg_for(world, tmp_path / "local"))
+    marker = tmp_path / "a_worker_died"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        client.register_plugin(DieOnFirstTask(str(marker)))
+        files = dl.run(cfg_for(world, tmp_path / "cluster", dask_scheduler=cluster.scheduler_address))
+    assert marker.exists()  # a worker was killed mid-run
+    assert [p.name for p in files] == [p.name for p in local]
+    for a, b in zip(local, files, strict=True):
+        with rasterio.open(a) as x, rasterio.open(b) as y:
+            assert np.array_equal(x.read(), y.read(), equal_nan=True), a.name
 
 
 def test_orbit_filter_and_dry_run(world, tmp_path, capsys):
