@@ -127,3 +127,6 @@ def test_bad_distributed_options(job) -> None:
         predict_distributed(settings, root / "x", devices=1, num_nodes=2)
     with pytest.raises(PopcornInputError, match="cpu or gpu"):
         predict_distributed(settings, root / "x", devices=2, accelerator="tpu")
+    # found by the ranks themselves: the calling process raises the same one-line error
+    with pytest.raises(PopcornInputError, match="imagery folder .*nowhere does not exist"):
+        predict_distributed(replace(settings, imagery_root=str(root / "nowhere")), root / "x", devices=2)
