@@ -46,11 +46,8 @@ def _on_rank(fabric: Any, threads: int | None, fn: Callable[..., Any], args: tup
     """One rank's work: ``fn`` on this rank's device with its shard of the tiles."""
     if threads:
         torch.set_num_threads(threads)
-    device = str(fabric.device)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(fabric.device)
-    try:
-        result: Any = fn(*args, device=device, shard=Shard.from_process_group(), **kwargs)
+    try:  # (Fabric has made this rank's GPU the current CUDA device)
+        result: Any = fn(*args, device=str(fabric.device), shard=Shard.from_process_group(), **kwargs)
     except PopcornInputError as err:  # the same inputs on every rank: rank 0 reports it in one line
         result = err
     except KeyboardInterrupt as err:  # torch's spawn wrapper would let the rank exit as a success
