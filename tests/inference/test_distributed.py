@@ -41,12 +41,11 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PredictSettings
     return root, settings
 
 
-def _maps(folder: Path) -> dict[str, np.ndarray]:
-    out = {}
+def _assert_same_maps(folder: Path, reference: Path) -> None:
+    """Every map of ``folder`` equals the one of ``reference``, bit for bit."""
     for name in MAPS:
-        with rasterio.open(folder / name) as src:
-            out[name] = src.read(1)
-    return out
+        with rasterio.open(folder / name) as got, rasterio.open(reference / name) as want:
+            assert np.array_equal(got.read(1), want.read(1)), name
 
 
 def test_two_processes_equal_one_bit_for_bit(job) -> None:
@@ -55,9 +54,7 @@ def test_two_processes_equal_one_bit_for_bit(job) -> None:
     two = predict_distributed(settings, root / "two", devices=2, progress=False)
     assert two is not None and two.tiles_total == one.tiles_total == 16
     assert two.tiles_computed < 16  # rank 0 computed only its share; rank 1 the rest
-    a, b = _maps(root / "one"), _maps(root / "two")
-    for name in MAPS:
-        assert np.array_equal(a[name], b[name]), name
+    _assert_same_maps(root / "two", root / "one")
     assert not (root / "two" / ".popcorn-partial").exists()  # the tile store is removed after assembly
 
 
@@ -99,9 +96,7 @@ def test_a_rank_killed_mid_way_resumes_to_the_same_map(job) -> None:
     assert computed <= math.ceil((100 - done) / 2)
     ref = predict(small, root / "one_20px", progress=False, threads=1)
     assert ref.tiles_total == 100
-    got, want = _maps(out), _maps(root / "one_20px")
-    for name in MAPS:
-        assert np.array_equal(got[name], want[name]), name
+    _assert_same_maps(out, root / "one_20px")
 
 
 def test_processes_started_by_a_cluster_launcher(job) -> None:
@@ -116,9 +111,7 @@ def test_processes_started_by_a_cluster_launcher(job) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     if not (root / "one").exists():  # run alone, without the 1-vs-2-process test
         predict(settings, root / "one", progress=False, threads=1)
-    got, want = _maps(out), _maps(root / "one")
-    for name in MAPS:
-        assert np.array_equal(got[name], want[name]), name
+    _assert_same_maps(out, root / "one")
 
 
 def test_bad_distributed_options(job) -> None:

@@ -477,6 +477,14 @@ def test_composites_pixel_by_pixel(world, tmp_path):
     assert "summer" in Sentinel1Composite(str(out)).seasons
 
 
+def _assert_same_files(files: list[Path], reference: list[Path]) -> None:
+    """The same composites (names and pixels, NaN where NaN), bit for bit."""
+    assert [p.name for p in files] == [p.name for p in reference]
+    for a, b in zip(files, reference, strict=True):
+        with rasterio.open(a) as x, rasterio.open(b) as y:
+            assert np.array_equal(x.read(), y.read(), equal_nan=True), a.name
+
+
 def test_composites_on_a_dask_cluster_equal_the_local_ones(world, tmp_path):
     """--dask-scheduler: the chunks are read and reduced on a 2-worker dask.distributed
     LocalCluster (worker processes reading the loopback STAC server); the files equal the local
@@ -484,10 +492,7 @@ def test_composites_on_a_dask_cluster_equal_the_local_ones(world, tmp_path):
     pytest.importorskip("dask.distributed")
     local = dl.run(cfg_for(world, tmp_path / "local"))
     cluster = dl.run(cfg_for(world, tmp_path / "cluster", dask_scheduler="local:2"))
-    assert [p.name for p in cluster] == [p.name for p in local]
-    for a, b in zip(local, cluster, strict=True):
-        with rasterio.open(a) as x, rasterio.open(b) as y:
-            assert np.array_equal(x.read(), y.read(), equal_nan=True), a.name
+    _assert_same_files(cluster, local)
     with pytest.raises(PopcornInputError, match="local:N needs N >= 1"):
         dl.run(cfg_for(world, tmp_path / "bad", dask_scheduler="local:0"))
     with pytest.raises(PopcornInputError, match="cannot reach the scheduler"):
@@ -510,10 +515,7 @@ def test_a_dask_worker_lost_mid_way_changes_nothing(world, tmp_path, monkeypatch
         client.register_plugin(DieOnFirstTask(str(marker)))
         files = dl.run(cfg_for(world, tmp_path / "cluster", dask_scheduler=cluster.scheduler_address))
     assert marker.exists()  # a worker was killed mid-run
-    assert [p.name for p in files] == [p.name for p in local]
-    for a, b in zip(local, files, strict=True):
-        with rasterio.open(a) as x, rasterio.open(b) as y:
-            assert np.array_equal(x.read(), y.read(), equal_nan=True), a.name
+    _assert_same_files(files, local)
 
 
 def test_orbit_filter_and_dry_run(world, tmp_path, capsys):
