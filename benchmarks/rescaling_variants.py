@@ -7,9 +7,12 @@ WORLD_DIR is a settlement world (``census_regions.gpkg``, ``census_counts.csv``,
 (``population_10m.tif``, ``builtup_score_10m.tif``). Prints the 1 ha R^2 of the raw map and of
 each way to match the region counts: the paper's multiplicative rescaling (``mult``), BuiltUp and
 uniform disaggregation of the counts, the raw map plus the region's shortfall spread by built-up
-score (``add_builtup``) or evenly (``add_uniform``; a surplus is removed multiplicatively), and
-blends ``a x mult + (1 - a) x BuiltUp``; in brackets the people each puts on the warehouse
-district as a share of BuiltUp disaggregation's (issue 9's target: <= 0.25). Use tuning worlds
+score (``add_builtup``) or evenly (``add_uniform``; a surplus is removed multiplicatively), blends
+``a x mult + (1 - a) x BuiltUp``, and the capped rescaling of ``popcorn predict --rescale-cap``
+(``capK_builtup``, ``capK_uniform``: the paper's factor, at most K, the rest of the count spread
+by built-up score or evenly; ``relcapK_*``: at most K x census total / map total, as
+``--rescale-cap K``); in brackets the people each puts on the warehouse district as a share of
+BuiltUp disaggregation's (issue 9's target: <= 0.25). Use tuning worlds
 to choose; the truth is read here.
 """
 
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from bench_accuracy import settlement_names  # noqa: E402 - after the path
 
 from popcorn.datasets.grid import burn_ids
-from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale, region_sums
+from popcorn.evaluation.dasymetric import block_sum, capped_rescale, dasymetric_rescale
 from popcorn.evaluation.metrics import r2_score
 
 
@@ -47,22 +50,29 @@ def variants(world: str, maps: str) -> dict[str, tuple[float, float]]:
     counts = pd.read_csv(f"{world}/census_counts.csv")
     ids = burn_ids(regions.geometry, regions.region_id, pop.shape, transform)
     by_id = dict(zip(counts.region_id.astype(int), counts["count"].astype(float), strict=True))
-    n = max(int(ids.max()), max(by_id)) + 1
-    census = np.zeros(n)
-    census[list(by_id)] = list(by_id.values())
-    shortfall = np.maximum(census - region_sums(pop, ids, n), 0.0)
-    short = {r: float(shortfall[r]) for r in by_id}
 
     def spread(weights: np.ndarray, totals: dict[int, float]) -> np.ndarray:
         return dasymetric_rescale(weights, ids, totals)[0].astype(np.float64)
 
-    mult = spread(pop, by_id)
-    lacking = shortfall[ids] > 0  # regions whose raw sum is below the count; the others: mult
-    maps_ = {
-        "raw": pop, "mult": mult, "BuiltUp": spread(score, by_id), "uniform": spread(np.ones_like(pop), by_id),
-        "add_builtup": np.where(lacking, pop + spread(score, short), mult),
-        "add_uniform": np.where(lacking, pop + spread(np.ones_like(pop), short), mult),
+    overall = sum(by_id.values()) / max(float(pop[ids > 0].sum()), 1e-9)  # census total / map total
+
+    def capped(cap: float, rest: np.ndarray, relative: bool = False) -> np.ndarray:
+        """The capped rescaling with the factor at most ``cap`` (x the overall factor if relative)."""
+        return capped_rescale(pop, ids, by_id, rest, cap if relative else cap / overall).astype(np.float64)
+
+    flat = np.ones_like(pop)
+    maps_ = {  # add_*: the capped rescaling with K = 1 (the raw map plus the region's shortfall)
+        "raw": pop, "mult": spread(pop, by_id), "BuiltUp": spread(score, by_id), "uniform": spread(flat, by_id),
+        "add_builtup": capped(1.0, score), "add_uniform": capped(1.0, flat),
     }
+    for cap in (1.5, 2.0, 3.0, 5.0):
+        maps_[f"cap{cap:g}_builtup"] = capped(cap, score)
+        maps_[f"cap{cap:g}_uniform"] = capped(cap, flat)
+    for cap in (2.0, 3.0):
+        maps_[f"relcap{cap:g}_builtup"] = capped(cap, score, relative=True)
+    for cap in (1.0, 1.5, 2.0):
+        maps_[f"relcap{cap:g}_uniform"] = capped(cap, flat, relative=True)
+    mult = maps_["mult"]
     builtup = maps_["BuiltUp"]
     for a in (0.25, 0.5, 0.75):
         maps_[f"blend{a}"] = a * mult + (1 - a) * builtup

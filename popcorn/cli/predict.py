@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--counts", metavar="CSV", help="CSV with id and count columns (default: the vector's count column)")
     c.add_argument("--id-column", default="region_id")
     c.add_argument("--count-column", default="count")
+    c.add_argument("--rescale-cap", type=float, default=None, metavar="K",
+                   help="cap each region's scale factor at K x the overall factor (census total / map total) and "
+                        "spread the rest of its count by --rescale-rest; K = 1: the map brought to the census total, "
+                        "plus each region's shortfall (default: no cap, the paper's rescaling)")
+    c.add_argument("--rescale-rest", choices=("uniform", "builtup"), default="uniform",
+                   help="where the capped rescaling puts the rest of a count: evenly over the region (default) or "
+                        "by built-up score")
     o = p.add_argument_group("outputs and performance")
     o.add_argument("--write-10m", action="store_true", help="also write population at 10 m (and its std)")
     o.add_argument("--tile-size", type=int, default=1000, help="tile core in px, multiple of 20 (default 1000)")
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> PredictResult:
         counts=args.counts,
         id_column=args.id_column,
         count_column=args.count_column,
+        rescale_cap=args.rescale_cap,
+        rescale_rest=args.rescale_rest,
     )
     common = dict(resume=not args.restart, threads=args.threads, progress=not args.quiet, prefix=args.prefix)
     try:

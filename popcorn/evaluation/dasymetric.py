@@ -48,6 +48,57 @@ def dasymetric_rescale(
     return out.astype(np.float32), scale
 
 
+def capped_factors_from_sums(
+    counts: Mapping[int, float], sums: np.ndarray, prior_sums: np.ndarray, pixels: np.ndarray, cap: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-region coefficients of the capped rescaling: people = a_j p_i + b_j w_i + u_j.
+
+    The map p is scaled by c_j / sum p as in the paper, but by at most ``cap`` x g, g = the
+    overall factor (sum of the counts / sum of p over the counted regions): the part of a count
+    that the map misses beyond that (people the model did not see, e.g. a settlement type it
+    under-fills) is spread by the prior weights w (ones: evenly; or the built-up score), evenly
+    where the region's prior sums to 0. ``cap = 1``: the map brought to the census total, plus
+    each region's shortfall; ``cap = inf``: the paper's rescaling. (a, b, u) are indexed by region
+    id; ids without a count get 0.
+    """
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0 (inf = the paper's rescaling), got {cap}")
+    factor, uniform, _ = scale_factors_from_sums(counts, sums, pixels)
+    n = len(sums)
+    count = np.zeros(n)
+    counted = np.zeros(n, bool)
+    for rid, c in counts.items():
+        if 0 < int(rid) < n:
+            count[int(rid)] = float(c)
+            counted[int(rid)] = pixels[int(rid)] > 0
+    mapped = float(sums[counted].sum())
+    overall = float(count[counted].sum()) / mapped if mapped > 0 else 1.0
+    limit = cap * overall
+    applied = np.minimum(factor, limit)
+    rest = np.where(factor > limit, count - applied * sums, 0.0)  # people beyond the cap
+    prior_coef = np.zeros(n)
+    has_prior = (rest > 0) & (prior_sums > 0)
+    prior_coef[has_prior] = rest[has_prior] / prior_sums[has_prior]
+    even = (rest > 0) & ~has_prior & (pixels > 0)
+    uniform = uniform.copy()
+    uniform[even] += rest[even] / pixels[even]
+    return applied, prior_coef, uniform
+
+
+def capped_rescale(
+    values: np.ndarray, region_ids: np.ndarray, counts: Mapping[int, float], prior: np.ndarray, cap: float
+) -> np.ndarray:
+    """:func:`dasymetric_rescale` with each scale factor capped at ``cap`` x the overall factor and
+    the rest of each region's count spread by ``prior`` (see :func:`capped_factors_from_sums`)."""
+    if prior.shape != values.shape:
+        raise ValueError(f"prior {prior.shape} and values {values.shape} differ in shape")
+    n = max(int(region_ids.max()), max(counts, default=0)) + 1
+    ids = region_ids.astype(np.int64)
+    pixels = np.bincount(ids.ravel(), minlength=n).astype(np.float64)
+    a, b, u = capped_factors_from_sums(counts, region_sums(values, ids, n), region_sums(prior, ids, n), pixels, cap)
+    return (values.astype(np.float64) * a[ids] + prior.astype(np.float64) * b[ids] + u[ids]).astype(np.float32)
+
+
 def block_sum(array: np.ndarray, factor: int = 10) -> np.ndarray:
     """Sum non-overlapping ``factor`` x ``factor`` blocks (10 m pixels -> 1 ha cells)."""
     h, w = array.shape

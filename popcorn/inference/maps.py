@@ -66,7 +66,13 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- settings
 @dataclass
 class PredictSettings:
-    """Everything that defines a prediction run (a rerun resumes only if these are equal)."""
+    """Everything that defines a prediction run (a rerun resumes only if these are equal, except the
+    census matching's ``rescale_*``, which only the assembly uses).
+
+    ``rescale_cap``: None = the paper's rescaling; K > 0 caps each region's scale factor at K x
+    the overall factor (census total / map total) and spreads the rest of its count
+    ``rescale_rest`` ("uniform": evenly; "builtup": by score).
+    """
 
     checkpoints: list[str]
     imagery_root: str
@@ -82,11 +88,17 @@ class PredictSettings:
     counts: str | None = None
     id_column: str = "region_id"
     count_column: str = "count"
+    rescale_cap: float | None = None
+    rescale_rest: str = "uniform"
 
     @property
     def margin(self) -> int:
         """Context px on each side of a tile core: overlap / 2 rounded up to a multiple of 4."""
         return int(math.ceil(self.overlap / 2 / 4) * 4)
+
+
+RESCALING_FIELDS = ("rescale_cap", "rescale_rest")  # PredictSettings fields of the census matching only
+RESCALE_REST = ("uniform", "builtup")  # how the capped rescaling spreads the rest of a count
 
 
 @dataclass
@@ -242,6 +254,8 @@ class _CensusTiles:
 
 def _settings_key(settings: PredictSettings, members: Sequence[Member], window: Window) -> str:
     d = asdict(settings)
+    for key in RESCALING_FIELDS:  # used only when the tiles are assembled: changing them reuses the tiles
+        d.pop(key)
     d["checkpoints"] = [m.meta["sha256"] for m in members]
     d["window"] = list(window)
     d["version"] = STATE_VERSION
@@ -259,6 +273,12 @@ def _check_settings(settings: PredictSettings) -> None:
         raise PopcornInputError(f"overlap must be >= 0 px, got {settings.overlap}")
     if (settings.census is None) != (settings.counts is None) and settings.counts is not None:
         raise PopcornInputError("--counts needs --census (the regions vector file)")
+    if settings.rescale_cap is not None and not settings.rescale_cap > 0:
+        raise PopcornInputError(f"--rescale-cap must be > 0 (1 = the map brought to the census total plus each "
+                                f"region's shortfall), got {settings.rescale_cap}")
+    if settings.rescale_rest not in RESCALE_REST:
+        raise PopcornInputError(f"--rescale-rest must be one of {', '.join(RESCALE_REST)}, "
+                                f"got {settings.rescale_rest!r}")
 
 
 def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: RasterGrid, geom: Any,
@@ -347,27 +367,44 @@ def predict(
 def _rescaled_product(settings: PredictSettings, census: _CensusTiles, run: TileRun, cores: Sequence[Window],
                       tags: dict[str, str], out: Path, prefix: str) -> tuple[Product, Path, Any]:
     """Sum the finished tiles per census region, write the scale factors, and return the
-    dasymetrically rescaled 1 ha product (made tile by tile during assembly)."""
+    rescaled 1 ha product (made tile by tile during assembly): the paper's dasymetric rescaling,
+    or with ``rescale_cap`` the capped form (:func:`~popcorn.evaluation.dasymetric.capped_factors_from_sums`)."""
+    by_score = settings.rescale_cap is not None and settings.rescale_rest == "builtup"
+    keys = ["population_10m", "builtup_score"] if by_score else ["population_10m"]
     sums = np.zeros(census.n, np.float64)
     pixels = np.zeros(census.n, np.float64)
+    prior_sums = np.zeros(census.n, np.float64)
     for core in cores:
-        pop = run.load(core, ["population_10m"])["population_10m"]
+        arrays = run.load(core, keys)
+        pop = arrays["population_10m"]
         ids = census.ids_window(core)
         ok = np.isfinite(pop)
         sums += region_sums(pop[ok], ids[ok], census.n)[: census.n]
         pixels += np.bincount(ids[ok], minlength=census.n)[: census.n]
-    factors, uniform, scale_csv, percentiles = _scale_factors(census, sums, pixels, out, prefix)
+        if by_score:
+            prior_sums += region_sums(np.nan_to_num(arrays["builtup_score"][ok]), ids[ok], census.n)[: census.n]
+    if not by_score:
+        prior_sums = pixels
+    factors, prior_coef, uniform, scale_csv, percentiles = _scale_factors(settings, census, sums, prior_sums, pixels,
+                                                                          out, prefix)
 
     def rescaled(arrays: dict[str, np.ndarray], core: Window) -> np.ndarray:
         pop = arrays["population_10m"]
         ok = np.isfinite(pop)
         ids = census.ids_window(core)
-        adj = np.where(ok, pop * factors[ids] + uniform[ids], 0.0)
+        prior = np.nan_to_num(arrays["builtup_score"]) if by_score else 1.0
+        adj = np.where(ok, pop * factors[ids] + prior * prior_coef[ids] + uniform[ids], 0.0)
         s, cnt = block_sum_partial(adj, ok)
         return np.where(cnt > 0, s, np.nan)
 
-    tags = dict(tags, units="people per 1 ha cell, ensemble mean rescaled to the census counts (dasymetric)",
-                product="population_1ha_rescaled", census=f"{settings.census};{settings.counts}")
+    if settings.rescale_cap is None:
+        method = "ensemble mean rescaled to the census counts (dasymetric)"
+    else:
+        method = (f"ensemble mean rescaled to the census counts, scale factor at most {settings.rescale_cap:g} x "
+                  "census total / map total, "
+                  f"the rest of each count spread {'by built-up score' if by_score else 'evenly'}")
+    tags = dict(tags, units=f"people per 1 ha cell, {method}", product="population_1ha_rescaled",
+                census=f"{settings.census};{settings.counts}")
     return (Product("population_1ha_rescaled", out / f"{prefix}population_1ha_rescaled.tif", "population", tags,
                     FINE, rescaled), scale_csv, percentiles)
 
@@ -405,29 +442,35 @@ def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seas
             for key, name, factor, band, what in specs]
 
 
-def _scale_factors(census: _CensusTiles, sums: np.ndarray, pixels: np.ndarray, out: Path, prefix: str):
+def _scale_factors(settings: PredictSettings, census: _CensusTiles, sums: np.ndarray, prior_sums: np.ndarray,
+                   pixels: np.ndarray, out: Path, prefix: str):
     import pandas as pd
 
-    from popcorn.evaluation.dasymetric import scale_factors_from_sums
+    from popcorn.evaluation.dasymetric import capped_factors_from_sums, scale_factors_from_sums
 
-    factors, uniform, scale = scale_factors_from_sums(census.counts, sums, pixels)
+    _, _, scale = scale_factors_from_sums(census.counts, sums, pixels)
+    cap = math.inf if settings.rescale_cap is None else settings.rescale_cap
+    factors, prior_coef, uniform = capped_factors_from_sums(census.counts, sums, prior_sums, pixels, cap)
     missing = [int(r) for r in census.counts if pixels[r] == 0]
     if missing:
         log.warning("census region(s) %s have no predicted pixel (outside the area); their counts "
                     "are not distributed", missing[:20])
-    frame = pd.DataFrame([
-        {"region_id": int(r), "count": census.counts[r], "predicted": float(sums[r]),
-         "pixels": int(pixels[r]), "scale_factor": scale[r]}
-        for r in sorted(census.counts)
-    ])
+    rows = []
+    for r in sorted(census.counts):
+        row = {"region_id": int(r), "count": census.counts[r], "predicted": float(sums[r]),
+               "pixels": int(pixels[r]), "scale_factor": scale[r]}
+        if settings.rescale_cap is not None:
+            row["applied_factor"] = float(factors[r])
+            row["people_spread"] = max(float(census.counts[r] - factors[r] * sums[r]), 0.0) if pixels[r] else 0.0
+        rows.append(row)
+    frame = pd.DataFrame(rows)
     path = out / f"{prefix}scale_factors.csv"
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     finite = frame.scale_factor.to_numpy()
     finite = finite[np.isfinite(finite)]
     percentiles = tuple(float(v) for v in np.percentile(finite, [10, 50, 90])) if finite.size else None
-    return factors, uniform, path, percentiles
-
+    return factors, prior_coef, uniform, path, percentiles
 
 
 __all__ = [

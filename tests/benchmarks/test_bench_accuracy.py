@@ -46,3 +46,19 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     assert metrics["Uniform areal weighting"]["r2"] <= 1.0
     assert all(0 < v["rmse"] for v in metrics.values())
     assert result["where"]["informal_core"]["truth"] > 0
+    # The same run with the capped census matching reuses the members and maps; the paper's
+    # rescaling is still printed, unchanged, beside the capped one.
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--worlds", "101", "--size-px", "240", "--mean-region-ha", "40",
+         "--members", "2", "--epochs", "1", "--threads", "1", "--rescale-cap", "1",
+         "--data-root", str(tmp_path / "worlds"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "scale factors at most 1 x the overall factor" in proc.stdout and "the paper's rescaling: " in proc.stdout
+    (capped,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert capped["train_seconds"] == result["train_seconds"]  # the members were not trained again
+    bag = "2 models x 4 seasons (Bag)"
+    assert capped["metrics"][f"{bag} rescaled (paper)"] == metrics[f"{bag} rescaled"]
+    assert capped["metrics"][f"{bag} raw"] == metrics[f"{bag} raw"]
+    assert capped["metrics"][f"{bag} rescaled"] != metrics[f"{bag} rescaled"]

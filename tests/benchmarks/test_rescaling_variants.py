@@ -54,6 +54,6 @@ def test_a_constant_map_matched_to_the_census_is_uniform_weighting(world: Path, 
         shape = (src.height, src.width)
     results = _module().variants(str(world), str(_maps(world, tmp_path / "flat", np.full(shape, 0.5))))
     scores = {name: r2 for name, (r2, _) in results.items()}
-    for name in ("mult", "add_uniform"):  # spreading a shortfall evenly over an even map is uniform
+    for name in ("mult", "add_uniform", "cap1.5_uniform"):  # spreading a shortfall evenly over an even map is uniform
         assert scores[name] == pytest.approx(scores["uniform"], abs=1e-9), name
     assert scores["blend0.5"] != pytest.approx(scores["uniform"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale, region_sums
+from popcorn.evaluation.dasymetric import block_sum, capped_rescale, dasymetric_rescale, region_sums
 from popcorn.evaluation.metrics import format_table, mae, r2_score, regression_metrics, rmse
 from popcorn.tasks.weak_supervision import region_log_l1, sum_by_region
 
@@ -55,6 +55,31 @@ def test_dasymetric_sums_equal_counts_exactly() -> None:
     assert np.allclose(out[:, 4], 2.0)
     assert (out[:, 5] == 0).all()
     assert math.isnan(scale[3]) and scale[1] == pytest.approx(100 / values[ids == 1].sum())
+
+
+def test_capped_rescale_hand_example() -> None:
+    ids = np.array([[1, 1, 2, 2, 3, 3, 0]])
+    values = np.array([[1.0, 3.0, 2.0, 2.0, 0.0, 0.0, 5.0]])
+    prior = np.array([[1.0, 0.0, 1.0, 3.0, 0.0, 0.0, 9.0]])
+    counts = {1: 6.0, 2: 40.0, 3: 4.0}
+    # overall factor: 50 people / 8 mapped = 6.25; cap 0.4 -> each factor at most 2.5
+    out = capped_rescale(values, ids, counts, prior, cap=0.4)
+    # region 1: factor 1.5 <= 2.5 -> the paper's rescaling
+    assert out[0, :2] == pytest.approx([1.5, 4.5])
+    # region 2: factor 10 -> map x 2.5 (10 people), the other 30 by the prior (1:3)
+    assert out[0, 2:4] == pytest.approx([5.0 + 7.5, 5.0 + 22.5])
+    # region 3: nothing in the map or the prior -> evenly; outside every region -> 0
+    assert out[0, 4:] == pytest.approx([2.0, 2.0, 0.0])
+    assert region_sums(out, ids)[1:] == pytest.approx([6.0, 40.0, 4.0])
+    # cap 1: the map brought to the census total (x 6.25), then each region's shortfall evenly
+    even = capped_rescale(values, ids, counts, np.ones_like(values), cap=1.0)
+    assert even[0, :2] == pytest.approx([1.5, 4.5])  # factor 1.5 < 6.25: scaled down to the count
+    assert even[0, 2:4] == pytest.approx([12.5 + 7.5, 12.5 + 7.5])
+    # no cap = the paper's rescaling
+    paper, _ = dasymetric_rescale(values, ids, counts)
+    assert capped_rescale(values, ids, counts, prior, cap=math.inf) == pytest.approx(paper)
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        capped_rescale(values, ids, counts, prior, cap=0.0)
 
 
 def test_block_sum_to_1ha() -> None:

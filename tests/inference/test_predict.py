@@ -15,7 +15,7 @@ from popcorn.datasets import CensusRegions
 from popcorn.datasets.sentinel import open_imagery
 from popcorn.datasets.synthetic.world import make_synthetic_world
 from popcorn.errors import PopcornInputError
-from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
+from popcorn.evaluation.dasymetric import block_sum, capped_rescale, dasymetric_rescale
 from popcorn.inference.fast import FastPopcorn, load_popcorn
 from popcorn.inference.maps import PredictSettings, predict
 from popcorn.tasks import BuiltUpTask, WeakSupervisionTask
@@ -132,6 +132,39 @@ def test_ensemble_mean_std_and_dasymetric(setup) -> None:
         assert rescaled[regions.id_raster == rid].sum() == pytest.approx(count, rel=1e-5)
     assert got.sum() == pytest.approx(sum(regions.counts.values()), rel=1e-5)
     assert result.scale_percentiles is not None
+
+
+def test_capped_rescaling(setup) -> None:
+    """--rescale-cap K: each region's map scaled by at most K x the overall factor, the rest spread
+    by built-up score, the region sums still equal the counts; the scale-factor table says what
+    was applied."""
+    root, world, ckpts = setup
+    members = _reference(ckpts[:1], world, ["summer"])
+    pop, score = members[0][0], members[0][1].astype(np.float64)
+    _, _, grid = open_imagery(world.imagery_dir, ["summer"])
+    regions = CensusRegions(world.census_regions, world.census_counts, grid)
+    out = root / "capped"
+    predict_main([
+        "--checkpoint", str(ckpts[0]), "--imagery", str(world.imagery_dir), "--seasons", "summer",
+        "--tile-size", "100", "--overlap", "64", "--quiet", "--census", str(world.census_regions),
+        "--counts", str(world.census_counts), "--out", str(out), "--rescale-cap", "1", "--rescale-rest", "builtup",
+    ])
+    expected = capped_rescale(pop, regions.id_raster, regions.counts, score, 1.0)
+    got = _read(out / "population_1ha_rescaled.tif")
+    assert np.allclose(got, block_sum(expected), atol=1e-3)
+    assert got.sum() == pytest.approx(sum(regions.counts.values()), rel=1e-5)
+    table = pd.read_csv(out / "scale_factors.csv").set_index("region_id")
+    overall = table["count"].sum() / table.predicted.sum()
+    capped = table.scale_factor > overall
+    assert capped.any() and (~capped).any()
+    assert np.allclose(table.applied_factor, np.minimum(table.scale_factor, overall))
+    assert (table.people_spread[~capped] == 0).all() and (table.people_spread[capped] > 0).all()
+    with rasterio.open(out / "population_1ha_rescaled.tif") as src:
+        assert "at most 1 x" in src.tags()["units"] and "built-up score" in src.tags()["units"]
+    with pytest.raises(PopcornInputError, match="rescale-cap must be > 0"):
+        predict(PredictSettings(checkpoints=[str(ckpts[0])], imagery_root=str(world.imagery_dir), tile_size=100,
+                                census=str(world.census_regions), counts=str(world.census_counts),
+                                rescale_cap=0.0), root / "capped_bad", progress=False)
 
 
 def test_resume_after_crash(setup) -> None:
