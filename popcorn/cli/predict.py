@@ -11,6 +11,9 @@ Examples::
         --imagery /data/rwa/imagery --census /data/rwa/regions.gpkg --counts /data/rwa/counts.csv \\
         --write-10m --out maps/rwa
 
+    # the same, each region's factor capped (a type the model missed gets its region's rest evenly)
+    popcorn predict ... --census /data/rwa/regions.gpkg --counts /data/rwa/counts.csv --rescale-cap 1 --out maps/rwa
+
     # a bounding box (in EPSG:4326) or the extent of a vector file
     popcorn predict --checkpoint best.ckpt --imagery IMG --bbox 30.0 -2.0 30.2 -1.9 --bbox-crs EPSG:4326 --out maps/kigali
     popcorn predict --checkpoint best.ckpt --imagery IMG --area kigali.gpkg --out maps/kigali

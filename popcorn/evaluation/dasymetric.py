@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -73,7 +74,7 @@ def capped_factors_from_sums(
             counted[int(rid)] = pixels[int(rid)] > 0
     mapped = float(sums[counted].sum())
     overall = float(count[counted].sum()) / mapped if mapped > 0 else 1.0
-    limit = cap * overall
+    limit = math.inf if math.isinf(cap) else cap * overall
     applied = np.minimum(factor, limit)
     rest = np.where(factor > limit, count - applied * sums, 0.0)  # people beyond the cap
     prior_coef = np.zeros(n)

@@ -448,7 +448,7 @@ def _scale_factors(settings: PredictSettings, census: _CensusTiles, sums: np.nda
 
     from popcorn.evaluation.dasymetric import capped_factors_from_sums, scale_factors_from_sums
 
-    _, _, scale = scale_factors_from_sums(census.counts, sums, pixels)
+    paper_factors, _, scale = scale_factors_from_sums(census.counts, sums, pixels)
     cap = math.inf if settings.rescale_cap is None else settings.rescale_cap
     factors, prior_coef, uniform = capped_factors_from_sums(census.counts, sums, prior_sums, pixels, cap)
     missing = [int(r) for r in census.counts if pixels[r] == 0]
@@ -461,7 +461,8 @@ def _scale_factors(settings: PredictSettings, census: _CensusTiles, sums: np.nda
                "pixels": int(pixels[r]), "scale_factor": scale[r]}
         if settings.rescale_cap is not None:
             row["applied_factor"] = float(factors[r])
-            row["people_spread"] = max(float(census.counts[r] - factors[r] * sums[r]), 0.0) if pixels[r] else 0.0
+            capped = pixels[r] > 0 and factors[r] < paper_factors[r]
+            row["people_spread"] = float(census.counts[r] - factors[r] * sums[r]) if capped else 0.0
         rows.append(row)
     frame = pd.DataFrame(rows)
     path = out / f"{prefix}scale_factors.csv"

@@ -78,6 +78,9 @@ def test_capped_rescale_hand_example() -> None:
     # no cap = the paper's rescaling
     paper, _ = dasymetric_rescale(values, ids, counts)
     assert capped_rescale(values, ids, counts, prior, cap=math.inf) == pytest.approx(paper)
+    nobody = {1: 0.0, 2: 0.0, 3: 0.0}  # overall factor 0: no NaN, nobody anywhere
+    for cap in (1.0, math.inf):
+        assert (capped_rescale(values, ids, nobody, prior, cap=cap) == 0).all()
     with pytest.raises(ValueError, match="cap must be > 0"):
         capped_rescale(values, ids, counts, prior, cap=0.0)
 
