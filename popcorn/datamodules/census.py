@@ -316,8 +316,15 @@ class CensusDataModule(L.LightningDataModule):
         regions = self._require_setup()
         if not regions.val_ids:
             return []
+        return self.region_dataloader(regions.val_ids, self.seasons)
+
+    def region_dataloader(self, ids: Sequence[int], seasons: Sequence[str]) -> DataLoader:
+        """Every region of ``ids`` once, in id order, the season fixed per region (cycling through
+        ``seasons``), never augmented; this process's share under DDP. Validation uses it, and
+        :class:`~popcorn.tasks.callbacks.CensusLevelCalibration` with one season at a time."""
+        regions = self._require_setup()
         sampler = RegionSampler(
-            self._sample_windows(regions), regions.val_ids, self.seasons, shuffle=False, grid=self.grid,
+            self._sample_windows(regions), ids, seasons, shuffle=False, grid=self.grid,
             batch_size=self.batch_size,
         )
         return self._loader(self.region_samples, self._shard(sampler), collate_regions, self.batch_size)

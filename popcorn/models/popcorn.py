@@ -173,6 +173,21 @@ class Popcorn(nn.Module):
         with torch.no_grad():
             self.head_last_layer.bias[0] = value
 
+    def scale_occupancy(self, factor: float) -> None:
+        """Multiply the occupancy (and so the population) of every pixel by ``factor`` > 0, in the
+        head's last layer: its log is added to the bias with ``exp``, the channel's weights and
+        bias are multiplied by it with ``relu`` (relu(f x) = f relu(x) for f > 0)."""
+        factor = float(factor)
+        if not math.isfinite(factor) or factor <= 0:
+            raise PopcornInputError(f"occupancy scale factor must be finite and > 0, got {factor}")
+        last = self.head_last_layer
+        with torch.no_grad():
+            if self.occupancy_activation == "exp":
+                last.bias[0] += math.log(factor)
+            else:
+                last.weight[0] *= factor
+                last.bias[0] *= factor
+
     # -- forward -------------------------------------------------------------------------------
     def forward(
         self, s1: Tensor | None, s2: Tensor | None, s2_builtup: Tensor | None = None

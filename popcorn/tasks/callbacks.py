@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["HardRegionSampling", "MapReport", "RandomState", "selected_checkpoint"]
+__all__ = ["CensusLevelCalibration", "HardRegionSampling", "MapReport", "RandomState", "selected_checkpoint"]
 
 
 def selected_checkpoint(trainer: Trainer) -> str:
@@ -104,3 +105,72 @@ class HardRegionSampling(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.region_log_error = {int(k): float(v) for k, v in state_dict["region_log_error"].items()}
+
+
+class CensusLevelCalibration(Callback):
+    """Beyond the paper: after the last training epoch, scale the occupancy so that the model's
+    total over the training regions equals their census total (each region in every training
+    season, not augmented, the seasons averaged). The last checkpoint holds the scaled weights.
+
+    Why: the log-L1 fits each region's count only up to its error, and the errors need not
+    cancel: on the tuning worlds, 12-epoch members predict 0.5-2 x the census total of the very
+    regions they trained on, and that level moves their raw maps' R^2 more than anything they
+    learned. One factor from the training counts fixes it (no fine label, no validation region);
+    maps matched to the census (``popcorn predict`` rescaled, capped or not) do not change.
+    It runs at the end of epoch ``max_epochs`` (or when the trainer stops early), before the
+    checkpoints are written; a checkpoint chosen by ``val/loss`` from an earlier epoch is not
+    scaled.
+    """
+
+    def __init__(self) -> None:
+        self.factor: float | None = None
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if not (last or trainer.should_stop):
+            return
+        dm = trainer.datamodule
+        if not hasattr(dm, "region_dataloader") or not hasattr(pl_module, "model"):
+            raise TypeError("CensusLevelCalibration needs a CensusDataModule and a WeakSupervisionTask")
+        predicted, counted = self.training_totals(trainer, pl_module)
+        if predicted <= 0 or counted <= 0:
+            rank_zero_warn(f"CensusLevelCalibration: training regions total {predicted:.1f} predicted for "
+                        f"{counted:.1f} counted; level left as trained")
+            return
+        self.factor = counted / predicted
+        pl_module.model.scale_occupancy(self.factor)
+        pl_module.log("train/level_calibration_factor", self.factor, sync_dist=False)
+        rank_zero_info(f"census level calibration: the training regions predicted {predicted:,.0f} "
+                       f"people for {counted:,.0f} counted; occupancy x {self.factor:.4f}")
+
+    @torch.no_grad()
+    def training_totals(self, trainer: Trainer, pl_module: LightningModule) -> tuple[float, float]:
+        """(people predicted, people counted) over the training regions, the seasons averaged and
+        every process's share added up under DDP."""
+        dm = trainer.datamodule
+        regions = dm.census_regions
+        seasons = list(dm.seasons)
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        predicted = 0.0
+        try:
+            for season in seasons:
+                for batch in dm.region_dataloader(regions.train_ids, [season]):
+                    s1, s2 = (x.to(pl_module.device) if x is not None else None for x in pl_module._inputs(batch))
+                    population = model(s1, s2)["population"][:, 0]
+                    mask = batch["region_mask"].to(population.device, population.dtype)
+                    predicted += float((population * mask).sum()) / len(seasons)
+        finally:
+            model.train(was_training)
+        if trainer.world_size > 1:
+            total = torch.tensor([predicted], dtype=torch.float64, device=pl_module.device)
+            predicted = float(trainer.strategy.reduce(total, reduce_op="sum"))
+        counted = float(sum(regions.counts[i] for i in regions.train_ids))
+        return predicted, counted
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.factor = state_dict.get("factor")
