@@ -187,9 +187,15 @@ def builtup_scores(weights: str, world: Path, out: Path, args: argparse.Namespac
 
 def logged_throughput(metrics_csv: Path) -> float:
     """Mean ``train/region_pixels_per_s`` over the epochs of a run (logged by the task)."""
+    return logged_mean(metrics_csv, "train/region_pixels_per_s")
+
+
+def logged_mean(metrics_csv: Path, column: str) -> float:
+    """Mean of a logged value over a run (NaN when it was never logged)."""
     import pandas as pd
 
-    values = pd.read_csv(metrics_csv)["train/region_pixels_per_s"].dropna()
+    frame = pd.read_csv(metrics_csv)
+    values = frame[column].dropna() if column in frame else []
     return float(values.mean()) if len(values) else float("nan")
 
 
@@ -292,8 +298,10 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
         throughput = logged_throughput(ckpt.parent.parent / "metrics.csv")
         res.train_seconds.append(seconds)
         res.region_px_per_s.append(throughput)
+        factor = logged_mean(ckpt.parent.parent / "metrics.csv", "train/level_calibration_factor")
+        level = "" if np.isnan(factor) else f", census level calibration x {factor:.3f}"
         print(f"  world {seed}: member {1600 + k} trained in {seconds:.0f} s "
-              f"({throughput:,.0f} region px/s in training epochs)", flush=True)
+              f"({throughput:,.0f} region px/s in training epochs{level})", flush=True)
     runs = {
         f"1 model x 1 season ({args.single_season})": (ckpts[:1], [args.single_season]),
         "1 model x 4 seasons": (ckpts[:1], SEASONS),

@@ -25,19 +25,26 @@ def test_stops_with_a_message_without_the_published_weights(tmp_path: Path) -> N
     assert "absent.pt" in proc.stdout and "stops here" in proc.stdout
 
 
-@pytest.mark.skipif(not PUBLISHED.exists(), reason=f"published built-up weights not at {PUBLISHED}")
-def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
+def run_tiny_benchmark(tmp_path: Path, *options: str) -> str:
+    """The benchmark on one tiny world (2 members x 1 epoch) in ``tmp_path``; its output."""
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--worlds", "101", "--size-px", "240", "--mean-region-ha", "40",
-         "--members", "2", "--epochs", "1", "--jobs", "2", "--threads", "1",
-         "--data-root", str(tmp_path / "worlds"), "--out", str(tmp_path / "out")],
+         "--members", "2", "--epochs", "1", "--threads", "1",
+         "--data-root", str(tmp_path / "worlds"), "--out", str(tmp_path / "out"), *options],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    return proc.stdout
+
+
+@pytest.mark.skipif(not PUBLISHED.exists(), reason=f"published built-up weights not at {PUBLISHED}")
+def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
+    out = run_tiny_benchmark(tmp_path, "--jobs", "2", "--fit-args",
+                             "--trainer.callbacks+=popcorn.tasks.callbacks.CensusLevelCalibration")
     for row in ("1 model x 1 season (summer) raw", "1 model x 4 seasons rescaled",
                 "2 models x 4 seasons (Bag) raw", "BuiltUp disaggregation", "Uniform areal weighting",
-                "zero-resident built-up", "non-built pixels", "region px/s", "## targets"):
+                "zero-resident built-up", "non-built pixels", "region px/s", "## targets",
+                "census level calibration x"):
         assert row in out, row
     (result,) = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["seed"] == 101 and len(result["train_seconds"]) == 2
@@ -48,14 +55,8 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     assert result["where"]["informal_core"]["truth"] > 0
     # The same run with the capped census matching reuses the members and maps; the paper's
     # rescaling is still printed, unchanged, beside the capped one.
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--worlds", "101", "--size-px", "240", "--mean-region-ha", "40",
-         "--members", "2", "--epochs", "1", "--threads", "1", "--rescale-cap", "1",
-         "--data-root", str(tmp_path / "worlds"), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "scale factors at most 1 x the overall factor" in proc.stdout and "the paper's rescaling: " in proc.stdout
+    out = run_tiny_benchmark(tmp_path, "--rescale-cap", "1")
+    assert "scale factors at most 1 x the overall factor" in out and "the paper's rescaling: " in out
     (capped,) = json.loads((tmp_path / "out" / "results.json").read_text())
     assert capped["train_seconds"] == result["train_seconds"]  # the members were not trained again
     bag = "2 models x 4 seasons (Bag)"
