@@ -1,6 +1,6 @@
 """POPCORN training under Lightning DDP (2 CPU processes, gloo): sharded regions, pretraining
 once, validation over every process's regions, and a run killed mid-epoch that resumes to where
-an uninterrupted run ends, bit for bit."""
+an uninterrupted run ends, bit for bit; the census level calibration over every rank's regions."""
 
 from __future__ import annotations
 
@@ -131,3 +131,28 @@ def test_ddp_validation_equals_one_process(tmp_path: Path) -> None:
     assert logged[1].keys() == logged[2].keys()
     for key, value in logged[1].items():
         assert logged[2][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_ddp_census_level_calibration_uses_every_rank_s_regions(tmp_path: Path) -> None:
+    """CensusLevelCalibration on 2 processes: the saved model's total over all training regions
+    (both ranks' shards) equals their census total, as one process sees it."""
+    from types import SimpleNamespace
+
+    from popcorn.datamodules import SyntheticCensusDataModule
+    from popcorn.tasks import WeakSupervisionTask
+    from popcorn.tasks.callbacks import CensusLevelCalibration
+
+    world_root, run = tmp_path / "world", tmp_path / "fit"
+    _fit(run, world_root, 1, "--trainer.callbacks+=popcorn.tasks.callbacks.CensusLevelCalibration")
+    state = _checkpoint(run)
+    factor = state["callbacks"]["CensusLevelCalibration"]["factor"]
+    assert factor is not None and abs(math.log(factor)) > 1e-3
+    task = WeakSupervisionTask.load_from_checkpoint(
+        run / "popcorn" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu")
+    dm = SyntheticCensusDataModule(root=str(world_root), size_px=200, n_regions=REGIONS, val_fraction=0.25,
+                                   batch_size=1, region_context_px=8)
+    dm.setup()
+    assert len(dm.census_regions.train_ids) == REGIONS - VAL
+    single = SimpleNamespace(datamodule=dm, world_size=1)
+    predicted, counted = CensusLevelCalibration().training_totals(single, task)  # type: ignore[arg-type]
+    assert predicted == pytest.approx(counted, rel=1e-3)
