@@ -113,7 +113,7 @@ class CensusLevelCalibration(Callback):
     season, not augmented, the seasons averaged). The last checkpoint holds the scaled weights.
 
     Why: the log-L1 fits each region's count only up to its error, and the errors need not
-    cancel: on the tuning worlds, 12-epoch members predict 0.5-2 x the census total of the very
+    cancel: on the tuning worlds, 12-epoch members predict 0.35-2.9 x the census total of the very
     regions they trained on, and that level moves their raw maps' R^2 more than anything they
     learned. One factor from the training counts fixes it (no fine label, no validation region);
     maps matched to the census (``popcorn predict`` rescaled, capped or not) do not change.
@@ -135,7 +135,7 @@ class CensusLevelCalibration(Callback):
         predicted, counted = self.training_totals(trainer, pl_module)
         if predicted <= 0 or counted <= 0:
             rank_zero_warn(f"CensusLevelCalibration: training regions total {predicted:.1f} predicted for "
-                        f"{counted:.1f} counted; level left as trained")
+                           f"{counted:.1f} counted; level left as trained")
             return
         self.factor = counted / predicted
         pl_module.model.scale_occupancy(self.factor)
