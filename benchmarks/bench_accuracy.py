@@ -185,18 +185,16 @@ def builtup_scores(weights: str, world: Path, out: Path, args: argparse.Namespac
             if f"val/target/{k}" in row}
 
 
-def logged_throughput(metrics_csv: Path) -> float:
-    """Mean ``train/region_pixels_per_s`` over the epochs of a run (logged by the task)."""
-    return logged_mean(metrics_csv, "train/region_pixels_per_s")
-
-
-def logged_mean(metrics_csv: Path, column: str) -> float:
-    """Mean of a logged value over a run (NaN when it was never logged)."""
+def logged_means(metrics_csv: Path, columns: tuple[str, ...]) -> list[float]:
+    """Mean of each logged value over a run (NaN for one never logged), from one read of the CSV."""
     import pandas as pd
 
     frame = pd.read_csv(metrics_csv)
-    values = frame[column].dropna() if column in frame else []
-    return float(values.mean()) if len(values) else float("nan")
+    means = []
+    for column in columns:
+        values = frame[column].dropna() if column in frame else []
+        means.append(float(values.mean()) if len(values) else float("nan"))
+    return means
 
 
 # ------------------------------------------------------------------------------ prediction
@@ -295,10 +293,10 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
         trained = list(pool.map(member, range(args.members)))
     ckpts = [ckpt for ckpt, _ in trained]
     for k, (ckpt, seconds) in enumerate(trained):
-        throughput = logged_throughput(ckpt.parent.parent / "metrics.csv")
+        throughput, factor = logged_means(ckpt.parent.parent / "metrics.csv",
+                                          ("train/region_pixels_per_s", "train/level_calibration_factor"))
         res.train_seconds.append(seconds)
         res.region_px_per_s.append(throughput)
-        factor = logged_mean(ckpt.parent.parent / "metrics.csv", "train/level_calibration_factor")
         level = "" if np.isnan(factor) else f", census level calibration x {factor:.3f}"
         print(f"  world {seed}: member {1600 + k} trained in {seconds:.0f} s "
               f"({throughput:,.0f} region px/s in training epochs{level})", flush=True)

@@ -126,7 +126,8 @@ class CensusLevelCalibration(Callback):
         self.factor: float | None = None
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        limit = trainer.max_epochs  # None or -1: no epoch limit, only an early stop ends the run
+        last = limit is not None and limit > 0 and trainer.current_epoch + 1 >= limit
         if not (last or trainer.should_stop):
             return
         dm = trainer.datamodule
