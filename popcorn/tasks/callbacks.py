@@ -131,7 +131,7 @@ class CensusLevelCalibration(Callback):
         if not (last or trainer.should_stop):
             return
         dm = trainer.datamodule
-        if not hasattr(dm, "region_dataloader") or not hasattr(pl_module, "model"):
+        if not hasattr(dm, "region_dataloader") or not hasattr(pl_module, "region_totals"):
             raise TypeError("CensusLevelCalibration needs a CensusDataModule and a WeakSupervisionTask")
         predicted, counted = self.training_totals(trainer, pl_module)
         if predicted <= 0 or counted <= 0:
@@ -144,29 +144,14 @@ class CensusLevelCalibration(Callback):
         rank_zero_info(f"census level calibration: the training regions predicted {predicted:,.0f} "
                        f"people for {counted:,.0f} counted; occupancy x {self.factor:.4f}")
 
-    @torch.no_grad()
     def training_totals(self, trainer: Trainer, pl_module: LightningModule) -> tuple[float, float]:
         """(people predicted, people counted) over the training regions, the seasons averaged and
         every process's share added up under DDP."""
         dm = trainer.datamodule
         regions = dm.census_regions
         seasons = list(dm.seasons)
-        model = pl_module.model
-        was_training = model.training
-        model.eval()
-        predicted = 0.0
-        try:
-            for season in seasons:
-                for batch in dm.region_dataloader(regions.train_ids, [season]):
-                    s1, s2 = (x.to(pl_module.device) if x is not None else None for x in pl_module._inputs(batch))
-                    population = model(s1, s2)["population"][:, 0]
-                    mask = batch["region_mask"].to(population.device, population.dtype)
-                    predicted += float((population * mask).sum()) / len(seasons)
-        finally:
-            model.train(was_training)
-        if trainer.world_size > 1:
-            total = torch.tensor([predicted], dtype=torch.float64, device=pl_module.device)
-            predicted = float(trainer.strategy.reduce(total, reduce_op="sum"))
+        predicted = sum(pl_module.region_totals(dm.region_dataloader(regions.train_ids, [season]), "population")[0]
+                        for season in seasons) / len(seasons)
         counted = float(sum(regions.counts[i] for i in regions.train_ids))
         return predicted, counted
 

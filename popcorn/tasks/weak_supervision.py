@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
 import rasterio
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -177,31 +179,14 @@ class WeakSupervisionTask(LightningModule):
             self.model.set_occupancy_bias(self.estimate_occupancy_bias())
             self.bias_initialised.fill_(True)
 
-    @torch.no_grad()
     def estimate_occupancy_bias(self) -> float:
         """Average occupancy of the training regions: total count / total built-up score (over
         every process's shard under DDP).
 
         For direct estimation it is the average population per pixel instead.
         """
-        datamodule = self.trainer.datamodule
-        total_count = 0.0
-        total_weight = 0.0
-        was_training = self.model.training
-        self.model.eval()
-        for batch in datamodule.train_dataloader():
-            mask = batch["region_mask"].to(self.device)
-            if self.hparams.occupancy_split:
-                s1, s2 = (x.to(self.device) if x is not None else None for x in self._inputs(batch))
-                score = self.model.builtup(s1, s2)[:, 0]
-                total_weight += float((score * mask).sum())
-            else:
-                total_weight += float(mask.sum())
-            total_count += float(batch["count"].sum())
-        self.model.train(was_training)
-        if self.trainer.world_size > 1:  # each process saw its shard: add them up
-            totals = torch.tensor([total_count, total_weight], dtype=torch.float64, device=self.device)
-            total_count, total_weight = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        weight = "builtup_score" if self.hparams.occupancy_split else "pixels"
+        total_weight, total_count = self.region_totals(self.trainer.datamodule.train_dataloader(), weight)
         if total_weight <= 0:
             raise PopcornInputError(
                 "the built-up extractor finds no built-up area in any training region, so the "
@@ -211,6 +196,42 @@ class WeakSupervisionTask(LightningModule):
         bias = total_count / total_weight
         rank_zero_info(f"occupancy bias initialised from the training regions: {bias:.4f}")
         return bias
+
+    @torch.no_grad()
+    def region_totals(
+        self, loader: Iterable[dict[str, Any]], weight: Literal["population", "builtup_score", "pixels"]
+    ) -> tuple[float, float]:
+        """(sum of ``weight`` inside the region masks, sum of the batches' census counts) over the
+        batches of ``loader``, the model in eval mode meanwhile; under DDP every process's share is
+        added up, so every process must call it. ``population`` is the model's people per 10 m
+        pixel, ``builtup_score`` the frozen extractor's score, ``pixels`` counts the pixels.
+
+        One loop for the occupancy bias estimate (before fit) and the census level calibration
+        (:class:`~popcorn.tasks.callbacks.CensusLevelCalibration`, after the last epoch).
+        """
+        total_weight = total_count = 0.0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in loader:
+                mask = batch["region_mask"].to(self.device)
+                if weight == "pixels":
+                    values = torch.ones_like(mask, dtype=torch.float32)
+                else:
+                    s1, s2 = (x.to(self.device) if x is not None else None for x in self._inputs(batch))
+                    if weight == "builtup_score":
+                        values = self.model.builtup(s1, s2)[:, 0]
+                    else:
+                        values = self.model(s1, s2)["population"][:, 0]
+                total_weight += float((values * mask.to(values.dtype)).sum())
+                total_count += float(batch["count"].sum())
+        finally:
+            self.model.train(was_training)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            totals = torch.tensor([total_weight, total_count], dtype=torch.float64, device=self.device)
+            dist.all_reduce(totals)  # each process saw its shard: add them up
+            total_weight, total_count = totals.tolist()
+        return total_weight, total_count
 
     def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         modalities = self.hparams.modalities

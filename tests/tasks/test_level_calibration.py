@@ -55,3 +55,34 @@ def test_last_checkpoint_predicts_the_census_total_of_the_training_regions(tiny_
     saved_bias = ckpt["state_dict"]["model.head.6.bias"][0]
     assert saved_bias == pytest.approx(float(task.model.head_last_layer.bias[0].detach()))  # the scaled head was saved
     assert ckpt["callbacks"]["CensusLevelCalibration"]["factor"] == pytest.approx(calibration.factor)
+
+
+def test_region_totals_and_the_occupancy_bias_estimate(tiny_world: Path, tmp_path: Path) -> None:
+    """One loop serves the bias estimate (count / built-up score of the training regions) and the
+    calibration (people predicted): masks, counts and units checked against the id raster."""
+    torch.manual_seed(0)
+    season = "summer"
+    dm = CensusDataModule(str(tiny_world), str(tiny_world / "census_regions.gpkg"),
+                          str(tiny_world / "census_counts.csv"), seasons=[season], val_fraction=0.25, batch_size=2)
+    task = WeakSupervisionTask(occupancy_activation="exp")  # untrained head: people = bias x score
+    trainer = Trainer(max_epochs=1, limit_train_batches=0, logger=False, default_root_dir=tmp_path,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      enable_checkpointing=False)
+    trainer.fit(task, datamodule=dm)  # no step: only the bias estimate of fit start
+    assert float(task.bias_initialised) == 1.0
+    regions = dm.census_regions
+    train = regions.train_ids
+
+    def loader():
+        return dm.region_dataloader(train, [season])
+
+    pixels, counted = task.region_totals(loader(), "pixels")
+    assert pixels == pytest.approx(float(torch.isin(torch.from_numpy(regions.id_raster), torch.tensor(train)).sum()))
+    assert counted == pytest.approx(sum(regions.counts[i] for i in train))
+    task.train()
+    score, _ = task.region_totals(loader(), "builtup_score")
+    assert task.training and 0 < score < pixels  # back in train mode afterwards
+    bias = math.exp(float(task.model.head_last_layer.bias[0]))  # estimated from the shuffled training loader
+    assert bias == pytest.approx(counted / score, rel=1e-5)
+    people, _ = task.region_totals(loader(), "population")
+    assert people == pytest.approx(counted, rel=1e-5)
