@@ -53,6 +53,10 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     assert metrics["Uniform areal weighting"]["r2"] <= 1.0
     assert all(0 < v["rmse"] for v in metrics.values())
     assert result["where"]["informal_core"]["truth"] > 0
+    # the warehouse target is printed for the census-matched Bag and, beside it, for the raw Bag
+    wh = next(v for k, v in result["where"].items() if "warehouse" in k)
+    for name, label in (("Bag rescaled", "warehouse district vs BuiltUp = "), ("Bag raw", "the raw Bag: ")):
+        assert f"{label}{wh[name] / wh['BuiltUp disaggregation']:.2f}" in out, name
     # The same run with the capped census matching reuses the members and maps; the paper's
     # rescaling is still printed, unchanged, beside the capped one.
     out = run_tiny_benchmark(tmp_path, "--rescale-cap", "1")
