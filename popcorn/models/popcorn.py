@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from popcorn.errors import PopcornInputError
 from popcorn.models.builtup import BuiltUpExtractor, _extract_state_dict
-from popcorn.models.unet import DualStreamUNet
+from popcorn.models.unet import DualStreamUNet, Prepared
 
 Modalities = Literal["s1s2", "s1", "s2"]
 OccupancyActivation = Literal["relu", "exp"]
@@ -23,11 +23,16 @@ people per 10 m pixel) so that a wild step cannot overflow the region sums."""
 
 
 def head_inputs(
-    features: Tensor, builtup_score: Tensor, context_px: tuple[int, ...] = (), with_builtup: bool = False
+    features: Tensor,
+    builtup_score: Tensor,
+    context_px: tuple[int, ...] = (),
+    with_builtup: bool = False,
+    bands: Tensor | None = None,
 ) -> Tensor:
     """Occupancy-branch features (B, C, H, W) -> the head's input: the features, plus for each
     window of ``context_px`` (odd, px) their mean and the built-up score's mean over that window,
-    plus with ``with_builtup`` the frozen extractor's logit (clamped to +-10) as one more channel.
+    plus with ``with_builtup`` the frozen extractor's logit (clamped to +-10) as one more channel,
+    plus ``bands`` (the pixel's own normalised S1/S2 values, (B, 2|4|6, H, W)) when given.
 
     The context (beyond the paper) lets a 1x1 head see the neighbourhood: how dense the roofs are
     over 70-200 m, whether they sit among gardens, yards or alleys. Windows are clipped at the
@@ -39,7 +44,15 @@ def head_inputs(
         parts += [F.avg_pool2d(stack, k, stride=1, padding=k // 2, count_include_pad=False) for k in context_px]
     if with_builtup:
         parts.append(torch.logit(builtup_score.to(features.dtype), eps=1e-6).clamp(-10.0, 10.0))
+    if bands is not None:
+        parts.append(bands.to(features.dtype))
     return torch.cat(parts, dim=1) if len(parts) > 1 else features
+
+
+def pixel_bands(prep: Prepared) -> Tensor:
+    """The normalised, NaN-filled S1 (VV, VH) and S2 (B02, B03, B04, B08) values of each pixel,
+    cropped back to the input window: (B, 2|4|6, H, W), the head's ``head_sees_bands`` input."""
+    return torch.cat([prep.crop(x) for x in (prep.s1, prep.s2) if x is not None], dim=1)
 
 
 def occupancy_from_head(raw: Tensor, activation: str = "relu") -> Tensor:
@@ -73,6 +86,7 @@ class Popcorn(nn.Module):
         occupancy_activation: OccupancyActivation = "relu",
         occupancy_context_px: tuple[int, ...] | list[int] = (),
         head_sees_builtup: bool = False,
+        head_sees_bands: bool = False,
     ) -> None:
         super().__init__()
         if occupancy_init not in ("pretrained", "scratch"):
@@ -87,6 +101,7 @@ class Popcorn(nn.Module):
             raise PopcornInputError(f"occupancy_context_px must be odd window sizes >= 3 px, got {list(context)}.")
         self.occupancy_context_px = context
         self.head_sees_builtup = bool(head_sees_builtup)
+        self.head_sees_bands = bool(head_sees_bands)
         self.occupancy_init = occupancy_init
         self.modalities = modalities
         self.occupancy_split = occupancy_split
@@ -98,7 +113,8 @@ class Popcorn(nn.Module):
         if occupancy_init == "pretrained":
             self.occupancy.load_state_dict(self.builtup.state_dict())
         in_ch = 8 * (int(self.use_s1) + int(self.use_s2))
-        in_ch += len(context) * (in_ch + 1) + int(self.head_sees_builtup)
+        n_bands = 2 * int(self.use_s1) + 4 * int(self.use_s2)
+        in_ch += len(context) * (in_ch + 1) + int(self.head_sees_builtup) + n_bands * int(self.head_sees_bands)
         self.head = nn.Sequential(
             nn.Conv2d(in_ch, 64, 1),
             nn.ReLU(inplace=True),
@@ -210,7 +226,8 @@ class Popcorn(nn.Module):
             builtup_score = torch.sigmoid(self.builtup.logits(*self.builtup.stream_features(prep_builtup)))
         f1, f2 = self.occupancy.stream_features(prep)
         feats = torch.cat([f for f in (f1, f2) if f is not None], dim=1)
-        feats = head_inputs(feats, builtup_score, self.occupancy_context_px, self.head_sees_builtup)
+        bands = pixel_bands(prep) if self.head_sees_bands else None
+        feats = head_inputs(feats, builtup_score, self.occupancy_context_px, self.head_sees_builtup, bands)
         value = occupancy_from_head(self.head(feats)[:, :1], self.occupancy_activation)
         if self.occupancy_split:
             occupancy = value
@@ -223,8 +240,9 @@ class Popcorn(nn.Module):
         return (
             f"modalities={self.modalities!r}, occupancy_init={self.occupancy_init!r}, "
             f"occupancy_split={self.occupancy_split}, occupancy_activation={self.occupancy_activation!r}, "
-            f"occupancy_context_px={list(self.occupancy_context_px)}, head_sees_builtup={self.head_sees_builtup}"
+            f"occupancy_context_px={list(self.occupancy_context_px)}, head_sees_builtup={self.head_sees_builtup}, "
+            f"head_sees_bands={self.head_sees_bands}"
         )
 
 
-__all__ = ["LOG_OCCUPANCY_CAP", "OccupancyActivation", "Popcorn", "head_inputs", "occupancy_from_head"]
+__all__ = ["LOG_OCCUPANCY_CAP", "OccupancyActivation", "Popcorn", "head_inputs", "occupancy_from_head", "pixel_bands"]

@@ -87,6 +87,7 @@ class WeakSupervisionTask(LightningModule):
         occupancy_activation: Literal["relu", "exp"] = "relu",
         occupancy_context_px: list[int] | None = None,
         head_sees_builtup: bool = False,
+        head_sees_bands: bool = False,
         output_dir: str | None = None,
     ) -> None:
         """Args:
@@ -121,6 +122,9 @@ class WeakSupervisionTask(LightningModule):
         head_sees_builtup: the head also gets the frozen extractor's logit, so that occupancy can
             depend sharply on how sure the extractor is (yards and roads score 0.1-0.4 with the
             published weights; beyond the paper, False = paper).
+        head_sees_bands: the head also gets the pixel's own normalised S1/S2 values, which the
+            U-Net features blur with the neighbourhood: a bright warehouse roof next to homes
+            keeps its own signature (beyond the paper, False = paper).
         output_dir: where test maps and tables go; default the logger's directory.
         """
         super().__init__()
@@ -164,6 +168,7 @@ class WeakSupervisionTask(LightningModule):
             occupancy_activation=h.occupancy_activation,
             occupancy_context_px=tuple(h.occupancy_context_px or ()),
             head_sees_builtup=h.head_sees_builtup,
+            head_sees_bands=h.head_sees_bands,
             occupancy_bias=h.occupancy_bias_init if h.occupancy_bias_init is not None else 0.2267,
         )
         if not h.train_occupancy_unet:

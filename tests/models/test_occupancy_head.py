@@ -1,5 +1,5 @@
 """Options of the occupancy head beyond the paper (issue 9, item 4): log-occupancy (``exp``),
-window context, the extractor's logit as an input. Each keeps the paper's head as default, each
+window context, the extractor's logit and the pixel's own bands as inputs. Each keeps the paper's head as default, each
 runs through the fast predictor and the checkpoint loader unchanged."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from popcorn.errors import PopcornInputError
 from popcorn.inference.fast import FastPopcorn, load_popcorn, naive_forward
 from popcorn.models import Popcorn
-from popcorn.models.popcorn import LOG_OCCUPANCY_CAP, head_inputs, occupancy_from_head
+from popcorn.models.popcorn import LOG_OCCUPANCY_CAP, head_inputs, occupancy_from_head, pixel_bands
+from popcorn.models.unet import PAD
 from popcorn.tasks import WeakSupervisionTask
 
 
@@ -34,7 +35,7 @@ def _perturb(model: Popcorn, seed: int = 1) -> Popcorn:
 def test_defaults_are_the_papers_head() -> None:
     model = Popcorn()
     assert model.occupancy_activation == "relu" and model.occupancy_context_px == ()
-    assert not model.head_sees_builtup and model.head[0].in_channels == 16
+    assert not model.head_sees_builtup and not model.head_sees_bands and model.head[0].in_channels == 16
     raw = torch.tensor([-2.0, 0.0, 3.5])
     assert torch.equal(occupancy_from_head(raw), torch.tensor([0.0, 0.0, 3.5]))
 
@@ -74,6 +75,7 @@ def test_context_and_builtup_inputs() -> None:
     {"occupancy_activation": "exp"},
     {"occupancy_context_px": (7, 21)},
     {"head_sees_builtup": True, "occupancy_activation": "exp"},
+    {"head_sees_bands": True, "head_sees_builtup": True, "occupancy_activation": "exp"},
 ])
 def test_fast_and_naive_forward_agree_with_the_model(options: dict) -> None:
     model = _perturb(Popcorn(occupancy_bias=3.0, **options))
@@ -88,19 +90,42 @@ def test_fast_and_naive_forward_agree_with_the_model(options: dict) -> None:
     with torch.no_grad():
         tile = model(s1[..., :40, :40], s2[..., :40, :40])
     assert torch.allclose(tile["population"][..., :8, :8], ref["population"][..., :8, :8], atol=1e-5)
-    if options.get("occupancy_context_px") or options.get("head_sees_builtup"):
+    if any(options.get(k) for k in ("occupancy_context_px", "head_sees_builtup", "head_sees_bands")):
         with pytest.raises(PopcornInputError, match="paper's head only"):
             FastPopcorn(model, backend="kernels")
 
 
+def test_head_sees_the_pixels_own_bands() -> None:
+    """``head_sees_bands``: the head's last inputs are the normalised S1/S2 values of that very
+    pixel (not blurred by the U-Net), so changing one pixel's S2 changes that pixel's input and no
+    other pixel's."""
+    s1, s2 = _inputs(24, 24)
+    for modalities, n_bands in (("s1s2", 6), ("s1", 2), ("s2", 4)):
+        plain = Popcorn(modalities=modalities).head[0].in_channels
+        assert Popcorn(modalities=modalities, head_sees_bands=True).head[0].in_channels == plain + n_bands
+    model = Popcorn(head_sees_bands=True).eval()
+    prep = model.builtup.prepare(s1, s2)
+    bands = pixel_bands(prep)
+    assert bands.shape == (1, 6, 24, 24)
+    # the value the extractor's normalisation gives, at the right place (after the padding crop)
+    assert torch.allclose(bands[:, :2], model.builtup.prepare(s1, None).s1[..., PAD : PAD + 24, PAD : PAD + 24])
+    brighter = s2.clone()
+    brighter[0, :, 5, 7] += 3000.0
+    diff = (pixel_bands(model.builtup.prepare(s1, brighter)) - bands).abs().sum(1)[0]
+    assert float(diff[5, 7]) > 1.0 and int((diff > 0).sum()) == 1
+    feats = torch.zeros(1, 16, 24, 24)
+    x = head_inputs(feats, torch.full((1, 1, 24, 24), 0.5), with_builtup=True, bands=bands)
+    assert x.shape[1] == 16 + 1 + 6 and torch.equal(x[:, -6:], bands)
+
+
 def test_options_survive_a_checkpoint(tmp_path) -> None:
     task = WeakSupervisionTask(occupancy_activation="exp", occupancy_context_px=[7], head_sees_builtup=True,
-                               occupancy_bias_init=2.5)
+                               head_sees_bands=True, occupancy_bias_init=2.5)
     _perturb(task.model)
     path = task.export_weights(tmp_path / "w.pt")
     model, meta = load_popcorn(path)
     assert meta["occupancy_activation"] == "exp" and meta["occupancy_context_px"] == [7]
-    assert meta["head_sees_builtup"] is True
+    assert meta["head_sees_builtup"] is True and meta["head_sees_bands"] is True
     s1, s2 = _inputs()
     with torch.no_grad():
         assert torch.allclose(model(s1, s2)["population"], task.model.eval()(s1, s2)["population"], atol=1e-6)
