@@ -57,6 +57,17 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     wh = next(v for k, v in result["where"].items() if "warehouse" in k)
     for name, label in (("Bag rescaled", "warehouse district vs BuiltUp = "), ("Bag raw", "the raw Bag: ")):
         assert f"{label}{wh[name] / wh['BuiltUp disaggregation']:.2f}" in out, name
+    # and how much of BuiltUp's warehouse people share a region with apartments or a camp
+    beside = result["where"]["warehouses in regions with apartment blocks or a camp"]
+    assert 0 <= beside["BuiltUp disaggregation"] <= wh["BuiltUp disaggregation"] + 1e-6
+    assert beside["truth"] == 0
+    if beside["BuiltUp disaggregation"] > 0:
+        share = beside["BuiltUp disaggregation"] / wh["BuiltUp disaggregation"]
+        ratio = beside["Bag rescaled"] / beside["BuiltUp disaggregation"]
+        assert f"{share:.0%} of BuiltUp's warehouse people are in regions that also hold apartment" in out
+        assert f"where the Bag puts {ratio:.2f} of them" in out
+    else:
+        assert "no warehouse shares a census region with apartment blocks or a camp" in out
     # The same run with the capped census matching reuses the members and maps; the paper's
     # rescaling is still printed, unchanged, beside the capped one.
     out = run_tiny_benchmark(tmp_path, "--rescale-cap", "1")
