@@ -1,6 +1,7 @@
 """Options of the occupancy head beyond the paper (issue 9, item 4): log-occupancy (``exp``),
-window context, the extractor's logit and the pixel's own bands as inputs. Each keeps the paper's head as default, each
-runs through the fast predictor and the checkpoint loader unchanged."""
+window context, the extractor's logit and the pixel's own bands as inputs. Each keeps the
+paper's head as default, each runs through the fast predictor and the checkpoint loader
+unchanged."""
 
 from __future__ import annotations
 
