@@ -49,7 +49,7 @@ from popcorn.inference.cpu_build import load_kernels
 from popcorn.inference.cpu_kernels import CPUEngine
 from popcorn.models import Popcorn
 from popcorn.models.builtup import sha256_of
-from popcorn.models.popcorn import head_inputs, occupancy_from_head, pixel_bands
+from popcorn.models.popcorn import occupancy_from_head
 from popcorn.models.unet import PAD, DualStreamUNet, Prepared
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,7 @@ def load_popcorn(path: str | os.PathLike[str]) -> tuple[Popcorn, dict[str, Any]]
     model.eval()
     meta = {"checkpoint": str(path), "sha256": sha256_of(path)[:12], "modalities": modalities,
             "occupancy_split": model.occupancy_split, "occupancy_activation": model.occupancy_activation,
-            "occupancy_context_px": list(model.occupancy_context_px), "head_sees_builtup": model.head_sees_builtup,
-            "head_sees_bands": model.head_sees_bands}
+            **model.head_input.as_hparams()}
     return model, meta
 
 
@@ -160,10 +159,7 @@ class FastPopcorn(nn.Module):
         self.use_s1, self.use_s2 = model.use_s1, model.use_s2
         self.occupancy_split = model.occupancy_split
         self.occupancy_activation = model.occupancy_activation
-        self.context_px = model.occupancy_context_px
-        self.head_sees_builtup = model.head_sees_builtup
-        self.head_sees_bands = model.head_sees_bands
-        plain_head = not self.context_px and not self.head_sees_builtup and not self.head_sees_bands
+        self.head_input = model.head_input  # frozen: shared, not copied
         self.builtup = frozen_copy(model.builtup)
         self.occupancy = frozen_copy(model.occupancy)
         convs = [m for m in model.head if isinstance(m, nn.Conv2d)]
@@ -175,10 +171,10 @@ class FastPopcorn(nn.Module):
         self.weights = nn.ParameterList([nn.Parameter(m, requires_grad=False) for m in mats])
         self.biases = nn.ParameterList([nn.Parameter(v, requires_grad=False) for v in vecs])
         self.engine: CPUEngine | None = None
-        if not plain_head and backend == "kernels":
+        if not self.head_input.is_plain and backend == "kernels":
             raise PopcornInputError("the CPU kernels implement the paper's head only (no occupancy_context_px, "
                                     "no head_sees_builtup or head_sees_bands); use backend='auto' or 'torch'")
-        if backend != "torch" and plain_head:
+        if backend != "torch" and self.head_input.is_plain:
             self.engine = self._build_engine(model, convs, required=backend == "kernels")
         self.eval()
 
@@ -294,8 +290,7 @@ class FastPopcorn(nn.Module):
         if bool(active.any()):
             f1, f2 = self.occupancy.stream_features(prep)
             feats = torch.cat([f for f in (f1, f2) if f is not None], dim=1)
-            bands = pixel_bands(prep) if self.head_sees_bands else None
-            feats = head_inputs(feats, builtup, self.context_px, self.head_sees_builtup, bands)
+            feats = self.head_input(feats, builtup, prep)
             rows = feats.permute(0, 2, 3, 1)[active]  # (N, C) of active pixels
             value = occupancy_from_head(self.head(rows), self.occupancy_activation)
             occ = occupancy[:, 0]
@@ -344,8 +339,7 @@ def naive_forward(model: Popcorn, s1: Tensor | None, s2: Tensor | None) -> dict[
     f1, f2 = features(model.builtup)
     builtup = torch.sigmoid(model.builtup.logits(f1, f2))
     g = torch.cat([f for f in features(model.occupancy) if f is not None], dim=1)
-    bands = pixel_bands(prep) if model.head_sees_bands else None
-    g = head_inputs(g, builtup, model.occupancy_context_px, model.head_sees_builtup, bands)
+    g = model.head_input(g, builtup, prep)
     raw = model.head(g)[:, :1]
     if model.occupancy_split:
         occupancy = occupancy_from_head(raw, model.occupancy_activation)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,37 +23,69 @@ LOG_OCCUPANCY_CAP = 7.0
 people per 10 m pixel) so that a wild step cannot overflow the region sums."""
 
 
-def head_inputs(
-    features: Tensor,
-    builtup_score: Tensor,
-    context_px: tuple[int, ...] = (),
-    with_builtup: bool = False,
-    bands: Tensor | None = None,
-) -> Tensor:
-    """Occupancy-branch features (B, C, H, W) -> the head's input: the features, plus for each
-    window of ``context_px`` (odd, px) their mean and the built-up score's mean over that window,
-    plus with ``with_builtup`` the frozen extractor's logit (clamped to +-10) as one more channel,
-    plus ``bands`` (the pixel's own normalised S1/S2 values, (B, 2|4|6, H, W)) when given.
-
-    The context (beyond the paper) lets a 1x1 head see the neighbourhood: how dense the roofs are
-    over 70-200 m, whether they sit among gardens, yards or alleys. Windows are clipped at the
-    image edge (``count_include_pad=False``), as tiles clipped to the raster are.
-    """
-    parts = [features]
-    if context_px:
-        stack = torch.cat([features, builtup_score.to(features.dtype)], dim=1)
-        parts += [F.avg_pool2d(stack, k, stride=1, padding=k // 2, count_include_pad=False) for k in context_px]
-    if with_builtup:
-        parts.append(torch.logit(builtup_score.to(features.dtype), eps=1e-6).clamp(-10.0, 10.0))
-    if bands is not None:
-        parts.append(bands.to(features.dtype))
-    return torch.cat(parts, dim=1) if len(parts) > 1 else features
-
-
 def pixel_bands(prep: Prepared) -> Tensor:
     """The normalised, NaN-filled S1 (VV, VH) and S2 (B02, B03, B04, B08) values of each pixel,
     cropped back to the input window: (B, 2|4|6, H, W), the head's ``head_sees_bands`` input."""
     return torch.cat([prep.crop(x) for x in (prep.s1, prep.s2) if x is not None], dim=1)
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """What the 1x1 occupancy head sees beside the branch's features (all off = the paper).
+
+    One frozen spec that :class:`Popcorn` owns and the fast and naive predictors share, so the
+    three forwards cannot disagree on the head's inputs:
+
+    - ``context_px``: for each odd window (px), the features' and the built-up score's mean over
+      it (how dense the roofs are over 70-200 m, whether they sit among gardens, yards or alleys);
+      windows are clipped at the image edge (``count_include_pad=False``), as tiles are;
+    - ``builtup_logit``: the frozen extractor's logit (clamped to +-10) as one more channel;
+    - ``bands``: the pixel's own normalised, NaN-filled S1/S2 values, which the U-Net features
+      blur with the neighbourhood.
+    """
+
+    context_px: tuple[int, ...] = ()
+    builtup_logit: bool = False
+    bands: bool = False
+
+    def __post_init__(self) -> None:
+        context = tuple(int(k) for k in self.context_px)
+        if any(k < 3 or k % 2 == 0 for k in context):
+            raise PopcornInputError(f"occupancy_context_px must be odd window sizes >= 3 px, got {list(context)}.")
+        object.__setattr__(self, "context_px", context)
+        object.__setattr__(self, "builtup_logit", bool(self.builtup_logit))
+        object.__setattr__(self, "bands", bool(self.bands))
+
+    @property
+    def is_plain(self) -> bool:
+        """True for the paper's head (the features only), the one the CPU kernels implement."""
+        return not (self.context_px or self.builtup_logit or self.bands)
+
+    def channels(self, n_features: int, n_bands: int) -> int:
+        """Input channels of the head for ``n_features`` branch features and ``n_bands`` S1/S2 bands."""
+        return (n_features + len(self.context_px) * (n_features + 1) + int(self.builtup_logit)
+                + n_bands * int(self.bands))
+
+    def __call__(self, features: Tensor, builtup_score: Tensor, prep: Prepared | None = None) -> Tensor:
+        """Branch features (B, C, H, W) -> the head's input, in the order of :meth:`channels`:
+        features, window means, logit, bands (``prep``: the prepared inputs both branches ran on)."""
+        parts = [features]
+        if self.context_px:
+            stack = torch.cat([features, builtup_score.to(features.dtype)], dim=1)
+            parts += [F.avg_pool2d(stack, k, stride=1, padding=k // 2, count_include_pad=False)
+                      for k in self.context_px]
+        if self.builtup_logit:
+            parts.append(torch.logit(builtup_score.to(features.dtype), eps=1e-6).clamp(-10.0, 10.0))
+        if self.bands:
+            if prep is None:
+                raise PopcornInputError("a head that sees the pixel's bands needs the prepared inputs (prep)")
+            parts.append(pixel_bands(prep).to(features.dtype))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else features
+
+    def as_hparams(self) -> dict[str, object]:
+        """The spec under the task's hyper-parameter names (checkpoint metadata)."""
+        return {"occupancy_context_px": list(self.context_px), "head_sees_builtup": self.builtup_logit,
+                "head_sees_bands": self.bands}
 
 
 def occupancy_from_head(raw: Tensor, activation: str = "relu") -> Tensor:
@@ -96,12 +129,7 @@ class Popcorn(nn.Module):
         if occupancy_activation not in ("relu", "exp"):
             raise PopcornInputError(f"occupancy_activation must be 'relu' or 'exp', got {occupancy_activation!r}.")
         self.occupancy_activation = occupancy_activation
-        context = tuple(int(k) for k in occupancy_context_px)
-        if any(k < 3 or k % 2 == 0 for k in context):
-            raise PopcornInputError(f"occupancy_context_px must be odd window sizes >= 3 px, got {list(context)}.")
-        self.occupancy_context_px = context
-        self.head_sees_builtup = bool(head_sees_builtup)
-        self.head_sees_bands = bool(head_sees_bands)
+        self.head_input = HeadInputs(tuple(occupancy_context_px), head_sees_builtup, head_sees_bands)
         self.occupancy_init = occupancy_init
         self.modalities = modalities
         self.occupancy_split = occupancy_split
@@ -112,9 +140,8 @@ class Popcorn(nn.Module):
         self.occupancy = DualStreamUNet()
         if occupancy_init == "pretrained":
             self.occupancy.load_state_dict(self.builtup.state_dict())
-        in_ch = 8 * (int(self.use_s1) + int(self.use_s2))
         n_bands = 2 * int(self.use_s1) + 4 * int(self.use_s2)
-        in_ch += len(context) * (in_ch + 1) + int(self.head_sees_builtup) + n_bands * int(self.head_sees_bands)
+        in_ch = self.head_input.channels(8 * (int(self.use_s1) + int(self.use_s2)), n_bands)
         self.head = nn.Sequential(
             nn.Conv2d(in_ch, 64, 1),
             nn.ReLU(inplace=True),
@@ -131,6 +158,22 @@ class Popcorn(nn.Module):
         self.set_occupancy_bias(occupancy_bias)
         self._freeze()
         self.train(self.training)
+
+    # -- head inputs: read-only views of :attr:`head_input` under the task's hyper-parameter names
+    @property
+    def occupancy_context_px(self) -> tuple[int, ...]:
+        """Context windows (px) of the head's inputs, () = none."""
+        return self.head_input.context_px
+
+    @property
+    def head_sees_builtup(self) -> bool:
+        """Whether the head also gets the extractor's logit."""
+        return self.head_input.builtup_logit
+
+    @property
+    def head_sees_bands(self) -> bool:
+        """Whether the head also gets the pixel's own normalised S1/S2 values."""
+        return self.head_input.bands
 
     # -- freezing ------------------------------------------------------------------------------
     def _freeze(self) -> None:
@@ -226,8 +269,7 @@ class Popcorn(nn.Module):
             builtup_score = torch.sigmoid(self.builtup.logits(*self.builtup.stream_features(prep_builtup)))
         f1, f2 = self.occupancy.stream_features(prep)
         feats = torch.cat([f for f in (f1, f2) if f is not None], dim=1)
-        bands = pixel_bands(prep) if self.head_sees_bands else None
-        feats = head_inputs(feats, builtup_score, self.occupancy_context_px, self.head_sees_builtup, bands)
+        feats = self.head_input(feats, builtup_score, prep)
         value = occupancy_from_head(self.head(feats)[:, :1], self.occupancy_activation)
         if self.occupancy_split:
             occupancy = value
@@ -245,4 +287,4 @@ class Popcorn(nn.Module):
         )
 
 
-__all__ = ["LOG_OCCUPANCY_CAP", "OccupancyActivation", "Popcorn", "head_inputs", "occupancy_from_head", "pixel_bands"]
+__all__ = ["LOG_OCCUPANCY_CAP", "HeadInputs", "OccupancyActivation", "Popcorn", "occupancy_from_head", "pixel_bands"]

@@ -118,7 +118,7 @@ class WeakSupervisionTask(LightningModule):
             starts at the prior (beyond the paper; see :func:`popcorn.models.popcorn.occupancy_from_head`).
         occupancy_context_px: odd window sizes (px) over which the head also sees the mean
             occupancy features and built-up score (beyond the paper; None = paper, 1x1 head only;
-            see :func:`popcorn.models.popcorn.head_inputs`).
+            see :class:`popcorn.models.popcorn.HeadInputs`).
         head_sees_builtup: the head also gets the frozen extractor's logit, so that occupancy can
             depend sharply on how sure the extractor is (yards and roads score 0.1-0.4 with the
             published weights; beyond the paper, False = paper).

@@ -13,7 +13,7 @@ import torch
 from popcorn.errors import PopcornInputError
 from popcorn.inference.fast import FastPopcorn, load_popcorn, naive_forward
 from popcorn.models import Popcorn
-from popcorn.models.popcorn import LOG_OCCUPANCY_CAP, head_inputs, occupancy_from_head, pixel_bands
+from popcorn.models.popcorn import LOG_OCCUPANCY_CAP, HeadInputs, occupancy_from_head, pixel_bands
 from popcorn.models.unet import PAD
 from popcorn.tasks import WeakSupervisionTask
 
@@ -57,8 +57,9 @@ def test_exp_head_starts_at_the_prior_and_caps() -> None:
 def test_context_and_builtup_inputs() -> None:
     feats = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
     score = torch.full((2, 1, 5, 5), 0.5)
-    x = head_inputs(feats, score, (3,), with_builtup=True)
-    assert x.shape == (2, 3 + 4 + 1, 5, 5)
+    spec = HeadInputs((3,), builtup_logit=True)
+    x = spec(feats, score)
+    assert x.shape == (2, spec.channels(3, 6), 5, 5) == (2, 3 + 4 + 1, 5, 5)
     # window mean at an interior pixel and at the corner (clipped window, as tiles are)
     assert float(x[0, 3, 2, 2]) == pytest.approx(float(feats[0, 0, 1:4, 1:4].mean()))
     assert float(x[0, 3, 0, 0]) == pytest.approx(float(feats[0, 0, 0:2, 0:2].mean()))
@@ -83,8 +84,10 @@ def test_fast_and_naive_forward_agree_with_the_model(options: dict) -> None:
     s1, s2 = _inputs()
     with torch.no_grad():
         ref = model(s1, s2)
-        fast = FastPopcorn(model, threshold=0.0)(s1, s2)
+        fast_model = FastPopcorn(model, threshold=0.0)
+        fast = fast_model(s1, s2)
         naive = naive_forward(model, s1, s2)
+    assert fast_model.head_input == model.head_input  # one spec for every forward
     for out in (fast, naive):
         assert torch.allclose(out["population"], ref["population"], atol=1e-4, rtol=1e-4)
     # a tile read with context gives the whole-image values on its core (the engine's promise)
@@ -115,8 +118,10 @@ def test_head_sees_the_pixels_own_bands() -> None:
     diff = (pixel_bands(model.builtup.prepare(s1, brighter)) - bands).abs().sum(1)[0]
     assert float(diff[5, 7]) > 1.0 and int((diff > 0).sum()) == 1
     feats = torch.zeros(1, 16, 24, 24)
-    x = head_inputs(feats, torch.full((1, 1, 24, 24), 0.5), with_builtup=True, bands=bands)
-    assert x.shape[1] == 16 + 1 + 6 and torch.equal(x[:, -6:], bands)
+    x = model.head_input(feats, torch.full((1, 1, 24, 24), 0.5), prep)
+    assert x.shape[1] == 16 + 6 and torch.equal(x[:, -6:], bands)
+    with pytest.raises(PopcornInputError, match="prepared inputs"):
+        model.head_input(feats, torch.full((1, 1, 24, 24), 0.5))
 
 
 def test_options_survive_a_checkpoint(tmp_path) -> None:
