@@ -13,6 +13,8 @@ coarse census only, then predicts and evaluates at 1 ha against the world's trut
   with ``--rescale-cap K`` also capped (the rows "rescaled" then are the capped ones and
   "rescaled (paper)" the paper's);
 - BuiltUp disaggregation and uniform areal weighting from the same extractor and census;
+- the first member in each season alone, beside BuiltUp disaggregation with that season's
+  built-up score (which season the single-season map stands on);
 - where the people go at 10 m, per settlement type, on zero-resident built-up pixels and on
   non-built pixels (truth vs predicted, the Bag), with the fill ratio predicted / true;
 - training throughput (region pixels per second) and wall times.
@@ -60,6 +62,7 @@ class WorldResult:
     world_seconds: float = 0.0
     adapt_seconds: float = 0.0
     builtup: dict[str, dict[str, float]] = field(default_factory=dict)
+    by_season: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +246,24 @@ def evaluate(maps_1ha: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, di
 WAREHOUSES_BESIDE_DENSE = "warehouses in regions with apartment blocks or a camp"
 
 
+def one_model_by_season(ckpt: Path, world: Path, out: Path, ids: np.ndarray, counts: dict[int, float],
+                        truth: np.ndarray) -> dict[str, dict[str, float]]:
+    """1 ha raw R^2 of one model in each season alone, and of BuiltUp disaggregation with that
+    season's built-up score: how the single-season map the ordering target starts from compares
+    with the other seasons (evaluation only, after the members are trained)."""
+    from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
+
+    rows: dict[str, dict[str, float]] = {}
+    for season in SEASONS:
+        outputs, _ = predict_maps([ckpt], [season], world, out / season)
+        score = np.nan_to_num(read(outputs["builtup_score"]))
+        builtup, _ = dasymetric_rescale(score, ids, counts)
+        maps = {"model raw": block_sum(np.nan_to_num(read(outputs["population_10m"])), FINE),
+                "BuiltUp disaggregation": block_sum(builtup, FINE)}
+        rows[season] = {name: m["r2"] for name, m in evaluate(maps, truth).items()}
+    return rows
+
+
 def where_people_go(maps_10m: dict[str, np.ndarray], world: Path,
                     region_ids: np.ndarray) -> dict[str, dict[str, float]]:
     """People per settlement type, on the warehouses that share their census region with
@@ -341,6 +362,7 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
                 bag_10m["Bag rescaled (paper)"] = paper10
             builtup_score = score10
     assert builtup_score is not None
+    res.by_season = one_model_by_season(ckpts[0], world, wdir / "maps" / "1_model_by_season", ids, counts, truth)
     builtup_disagg, _ = dasymetric_rescale(builtup_score, ids, counts)
     uniform, _ = dasymetric_rescale(np.ones_like(builtup_score), ids, counts)
     maps_1ha["BuiltUp disaggregation"] = block_sum(builtup_disagg, FINE)
@@ -370,6 +392,10 @@ def print_world(res: WorldResult) -> None:
         t = row["truth"]
         fills = [f"{row[c] / t:.2f}" if t > 0 else "-" for c in ("Bag raw", "Bag rescaled")]
         print(f"| {group} | " + " | ".join(f"{row[c]:,.0f}" for c in cols) + " | " + " | ".join(fills) + " |")
+    if res.by_season:
+        print("\none model by season, 1 ha raw R^2 (BuiltUp disaggregation with that season's built-up score): "
+              + ", ".join(f"{season} {r['model raw']:.3f} ({r['BuiltUp disaggregation']:.3f})"
+                          for season, r in res.by_season.items()))
     for name, sc in res.builtup.items():
         print(f"built-up extractor, {name}: target IoU {sc.get('iou', float('nan')):.3f}, F1 "
               f"{sc.get('f1', float('nan')):.3f}, precision {sc.get('precision', float('nan')):.3f}, "

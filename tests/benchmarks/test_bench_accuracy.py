@@ -53,6 +53,12 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     assert metrics["Uniform areal weighting"]["r2"] <= 1.0
     assert all(0 < v["rmse"] for v in metrics.values())
     assert result["where"]["informal_core"]["truth"] > 0
+    # each season of member 1600 alone; its summer is the single-season run of the table
+    by_season = result["by_season"]
+    assert list(by_season) == ["spring", "summer", "autumn", "winter"]
+    assert by_season["summer"]["model raw"] == pytest.approx(metrics["1 model x 1 season (summer) raw"]["r2"], abs=1e-6)
+    assert len({round(r["BuiltUp disaggregation"], 6) for r in by_season.values()}) > 1  # the seasons' scores differ
+    assert f"summer {by_season['summer']['model raw']:.3f} ({by_season['summer']['BuiltUp disaggregation']:.3f})" in out
     # the warehouse target is printed for the census-matched Bag and, beside it, for the raw Bag
     wh = next(v for k, v in result["where"].items() if "warehouse" in k)
     for name, label in (("Bag rescaled", "warehouse district vs BuiltUp = "), ("Bag raw", "the raw Bag: ")):
