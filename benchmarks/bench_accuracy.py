@@ -419,7 +419,8 @@ def verdict(results: list[WorldResult], members: int) -> None:
         order = [m[k]["r2"] for k in m if k.endswith(" raw")]
         w = res.where.get("zero-resident built-up", {})
         ratio = w.get("Bag rescaled", float("nan")) / max(w.get("BuiltUp disaggregation", float("nan")), 1e-9)
-        wh = next((res.where[g] for g in res.where if "warehouse" in g), {})
+        not_types = ("zero-resident built-up", "non-built pixels", WAREHOUSES_BESIDE_DENSE)
+        wh = next((res.where[g] for g in res.where if "warehouse" in g and g not in not_types), {})
         wh_base = max(wh.get("BuiltUp disaggregation", float("nan")), 1e-9)
         wh_ratio, wh_raw = (wh.get(k, float("nan")) / wh_base for k in ("Bag rescaled", "Bag raw"))
         beside = res.where.get(WAREHOUSES_BESIDE_DENSE, {})
@@ -428,7 +429,6 @@ def verdict(results: list[WorldResult], members: int) -> None:
                        f"apartment blocks or a camp, where the Bag puts {beside['Bag rescaled'] / beside_base:.2f} "
                        "of them" if beside_base > 0 else
                        "no warehouse shares a census region with apartment blocks or a camp")
-        not_types = ("zero-resident built-up", "non-built pixels", WAREHOUSES_BESIDE_DENSE)
         dense = max((g for g in res.where if g not in not_types),
                     key=lambda g: ("informal" in g, res.where[g]["truth"]), default=None)
         fill = res.where[dense]["Bag rescaled"] / res.where[dense]["truth"] if dense else float("nan")
