@@ -124,6 +124,11 @@ def predict_seasons(model: Popcorn, world: World) -> tuple[np.ndarray, np.ndarra
     return np.nan_to_num(population.double().numpy()), score.double().numpy()
 
 
+def _ratio(part: float, whole: float) -> float:
+    """part / whole, NaN where the half holds none of it (printed as -)."""
+    return float(part / whole) if whole > 0 else float("nan")
+
+
 def score_parts(population: np.ndarray, score: np.ndarray, world: World, train_cols: int) -> dict[str, dict[str, float]]:
     """Per half (trained on / unseen): 1 ha R^2 and per-type totals, raw and census-matched."""
     maps = {"raw": population,
@@ -139,11 +144,15 @@ def score_parts(population: np.ndarray, score: np.ndarray, world: World, train_c
         warehouses, apartments, informal = (world.mask(w) & keep[None] for w in ("warehouse", "apartment", "informal"))
         for name, m in maps.items():
             row[f"r2 {name}"] = r2_score(block_sum(m, FINE)[:, keep_1ha], truth_1ha[:, keep_1ha])
-            row[f"warehouses/BuiltUp {name}"] = float(m[warehouses].sum() / max(maps["BuiltUp"][warehouses].sum(), 1e-9))
-            row[f"apartment fill {name}"] = float(m[apartments].sum() / max(world.truth_10m[apartments].sum(), 1e-9))
-            row[f"informal fill {name}"] = float(m[informal].sum() / max(world.truth_10m[informal].sum(), 1e-9))
+            row[f"warehouses/BuiltUp {name}"] = _ratio(m[warehouses].sum(), maps["BuiltUp"][warehouses].sum())
+            row[f"apartment fill {name}"] = _ratio(m[apartments].sum(), world.truth_10m[apartments].sum())
+            row[f"informal fill {name}"] = _ratio(m[informal].sum(), world.truth_10m[informal].sum())
         out[part] = row
     return out
+
+
+def _fmt(value: float) -> str:
+    return "-" if np.isnan(value) else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         for part, row in parts.items():
             print(f"  {part:10s} " + " | ".join(
-                f"{what} " + " / ".join(f"{row[f'{what} {m}']:.2f}" for m in ("raw", "capped", "paper", "BuiltUp"))
+                f"{what} " + " / ".join(_fmt(row[f"{what} {m}"]) for m in ("raw", "capped", "paper", "BuiltUp"))
                 for what in ("r2", "warehouses/BuiltUp", "apartment fill", "informal fill")), flush=True)
     print("columns: raw / capped census matching / the paper's rescaling / BuiltUp disaggregation")
 
