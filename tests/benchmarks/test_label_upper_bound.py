@@ -3,38 +3,24 @@ training never reads a label of the half it is scored on, and held-out worlds ar
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-from paths import ROOT
 
-from popcorn.datasets.synthetic.settlements import HELD_OUT_SEEDS, TUNING_SEEDS, make_settlement_world
+from popcorn.datasets.synthetic.settlements import HELD_OUT_SEEDS
 
-
-def _module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("label_upper_bound", ROOT / "benchmarks" / "label_upper_bound.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    return module
+Loader = Callable[[str], ModuleType]
 
 
-@pytest.fixture(scope="module")
-def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_settlement_world(tmp_path_factory.mktemp("worlds"), size_px=250, seed=TUNING_SEEDS[0],
-                                 mean_region_ha=40.0).directory
-
-
-def test_the_truth_scores_one_and_leaves_the_warehouses_empty(world_dir: Path) -> None:
-    bound = _module()
-    world = bound.load_world(world_dir)
-    builtup = bound.read(world_dir / "builtup_fraction.tif")
-    parts = bound.score_parts(world.truth_10m, builtup, world, world.width // 2)
+def test_the_truth_scores_one_and_leaves_the_warehouses_empty(world: Path, benchmark_script: Loader) -> None:
+    bound = benchmark_script("label_upper_bound")
+    loaded = bound.load_world(world)
+    builtup = bound.read(world / "builtup_fraction.tif")
+    parts = bound.score_parts(loaded.truth_10m, builtup, loaded, loaded.width // 2)
     assert set(parts) == {"trained on", "unseen"}
     for row in parts.values():
         assert row["r2 raw"] == pytest.approx(1.0)
@@ -46,19 +32,19 @@ def test_the_truth_scores_one_and_leaves_the_warehouses_empty(world_dir: Path) -
     assert any(row["informal fill raw"] == pytest.approx(1.0) for row in parts.values())
 
 
-def test_training_reads_no_label_of_the_unseen_half(world_dir: Path) -> None:
-    bound = _module()
-    world = bound.load_world(world_dir)
-    half = world.width // 2
-    world.truth_10m[:, half:] = np.nan  # a label read from the unseen half would make the loss NaN
+def test_training_reads_no_label_of_the_unseen_half(world: Path, benchmark_script: Loader) -> None:
+    bound = benchmark_script("label_upper_bound")
+    loaded = bound.load_world(world)
+    half = loaded.width // 2
+    loaded.truth_10m[:, half:] = np.nan  # a label read from the unseen half would make the loss NaN
     model = bound.upper_bound_model(None)
     before = [q.detach().clone() for q in model.parameters() if q.requires_grad]
-    losses = bound.train_on_labels(model, world, half, steps=3, crop=40, batch=2)
+    losses = bound.train_on_labels(model, loaded, half, steps=3, crop=40, batch=2)
     assert len(losses) == 3 and np.isfinite(losses).all()
     after = [q for q in model.parameters() if q.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
-def test_held_out_worlds_are_refused() -> None:
+def test_held_out_worlds_are_refused(benchmark_script: Loader) -> None:
     with pytest.raises(SystemExit, match=str(HELD_OUT_SEEDS[0])):
-        _module().main(["--worlds", str(HELD_OUT_SEEDS[0])])
+        benchmark_script("label_upper_bound").main(["--worlds", str(HELD_OUT_SEEDS[0])])

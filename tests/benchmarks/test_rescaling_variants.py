@@ -3,29 +3,16 @@ known (the world's own 10 m truth; a constant map)."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import rasterio
-from paths import ROOT
 
-from popcorn.datasets.synthetic.settlements import TUNING_SEEDS, make_settlement_world
-
-
-def _module():  # noqa: ANN202 - the benchmark script as a module
-    spec = importlib.util.spec_from_file_location("rescaling_variants", ROOT / "benchmarks" / "rescaling_variants.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_settlement_world(tmp_path_factory.mktemp("worlds"), size_px=250, seed=TUNING_SEEDS[0],
-                                 mean_region_ha=40.0).directory
+Loader = Callable[[str], ModuleType]
 
 
 def _maps(world: Path, out: Path, population: np.ndarray | None = None) -> Path:
@@ -38,8 +25,8 @@ def _maps(world: Path, out: Path, population: np.ndarray | None = None) -> Path:
     return out
 
 
-def test_the_truth_itself_scores_one_raw(world: Path, tmp_path: Path) -> None:
-    results = _module().variants(str(world), str(_maps(world, tmp_path / "truth")))
+def test_the_truth_itself_scores_one_raw(world: Path, tmp_path: Path, benchmark_script: Loader) -> None:
+    results = benchmark_script("rescaling_variants").variants(str(world), str(_maps(world, tmp_path / "truth")))
     scores = {name: r2 for name, (r2, _) in results.items()}
     assert results["raw"][1] == 0.0  # nobody lives in the warehouse district
     assert results["BuiltUp"][1] == pytest.approx(1.0)
@@ -49,10 +36,11 @@ def test_the_truth_itself_scores_one_raw(world: Path, tmp_path: Path) -> None:
     assert scores["uniform"] < scores["mult"]
 
 
-def test_a_constant_map_matched_to_the_census_is_uniform_weighting(world: Path, tmp_path: Path) -> None:
+def test_a_constant_map_matched_to_the_census_is_uniform_weighting(world: Path, tmp_path: Path,
+                                                                   benchmark_script: Loader) -> None:
     with rasterio.open(world / "population_10m.tif") as src:
         shape = (src.height, src.width)
-    results = _module().variants(str(world), str(_maps(world, tmp_path / "flat", np.full(shape, 0.5))))
+    results = benchmark_script("rescaling_variants").variants(str(world), str(_maps(world, tmp_path / "flat", np.full(shape, 0.5))))
     scores = {name: r2 for name, (r2, _) in results.items()}
     for name in ("mult", "add_uniform", "cap1.5_uniform"):  # spreading a shortfall evenly over an even map is uniform
         assert scores[name] == pytest.approx(scores["uniform"], abs=1e-9), name
