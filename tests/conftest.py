@@ -105,6 +105,15 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
+@pytest.fixture(scope="session")
+def tiny_settlement_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 250 px settlement world of the first tuning seed with 40 ha census regions (read only)."""
+    from popcorn.datasets.synthetic.settlements import TUNING_SEEDS, make_settlement_world
+
+    return make_settlement_world(tmp_path_factory.mktemp("settlements"), size_px=250, seed=TUNING_SEEDS[0],
+                                 mean_region_ha=40.0).directory
+
+
 @pytest.fixture()
 def fresh_world(tmp_path: Path) -> Path:
     """A modifiable copy of the tiny world."""

@@ -3,23 +3,20 @@ training never reads a label of the half it is scored on, and held-out worlds ar
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from paths import load_benchmark
 
 from popcorn.datasets.synthetic.settlements import HELD_OUT_SEEDS
 
-Loader = Callable[[str], ModuleType]
 
-
-def test_the_truth_scores_one_and_leaves_the_warehouses_empty(world: Path, benchmark_script: Loader) -> None:
-    bound = benchmark_script("label_upper_bound")
-    loaded = bound.load_world(world)
-    builtup = bound.read(world / "builtup_fraction.tif")
+def test_the_truth_scores_one_and_leaves_the_warehouses_empty(tiny_settlement_world: Path) -> None:
+    bound = load_benchmark("label_upper_bound")
+    loaded = bound.load_world(tiny_settlement_world)
+    builtup = bound.read(tiny_settlement_world / "builtup_fraction.tif")
     parts = bound.score_parts(loaded.truth_10m, builtup, loaded, loaded.width // 2)
     assert set(parts) == {"trained on", "unseen"}
     for row in parts.values():
@@ -32,9 +29,9 @@ def test_the_truth_scores_one_and_leaves_the_warehouses_empty(world: Path, bench
     assert any(row["informal fill raw"] == pytest.approx(1.0) for row in parts.values())
 
 
-def test_training_reads_no_label_of_the_unseen_half(world: Path, benchmark_script: Loader) -> None:
-    bound = benchmark_script("label_upper_bound")
-    loaded = bound.load_world(world)
+def test_training_reads_no_label_of_the_unseen_half(tiny_settlement_world: Path) -> None:
+    bound = load_benchmark("label_upper_bound")
+    loaded = bound.load_world(tiny_settlement_world)
     half = loaded.width // 2
     loaded.truth_10m[:, half:] = np.nan  # a label read from the unseen half would make the loss NaN
     model = bound.upper_bound_model(None)
@@ -45,6 +42,6 @@ def test_training_reads_no_label_of_the_unseen_half(world: Path, benchmark_scrip
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
-def test_held_out_worlds_are_refused(benchmark_script: Loader) -> None:
+def test_held_out_worlds_are_refused() -> None:
     with pytest.raises(SystemExit, match=str(HELD_OUT_SEEDS[0])):
-        benchmark_script("label_upper_bound").main(["--worlds", str(HELD_OUT_SEEDS[0])])
+        load_benchmark("label_upper_bound").main(["--worlds", str(HELD_OUT_SEEDS[0])])

@@ -4,15 +4,12 @@ known (the world's own 10 m truth; a constant map)."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import rasterio
-
-Loader = Callable[[str], ModuleType]
+from paths import load_benchmark
 
 
 def _maps(world: Path, out: Path, population: np.ndarray | None = None) -> Path:
@@ -25,8 +22,9 @@ def _maps(world: Path, out: Path, population: np.ndarray | None = None) -> Path:
     return out
 
 
-def test_the_truth_itself_scores_one_raw(world: Path, tmp_path: Path, benchmark_script: Loader) -> None:
-    results = benchmark_script("rescaling_variants").variants(str(world), str(_maps(world, tmp_path / "truth")))
+def test_the_truth_itself_scores_one_raw(tiny_settlement_world: Path, tmp_path: Path) -> None:
+    world = tiny_settlement_world
+    results = load_benchmark("rescaling_variants").variants(str(world), str(_maps(world, tmp_path / "truth")))
     scores = {name: r2 for name, (r2, _) in results.items()}
     assert results["raw"][1] == 0.0  # nobody lives in the warehouse district
     assert results["BuiltUp"][1] == pytest.approx(1.0)
@@ -36,11 +34,12 @@ def test_the_truth_itself_scores_one_raw(world: Path, tmp_path: Path, benchmark_
     assert scores["uniform"] < scores["mult"]
 
 
-def test_a_constant_map_matched_to_the_census_is_uniform_weighting(world: Path, tmp_path: Path,
-                                                                   benchmark_script: Loader) -> None:
+def test_a_constant_map_matched_to_the_census_is_uniform_weighting(tiny_settlement_world: Path,
+                                                                   tmp_path: Path) -> None:
+    world = tiny_settlement_world
     with rasterio.open(world / "population_10m.tif") as src:
         shape = (src.height, src.width)
-    results = benchmark_script("rescaling_variants").variants(str(world), str(_maps(world, tmp_path / "flat", np.full(shape, 0.5))))
+    results = load_benchmark("rescaling_variants").variants(str(world), str(_maps(world, tmp_path / "flat", np.full(shape, 0.5))))
     scores = {name: r2 for name, (r2, _) in results.items()}
     for name in ("mult", "add_uniform", "cap1.5_uniform"):  # spreading a shortfall evenly over an even map is uniform
         assert scores[name] == pytest.approx(scores["uniform"], abs=1e-9), name
