@@ -1,15 +1,16 @@
 """What POPCORN's network can do with every label: an upper bound for issue 9's per-type targets.
 
-    python benchmarks/label_upper_bound.py --worlds 101 102 103          # ~8 min per world, 2 cores
+    python benchmarks/label_upper_bound.py --worlds 101 102 103          # 7-12 min per world, 2 cores
 
 The census-trained members leave apartment blocks empty and, after census matching, people on
 the warehouses. Is that the census (2-3 counts per dense type) or the inputs? This script trains
-the network of ``bench_accuracy.py``'s best configuration (published extractor frozen; occupancy
-branch, log-occupancy head that also sees the extractor's logit and the pixel's bands) on the
+the network ``bench_accuracy.py`` trains, with the head options of sessions 10-13 (published
+extractor frozen; occupancy branch, log-occupancy head that also sees the extractor's logit and
+the pixel's bands) on the
 **true** population of the western half of a tuning world (log-L1 at 10 m and at 1 ha; a share of
 the crops centred on a resident drawn in proportion to the people), then predicts all four seasons
-and scores each half after the benchmark's census matching (capped, ``--rescale-cap 1``; the
-paper's in brackets): 1 ha R^2 beside BuiltUp disaggregation, people on the warehouse district as
+and scores each half raw, after the benchmark's census matching (capped, ``--rescale-cap 1``), after
+the paper's rescaling and, beside them, BuiltUp disaggregation: 1 ha R^2, people on the warehouse district as
 a share of BuiltUp disaggregation's, and the fill (predicted / true) of the apartment blocks and
 the informal core. The eastern half's labels are never read before it is scored. It reads the
 truth to train, so held-out seeds are refused.
@@ -27,6 +28,7 @@ import numpy as np
 import rasterio
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, also when imported
 from bench_accuracy import FINE, PUBLISHED, ROOT, SEASONS, census_ids, read, settlement_names  # noqa: E402
@@ -78,8 +80,11 @@ def upper_bound_model(weights: str | None, context_px: tuple[int, ...] = ()) -> 
 
 
 def train_on_labels(model: Popcorn, world: World, train_cols: int, steps: int, people_share: float = 0.5,
-                    crop: int = 120, batch: int = 4, lr: float = 1e-3, seed: int = 0) -> list[float]:
+                    crop: int = 120, batch: int = 4, lr: float = 1e-3, seed: int = 0,
+                    progress: bool = False) -> list[float]:
     """Fit ``model`` to the true population of columns [0, train_cols) only; returns the losses."""
+    if not crop < train_cols <= world.width:
+        raise ValueError(f"train_cols={train_cols} must lie between the crop ({crop} px) and the width ({world.width} px)")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     truth = torch.from_numpy(world.truth_10m.astype(np.float32))
@@ -90,7 +95,7 @@ def train_on_labels(model: Popcorn, world: World, train_cols: int, steps: int, p
     opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=lr)
     model.train()
     losses = []
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="training on labels", disable=not progress, mininterval=5.0):
         picks = []
         for _ in range(batch):
             if rng.random() < people_share:
@@ -178,11 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     for seed in args.worlds:
         t0 = time.perf_counter()
-        directory = Path(make_settlement_world(args.data_root, size_px=args.size_px, seed=seed,
-                                                     mean_region_ha=args.mean_region_ha).directory)
-        world = load_world(directory)
+        made = make_settlement_world(args.data_root, size_px=args.size_px, seed=seed, mean_region_ha=args.mean_region_ha)
+        world = load_world(Path(made.directory))
         model = upper_bound_model(args.builtup_weights, tuple(args.context_px))
-        losses = train_on_labels(model, world, world.width // 2, args.steps, args.people_share)
+        losses = train_on_labels(model, world, world.width // 2, args.steps, args.people_share, progress=True)
         parts = score_parts(*predict_seasons(model, world), world, world.width // 2)
         print(f"world {seed}: {args.steps} steps, context {args.context_px or 'none'}, last 100 losses {np.mean(losses[-100:]):.3f}, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)

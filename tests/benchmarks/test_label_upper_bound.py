@@ -40,6 +40,8 @@ def test_training_reads_no_label_of_the_unseen_half(tiny_settlement_world: Path)
     assert len(losses) == 3 and np.isfinite(losses).all()
     after = [q for q in model.parameters() if q.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    with pytest.raises(ValueError, match="train_cols=30"):
+        bound.train_on_labels(model, loaded, 30, steps=1, crop=40)
 
 
 def test_held_out_worlds_are_refused() -> None:
