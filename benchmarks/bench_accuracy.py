@@ -299,6 +299,11 @@ def settlement_names(world: Path) -> dict[int, str]:
     return {int(k): str(v) for k, v in meta["settlement_types"].items()}
 
 
+def settlement_mask(cover: np.ndarray, names: dict[int, str], word: str) -> np.ndarray:
+    """Pixels of ``cover`` whose settlement type (``names``, from :func:`settlement_names`) contains ``word``."""
+    return np.isin(cover, [code for code, name in names.items() if word in name])
+
+
 def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     from popcorn.datasets.synthetic.settlements import make_settlement_world
     from popcorn.evaluation.dasymetric import block_sum, capped_rescale, dasymetric_rescale

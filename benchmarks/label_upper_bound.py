@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, also when imported
-from bench_accuracy import FINE, PUBLISHED, ROOT, SEASONS, census_ids, read, settlement_names  # noqa: E402
+from bench_accuracy import (  # noqa: E402
+    FINE, PUBLISHED, ROOT, SEASONS, census_ids, read, settlement_mask, settlement_names)
 
 from popcorn.evaluation.dasymetric import block_sum, capped_rescale, dasymetric_rescale  # noqa: E402
 from popcorn.evaluation.metrics import r2_score  # noqa: E402
@@ -57,7 +58,7 @@ class World:
 
     def mask(self, word: str) -> np.ndarray:
         """Pixels of the settlement types whose name contains ``word``."""
-        return np.isin(self.cover, [c for c, n in self.names.items() if word in n])
+        return settlement_mask(self.cover, self.names, word)
 
 
 def load_world(world: Path) -> World:
@@ -72,8 +73,8 @@ def load_world(world: Path) -> World:
 
 
 def upper_bound_model(weights: str | None, context_px: tuple[int, ...] = ()) -> Popcorn:
-    """The benchmark's best head (logit + bands, log-occupancy; optional context windows) on the
-    given extractor (None: a random one)."""
+    """The network with the head options of sessions 10-13 (logit + bands, log-occupancy; optional
+    context windows) on the given extractor (None: a random one)."""
     extractor = BuiltUpExtractor.from_pretrained(weights) if weights else BuiltUpExtractor()
     return Popcorn(extractor, occupancy_activation="exp", head_sees_builtup=True, head_sees_bands=True,
                    occupancy_context_px=context_px)

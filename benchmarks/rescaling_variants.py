@@ -28,7 +28,7 @@ import pandas as pd
 import rasterio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, also when imported
-from bench_accuracy import settlement_names  # noqa: E402 - after the path
+from bench_accuracy import settlement_mask, settlement_names  # noqa: E402 - after the path
 
 from popcorn.datasets.grid import burn_ids
 from popcorn.evaluation.dasymetric import block_sum, capped_rescale, dasymetric_rescale
@@ -76,16 +76,15 @@ def variants(world: str, maps: str) -> dict[str, tuple[float, float]]:
     builtup = maps_["BuiltUp"]
     for a in (0.25, 0.5, 0.75):
         maps_[f"blend{a}"] = a * mult + (1 - a) * builtup
-    warehouses = _warehouse_mask(world, pop.shape)
+    warehouses = _warehouse_mask(world)
     return {name: (r2_score(block_sum(m), truth), float(m[warehouses].sum() / max(builtup[warehouses].sum(), 1e-9)))
             for name, m in maps_.items()}
 
 
-def _warehouse_mask(world: str, shape: tuple[int, ...]) -> np.ndarray:
+def _warehouse_mask(world: str) -> np.ndarray:
     """Pixels of the warehouse district (the settlement type without residents) of a world."""
-    codes = [code for code, name in settlement_names(Path(world)).items() if "warehouse" in name]
     cover, _ = _read(f"{world}/land_cover.tif")
-    return np.isin(cover, codes) if codes else np.zeros(shape, bool)
+    return settlement_mask(cover, settlement_names(Path(world)), "warehouse")
 
 
 def main() -> None:
