@@ -7,12 +7,12 @@ the warehouses. Is that the census (2-3 counts per dense type) or the inputs? Th
 the network ``bench_accuracy.py`` trains, with the head options of sessions 10-13 (published
 extractor frozen; occupancy branch, log-occupancy head that also sees the extractor's logit and
 the pixel's bands) on the
-**true** population of the western half of a tuning world (log-L1 at 10 m and at 1 ha; a share of
+**true** population of the western (``--train-side east``: eastern) half of a tuning world (log-L1 at 10 m and at 1 ha; a share of
 the crops centred on a resident drawn in proportion to the people), then predicts all four seasons
 and scores each half raw, after the benchmark's census matching (capped, ``--rescale-cap 1``), after
 the paper's rescaling and, beside them, BuiltUp disaggregation: 1 ha R^2, people on the warehouse district as
 a share of BuiltUp disaggregation's, and the fill (predicted / true) of the apartment blocks and
-the informal core. The eastern half's labels are never read before it is scored. It reads the
+the informal core. The other half's labels are never read before it is scored. It reads the
 truth to train, so held-out seeds are refused.
 """
 
@@ -59,6 +59,16 @@ class World:
     def mask(self, word: str) -> np.ndarray:
         """Pixels of the settlement types whose name contains ``word``."""
         return settlement_mask(self.cover, self.names, word)
+
+    def mirrored(self) -> "World":
+        """The world flipped east-west, so that training on its western half is training on the
+        eastern half of the original (``--train-side east``)."""
+        def flip(x: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(x[..., ::-1])
+
+        return World({s: torch.flip(t, [-1]) for s, t in self.s1.items()},
+                     {s: torch.flip(t, [-1]) for s, t in self.s2.items()},
+                     flip(self.truth_10m), flip(self.cover), self.names, flip(self.region_ids), self.counts)
 
 
 def load_world(world: Path) -> World:
@@ -173,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=1500, help="optimiser steps of 4 crops of 120 px")
     p.add_argument("--people-share", type=float, default=0.5, help="share of crops centred on a resident")
     p.add_argument("--context-px", type=int, nargs="*", default=[], help="context windows of the head (px)")
+    p.add_argument("--train-side", choices=("west", "east"), default="west",
+                   help="the half whose labels train the network; the other half is scored as unseen")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     held_out = [s for s in args.worlds if s not in TUNING_SEEDS]
@@ -186,10 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         made = make_settlement_world(args.data_root, size_px=args.size_px, seed=seed, mean_region_ha=args.mean_region_ha)
         world = load_world(Path(made.directory))
+        if args.train_side == "east":
+            world = world.mirrored()
         model = upper_bound_model(args.builtup_weights, tuple(args.context_px))
         losses = train_on_labels(model, world, world.width // 2, args.steps, args.people_share, progress=True)
         parts = score_parts(*predict_seasons(model, world), world, world.width // 2)
-        print(f"world {seed}: {args.steps} steps, context {args.context_px or 'none'}, last 100 losses {np.mean(losses[-100:]):.3f}, "
+        print(f"world {seed}: trained on the {args.train_side}ern half, {args.steps} steps, context {args.context_px or 'none'}, last 100 losses {np.mean(losses[-100:]):.3f}, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         for part, row in parts.items():
             print(f"  {part:10s} " + " | ".join(

@@ -46,6 +46,19 @@ def region_log_l1(
 REGION_WEIGHTINGS = ("none", "sqrt_count", "count")
 
 
+def region_credit_loss(occupancy: torch.Tensor, candidates: torch.Tensor, log_residual: torch.Tensor) -> torch.Tensor:
+    """Beyond the paper: minus the mean over candidate pixels of log-occupancy x its region's log
+    residual log(1 + c_j) - log(1 + sum_k p_k) (given detached, one per sample). Its gradient
+    raises (lowers) every candidate pixel of an under- (over-) predicted region by the same
+    amount in log space, whatever its current share of the region's people: the log-L1 pushes a
+    pixel in proportion to its people, so pixels the model leaves nearly empty (apartment slabs
+    the extractor scores low) never get the count that asks for them.
+    """
+    weights = candidates.to(occupancy.dtype) * log_residual[:, None, None].to(occupancy.dtype)
+    log_occupancy = torch.log(occupancy.clamp(min=1e-6))
+    return -(log_occupancy * weights).sum() / candidates.sum().clamp(min=1)
+
+
 def sum_by_region(
     per_sample_sums: torch.Tensor, region_id: torch.Tensor, counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +101,8 @@ class WeakSupervisionTask(LightningModule):
         occupancy_context_px: list[int] | None = None,
         head_sees_builtup: bool = False,
         head_sees_bands: bool = False,
+        region_credit: float = 0.0,
+        region_credit_min_score: float = 0.05,
         output_dir: str | None = None,
     ) -> None:
         """Args:
@@ -125,6 +140,8 @@ class WeakSupervisionTask(LightningModule):
         head_sees_bands: the head also gets the pixel's own normalised S1/S2 values, which the
             U-Net features blur with the neighbourhood: a bright warehouse roof next to homes
             keeps its own signature (beyond the paper, False = paper).
+        region_credit, region_credit_min_score: weight of :func:`region_credit_loss` over the region
+            pixels whose built-up score exceeds the minimum (beyond the paper; 0 = paper).
         output_dir: where test maps and tables go; default the logger's directory.
         """
         super().__init__()
@@ -152,6 +169,8 @@ class WeakSupervisionTask(LightningModule):
             )
         if h.region_weighting not in REGION_WEIGHTINGS:
             raise PopcornInputError(f"region_weighting must be one of {REGION_WEIGHTINGS}, got {h.region_weighting!r}")
+        if h.region_credit < 0:
+            raise PopcornInputError(f"region_credit must be >= 0, got {h.region_credit}")
         if h.head_lr_factor <= 0:
             raise PopcornInputError(f"head_lr_factor must be > 0, got {h.head_lr_factor}")
 
@@ -269,6 +288,11 @@ class WeakSupervisionTask(LightningModule):
             area = batch.get("valid_mask", torch.ones_like(mask, dtype=torch.bool)).to(mask.dtype)
         occupancy = (out["occupancy"][:, 0] * area).sum() / area.sum().clamp(min=1)
         loss = data_loss + self.hparams.occupancy_regularisation * occupancy
+        if self.hparams.region_credit > 0:
+            _, sample_region = torch.unique(batch["region_id"], return_inverse=True)  # sum_by_region's order
+            residual = (torch.log1p(counts) - torch.log1p(sums.clamp(min=0))).detach()[sample_region]
+            candidates = (mask > 0) & (out["builtup_score"][:, 0] > self.hparams.region_credit_min_score)
+            loss = loss + self.hparams.region_credit * region_credit_loss(out["occupancy"][:, 0], candidates, residual)
         return loss, data_loss, occupancy, sums, counts, out["population"]
 
     def on_train_epoch_start(self) -> None:

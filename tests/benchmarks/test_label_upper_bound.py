@@ -47,3 +47,26 @@ def test_training_reads_no_label_of_the_unseen_half(tiny_settlement_world: Path)
 def test_held_out_worlds_are_refused() -> None:
     with pytest.raises(SystemExit, match=str(HELD_OUT_SEEDS[0])):
         load_benchmark("label_upper_bound").main(["--worlds", str(HELD_OUT_SEEDS[0])])
+
+
+def test_the_mirrored_world_trains_on_the_eastern_half(tiny_settlement_world: Path) -> None:
+    """``--train-side east``: every layer is flipped east-west together, so the western half of the
+    mirror is the eastern half of the world, and the same pixel keeps its imagery, people and region."""
+    bound = load_benchmark("label_upper_bound")
+    world = bound.load_world(tiny_settlement_world)
+    mirror = world.mirrored()
+    w = world.width
+    row, col = 7, 3
+    assert mirror.truth_10m[row, w - 1 - col] == world.truth_10m[row, col]
+    assert mirror.region_ids[row, w - 1 - col] == world.region_ids[row, col]
+    assert mirror.cover[row, w - 1 - col] == world.cover[row, col]
+    for season in world.s1:
+        assert torch.equal(mirror.s1[season][:, row, w - 1 - col], world.s1[season][:, row, col])
+        assert torch.equal(mirror.s2[season][:, row, w - 1 - col], world.s2[season][:, row, col])
+    half = w // 2
+    assert mirror.truth_10m[:, :half].sum() == pytest.approx(world.truth_10m[:, w - half:].sum())
+    assert np.array_equal(mirror.mirrored().region_ids, world.region_ids)
+    # the eastern labels train it: NaN in the original's western half never reaches the loss
+    world.truth_10m[:, :half] = np.nan
+    losses = bound.train_on_labels(bound.upper_bound_model(None), world.mirrored(), half, steps=2, crop=40, batch=2)
+    assert np.isfinite(losses).all()

@@ -160,3 +160,51 @@ def test_builtup_score_without_augmentation() -> None:
     loss_paper = paper._region_step(out)[0]
     paper.hparams.builtup_sees_augmentation = False
     assert not torch.isclose(loss_paper, paper._region_step(out)[0])
+
+
+def test_region_credit_pushes_every_candidate_pixel_alike() -> None:
+    """Beyond the paper: the credit term's gradient on a candidate pixel's log-occupancy is its
+    region's log residual over the candidates, the same for a nearly empty pixel as for a full one,
+    zero off the candidates; the log-L1's is proportional to the pixel's people."""
+    from popcorn.tasks.weak_supervision import region_credit_loss, region_log_l1
+
+    log_occupancy = torch.tensor([[[0.0, -6.0, 2.0]], [[1.0, 1.0, 1.0]]], requires_grad=True)  # (2, 1, 3)
+    candidates = torch.tensor([[[True, True, False]], [[True, True, True]]])
+    residual = torch.tensor([0.7, -0.2])  # region 1 under-predicted, region 2 over-predicted
+    region_credit_loss(log_occupancy.exp(), candidates, residual).backward()
+    grad = log_occupancy.grad
+    n = float(candidates.sum())
+    assert torch.allclose(grad[0, 0, :2], torch.full((2,), -0.7 / n))  # exp(-6) and exp(0) pushed alike
+    assert grad[0, 0, 2] == 0.0
+    assert torch.allclose(grad[1, 0], torch.full((3,), 0.2 / n))
+    log_occupancy.grad = None
+    people = log_occupancy.exp()
+    region_log_l1(people.sum(dim=(1, 2)), torch.tensor([200.0, 1.0])).backward()
+    assert log_occupancy.grad[0, 0, 1].abs() < 1e-2 * log_occupancy.grad[0, 0, 0].abs()  # the empty pixel barely moves
+
+
+def test_region_credit_in_the_training_step() -> None:
+    """The task adds region_credit x the term over region pixels scoring above the minimum, with
+    the batch's own region residuals; 0 (the paper) adds nothing; a negative weight is refused."""
+    from popcorn.tasks.weak_supervision import region_credit_loss
+
+    batch = _batch()
+    plain = WeakSupervisionTask(occupancy_bias_init=2.0, occupancy_activation="exp")
+    with torch.no_grad():  # an occupancy that varies over the crop
+        plain.model.head_last_layer.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    credited = WeakSupervisionTask(occupancy_bias_init=2.0, occupancy_activation="exp", region_credit=2.0,
+                                   region_credit_min_score=0.0)
+    credited.load_state_dict(plain.state_dict())
+    loss0, data0, occ0, sums, counts, _ = plain._region_step(batch)
+    loss1, *_ = credited._region_step(batch)
+    out = plain.model(batch["s1"], batch["s2"])
+    residual = torch.log1p(counts) - torch.log1p(sums)
+    expected = region_credit_loss(out["occupancy"][:, 0], batch["region_mask"], residual)
+    assert abs(float(expected.detach())) > 1e-3
+    assert torch.allclose(loss1, loss0 + 2.0 * expected, atol=1e-5)
+    none_scores = WeakSupervisionTask(occupancy_bias_init=2.0, occupancy_activation="exp", region_credit=2.0,
+                                      region_credit_min_score=1.0)  # no pixel scores above 1: no candidate
+    none_scores.load_state_dict(plain.state_dict())
+    assert torch.allclose(none_scores._region_step(batch)[0], loss0)
+    with pytest.raises(PopcornInputError, match="region_credit"):
+        WeakSupervisionTask(region_credit=-1.0)
