@@ -74,7 +74,8 @@ class WeakSupervisionTask(LightningModule):
     """POPCORN: a frozen built-up extractor times an occupancy branch, trained on region sums.
 
     Loss: log-L1 between census counts and predicted region sums, plus
-    ``occupancy_regularisation`` x mean occupancy. Test: the whole imagery in tiles, averaged
+    ``occupancy_regularisation`` x mean occupancy (and ``region_credit`` x
+    :func:`region_credit_loss` when set). Test: the whole imagery in tiles, averaged
     over the test seasons, evaluated for POPCORN raw, POPCORN rescaled to the census counts
     (dasymetric) and BuiltUp disaggregation at 1 ha against the fine truth raster and/or at the
     fine census units (e.g. blocks) of the data module.
