@@ -26,6 +26,11 @@ FINE_FACTOR = 10
 """10 m imagery pixels per side of a 1 ha evaluation cell."""
 
 
+def region_log_error(pred_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Signed log error per region, log(1 + c_j) - log(1 + sum_k p_k) (> 0: under-predicted)."""
+    return torch.log1p(counts) - torch.log1p(pred_sums.clamp(min=0))
+
+
 def region_log_l1(
     pred_sums: torch.Tensor, counts: torch.Tensor, weighting: str = "none"
 ) -> torch.Tensor:
@@ -35,7 +40,7 @@ def region_log_l1(
     mean with weights sqrt(c_j) / c_j (normalised over the batch), so that populous regions,
     whose errors dominate fine-level errors, weigh more than nearly empty ones.
     """
-    errors = (torch.log1p(counts) - torch.log1p(pred_sums.clamp(min=0))).abs()
+    errors = region_log_error(pred_sums, counts).abs()
     if weighting == "none":
         return errors.mean()
     weights = {"sqrt_count": counts.clamp(min=0).sqrt(), "count": counts.clamp(min=0)}[weighting]
@@ -48,7 +53,7 @@ REGION_WEIGHTINGS = ("none", "sqrt_count", "count")
 
 def region_credit_loss(occupancy: torch.Tensor, candidates: torch.Tensor, log_residual: torch.Tensor) -> torch.Tensor:
     """Beyond the paper: minus the mean over candidate pixels of log-occupancy x its region's log
-    residual log(1 + c_j) - log(1 + sum_k p_k) (given detached, one per sample). Its gradient
+    residual (:func:`region_log_error`, given detached, one per sample). Its gradient
     raises (lowers) every candidate pixel of an under- (over-) predicted region by the same
     amount in log space, whatever its current share of the region's people: the log-L1 pushes a
     pixel in proportion to its people, so pixels the model leaves nearly empty (apartment slabs
@@ -291,7 +296,7 @@ class WeakSupervisionTask(LightningModule):
         loss = data_loss + self.hparams.occupancy_regularisation * occupancy
         if self.hparams.region_credit > 0:
             _, sample_region = torch.unique(batch["region_id"], return_inverse=True)  # sum_by_region's order
-            residual = (torch.log1p(counts) - torch.log1p(sums.clamp(min=0))).detach()[sample_region]
+            residual = region_log_error(sums.detach(), counts)[sample_region]
             candidates = (mask > 0) & (out["builtup_score"][:, 0] > self.hparams.region_credit_min_score)
             loss = loss + self.hparams.region_credit * region_credit_loss(out["occupancy"][:, 0], candidates, residual)
         return loss, data_loss, occupancy, sums, counts, out["population"]
@@ -313,7 +318,7 @@ class WeakSupervisionTask(LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("train/log_l1", data_loss, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("train/mean_occupancy", occupancy, on_epoch=True, batch_size=n, sync_dist=True)
-        errors = (torch.log1p(counts) - torch.log1p(sums.detach().clamp(min=0))).abs()
+        errors = region_log_error(sums.detach(), counts).abs()
         return {"loss": loss, "region_id": torch.unique(batch["region_id"]), "region_log_error": errors}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
