@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from popcorn.datamodules import CensusDataModule
     from popcorn.evaluation.dasymetric import block_sum, dasymetric_rescale
     from popcorn.models import BuiltUpExtractor, Popcorn
-    from popcorn.tasks.weak_supervision import region_log_l1
+    from popcorn.losses import region_log_l1
     from popcorn.transforms.augmentation import BatchAugmentation
 
     world, out = Path(args.world), Path(args.out)

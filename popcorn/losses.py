@@ -1,5 +1,9 @@
 """Losses shared by the training tasks.
 
+``region_log_l1``: POPCORN's weak supervision, the log-L1 between census counts and the sums of
+the predicted people over each region (Metzger et al., 2024); ``region_credit_loss`` (beyond
+the paper) and the helpers both use (``region_log_error``, ``sum_by_region``).
+
 ``s1_s2_consistency_loss``: the unsupervised domain-adaptation term of Hafner, Ban & Nascetti
 (2022, "Unsupervised domain adaptation for global urban extraction using Sentinel-1 SAR and
 Sentinel-2 MSI data", RSE 280:113192), which trained POPCORN's built-up extractor.
@@ -75,3 +79,52 @@ def s1_s2_consistency_loss(
         return torch.mean((p - q) ** 2)
     inter = (p * q).sum()
     return 1.0 - inter / ((p * p).sum() + (q * q).sum() - inter + eps)
+
+
+def region_log_error(pred_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Signed log error per region, log(1 + c_j) - log(1 + sum_k p_k) (> 0: under-predicted)."""
+    return torch.log1p(counts) - torch.log1p(pred_sums.clamp(min=0))
+
+
+def region_log_l1(
+    pred_sums: torch.Tensor, counts: torch.Tensor, weighting: str = "none"
+) -> torch.Tensor:
+    """Mean over regions of |log(1 + c_j) - log(1 + sum_k p_k)| (the paper's log-L1).
+
+    ``weighting`` (beyond the paper): ``none`` (paper), or ``sqrt_count`` / ``count``: a weighted
+    mean with weights sqrt(c_j) / c_j (normalised over the batch), so that populous regions,
+    whose errors dominate fine-level errors, weigh more than nearly empty ones.
+    """
+    errors = region_log_error(pred_sums, counts).abs()
+    if weighting == "none":
+        return errors.mean()
+    weights = {"sqrt_count": counts.clamp(min=0).sqrt(), "count": counts.clamp(min=0)}[weighting]
+    weights = weights + 1e-6
+    return (errors * weights).sum() / weights.sum()
+
+
+REGION_WEIGHTINGS = ("none", "sqrt_count", "count")
+
+
+def region_credit_loss(occupancy: torch.Tensor, candidates: torch.Tensor, log_residual: torch.Tensor) -> torch.Tensor:
+    """Beyond the paper: minus the mean over candidate pixels of log-occupancy x its region's log
+    residual (:func:`region_log_error`, given detached, one per sample). Its gradient
+    raises (lowers) every candidate pixel of an under- (over-) predicted region by the same
+    amount in log space, whatever its current share of the region's people: the log-L1 pushes a
+    pixel in proportion to its people, so pixels the model leaves nearly empty (apartment slabs
+    the extractor scores low) never get the count that asks for them.
+    """
+    weights = candidates.to(occupancy.dtype) * log_residual[:, None, None].to(occupancy.dtype)
+    log_occupancy = torch.log(occupancy.clamp(min=1e-6))
+    return -(log_occupancy * weights).sum() / candidates.sum().clamp(min=1)
+
+
+def sum_by_region(
+    per_sample_sums: torch.Tensor, region_id: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add up the sums of samples that are windows of the same region (one count per region)."""
+    unique, inverse = torch.unique(region_id, return_inverse=True)
+    sums = torch.zeros(len(unique), dtype=per_sample_sums.dtype, device=per_sample_sums.device)
+    sums = sums.index_add(0, inverse, per_sample_sums)
+    region_counts = torch.zeros_like(sums).scatter(0, inverse, counts.to(sums.dtype))
+    return sums, region_counts

@@ -8,7 +8,7 @@ import torch
 
 from popcorn.evaluation.dasymetric import block_sum, capped_rescale, dasymetric_rescale, region_sums
 from popcorn.evaluation.metrics import format_table, mae, r2_score, regression_metrics, rmse
-from popcorn.tasks.weak_supervision import region_log_l1, sum_by_region
+from popcorn.losses import region_log_l1, sum_by_region
 
 
 def test_metrics_hand_example() -> None:

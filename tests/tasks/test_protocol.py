@@ -123,7 +123,7 @@ def test_fit_keeps_the_last_epoch_and_reports_it(paper_protocol_run: Path) -> No
 
 
 def test_region_weighting_of_the_log_l1() -> None:
-    from popcorn.tasks.weak_supervision import region_log_l1
+    from popcorn.losses import region_log_l1
 
     sums = torch.tensor([0.0, 99.0])
     counts = torch.tensor([99.0, 99.0 * 4 + 3])  # errors log(100) and log(400 / 100) = log(4)
@@ -166,7 +166,7 @@ def test_region_credit_pushes_every_candidate_pixel_alike() -> None:
     """Beyond the paper: the credit term's gradient on a candidate pixel's log-occupancy is its
     region's log residual over the candidates, the same for a nearly empty pixel as for a full one,
     zero off the candidates; the log-L1's is proportional to the pixel's people."""
-    from popcorn.tasks.weak_supervision import region_credit_loss, region_log_l1
+    from popcorn.losses import region_credit_loss, region_log_l1
 
     log_occupancy = torch.tensor([[[0.0, -6.0, 2.0]], [[1.0, 1.0, 1.0]]], requires_grad=True)  # (2, 1, 3)
     candidates = torch.tensor([[[True, True, False]], [[True, True, True]]])
@@ -186,7 +186,7 @@ def test_region_credit_pushes_every_candidate_pixel_alike() -> None:
 def test_region_credit_in_the_training_step() -> None:
     """The task adds region_credit x the term over region pixels scoring above the minimum, with
     the batch's own region residuals; 0 (the paper) adds nothing; a negative weight is refused."""
-    from popcorn.tasks.weak_supervision import region_credit_loss
+    from popcorn.losses import region_credit_loss
 
     batch = _batch()
     plain = WeakSupervisionTask(occupancy_bias_init=2.0, occupancy_activation="exp")
