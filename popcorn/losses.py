@@ -81,14 +81,14 @@ def s1_s2_consistency_loss(
     return 1.0 - inter / ((p * p).sum() + (q * q).sum() - inter + eps)
 
 
-def region_log_error(pred_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def region_log_error(pred_sums: Tensor, counts: Tensor) -> Tensor:
     """Signed log error per region, log(1 + c_j) - log(1 + sum_k p_k) (> 0: under-predicted)."""
     return torch.log1p(counts) - torch.log1p(pred_sums.clamp(min=0))
 
 
 def region_log_l1(
-    pred_sums: torch.Tensor, counts: torch.Tensor, weighting: str = "none"
-) -> torch.Tensor:
+    pred_sums: Tensor, counts: Tensor, weighting: str = "none"
+) -> Tensor:
     """Mean over regions of |log(1 + c_j) - log(1 + sum_k p_k)| (the paper's log-L1).
 
     ``weighting`` (beyond the paper): ``none`` (paper), or ``sqrt_count`` / ``count``: a weighted
@@ -106,7 +106,7 @@ def region_log_l1(
 REGION_WEIGHTINGS = ("none", "sqrt_count", "count")
 
 
-def region_credit_loss(occupancy: torch.Tensor, candidates: torch.Tensor, log_residual: torch.Tensor) -> torch.Tensor:
+def region_credit_loss(occupancy: Tensor, candidates: Tensor, log_residual: Tensor) -> Tensor:
     """Beyond the paper: minus the mean over candidate pixels of log-occupancy x its region's log
     residual (:func:`region_log_error`, given detached, one per sample). Its gradient
     raises (lowers) every candidate pixel of an under- (over-) predicted region by the same
@@ -120,8 +120,8 @@ def region_credit_loss(occupancy: torch.Tensor, candidates: torch.Tensor, log_re
 
 
 def sum_by_region(
-    per_sample_sums: torch.Tensor, region_id: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    per_sample_sums: Tensor, region_id: Tensor, counts: Tensor
+) -> tuple[Tensor, Tensor]:
     """Add up the sums of samples that are windows of the same region (one count per region)."""
     unique, inverse = torch.unique(region_id, return_inverse=True)
     sums = torch.zeros(len(unique), dtype=per_sample_sums.dtype, device=per_sample_sums.device)
