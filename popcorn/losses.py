@@ -122,9 +122,17 @@ def region_credit_loss(occupancy: Tensor, candidates: Tensor, log_residual: Tens
 def sum_by_region(
     per_sample_sums: Tensor, region_id: Tensor, counts: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Add up the sums of samples that are windows of the same region (one count per region)."""
+    """Each region's predicted sum (people) and count, in sorted id order.
+
+    Every sample is a whole view of its region (its padded bounding box in one season), so the
+    samples of one region in a batch are averaged: the seasons of
+    ``RegionSampler(seasons_per_region > 1)`` give the seasonal mean map's sum, and a region drawn
+    twice is not counted twice.
+    """
     unique, inverse = torch.unique(region_id, return_inverse=True)
     sums = torch.zeros(len(unique), dtype=per_sample_sums.dtype, device=per_sample_sums.device)
     sums = sums.index_add(0, inverse, per_sample_sums)
+    views = torch.zeros_like(sums).index_add(0, inverse, torch.ones_like(per_sample_sums))
+    sums = sums / views
     region_counts = torch.zeros_like(sums).scatter(0, inverse, counts.to(sums.dtype))
     return sums, region_counts

@@ -66,7 +66,8 @@ class CensusDataModule(L.LightningDataModule):
     answered by ``region_samples``, the :class:`~torchgeo.datasets.IntersectionDataset`
     ``(s1 & s2) & census_regions`` (:class:`~popcorn.datasets.samples.RegionSamples`).
 
-    Training: every training region once per epoch, shuffled, random season per sample,
+    Training: every training region once per epoch, shuffled, random season per sample (or
+    ``seasons_per_region`` seasons of it in one batch),
     ``batch_size`` regions per batch (padded, with ``valid_mask`` / ``region_mask``), augmented on
     the device. Validation: held-out regions (deterministic split by ``split_seed``), fixed
     seasons. Test/predict: one run of the tiled engine of :mod:`popcorn.inference` over the whole
@@ -94,6 +95,8 @@ class CensusDataModule(L.LightningDataModule):
         split_seed: seed of the train/val split.
         max_region_pixels: regions whose bounding box has more pixels are skipped (None = all).
         batch_size: regions (or tiles) per batch; the paper uses 2.
+        seasons_per_region: training seasons per region (distinct, in one batch; the loss fits
+            their mean, i.e. the seasonal mean map). 1 = the paper (one random season per sample).
         num_workers: DataLoader workers.
         test_tile_size: tile core size in px of the test/predict engine (multiple of 20: 1 ha
             cells and the U-Net's pooling line up; ``popcorn predict --tile-size``).
@@ -127,6 +130,7 @@ class CensusDataModule(L.LightningDataModule):
         split_seed: int = 0,
         max_region_pixels: int | None = 1_000_000,
         batch_size: int = 2,
+        seasons_per_region: int = 1,
         num_workers: int = 0,
         test_tile_size: int = 1000,
         test_margin: int = 64,
@@ -168,6 +172,12 @@ class CensusDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise PopcornInputError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
+        if not 1 <= seasons_per_region <= len(self.seasons):
+            raise PopcornInputError(
+                f"seasons_per_region must be in 1..{len(self.seasons)} (the training seasons "
+                f"{', '.join(self.seasons)}), got {seasons_per_region}"
+            )
+        self.seasons_per_region = int(seasons_per_region)
         self.num_workers = int(num_workers)
         if test_tile_size <= 0 or test_tile_size % 20:
             raise PopcornInputError(
@@ -238,6 +248,7 @@ class CensusDataModule(L.LightningDataModule):
         self._train_sampler = RegionSampler(
             self._sample_windows(regions), regions.train_ids, self.seasons, shuffle=True,
             seed=self.shuffle_seed, batch_size=self.batch_size, grid=self.grid,
+            seasons_per_region=self.seasons_per_region,
         )
         self.region_samples = RegionSamples(self.s1, self.s2, regions)
 
@@ -310,7 +321,8 @@ class CensusDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        return self._loader(self.region_samples, self._shard(self._train_sampler), collate_regions, self.batch_size)
+        return self._loader(self.region_samples, self._shard(self._train_sampler), collate_regions,
+                            self.batch_size * self.seasons_per_region)
 
     def val_dataloader(self) -> DataLoader | list:
         regions = self._require_setup()

@@ -83,7 +83,13 @@ class RegionSampler(Sampler[RegionQuery]):
 
     :meth:`set_region_weights` (beyond the paper, used by
     :class:`popcorn.tasks.callbacks.HardRegionSampling`) switches training to drawing the epoch's
-    ``len(self)`` regions with replacement, a share of them in proportion to given weights.
+    regions with replacement, a share of them in proportion to given weights.
+
+    ``seasons_per_region`` > 1 (training, beyond the paper): each drawn region comes as that many
+    consecutive queries, one per season, the seasons drawn without repetition; ``batch_size``
+    still counts regions, so a batch holds ``batch_size * seasons_per_region`` queries and never
+    splits a region's seasons. The task averages a region's views, so the loss fits the seasonal
+    mean map, which is what the four-season map a user gets is.
     """
 
     def __init__(
@@ -97,12 +103,18 @@ class RegionSampler(Sampler[RegionQuery]):
         batch_size: int = 1,
         bucket_batches: int = 8,
         grid: RasterGrid | None = None,
+        seasons_per_region: int = 1,
     ) -> None:
         self.windows = windows
         self.grid = grid
         self.batch_size = int(batch_size)
         self.bucket_batches = int(bucket_batches)
         self.seasons = check_seasons(seasons)
+        if not 1 <= seasons_per_region <= len(self.seasons):
+            raise ValueError(
+                f"seasons_per_region must be in 1..{len(self.seasons)} (the seasons given), got {seasons_per_region}"
+            )
+        self.seasons_per_region = int(seasons_per_region) if shuffle else 1
         self.shuffle = shuffle
         self.skipped_ids = oversized_regions(windows, ids, max_region_pixels)
         if self.skipped_ids:
@@ -131,9 +143,9 @@ class RegionSampler(Sampler[RegionQuery]):
     def __len__(self) -> int:
         n, b, w = len(self.ids), self.batch_size, self.world_size
         if w == 1:
-            return n
+            return n * self.seasons_per_region
         if self.shuffle:
-            return -(-n // (w * b)) * b
+            return -(-n // (w * b)) * b * self.seasons_per_region
         sizes = [min(b, n - start) for start in range(0, n, b)]
         return sum(sizes[self.rank :: w])
 
@@ -167,7 +179,7 @@ class RegionSampler(Sampler[RegionQuery]):
                 order = draws.tolist()
             else:
                 order = torch.randperm(n, generator=self.generator).tolist()
-            seasons = torch.randint(len(self.seasons), (n,), generator=self.generator).tolist()
+            seasons = self._draw_seasons(n)
             if self.batch_size > 1 and self.bucket_batches > 1:
                 order = self._size_bucketed(order)
             pairs = list(zip(order, seasons))
@@ -177,11 +189,20 @@ class RegionSampler(Sampler[RegionQuery]):
             if (self.draw_probabilities is not None or self.world_size > 1) and self.batch_size > 1:
                 pairs = separate_repeats(pairs, self.batch_size, key=lambda pair: pair[0])
         else:
-            pairs = [(k, k % len(self.seasons)) for k in range(n)]
+            pairs = [(k, [k % len(self.seasons)]) for k in range(n)]
         b = self.batch_size
-        for pos, (k, season) in enumerate(pairs):
+        for pos, (k, drawn) in enumerate(pairs):
             if (pos // b) % self.world_size == self.rank:
-                yield self.query(self.ids[k], self.seasons[season])
+                for season in drawn:
+                    yield self.query(self.ids[k], self.seasons[season])
+
+    def _draw_seasons(self, n: int) -> list[list[int]]:
+        """Season indices of ``n`` training samples: one uniform draw each (the paper), or
+        ``seasons_per_region`` distinct ones (a random permutation's first ones)."""
+        if self.seasons_per_region == 1:
+            return [[s] for s in torch.randint(len(self.seasons), (n,), generator=self.generator).tolist()]
+        order = torch.rand(n, len(self.seasons), generator=self.generator).argsort(dim=1)
+        return order[:, : self.seasons_per_region].tolist()
 
     def _size_bucketed(self, order: list[int]) -> list[int]:
         """Regroup a shuffled order into batches of similar-size regions, in random batch order."""

@@ -378,3 +378,56 @@ def test_size_bucketing_visits_every_region_once_and_pads_less() -> None:
     first, second = padded(bucketed), padded(bucketed)
     assert first < 0.9 * plain and second < 0.9 * plain
     assert [k.region_id for k in bucketed] != [k.region_id for k in bucketed]  # epochs differ
+
+
+def test_seasons_per_region_keeps_a_regions_seasons_together() -> None:
+    """Beyond the paper: each drawn region comes in k distinct seasons, consecutive, in one batch
+    (``batch_size`` counts regions); every region once per epoch; k = 1 is the paper's draw."""
+    ids = [1, 2, 3, 4, 5]
+    sampler = RegionSampler(WINDOWS, ids, SEASONS, shuffle=True, seed=3, batch_size=2, seasons_per_region=4)
+    keys = [(q.region_id, q.season) for q in sampler]
+    assert len(keys) == len(sampler) == 5 * 4
+    for start in range(0, len(keys), 4):  # a region's four queries are consecutive, all seasons
+        group = keys[start : start + 4]
+        assert len({rid for rid, _ in group}) == 1 and sorted(s for _, s in group) == sorted(SEASONS)
+    assert sorted({rid for rid, _ in keys}) == ids and Counter(rid for rid, _ in keys) == {i: 4 for i in ids}
+    two = RegionSampler(WINDOWS, ids, SEASONS, shuffle=True, seed=3, seasons_per_region=2)
+    pairs = [(q.region_id, q.season) for q in two]
+    assert all(pairs[i][0] == pairs[i + 1][0] and pairs[i][1] != pairs[i + 1][1] for i in range(0, 10, 2))
+    assert len({tuple(s for _, s in pairs[i : i + 2]) for i in range(0, 10, 2)}) > 1  # seasons drawn
+    one = [(q.region_id, q.season) for q in RegionSampler(WINDOWS, ids, SEASONS, shuffle=True, seed=3)]
+    default = [(q.region_id, q.season) for q in RegionSampler(WINDOWS, ids, SEASONS, shuffle=True, seed=3,
+                                                              seasons_per_region=1)]
+    assert one == default
+    fixed = RegionSampler(WINDOWS, ids, SEASONS, shuffle=False, seasons_per_region=4)
+    assert len(list(fixed)) == len(fixed) == 5  # validation: one fixed season per region
+    with pytest.raises(ValueError, match="seasons_per_region"):
+        RegionSampler(WINDOWS, ids, SEASONS[:2], seasons_per_region=3)
+
+
+def test_seasons_per_region_under_ddp_never_splits_a_region() -> None:
+    ranks = []
+    for rank in range(2):
+        sampler = RegionSampler(WINDOWS, [1, 2, 3, 4, 5], SEASONS, seed=1, batch_size=2, seasons_per_region=4)
+        sampler.set_distributed(rank, 2)
+        keys = [(q.region_id, q.season) for q in sampler]
+        assert len(keys) == len(sampler)
+        ranks.append([keys[i : i + 8] for i in range(0, len(keys), 8)])  # 2 regions x 4 seasons
+    assert len(ranks[0]) == len(ranks[1])
+    for batch in ranks[0] + ranks[1]:
+        regions = Counter(rid for rid, _ in batch)
+        assert len(regions) == 2 and set(regions.values()) == {4}
+
+
+def test_datamodule_batches_hold_every_season_of_their_regions(tiny_world: Path) -> None:
+    dm = make_dm(tiny_world, seasons_per_region=4, val_fraction=0.0, batch_size=2)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["region_id"]) for b in batches) == 4 * len(dm.census_regions.train_ids)
+    for batch in batches:
+        by_region: dict[int, list[str]] = {}
+        for rid, season in zip(batch["region_id"].tolist(), batch["season"], strict=True):
+            by_region.setdefault(rid, []).append(season)
+        assert len(by_region) <= 2 and all(sorted(s) == sorted(SEASONS) for s in by_region.values())
+    with pytest.raises(PopcornInputError, match="seasons_per_region"):
+        make_dm(tiny_world, seasons_per_region=5)

@@ -36,11 +36,11 @@ def test_region_log_l1_hand_example() -> None:
     assert region_log_l1(sums, counts).item() == pytest.approx(1.5, abs=1e-6)
 
 
-def test_sum_by_region_combines_windows_of_one_region() -> None:
+def test_sum_by_region_averages_the_views_of_one_region() -> None:
     sums, counts = sum_by_region(
         torch.tensor([1.0, 2.0, 5.0]), torch.tensor([7, 3, 7]), torch.tensor([10.0, 4.0, 10.0])
     )
-    assert sums.tolist() == [2.0, 6.0]  # ids sorted: 3, 7
+    assert sums.tolist() == [2.0, 3.0]  # ids sorted: 3, 7; region 7's two seasons averaged
     assert counts.tolist() == [4.0, 10.0]
 
 

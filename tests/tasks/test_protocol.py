@@ -208,3 +208,24 @@ def test_region_credit_in_the_training_step() -> None:
     assert torch.allclose(none_scores._region_step(batch)[0], loss0)
     with pytest.raises(PopcornInputError, match="region_credit"):
         WeakSupervisionTask(region_credit=-1.0)
+
+
+def test_a_regions_seasons_are_averaged_in_the_log_l1() -> None:
+    """With several seasons of one region in a batch, the data term is the log-L1 of their mean
+    region sum (the seasonal mean map's), not of their total."""
+    from popcorn.losses import region_log_l1
+
+    torch.manual_seed(0)
+    batch = _batch()
+    four = {key: torch.cat([value[:1]] * 4) for key, value in batch.items()}  # region 1 in 4 views
+    four["s1"] = -12 + 3 * torch.randn(4, 2, 24, 20)  # the seasons' imagery differs
+    four["s2"] = 500 + 3000 * torch.rand(4, 4, 24, 20)
+    task = WeakSupervisionTask(occupancy_bias_init=2.0, occupancy_activation="exp")
+    with torch.no_grad():  # an occupancy that follows the imagery, so the seasons' sums differ
+        task.model.head_last_layer.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    _, data_loss, _, sums, counts, population = task._region_step(four)
+    per_view = (population[:, 0] * four["region_mask"]).sum(dim=(1, 2))
+    assert float(per_view.max() - per_view.min()) > 0.01  # the views predict different sums
+    assert sums.shape == (1,) and torch.allclose(sums, per_view.mean().view(1), rtol=0, atol=1e-4)
+    assert not torch.allclose(sums, per_view[:1], rtol=0, atol=1e-3)  # not one view alone
+    assert torch.allclose(data_loss, region_log_l1(per_view.mean().view(1), counts[:1]))
