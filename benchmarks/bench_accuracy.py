@@ -19,6 +19,10 @@ coarse census only, then predicts and evaluates at 1 ha against the world's trut
   non-built pixels (truth vs predicted, the Bag), with the fill ratio predicted / true;
 - training throughput (region pixels per second) and wall times.
 
+With ``--occupancy-sources SEED ...`` (beyond the paper) the occupancy branch is first trained on
+the fine population of those worlds (``popcorn pretrain-occupancy``; never an evaluated or held-out
+seed) and every member starts from it; ``--world-shift NAME`` evaluates worlds with another look.
+
 Nothing of the evaluated world's truth is read before its evaluation. Runs resume: a member whose
 ``last.ckpt`` has all epochs and a prediction whose maps exist are reused (``--restart`` redoes
 everything). Results go to ``<out>/results.json`` and are printed as tables.
@@ -96,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "printed too "
                         "(default: the paper's rescaling only)")
     p.add_argument("--rescale-rest", choices=("uniform", "builtup"), default="uniform")
+    p.add_argument("--occupancy-sources", type=int, nargs="+", default=[], metavar="SEED",
+                   help="beyond the paper: first train the occupancy branch on these settlement worlds' fine "
+                        "population (popcorn pretrain-occupancy, experiments/occupancy/pretrain.yaml; never an "
+                        "evaluated or held-out world), then start every member from it")
+    p.add_argument("--pretrain-epochs", type=int, default=8, help="epochs of that pretraining (default 8)")
+    p.add_argument("--pretrain-batches", type=int, default=250, help="batches of 4 patches per pretraining epoch")
+    p.add_argument("--world-shift", default=None,
+                   help="evaluate the worlds with this domain shift (a DomainShift preset, e.g. other_continent)")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
                    help="extra `popcorn.fit` options for every member (ablations), e.g. "
                         "--fit-args --model.head_lr_factor=10")
@@ -132,6 +144,38 @@ def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace
     seconds = time.perf_counter() - t0
     done.write_text(json.dumps({"seconds": seconds, "command": cmd}))
     return ckpt, seconds
+
+
+def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]) -> tuple[str, float]:
+    """Train the occupancy branch on the fine population of ``--occupancy-sources`` (settlement
+    worlds that are neither evaluated nor held out); (export, seconds), reused when done."""
+    from popcorn.datasets.synthetic.settlements import HELD_OUT_SEEDS, make_settlement_world
+
+    bad = sorted(set(args.occupancy_sources) & (set(evaluated) | set(HELD_OUT_SEEDS)))
+    if bad:
+        raise SystemExit(f"error: occupancy source worlds {bad} are evaluated or held out; their labels must not train")
+    run = out / f"occupancy_pretraining_{'_'.join(map(str, args.occupancy_sources))}"
+    export = run / "occupancy_weights.pt"
+    if export.exists():
+        return str(export), float(json.loads((run / "done.json").read_text())["seconds"])
+    worlds = [Path(make_settlement_world(args.data_root, size_px=args.size_px, seed=s,
+                                         mean_region_ha=args.mean_region_ha).directory)
+              for s in args.occupancy_sources]
+    t0 = time.perf_counter()
+    run_command([
+        sys.executable, "-m", "popcorn.cli.pretrain_occupancy", "fit",
+        "--config", str(ROOT / "experiments" / "occupancy" / "pretrain.yaml"),
+        f"--model.builtup_weights={args.builtup_weights}",
+        f"--data.imagery_roots=[{','.join(map(str, worlds))}]",
+        f"--data.population_rasters=[{','.join(str(w / 'population_10m.tif') for w in worlds)}]",
+        f"--trainer.max_epochs={args.pretrain_epochs}", f"--data.batches_per_epoch={args.pretrain_batches}",
+        f"--trainer.default_root_dir={run}",
+        f"--trainer.logger.init_args.save_dir={run}", "--trainer.enable_progress_bar=false",
+        f"--output={export}",
+    ], argparse.Namespace(threads=(args.threads or 1) * max(1, args.jobs)), export)
+    seconds = time.perf_counter() - t0
+    (run / "done.json").write_text(json.dumps({"seconds": seconds, "sources": args.occupancy_sources}))
+    return str(export), seconds
 
 
 def run_command(cmd: list[str], args: argparse.Namespace, expected: Path | None = None) -> None:
@@ -310,7 +354,7 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
 
     t0 = time.perf_counter()
     world_obj = make_settlement_world(args.data_root, size_px=args.size_px, seed=seed,
-                                      mean_region_ha=args.mean_region_ha)
+                                      mean_region_ha=args.mean_region_ha, domain_shift=args.world_shift)
     world = Path(getattr(world_obj, "directory", world_obj))
     world_seconds = time.perf_counter() - t0
     ids, counts = census_ids(world)
@@ -467,9 +511,15 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f"{args.size_px} px, mean region {args.mean_region_ha:.0f} ha, {args.members} members x "
           f"{args.epochs} epochs, built-up weights {args.builtup_weights}"
           f"{f' adapted to each world ({args.adapt_epochs} x {args.adapt_batches} batches, no labels)' if args.adapt_epochs else ''}"
+          f"{f', world domain shift {args.world_shift}' if args.world_shift else ''}"
           f", extra fit args {args.fit_args}, census matching: {matching}",
           flush=True)
     t0 = time.perf_counter()
+    if args.occupancy_sources:
+        export, seconds = pretrain_occupancy(args, out, worlds)
+        args.fit_args = [*args.fit_args, f"--model.occupancy_weights={export}"]
+        print(f"occupancy branch pretrained on the fine population of worlds {args.occupancy_sources} "
+              f"({args.pretrain_epochs} epochs x {args.pretrain_batches} batches) in {seconds:.0f} s -> {export}", flush=True)
     results = []
     for seed in worlds:
         res = run_world(seed, args, out)

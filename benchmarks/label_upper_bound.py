@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, also when imported
@@ -38,6 +37,7 @@ from popcorn.evaluation.dasymetric import block_sum, capped_rescale, dasymetric_
 from popcorn.evaluation.metrics import r2_score  # noqa: E402
 from popcorn.models.builtup import BuiltUpExtractor  # noqa: E402
 from popcorn.models.popcorn import Popcorn  # noqa: E402
+from popcorn.tasks.occupancy_pretraining import fine_log_l1  # noqa: E402
 
 
 @dataclass
@@ -120,9 +120,7 @@ def train_on_labels(model: Popcorn, world: World, train_cols: int, steps: int, p
         pred = model(torch.stack([world.s1[s][:, a, b] for s, a, b in win]),
                      torch.stack([world.s2[s][:, a, b] for s, a, b in win]))["population"]
         true = torch.stack([truth[a, b] for _, a, b in win])[:, None]
-        hectare = [F.avg_pool2d(x, FINE) * FINE**2 for x in (pred, true)]
-        loss = (torch.log1p(pred) - torch.log1p(true)).abs().mean() + (
-            torch.log1p(hectare[0]) - torch.log1p(hectare[1])).abs().mean()
+        loss = sum(fine_log_l1(pred, true, FINE))  # the occupancy pretraining's loss (10 m + 1 ha)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,4 +1,5 @@
-"""Lightning data modules: census weak supervision, built-up training and adaptation, popVAE.
+"""Lightning data modules: census weak supervision, built-up training and adaptation, occupancy
+pretraining, popVAE.
 
 Names are imported lazily, so that naming one data module in a config does not import the others.
 """
@@ -14,6 +15,7 @@ _SUBMODULE = {
     "SyntheticCensusDataModule": "census",
     "split_ids": "census",
     "PixelDataModule": "pixel",
+    "PopulationDataModule": "population",
     "SyntheticPixelDataModule": "pixel",
 }
 

@@ -15,19 +15,19 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from popcorn.datasets.grid import RasterGrid, Window
-from popcorn.datasets.samples import LabelRaster, PatchQuery, PatchSamples, SentinelPairs, collate_patches
+from popcorn.datasets.grid import Window
+from popcorn.datasets.samples import AreaPatches, LabelRaster, PatchSamples, SentinelPairs, collate_patches
 from popcorn.datasets.sentinel import SEASONS, check_seasons, open_imagery
 from popcorn.errors import PopcornInputError
-from popcorn.samplers.windows import FixedPatchSampler, RandomPatchSampler, epoch_seed
+from popcorn.samplers.windows import FixedPatchSampler, MultiAreaPatchSampler, RandomPatchSampler, epoch_seed
 from popcorn.transforms.augmentation import BatchAugmentation
 
 log = logging.getLogger(__name__)
@@ -41,58 +41,6 @@ def _collate_domain(samples: Sequence[dict[str, Any]], domain: str) -> dict[str,
     out = collate_patches(samples)
     out["domain"] = domain
     return out
-
-
-class _AreaPatches(Dataset[dict[str, Any]]):
-    """Patches from several areas (datasets, each on its own grid) keyed by ``(area index, PatchQuery)``."""
-
-    def __init__(self, areas: Sequence[Dataset[dict[str, Any]]]) -> None:
-        self.areas = list(areas)
-
-    def __len__(self) -> int:  # pragma: no cover - sampled by keys
-        return 0
-
-    def __getitem__(self, key: tuple[int, PatchQuery]) -> dict[str, Any]:
-        area, patch = key
-        return self.areas[area][patch]
-
-
-class _MultiAreaSampler(Sampler[tuple[int, PatchQuery]]):
-    """Random patches over several areas (each area's share = its share of the pixels), shuffled;
-    ``grids[i]`` is the grid of ``areas[i]`` (the queries' slices are in its map units).
-
-    ``set_epoch`` reseeds every generator from ``(seed, epoch)`` (resumable runs).
-    """
-
-    def __init__(
-        self, areas: Sequence[Window], grids: Sequence[RasterGrid], patch_size: int, length: int,
-        seasons: Sequence[str], seed: int,
-    ) -> None:
-        pixels = [a[2] * a[3] for a in areas]
-        quota = [length * p / sum(pixels) for p in pixels]
-        counts = [int(q) for q in quota]
-        for i in sorted(range(len(areas)), key=lambda i: counts[i] - quota[i])[: length - sum(counts)]:
-            counts[i] += 1  # largest remainders
-        self.samplers = [
-            RandomPatchSampler(a, patch_size, n, seasons, seed + 7919 * (i + 1), grid)
-            for i, (a, n, grid) in enumerate(zip(areas, counts, grids, strict=True))
-        ]
-        self.length = int(length)
-        self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
-
-    def set_epoch(self, epoch: int) -> None:
-        for s in self.samplers:
-            s.set_epoch(epoch)
-        self.generator.manual_seed(epoch_seed(self.seed, epoch))
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[tuple[int, PatchQuery]]:
-        keys = [(i, k) for i, s in enumerate(self.samplers) for k in s]
-        for j in torch.randperm(len(keys), generator=self.generator).tolist():
-            yield keys[j]
 
 
 class BuiltUpDataModule(L.LightningDataModule):
@@ -184,7 +132,7 @@ class BuiltUpDataModule(L.LightningDataModule):
         self.augmentation = BatchAugmentation()
         self._source: L.LightningDataModule | None = None
         self._samples: PatchSamples | None = None
-        self._targets: _AreaPatches | None = None
+        self._targets: AreaPatches | None = None
         self._ready = False
 
     @property
@@ -261,8 +209,8 @@ class BuiltUpDataModule(L.LightningDataModule):
             log.info("built-up target %s (%dx%d px, %s)", root, h, w,
                      "labels for evaluation only" if eval_labels else "no labels")
         if unlabelled:
-            self._targets = _AreaPatches(unlabelled)
-            self._target_sampler = _MultiAreaSampler(
+            self._targets = AreaPatches(unlabelled)
+            self._target_sampler = MultiAreaPatchSampler(
                 areas, grids, ps, self.batches_per_epoch * self.target_batch_size, self.seasons,
                 self.seed + 1,
             )

@@ -33,6 +33,7 @@ import rasterio
 import torch
 from rasterio.windows import Window as RioWindow
 from torch import Tensor
+from torch.utils.data import Dataset
 from torchgeo.datasets import IntersectionDataset
 from torchgeo.datasets.utils import GeoSlice, stack_samples
 
@@ -283,6 +284,37 @@ class PatchSamples(SentinelPairs):
         return {**sample, "builtup": torch.from_numpy(lab)[None]}
 
 
+class AreaPatches(Dataset[dict[str, Any]]):
+    """Patches from several areas (datasets, each on its own grid) keyed by ``(area index, PatchQuery)``
+    (:class:`~popcorn.samplers.MultiAreaPatchSampler`'s keys)."""
+
+    def __init__(self, areas: Sequence[Dataset[dict[str, Any]]]) -> None:
+        self.areas = list(areas)
+
+    def __len__(self) -> int:  # pragma: no cover - sampled by keys
+        return 0
+
+    def __getitem__(self, key: tuple[int, PatchQuery]) -> dict[str, Any]:
+        area, patch = key
+        return self.areas[area][patch]
+
+
+class PopulationPatches(SentinelPairs):
+    """:class:`SentinelPairs` plus ``population``: people per 10 m pixel over the query's window,
+    (1,H,W) float32; nodata and pixels outside the raster are NaN (the loss leaves them out)."""
+
+    def __init__(
+        self, s1: Sentinel1Composite, s2: Sentinel2Composite, population: LabelRaster
+    ) -> None:
+        super().__init__(s1, s2)
+        self.population = population
+
+    def __getitem__(self, query: GeoSlice) -> dict[str, Any]:
+        sample = super().__getitem__(query)
+        people = self.population.read(self.population.grid.slices_to_window(*sample["bounds"][:2]))
+        return {**sample, "population": torch.from_numpy(people)[None]}
+
+
 def _pad_stack(tensors: Sequence[Tensor], h: int, w: int, fill: float | bool) -> Tensor:
     first = tensors[0]
     out = torch.full((len(tensors), *first.shape[:-2], h, w), fill, dtype=first.dtype)
@@ -310,7 +342,7 @@ def collate_regions(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def collate_patches(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack patches (NaN / 0 padding at the bottom/right); ``builtup`` only if the samples have it."""
+    """Stack patches (NaN / 0 padding at the bottom/right); ``builtup`` / ``population`` only if the samples have them."""
     h = max(s["s2"].shape[-2] for s in samples)
     w = max(s["s2"].shape[-1] for s in samples)
     out = {
@@ -320,4 +352,6 @@ def collate_patches(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     if "builtup" in samples[0]:
         out["builtup"] = _pad_stack([s["builtup"] for s in samples], h, w, 0.0)
+    if "population" in samples[0]:
+        out["population"] = _pad_stack([s["population"] for s in samples], h, w, float("nan"))
     return out

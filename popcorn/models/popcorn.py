@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -99,6 +100,20 @@ def occupancy_from_head(raw: Tensor, activation: str = "relu") -> Tensor:
     if activation == "exp":
         return torch.exp(raw.clamp(max=LOG_OCCUPANCY_CAP))
     return torch.relu(raw)
+
+
+def load_occupancy_export(path: str | os.PathLike[str]) -> dict[str, object]:
+    """Read an occupancy export (:meth:`Popcorn.occupancy_export` saved by ``popcorn
+    pretrain-occupancy``); tensors and plain values only (``weights_only``)."""
+    if not os.path.isfile(path):
+        raise PopcornInputError(f"occupancy weights {path} do not exist; run `popcorn pretrain-occupancy` or fix the path")
+    try:
+        export = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors have many types
+        raise PopcornInputError(f"cannot read occupancy weights {path} ({err})") from err
+    if not isinstance(export, dict):
+        raise PopcornInputError(f"occupancy weights {path} hold a {type(export).__name__}, not an occupancy export")
+    return export
 
 
 class Popcorn(nn.Module):
@@ -213,6 +228,31 @@ class Popcorn(nn.Module):
         self.builtup.load_checked(sd, "the given built-up state dict")
         if init_occupancy and self.occupancy_init == "pretrained":
             self.occupancy.load_state_dict(self.builtup.state_dict())
+        self._freeze()
+        self.train(self.training)
+
+    def occupancy_options(self) -> dict[str, object]:
+        """The options that shape the occupancy branch and head (an export must match them)."""
+        return {"modalities": self.modalities, "occupancy_split": self.occupancy_split,
+                "occupancy_activation": self.occupancy_activation, **self.head_input.as_hparams()}
+
+    def occupancy_export(self) -> dict[str, object]:
+        """The occupancy branch and head with their options (``popcorn pretrain-occupancy``'s file)."""
+        return {"occupancy": self.occupancy.state_dict(), "head": self.head.state_dict(),
+                "options": self.occupancy_options()}
+
+    def load_occupancy(self, export: Mapping[str, object], what: str) -> None:
+        """Load :meth:`occupancy_export`'s weights; the options must be this model's (``what``
+        names the file in the error)."""
+        options = export.get("options")
+        if not isinstance(options, Mapping) or "occupancy" not in export or "head" not in export:
+            raise PopcornInputError(f"{what} is not an occupancy export of `popcorn pretrain-occupancy`")
+        mine = self.occupancy_options()
+        differ = [f"{k}={options.get(k)!r} (here {v!r})" for k, v in mine.items() if options.get(k) != v]
+        if differ:
+            raise PopcornInputError(f"{what} was trained with {', '.join(differ)}; give the model the same options")
+        self.occupancy.load_state_dict(export["occupancy"])  # type: ignore[arg-type]
+        self.head.load_state_dict(export["head"])  # type: ignore[arg-type]
         self._freeze()
         self.train(self.training)
 

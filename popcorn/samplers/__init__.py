@@ -4,6 +4,7 @@ from popcorn.samplers.pixels import PixelBatchSampler, PixelSampler
 from popcorn.samplers.tiles import TileGridSampler, tile_cores
 from popcorn.samplers.windows import (
     FixedPatchSampler,
+    MultiAreaPatchSampler,
     PatchQuery,
     RandomPatchSampler,
     RegionQuery,
@@ -12,6 +13,7 @@ from popcorn.samplers.windows import (
 
 __all__ = [
     "FixedPatchSampler",
+    "MultiAreaPatchSampler",
     "PatchQuery",
     "PixelBatchSampler",
     "PixelSampler",

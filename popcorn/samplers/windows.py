@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Sampler
 
 from popcorn.datasets.grid import RasterGrid, Window
@@ -249,11 +250,16 @@ class RandomPatchSampler(Sampler[PatchQuery]):
     :meth:`set_epoch` (called by Lightning before every epoch) reseeds the generator from
     ``(seed, epoch)``, so a run resumed from a checkpoint draws the same patches as an
     uninterrupted one; epoch 0 draws what a sampler without ``set_epoch`` draws.
+
+    ``centre_weights`` (an array of the area's shape, >= 0, e.g. people per pixel) centres a share
+    ``weighted_share`` of the patches on a pixel drawn in proportion to it (then clipped into the
+    area), so that rare, heavy pixels (dense settlements) are seen often; the rest stay uniform.
     """
 
     def __init__(
         self, area: Window, patch_size: int, length: int, seasons: Sequence[str], seed: int = 0,
-        grid: RasterGrid | None = None,
+        grid: RasterGrid | None = None, centre_weights: np.ndarray | None = None,
+        weighted_share: float = 0.5,
     ) -> None:
         self.area = area
         self.grid = grid
@@ -262,6 +268,18 @@ class RandomPatchSampler(Sampler[PatchQuery]):
         self.seasons = check_seasons(seasons)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.weighted_share = float(weighted_share) if centre_weights is not None else 0.0
+        self.centre_weights: Tensor | None = None
+        if centre_weights is not None:
+            w = torch.as_tensor(np.nan_to_num(np.asarray(centre_weights, dtype=np.float64)).ravel())
+            if tuple(np.shape(centre_weights)) != (area[2], area[3]) or not 0.0 <= self.weighted_share <= 1.0:
+                raise ValueError(f"centre_weights must have the area's shape {(area[2], area[3])} and "
+                                 f"weighted_share lie in [0, 1]; got {np.shape(centre_weights)}, {weighted_share}")
+            if w.numel() > 2**24:  # torch.multinomial's limit
+                raise ValueError(f"centre_weights over {w.numel()} pixels: at most 2**24; split the area")
+            if (w < 0).any() or float(w.sum()) <= 0:
+                raise ValueError("centre_weights must be >= 0 with a positive sum")
+            self.centre_weights = w
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed from ``(seed, epoch)``: the patches of an epoch depend on nothing else."""
@@ -274,10 +292,15 @@ class RandomPatchSampler(Sampler[PatchQuery]):
         row, col, h, w = self.area
         ph, pw = min(self.patch_size, h), min(self.patch_size, w)
         g = self.generator
-        rows = torch.randint(0, h - ph + 1, (self.length,), generator=g).tolist()
-        cols = torch.randint(0, w - pw + 1, (self.length,), generator=g).tolist()
+        rows = torch.randint(0, h - ph + 1, (self.length,), generator=g)
+        cols = torch.randint(0, w - pw + 1, (self.length,), generator=g)
         seasons = torch.randint(len(self.seasons), (self.length,), generator=g).tolist()
-        for r, c, s in zip(rows, cols, seasons, strict=True):
+        if self.centre_weights is not None:
+            weighted = torch.rand(self.length, generator=g) < self.weighted_share
+            centres = torch.multinomial(self.centre_weights, self.length, replacement=True, generator=g)
+            rows = torch.where(weighted, (centres // w - ph // 2).clamp(0, h - ph), rows)
+            cols = torch.where(weighted, (centres % w - pw // 2).clamp(0, w - pw), cols)
+        for r, c, s in zip(rows.tolist(), cols.tolist(), seasons, strict=True):
             yield patch_query((row + r, col + c, ph, pw), self.seasons[s], self.grid)
 
 
@@ -306,3 +329,46 @@ class FixedPatchSampler(Sampler[PatchQuery]):
 
     def __iter__(self) -> Iterator[PatchQuery]:
         return iter(self.queries)
+
+
+class MultiAreaPatchSampler(Sampler[tuple[int, PatchQuery]]):
+    """Random patches over several areas (each area's share = its share of the pixels), shuffled,
+    as keys ``(area index, PatchQuery)`` for :class:`~popcorn.datasets.samples.AreaPatches`;
+    ``grids[i]`` is the grid of ``areas[i]`` (the queries' slices are in its map units).
+
+    ``centre_weights[i]`` (or None) is :class:`RandomPatchSampler`'s for area ``i`` (a share
+    ``weighted_share`` of its patches centred in proportion to it). ``set_epoch`` reseeds every
+    generator from ``(seed, epoch)`` (resumable runs).
+    """
+
+    def __init__(
+        self, areas: Sequence[Window], grids: Sequence[RasterGrid | None], patch_size: int, length: int,
+        seasons: Sequence[str], seed: int, centre_weights: Sequence[np.ndarray | None] | None = None,
+        weighted_share: float = 0.5,
+    ) -> None:
+        pixels = [a[2] * a[3] for a in areas]
+        quota = [length * p / sum(pixels) for p in pixels]
+        counts = [int(q) for q in quota]
+        for i in sorted(range(len(areas)), key=lambda i: counts[i] - quota[i])[: length - sum(counts)]:
+            counts[i] += 1  # largest remainders
+        weights = list(centre_weights) if centre_weights is not None else [None] * len(areas)
+        self.samplers = [
+            RandomPatchSampler(a, patch_size, n, seasons, seed + 7919 * (i + 1), grid, cw, weighted_share)
+            for i, (a, n, grid, cw) in enumerate(zip(areas, counts, grids, weights, strict=True))
+        ]
+        self.length = int(length)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        for s in self.samplers:
+            s.set_epoch(epoch)
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[int, PatchQuery]]:
+        keys = [(i, k) for i, s in enumerate(self.samplers) for k in s]
+        for j in torch.randperm(len(keys), generator=self.generator).tolist():
+            yield keys[j]

@@ -25,7 +25,7 @@ from popcorn.losses import (
     region_log_l1,
     sum_by_region,
 )
-from popcorn.models import BuiltUpExtractor, Popcorn
+from popcorn.models import BuiltUpExtractor, Popcorn, load_occupancy_export
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class WeakSupervisionTask(LightningModule):
         self,
         builtup_weights: str | None = None,
         occupancy_init: Literal["pretrained", "scratch"] = "pretrained",
+        occupancy_weights: str | None = None,
         modalities: Literal["s1s2", "s1", "s2"] = "s1s2",
         occupancy_split: bool = True,
         occupancy_bias_init: float | None = None,
@@ -73,6 +74,9 @@ class WeakSupervisionTask(LightningModule):
         builtup_weights: path or URL of built-up weights (the published checkpoint or an
             export of BuiltUpTask); None = pretrain them first (``popcorn.fit`` does it).
         occupancy_init: initialise the occupancy branch from the built-up weights or randomly.
+        occupancy_weights: start the occupancy branch and head from an export of ``popcorn
+            pretrain-occupancy`` (learned on a source's fine population; beyond the paper, None =
+            paper); its level is kept (no bias estimate), the census then trains it as usual.
         modalities: Sentinel-1 and -2, or one of them (paper's ablation).
         occupancy_split: False = direct estimation of population, no built-up x occupancy.
         occupancy_bias_init: initial occupancy (people per built-up 10 m pixel) put in the last
@@ -113,7 +117,7 @@ class WeakSupervisionTask(LightningModule):
         self._check_options()
         self.configure_models()
         # Saved in checkpoints so a resumed run does not estimate the bias again.
-        self.register_buffer("bias_initialised", torch.tensor(occupancy_bias_init is not None))
+        self.register_buffer("bias_initialised", torch.tensor(occupancy_bias_init is not None or occupancy_weights is not None))
         self._epoch_start = time.perf_counter()  # throughput of the running training epoch
         self._epoch_region_pixels = 0
         self._val_sums: list[torch.Tensor] = []
@@ -154,13 +158,16 @@ class WeakSupervisionTask(LightningModule):
             head_sees_bands=h.head_sees_bands,
             occupancy_bias=h.occupancy_bias_init if h.occupancy_bias_init is not None else 0.2267,
         )
+        if h.occupancy_weights:
+            self.model.load_occupancy(load_occupancy_export(h.occupancy_weights), f"occupancy weights {h.occupancy_weights}")
         if not h.train_occupancy_unet:
             self.model.occupancy.requires_grad_(False)
 
     def load_builtup_weights(self, path_or_url: str) -> None:
         """Load built-up weights (and copy them into the occupancy branch when pretrained)."""
         extractor = BuiltUpExtractor.from_pretrained(path_or_url)
-        self.model.load_builtup(extractor, init_occupancy=self.hparams.occupancy_init == "pretrained")
+        self.model.load_builtup(extractor, init_occupancy=self.hparams.occupancy_init == "pretrained"
+                                and not self.hparams.occupancy_weights)
 
     def on_fit_start(self) -> None:
         if not bool(self.bias_initialised):

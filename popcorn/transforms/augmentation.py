@@ -11,7 +11,7 @@ The defaults are the reference implementation's (prs-eth/Popcorn ``run_train.py`
   ``x' = mean + c * (x - mean)`` (``contrast_range``, probability ``contrast_p``; off by
   default, not in the reference) is kept for experiments.
 - Geometric, identical for every spatial key of a sample (``s1``, ``s2``, ``region_mask``,
-  ``valid_mask``, ``builtup``): horizontal and vertical flips per sample (p = 0.5 each, Kornia
+  ``valid_mask``, ``builtup``, ``population``): horizontal and vertical flips per sample (p = 0.5 each, Kornia
   ``hflip``/``vflip``) and a rotation by ``k * 90`` degrees (k uniform in 0..3) per batch.
   The rotation is shared by the batch because region crops are padded to one (generally
   non-square) size; with the per-sample flips every sample still sees all 8 dihedral poses
@@ -31,7 +31,7 @@ from kornia.enhance import adjust_contrast, adjust_gamma
 from kornia.geometry.transform import hflip, vflip
 from torch import Tensor, nn
 
-SPATIAL_KEYS = ("s1", "s2", "s2_unaugmented", "region_mask", "valid_mask", "builtup")
+SPATIAL_KEYS = ("s1", "s2", "s2_unaugmented", "region_mask", "valid_mask", "builtup", "population")
 
 
 class BatchAugmentation(nn.Module):

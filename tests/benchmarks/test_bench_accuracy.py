@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from paths import ROOT
+from paths import ROOT, load_benchmark
 
 PUBLISHED = ROOT.parent / "shared" / "data" / "popcorn_dda_slim_checkpoint30.pt"
 BENCH = ROOT / "benchmarks" / "bench_accuracy.py"
@@ -25,12 +25,12 @@ def test_stops_with_a_message_without_the_published_weights(tmp_path: Path) -> N
     assert "absent.pt" in proc.stdout and "stops here" in proc.stdout
 
 
-def run_tiny_benchmark(tmp_path: Path, *options: str) -> str:
+def run_tiny_benchmark(tmp_path: Path, *options: str, out: str = "out") -> str:
     """The benchmark on one tiny world (2 members x 1 epoch) in ``tmp_path``; its output."""
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--worlds", "101", "--size-px", "240", "--mean-region-ha", "40",
          "--members", "2", "--epochs", "1", "--threads", "1",
-         "--data-root", str(tmp_path / "worlds"), "--out", str(tmp_path / "out"), *options],
+         "--data-root", str(tmp_path / "worlds"), "--out", str(tmp_path / out), *options],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -85,3 +85,22 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     assert capped["metrics"][f"{bag} rescaled (paper)"] == metrics[f"{bag} rescaled"]
     assert capped["metrics"][f"{bag} raw"] == metrics[f"{bag} raw"]
     assert capped["metrics"][f"{bag} rescaled"] != metrics[f"{bag} rescaled"]
+
+    # Occupancy pretrained on another world's fine population first (beyond the paper): the
+    # members start from its export; an evaluated or held-out world is refused as a source.
+    out = run_tiny_benchmark(tmp_path, "--occupancy-sources", "102", "--pretrain-epochs", "1",
+                             "--pretrain-batches", "3", out="out_pretrained")
+    export = tmp_path / "out_pretrained" / "occupancy_pretraining_102" / "occupancy_weights.pt"
+    assert "occupancy branch pretrained on the fine population of worlds [102] (1 epochs x 3 batches)" in out
+    assert export.exists() and f"-> {export}" in out
+    (pretrained,) = json.loads((tmp_path / "out_pretrained" / "results.json").read_text())
+    assert pretrained["metrics"][f"{bag} raw"] != metrics[f"{bag} raw"]
+
+
+@pytest.mark.parametrize("source", [101, 901])
+def test_occupancy_sources_never_include_evaluated_or_held_out_worlds(tmp_path: Path, source: int) -> None:
+    bench = load_benchmark("bench_accuracy")
+    args = bench.build_parser().parse_args(["--occupancy-sources", str(source), "--data-root", str(tmp_path)])
+    with pytest.raises(SystemExit, match=f"occupancy source worlds \\[{source}\\] are evaluated or held out"):
+        bench.pretrain_occupancy(args, tmp_path, [101])
+    assert not any(tmp_path.iterdir())  # refused before any world is made or trained

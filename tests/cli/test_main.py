@@ -14,7 +14,8 @@ from popcorn.errors import DEBUG_ENV, PopcornInputError
 def test_help_lists_every_subcommand(capsys) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("fit", "validate", "test", "predict", "evaluate", "census", "download", "popvae"):
+    for name in ("fit", "validate", "test", "predict", "evaluate", "census", "download", "popvae",
+                 "adapt-builtup", "pretrain-occupancy"):
         assert name in COMMANDS and f"  {name}" in out
 
 

@@ -14,11 +14,10 @@ from conftest import TRANSFORM, H, W, make_tiny_world, s1_array, write_raster
 from rasterio.transform import from_origin
 from torchgeo.datasets import IntersectionDataset
 
-from popcorn.datamodules.builtup import _MultiAreaSampler
 from popcorn.datasets import SEASONS, PatchQuery, PatchSamples, RegionQuery, SentinelPairs, season_slice
 from popcorn.datasets.samples import LabelRaster, collate_patches
 from popcorn.datasets.sentinel import open_imagery
-from popcorn.samplers import FixedPatchSampler, RandomPatchSampler, TileGridSampler
+from popcorn.samplers import FixedPatchSampler, MultiAreaPatchSampler, RandomPatchSampler, TileGridSampler
 from popcorn.samplers.windows import patch_query
 
 LABEL_ROWS, LABEL_COLS = (5, 55), (10, 70)  # the label raster covers only part of the grid
@@ -112,7 +111,7 @@ def test_random_draws_are_unchanged() -> None:
         ("winter", (24, 35, 16, 16)), ("spring", (14, 43, 16, 16)), ("spring", (17, 4, 16, 16)),
         ("winter", (24, 28, 16, 16)), ("autumn", (11, 29, 16, 16)), ("winter", (17, 30, 16, 16)),
     ]
-    multi = _MultiAreaSampler([(0, 0, 60, 80), (0, 0, 30, 40)], [None, None], 16, 5, ("summer", "winter"), 1)
+    multi = MultiAreaPatchSampler([(0, 0, 60, 80), (0, 0, 30, 40)], [None, None], 16, 5, ("summer", "winter"), 1)
     assert [(i, q.season, q.window) for i, q in multi] == [
         (0, "winter", (2, 8, 16, 16)), (1, "winter", (1, 3, 16, 16)), (0, "winter", (23, 22, 16, 16)),
         (0, "winter", (44, 11, 16, 16)), (0, "winter", (1, 52, 16, 16)),
@@ -138,6 +137,36 @@ def test_random_draws_match_the_generator_calls(data, area, patch, seed) -> None
         seasons = torch.randint(4, (25,), generator=g).tolist()
         expected = [patch_query((row + r, col + c, ph, pw), SEASONS[s], grid) for r, c, s in zip(rows, cols, seasons)]
         assert list(sampler) == expected
+
+
+def test_centre_weights_centre_their_share_of_patches_on_heavy_pixels() -> None:
+    """With one heavy pixel and share 1 every patch holds it, centred where the area allows; with
+    share 0 the draws are those of a sampler without weights; across areas each keeps its own."""
+    weights = np.zeros((50, 60))
+    weights[30, 45] = 5.0
+    heavy = RandomPatchSampler((2, 3, 50, 60), 16, 40, SEASONS, seed=3, centre_weights=weights, weighted_share=1.0)
+    assert {q.window for q in heavy} == {(2 + 30 - 8, 3 + 45 - 8, 16, 16)}
+    weights[49, 59] = 5.0  # a corner pixel: its patch is clipped into the area, still holding it
+    corner = RandomPatchSampler((2, 3, 50, 60), 16, 40, SEASONS, seed=3, centre_weights=weights, weighted_share=1.0)
+    assert {q.window for q in corner} == {(24, 40, 16, 16), (36, 47, 16, 16)}
+    half = [q.window for q in RandomPatchSampler((2, 3, 50, 60), 16, 400, SEASONS, 3, None, weights, 0.5)]
+    share = np.mean([w in {(24, 40, 16, 16), (36, 47, 16, 16)} for w in half])
+    assert 0.4 < share < 0.6
+    plain = RandomPatchSampler((2, 3, 50, 60), 16, 6, SEASONS, seed=3)
+    none = RandomPatchSampler((2, 3, 50, 60), 16, 6, SEASONS, seed=3, centre_weights=weights, weighted_share=0.0)
+    assert list(none) == list(plain)
+    multi = MultiAreaPatchSampler([(0, 0, 50, 60), (0, 0, 30, 40)], [None, None], 16, 20, SEASONS, 1,
+                                  [weights, None], 1.0)
+    windows = {(i, q.window) for i, q in multi}
+    assert {w for i, w in windows if i == 0} == {(22, 37, 16, 16), (34, 44, 16, 16)}
+    assert len({w for i, w in windows if i == 1}) > 1  # the area without weights stays uniform
+
+
+@pytest.mark.parametrize(("weights", "share"), [(np.zeros((50, 60)), 0.5), (np.ones((5, 5)), 0.5),
+                                                (-np.ones((50, 60)), 0.5), (np.ones((50, 60)), 1.5)])
+def test_bad_centre_weights_are_refused(weights: np.ndarray, share: float) -> None:
+    with pytest.raises(ValueError, match="centre_weights"):
+        RandomPatchSampler((2, 3, 50, 60), 16, 4, SEASONS, centre_weights=weights, weighted_share=share)
 
 
 def test_patch_query_is_a_picklable_geoslice(data) -> None:  # noqa: ANN001
