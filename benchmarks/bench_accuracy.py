@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--occupancy-sources", type=int, nargs="+", default=[], metavar="SEED",
                    help="beyond the paper: first train the occupancy branch on these settlement worlds' fine "
                         "population (popcorn pretrain-occupancy, experiments/occupancy/pretrain.yaml; never an "
-                        "evaluated or held-out world), then start every member from it")
+                        "evaluated or held-out world; the members' network options from --fit-args), then start every member from it")
     p.add_argument("--pretrain-epochs", type=int, default=8, help="epochs of that pretraining (default 8)")
     p.add_argument("--pretrain-batches", type=int, default=250, help="batches of 4 patches per pretraining epoch")
     p.add_argument("--world-shift", default=None,
@@ -156,25 +156,41 @@ def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]
         raise SystemExit(f"error: occupancy source worlds {bad} are evaluated or held out; their labels must not train")
     run = out / f"occupancy_pretraining_{'_'.join(map(str, args.occupancy_sources))}"
     export = run / "occupancy_weights.pt"
-    if export.exists():
-        return str(export), float(json.loads((run / "done.json").read_text())["seconds"])
     worlds = [Path(make_settlement_world(args.data_root, size_px=args.size_px, seed=s,
                                          mean_region_ha=args.mean_region_ha).directory)
               for s in args.occupancy_sources]
-    t0 = time.perf_counter()
-    run_command([
+    return exported_run([
         sys.executable, "-m", "popcorn.cli.pretrain_occupancy", "fit",
         "--config", str(ROOT / "experiments" / "occupancy" / "pretrain.yaml"),
-        f"--model.builtup_weights={args.builtup_weights}",
+        f"--model.builtup_weights={args.builtup_weights}", *network_options(args.fit_args),
         f"--data.imagery_roots=[{','.join(map(str, worlds))}]",
         f"--data.population_rasters=[{','.join(str(w / 'population_10m.tif') for w in worlds)}]",
         f"--trainer.max_epochs={args.pretrain_epochs}", f"--data.batches_per_epoch={args.pretrain_batches}",
-        f"--trainer.default_root_dir={run}",
-        f"--trainer.logger.init_args.save_dir={run}", "--trainer.enable_progress_bar=false",
-        f"--output={export}",
-    ], argparse.Namespace(threads=(args.threads or 1) * max(1, args.jobs)), export)
+    ], export, argparse.Namespace(threads=(args.threads or 1) * max(1, args.jobs)))
+
+
+#: The network options an occupancy export must share with the fit, at the fit's defaults.
+NETWORK_OPTIONS = {"modalities": "s1s2", "occupancy_activation": "relu", "occupancy_context_px": "null",
+                   "head_sees_builtup": "false", "head_sees_bands": "false"}
+
+
+def network_options(fit_args: list[str]) -> list[str]:
+    """``--model.<option>=<value>`` for :data:`NETWORK_OPTIONS`, as the members' ``--fit-args`` set them."""
+    given = dict(a[len("--model."):].split("=", 1) for a in fit_args if a.startswith("--model.") and "=" in a)
+    return [f"--model.{k}={given.get(k, v)}" for k, v in NETWORK_OPTIONS.items()]
+
+
+def exported_run(cmd: list[str], export: Path, args: argparse.Namespace) -> tuple[str, float]:
+    """Run a popcorn training command that writes ``export`` (in its own folder, logs and
+    checkpoints beside it); (export, seconds), reused when it was done before."""
+    run = export.parent
+    if export.exists():
+        return str(export), float(json.loads((run / "done.json").read_text())["seconds"])
+    t0 = time.perf_counter()
+    run_command([*cmd, f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
+                 "--trainer.enable_progress_bar=false", f"--output={export}"], args, export)
     seconds = time.perf_counter() - t0
-    (run / "done.json").write_text(json.dumps({"seconds": seconds, "sources": args.occupancy_sources}))
+    (run / "done.json").write_text(json.dumps({"seconds": seconds, "command": cmd}))
     return str(export), seconds
 
 
@@ -191,24 +207,14 @@ def run_command(cmd: list[str], args: argparse.Namespace, expected: Path | None 
 
 def adapt_builtup(world: Path, wdir: Path, args: argparse.Namespace) -> tuple[str, float]:
     """Adapt the given built-up weights to ``world``'s imagery without labels; (export, seconds)."""
-    out = wdir / "adapt"
-    export = out / "builtup_extractor.pt"
-    if export.exists():
-        return str(export), float(json.loads((out / "done.json").read_text())["seconds"])
-    t0 = time.perf_counter()
-    run_command([
+    return exported_run([
         sys.executable, "-m", "popcorn.cli.adapt_builtup", "fit",
         "--config", str(ROOT / "experiments" / "builtup" / "adapt_published.yaml"),
         f"--model.init_weights={args.builtup_weights}",
         f"--data.init_args.target_roots=[{world}]",
         f"--data.init_args.batches_per_epoch={args.adapt_batches}",
-        f"--trainer.max_epochs={args.adapt_epochs}", f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false",
-        "--validate_before_fit=false", f"--output={export}",
-    ], args, export)
-    seconds = time.perf_counter() - t0
-    (out / "done.json").write_text(json.dumps({"seconds": seconds}))
-    return str(export), seconds
+        f"--trainer.max_epochs={args.adapt_epochs}", "--validate_before_fit=false",
+    ], wdir / "adapt" / "builtup_extractor.pt", args)
 
 
 def builtup_scores(weights: str, world: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:

@@ -60,9 +60,16 @@ class AdaptBuiltUpCLI(LightningCLI):
     def _root(self) -> Path:
         return Path(self.trainer.default_root_dir)
 
+    #: The export's default file name (in ``trainer.default_root_dir``) and what it holds.
+    export_name, exported = "builtup_extractor.pt", "built-up extractor"
+
     def output_path(self) -> Path:
         output = self.config[self.subcommand].get("output")
-        return Path(output) if output else self._root() / "builtup_extractor.pt"
+        return Path(output) if output else self._root() / self.export_name
+
+    def export(self, output: Path) -> None:
+        """Write the trained weights to ``output`` (after fit, rank 0)."""
+        self.model.export_extractor(output)
 
     def before_fit(self) -> None:
         checkpoints = self._root() / "checkpoints"
@@ -83,8 +90,8 @@ class AdaptBuiltUpCLI(LightningCLI):
         if self.trainer.interrupted or not self.trainer.is_global_zero:
             return
         output = self.output_path()
-        self.model.export_extractor(output)
-        rank_zero_info(f"built-up extractor exported to {output}")
+        self.export(output)
+        rank_zero_info(f"{self.exported} exported to {output}")
 
 
 def main(args: list[str] | None = None) -> AdaptBuiltUpCLI:

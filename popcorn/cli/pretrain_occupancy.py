@@ -20,7 +20,6 @@ from pathlib import Path
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info
 
 from popcorn.cli.adapt_builtup import AdaptBuiltUpCLI
 from popcorn.datamodules.population import PopulationDataModule
@@ -33,6 +32,8 @@ SUBCOMMANDS = ("fit",)
 class PretrainOccupancyCLI(AdaptBuiltUpCLI):
     """:class:`AdaptBuiltUpCLI`'s checkpoint folder and resume, exporting the occupancy branch."""
 
+    export_name, exported = "occupancy_weights.pt", "occupancy branch"
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.set_defaults({
@@ -42,17 +43,10 @@ class PretrainOccupancyCLI(AdaptBuiltUpCLI):
             "trainer.logger": lazy_instance(CSVLogger, save_dir="runs/occupancy", name="logs"),
         })
 
-    def output_path(self) -> Path:
-        output = self.config[self.subcommand].get("output")
-        return Path(output) if output else self._root() / "occupancy_weights.pt"
+    export_name, exported = "occupancy_weights.pt", "occupancy branch"
 
-    def after_fit(self) -> None:
-        if self.trainer.interrupted or not self.trainer.is_global_zero:
-            return
-        output = self.output_path()
+    def export(self, output: Path) -> None:
         self.model.export_occupancy(output)
-        rank_zero_info(f"occupancy branch exported to {output}")
-
 
 def main(args: list[str] | None = None) -> PretrainOccupancyCLI:
     """Entry point; ``fit`` is the only subcommand."""
