@@ -253,8 +253,6 @@ class Popcorn(nn.Module):
             raise PopcornInputError(f"{what} was trained with {', '.join(differ)}; give the model the same options")
         self.occupancy.load_state_dict(export["occupancy"])  # type: ignore[arg-type]
         self.head.load_state_dict(export["head"])  # type: ignore[arg-type]
-        self._freeze()
-        self.train(self.training)
 
     @property
     def head_last_layer(self) -> nn.Conv2d:
