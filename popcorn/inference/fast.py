@@ -37,6 +37,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,22 @@ def load_popcorn(path: str | os.PathLike[str]) -> tuple[Popcorn, dict[str, Any]]
             "occupancy_split": model.occupancy_split, "occupancy_activation": model.occupancy_activation,
             **model.head_input.as_hparams()}
     return model, meta
+
+
+@contextmanager
+def full_fp32() -> Iterator[None]:
+    """Run CUDA convolutions and matrix products in full fp32, not TF32 (restored after).
+
+    PyTorch lets cuDNN use TF32 (10-bit mantissa) for fp32 convolutions by default, so a GPU map
+    would differ from the CPU one by ~1e-3 of the values' scale; with this the maps agree to fp32
+    rounding (``benchmarks/bench_gpu.py`` measures both).
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def frozen_copy(unet: DualStreamUNet) -> DualStreamUNet:
@@ -250,6 +268,9 @@ class FastPopcorn(nn.Module):
             and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (s1, s2)))
         ):
             return self._forward_kernels(self.engine, s1, s2, self.threshold)
+        if ref is not None and ref.device.type == "cuda":
+            with full_fp32():
+                return self._forward_torch(s1, s2, self.threshold)
         return self._forward_torch(s1, s2, self.threshold)
 
     def _inputs(self, s1: Tensor | None, s2: Tensor | None) -> Prepared:

@@ -274,6 +274,7 @@ class WeakSupervisionTask(LightningModule):
         seconds = time.perf_counter() - self._epoch_start
         if self._epoch_region_pixels and seconds > 0:
             self.log("train/region_pixels_per_s", self._epoch_region_pixels / seconds, sync_dist=True, reduce_fx="sum")
+            self.log("train/epoch_seconds", seconds, sync_dist=True, reduce_fx="max")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         """The loss, plus each region's log error for callbacks (``HardRegionSampling``)."""

@@ -216,3 +216,19 @@ def test_block_sparse_occupancy_equals_whole_tile() -> None:
     assert float((got["occupancy"][active] - ref["occupancy"][active]).abs().max()) <= TOL
     assert bool(torch.isnan(got["occupancy"][~active]).all()) and bool((got["population"][~active] == 0).all())
     assert float((got["population"] - ref["population"]).abs().max()) <= threshold * float(ref["occupancy"].max()) + TOL
+
+
+def test_full_fp32_turns_tf32_off_and_restores_the_flags() -> None:
+    """GPU maps must equal the CPU ones within 1e-4: TF32 (cuDNN's default for fp32 convolutions)
+    put them 8e-3 apart on an H200 (benchmarks/bench_gpu.py), so the predictor runs in full fp32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with inference.full_fp32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with pytest.raises(RuntimeError), inference.full_fp32():
+            raise RuntimeError("a failing tile")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
