@@ -116,6 +116,8 @@ def test_fit_keeps_the_last_epoch_and_reports_it(paper_protocol_run: Path) -> No
     assert not [c for c in metrics.columns if c.startswith("val/")]
     assert metrics["train/region_pixels_per_s"].dropna().gt(0).all()
     assert len(metrics["train/region_pixels_per_s"].dropna()) == 2
+    assert len(metrics["train/epoch_seconds"].dropna()) == 2  # benchmarks/bench_gpu.py reads it
+    assert metrics["train/epoch_seconds"].dropna().gt(0).all()
     report = pd.read_csv(paper_protocol_run / "report" / "comparison.csv")
     assert {"POPCORN", "POPCORN rescaled"} <= set(report.iloc[:, 0])
     html = (paper_protocol_run / "report" / "index.html").read_text()
