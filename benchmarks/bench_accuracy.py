@@ -70,6 +70,8 @@ class WorldResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from popcorn.inference.ensemble import SEASON_WEIGHTS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worlds", type=int, nargs="+", default=None,
@@ -100,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "printed too "
                         "(default: the paper's rescaling only)")
     p.add_argument("--rescale-rest", choices=("uniform", "builtup"), default="uniform")
+    p.add_argument("--season-weights", choices=SEASON_WEIGHTS, default="equal",
+                   help="how the maps average seasons: equal (the paper) or observed (per pixel by the share of "
+                        "each composite observed around it; popcorn predict --season-weights)")
     p.add_argument("--occupancy-sources", type=int, nargs="+", default=[], metavar="SEED",
                    help="beyond the paper: first train the occupancy branch on these settlement worlds' fine "
                         "population (popcorn pretrain-occupancy, experiments/occupancy/pretrain.yaml; never an "
@@ -251,14 +256,15 @@ def logged_means(metrics_csv: Path, columns: tuple[str, ...]) -> list[float]:
 
 
 # ------------------------------------------------------------------------------ prediction
-def predict_maps(ckpts: list[Path], seasons: list[str], world: Path, out: Path) -> tuple[dict[str, Path], float]:
+def predict_maps(ckpts: list[Path], seasons: list[str], world: Path, out: Path,
+                 season_weights: str = "equal") -> tuple[dict[str, Path], float]:
     """Ensemble maps (1 ha raw + rescaled, 10 m raw, built-up score) of ``ckpts`` x ``seasons``."""
     from popcorn.inference.maps import PredictSettings, predict
 
     settings = PredictSettings(
         checkpoints=[str(c) for c in ckpts], imagery_root=str(world), seasons=seasons,
         write_10m=True, census=str(world / "census_regions.gpkg"),
-        counts=str(world / "census_counts.csv"),
+        counts=str(world / "census_counts.csv"), season_weights=season_weights,
     )
     t0 = time.perf_counter()
     result = predict(settings, out, progress=False)
@@ -398,7 +404,9 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     bag_10m: dict[str, np.ndarray] = {}
     builtup_score = None
     for name, (members, seasons) in runs.items():
-        outputs, seconds = predict_maps(members, seasons, world, wdir / "maps" / name.split(" (")[0].replace(" ", "_"))
+        maps_dir = wdir / ("maps" if args.season_weights == "equal" else f"maps_{args.season_weights}")
+        outputs, seconds = predict_maps(members, seasons, world, maps_dir / name.split(" (")[0].replace(" ", "_"),
+                                        args.season_weights)
         res.predict_seconds[name] = seconds
         raw10 = np.nan_to_num(read(outputs["population_10m"]))
         score10 = np.nan_to_num(read(outputs["builtup_score"]))
@@ -518,7 +526,7 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f"{args.epochs} epochs, built-up weights {args.builtup_weights}"
           f"{f' adapted to each world ({args.adapt_epochs} x {args.adapt_batches} batches, no labels)' if args.adapt_epochs else ''}"
           f"{f', world domain shift {args.world_shift}' if args.world_shift else ''}"
-          f", extra fit args {args.fit_args}, census matching: {matching}",
+          f", extra fit args {args.fit_args}, census matching: {matching}, seasons averaged: {args.season_weights}",
           flush=True)
     t0 = time.perf_counter()
     if args.occupancy_sources:

@@ -34,6 +34,7 @@ from pathlib import Path
 from popcorn.datasets.sentinel import SEASONS
 from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.inference.distributed import launched_externally, predict_distributed
+from popcorn.inference.ensemble import SEASON_WEIGHTS
 from popcorn.inference.evaluate import summarise
 from popcorn.inference.fast import DEFAULT_THRESHOLD
 from popcorn.inference.maps import PredictResult, PredictSettings, predict
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with S1_<season>*.tif (VV,VH dB) and S2_<season>*.tif (B02,B03,B04,B08)")
     g.add_argument("--seasons", nargs="+", default=list(SEASONS), choices=SEASONS,
                    help="seasonal composites to predict and average (default: all four)")
+    g.add_argument("--season-weights", choices=SEASON_WEIGHTS, default="equal",
+                   help="equal: every checkpoint x season alike (the paper); observed: each season weighted per "
+                        "pixel by the share of its composite observed within 80 m (cloud and orbit gaps count "
+                        "less; all seasons alike where none observed)")
     g.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
     a = p.add_argument_group("area (default: the whole imagery)")
     a.add_argument("--bbox", nargs=4, type=float, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> PredictResult:
         count_column=args.count_column,
         rescale_cap=args.rescale_cap,
         rescale_rest=args.rescale_rest,
+        season_weights=args.season_weights,
     )
     common = dict(resume=not args.restart, threads=args.threads, progress=not args.quiet, prefix=args.prefix)
     try:

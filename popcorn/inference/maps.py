@@ -11,7 +11,8 @@
 - **Ensemble**: for each tile, each season is read once and every checkpoint predicts it;
   per-pixel mean and population standard deviation (ddof=0) over the members (checkpoints x
   seasons) are accumulated with Welford's update. The 1 ha std is the std of the members'
-  1 ha sums (not a sum of 10 m stds).
+  1 ha sums (not a sum of 10 m stds). With ``season_weights="observed"`` each season counts per
+  pixel by how much of its composite is observed around the pixel (:mod:`popcorn.inference.ensemble`).
 - **Dasymetric rescaling** (optional): census regions are rasterised per tile (never for the
   whole area at once), region sums are accumulated over the finished tiles, and the rescaled map
   is made per tile during assembly; per-region scale factors go to a CSV.
@@ -43,6 +44,7 @@ from popcorn.datasets.sentinel import SEASONS, check_seasons
 from popcorn.errors import PopcornInputError
 from popcorn.evaluation.dasymetric import region_sums
 from popcorn.inference.area import resolve_area
+from popcorn.inference.ensemble import SEASON_WEIGHTS, RunningMean, season_weights
 from popcorn.inference.fast import DEFAULT_THRESHOLD, FastPopcorn, load_popcorn
 from popcorn.inference.tiles import (
     ALIGN,
@@ -71,7 +73,9 @@ class PredictSettings:
 
     ``rescale_cap``: None = the paper's rescaling; K > 0 caps each region's scale factor at K x
     the overall factor (census total / map total) and spreads the rest of its count
-    ``rescale_rest`` ("uniform": evenly; "builtup": by score).
+    ``rescale_rest`` ("uniform": evenly; "builtup": by score). ``season_weights``: "equal" (the
+    paper's plain mean) or "observed" (each season weighted per pixel by how much of its
+    composite around the pixel is observed, :mod:`popcorn.inference.ensemble`).
     """
 
     checkpoints: list[str]
@@ -90,6 +94,7 @@ class PredictSettings:
     count_column: str = "count"
     rescale_cap: float | None = None
     rescale_rest: str = "uniform"
+    season_weights: str = "equal"
 
     @property
     def margin(self) -> int:
@@ -160,36 +165,13 @@ def imagery_reader(imagery_root: str, seasons: Sequence[str]) -> OpenReader:
     return open_reader
 
 
-class Welford:
-    """Running mean and M2 (float64) for the per-pixel ensemble mean / std."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: np.ndarray | None = None
-        self.m2: np.ndarray | None = None
-
-    def add(self, x: np.ndarray) -> None:
-        x = x.astype(np.float64)
-        self.n += 1
-        if self.mean is None:
-            self.mean = x.copy()
-            self.m2 = np.zeros_like(x)
-            return
-        delta = x - self.mean
-        self.mean += delta / self.n
-        self.m2 += delta * (x - self.mean)
-
-    def std(self) -> np.ndarray:
-        assert self.m2 is not None
-        return np.sqrt(np.maximum(self.m2 / max(self.n, 1), 0.0))
-
-
 def predict_tile(
     members: Sequence[Member], data: dict[str, tuple[torch.Tensor, torch.Tensor]], core: Window,
-    read: Window, device: torch.device, area_mask: np.ndarray | None = None,
+    read: Window, device: torch.device, area_mask: np.ndarray | None = None, seasons_by: str = "equal",
 ) -> dict[str, np.ndarray]:
     """Ensemble prediction of one tile core from its read window's imagery (all seasons).
 
+    ``seasons_by``: how seasons are weighted per pixel (:func:`popcorn.inference.ensemble.season_weights`).
     Returns float32 arrays on the core (10 m) and its 1 ha cells; NaN = nodata.
     """
     r, c, h, w = core
@@ -201,36 +183,39 @@ def predict_tile(
         s2c = s2[:, dr : dr + h, dc : dc + w]
         covered |= ~(torch.isnan(s1c).all(0) & torch.isnan(s2c).all(0)).numpy()
     valid = covered if area_mask is None else covered & area_mask
-    pop10, pop1 = Welford(), Welford()
+    _, cell_n = block_sum_partial(np.zeros((h, w)), valid)
+    weights = season_weights(data, seasons_by, (dr, dc, h, w))
+    pop10, pop1 = RunningMean(), RunningMean()
     bu_sum = np.zeros((h, w), np.float64)
     occ_sum = np.zeros((h, w), np.float64)
-    occ_n = np.zeros((h, w), np.int32)
-    n = 0
+    occ_weight = np.zeros((h, w), np.float64)
     with torch.inference_mode():
-        for s1, s2 in data.values():
+        for season, (s1, s2) in data.items():
             x1 = s1[None].to(device)
             x2 = s2[None].to(device)
+            weight = weights[season]
+            cell_weight = weight if np.isscalar(weight) else block_sum_partial(weight, valid)[0] / np.maximum(cell_n, 1)
             for member in members:
                 out = member.model(x1, x2)
                 crop = {k: v[0, 0, dr : dr + h, dc : dc + w].float().cpu().numpy() for k, v in out.items()}
-                pop10.add(crop["population"])
-                pop1.add(block_sum_partial(crop["population"], valid)[0])
-                bu_sum += crop["builtup_score"]
+                pop10.add(crop["population"], weight)
+                pop1.add(block_sum_partial(crop["population"], valid)[0], cell_weight)
+                bu_sum += weight * crop["builtup_score"]
                 occ = crop["occupancy"]
                 ok = np.isfinite(occ)
-                occ_sum[ok] += occ[ok]
-                occ_n += ok
-                n += 1
-    _, cell_n = block_sum_partial(np.zeros((h, w)), valid)
+                occ_sum[ok] += (weight * np.where(ok, occ, 0.0))[ok]
+                occ_weight += weight * ok
     nan = np.float32(np.nan)
     out: dict[str, np.ndarray] = {}
     out["population_10m"] = np.where(valid, pop10.mean, nan).astype(np.float32)
     out["population_10m_std"] = np.where(valid, pop10.std(), nan).astype(np.float32)
-    out["builtup_score"] = np.where(valid, bu_sum / n, nan).astype(np.float32)
+    out["builtup_score"] = np.where(valid, bu_sum / pop10.weight, nan).astype(np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["occupancy"] = np.where(valid & (occ_n > 0), occ_sum / occ_n, nan).astype(np.float32)
-    # 1 ha cells sum their valid pixels (cells cut by the area edge are partial sums)
-    out["population_1ha"] = np.where(cell_n > 0, pop1.mean, nan).astype(np.float32)
+        out["occupancy"] = np.where(valid & (occ_weight > 0), occ_sum / occ_weight, nan).astype(np.float32)
+    # 1 ha cells sum their valid pixels (cells cut by the area edge are partial sums); with
+    # per-pixel season weights the cell is the sum of the weighted 10 m mean
+    pop1_mean = pop1.mean if seasons_by == "equal" else block_sum_partial(pop10.mean, valid)[0]
+    out["population_1ha"] = np.where(cell_n > 0, pop1_mean, nan).astype(np.float32)
     out["population_1ha_std"] = np.where(cell_n > 0, pop1.std(), nan).astype(np.float32)
     return out
 
@@ -276,6 +261,9 @@ def _check_settings(settings: PredictSettings) -> None:
     if settings.rescale_cap is not None and not settings.rescale_cap > 0:
         raise PopcornInputError(f"--rescale-cap must be > 0 (1 = the map brought to the census total plus each "
                                 f"region's shortfall), got {settings.rescale_cap}")
+    if settings.season_weights not in SEASON_WEIGHTS:
+        raise PopcornInputError(f"--season-weights must be one of {', '.join(SEASON_WEIGHTS)}, "
+                                f"got {settings.season_weights!r}")
     if settings.rescale_rest not in RESCALE_REST:
         raise PopcornInputError(f"--rescale-rest must be one of {', '.join(RESCALE_REST)}, "
                                 f"got {settings.rescale_rest!r}")
@@ -291,7 +279,7 @@ def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: Ras
         if geom is not None:
             mask = rasterio.features.geometry_mask([geom], out_shape=core[2:], transform=grid.window_transform(core),
                                                    invert=True)
-        arrays = predict_tile(members, data, core, read, dev, mask)
+        arrays = predict_tile(members, data, core, read, dev, mask, settings.season_weights)
         if not settings.write_10m:
             arrays.pop("population_10m_std")
             if not keep_10m:

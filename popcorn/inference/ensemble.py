@@ -1,0 +1,69 @@
+"""How a bag's member x season maps are averaged: running (weighted) mean and spread per pixel,
+and per-season weights from where each season's composite actually observed the ground.
+
+Seasonal composites have gaps (clouds in S2, missing orbits in S1) that the networks fill with
+the band mean: a season's prediction there is a guess. ``"equal"`` (the paper) averages every
+member x season alike; ``"observed"`` (beyond the paper) weights each season, per pixel, by the
+share of observed pixels around it, so a pixel averages the seasons that saw it and falls back
+to all seasons alike where none did. Without gaps both are the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SEASON_WEIGHTS = ("equal", "observed")
+OBSERVED_WINDOW_PX = 8  # half-width of the window whose observed share weights a season (80 m)
+
+
+class RunningMean:
+    """Running weighted mean and M2 (float64) per pixel (West's update; equal weights = Welford)."""
+
+    def __init__(self) -> None:
+        self.weight: np.ndarray | float = 0.0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def add(self, x: np.ndarray, weight: np.ndarray | float = 1.0) -> None:
+        x = x.astype(np.float64)
+        if self.mean is None:
+            self.mean = np.zeros_like(x)
+            self.m2 = np.zeros_like(x)
+        self.weight = self.weight + weight
+        delta = x - self.mean
+        with np.errstate(invalid="ignore", divide="ignore"):
+            step = np.where(self.weight > 0, delta * weight / self.weight, 0.0)
+        self.mean += step
+        self.m2 += weight * delta * (x - self.mean)
+
+    def std(self) -> np.ndarray:
+        assert self.m2 is not None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.sqrt(np.maximum(np.where(self.weight > 0, self.m2 / np.maximum(self.weight, 1e-300), 0.0), 0.0))
+
+
+def observed_share(s1: torch.Tensor, s2: torch.Tensor, window_px: int = OBSERVED_WINDOW_PX) -> np.ndarray:
+    """(H, W) share of pixels within ``window_px`` where every S1 and S2 band holds a value."""
+    observed = (torch.isfinite(s1).all(0) & torch.isfinite(s2).all(0)).to(torch.float32)[None, None]
+    size = 2 * window_px + 1
+    share = F.avg_pool2d(F.pad(observed, (window_px,) * 4, mode="replicate"), size, stride=1)
+    return share[0, 0].numpy().astype(np.float64)
+
+
+def season_weights(data: dict[str, tuple[torch.Tensor, torch.Tensor]], rule: str,
+                   window: tuple[int, int, int, int]) -> dict[str, np.ndarray | float]:
+    """Each season's weight on the ``window`` (row, col, height, width of the read array) by ``rule``.
+
+    ``"equal"``: 1 everywhere. ``"observed"``: the season's observed share (:func:`observed_share`),
+    all seasons 1 where no season observed anything around a pixel.
+    """
+    if rule == "equal":
+        return {season: 1.0 for season in data}
+    if rule != "observed":
+        raise ValueError(f"season weights must be one of {SEASON_WEIGHTS}, got {rule!r}")
+    r, c, h, w = window
+    shares = {season: observed_share(s1, s2)[r : r + h, c : c + w] for season, (s1, s2) in data.items()}
+    unseen = sum(shares.values()) <= 0
+    return {season: np.where(unseen, 1.0, share) for season, share in shares.items()}
