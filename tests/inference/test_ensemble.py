@@ -1,0 +1,131 @@
+"""popcorn.inference.ensemble: weighted running mean, observed shares, per-season weights in predict."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from popcorn.datasets.sentinel import open_imagery
+from popcorn.datasets.synthetic.world import make_synthetic_world
+from popcorn.errors import PopcornInputError
+from popcorn.evaluation.dasymetric import block_sum
+from popcorn.inference.ensemble import OBSERVED_WINDOW_PX, RunningMean, observed_share, season_weights
+from popcorn.inference.fast import load_popcorn
+from popcorn.inference.maps import PredictSettings, predict
+from popcorn.tasks import WeakSupervisionTask
+
+
+def test_running_mean_equals_numpy_weighted_and_unweighted() -> None:
+    rng = np.random.default_rng(0)
+    xs = rng.normal(3.0, 2.0, size=(6, 5, 7))
+    ws = rng.uniform(0.0, 1.0, size=(6, 5, 7))
+    ws[0] = 0.0  # a member that counts nowhere
+    ws[1:, 0, 0] = 0.0  # a pixel no member counts at: mean 0, std 0
+    plain, weighted = RunningMean(), RunningMean()
+    for x, w in zip(xs, ws):
+        plain.add(x)
+        weighted.add(x, w)
+    assert np.allclose(plain.mean, xs.mean(0), atol=1e-12) and np.allclose(plain.std(), xs.std(0), atol=1e-12)
+    seen = ws.sum(0) > 0
+    mean = np.average(xs[:, seen], axis=0, weights=ws[:, seen])
+    var = np.average((xs[:, seen] - mean) ** 2, axis=0, weights=ws[:, seen])
+    assert np.allclose(weighted.mean[seen], mean, atol=1e-12)
+    assert np.allclose(weighted.std()[seen], np.sqrt(var), atol=1e-12)
+    assert weighted.mean[0, 0] == 0.0 and weighted.std()[0, 0] == 0.0
+
+
+def test_observed_share_is_the_window_mean_of_observed_pixels() -> None:
+    rng = np.random.default_rng(1)
+    s1 = torch.randn(2, 20, 23)
+    s2 = torch.rand(4, 20, 23)
+    s1[0, 3:9, 4:12] = float("nan")  # an S1 orbit gap in one band
+    s2[:, 12:, 15:] = float("nan")  # a cloud in the corner
+    s2[2, rng.integers(0, 20, 10), rng.integers(0, 23, 10)] = float("nan")  # scattered single-band holes
+    observed = (torch.isfinite(s1).all(0) & torch.isfinite(s2).all(0)).numpy().astype(float)
+    k = 3
+    padded = np.pad(observed, k, mode="edge")
+    brute = np.array([[padded[i : i + 2 * k + 1, j : j + 2 * k + 1].mean() for j in range(23)] for i in range(20)])
+    assert np.allclose(observed_share(s1, s2, k), brute, atol=1e-6)
+    assert observed_share(s1, s2, k)[16:, 20:].max() == 0.0  # deep inside the cloud
+
+
+def test_season_weights_rules() -> None:
+    s1 = torch.zeros(2, 40, 40)
+    s2 = torch.ones(4, 40, 40)
+    gap = s2.clone()
+    gap[:, :20] = float("nan")  # winter: the northern half under cloud
+    both = gap.clone()
+    data = {"summer": (s1, s2), "winter": (s1, gap)}
+    assert season_weights(data, "equal", (0, 0, 40, 40)) == {"summer": 1.0, "winter": 1.0}
+    w = season_weights(data, "observed", (5, 5, 30, 30))
+    assert w["summer"].shape == (30, 30) and np.all(w["summer"] == 1.0)
+    assert np.all(w["winter"][:20 - OBSERVED_WINDOW_PX - 5] == 0.0)  # rows 5.. of the window, deep in the gap
+    assert np.all(w["winter"][20 + OBSERVED_WINDOW_PX - 5 :] == 1.0)
+    unseen = season_weights({"summer": (s1, both), "winter": (s1, gap)}, "observed", (0, 0, 40, 40))
+    assert np.all(unseen["summer"][:5] == 1.0) and np.all(unseen["winter"][:5] == 1.0)  # nobody saw it: all alike
+    with pytest.raises(ValueError, match="season weights"):
+        season_weights(data, "median", (0, 0, 40, 40))
+
+
+@pytest.fixture(scope="module")
+def gapped_world(tmp_path_factory: pytest.TempPathFactory):
+    """The 200 px test world with an 80 x 80 px cloud in winter's S2 (rows and cols 60-140)."""
+    root = tmp_path_factory.mktemp("ensemble")
+    world = make_synthetic_world(root / "world", size_px=200, seed=3, n_regions=12)
+    imagery = root / "imagery"
+    shutil.copytree(world.imagery_dir, imagery)
+    with rasterio.open(imagery / "S2_winter.tif", "r+") as dst:
+        bands = dst.read()
+        bands[:, 60:140, 60:140] = 0  # nodata
+        dst.write(bands)
+    torch.manual_seed(7)
+    task = WeakSupervisionTask(occupancy_bias_init=0.5)
+    ckpt = root / "m.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    return root, imagery, ckpt
+
+
+def test_observed_weights_leave_out_the_clouded_season(gapped_world) -> None:
+    root, imagery, ckpt = gapped_world
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        maps = {}
+        for rule in ("equal", "observed"):
+            settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), seasons=["summer", "winter"],
+                                       tile_size=100, overlap=64, write_10m=True, season_weights=rule)
+            result = predict(settings, root / rule, progress=False)
+            maps[rule] = {k: rasterio.open(p).read(1).astype(np.float64) for k, p in result.outputs.items()}
+        s1, s2, _ = open_imagery(str(imagery), ["summer", "winter"])
+        model, _ = load_popcorn(ckpt)
+        with torch.no_grad():
+            summer = model(s1.read_window("summer", (0, 0, 200, 200))[None],
+                           s2.read_window("summer", (0, 0, 200, 200))[None])["population"][0, 0].double().numpy()
+            weights = season_weights({s: (s1.read_window(s, (0, 0, 200, 200)), s2.read_window(s, (0, 0, 200, 200)))
+                                      for s in ("summer", "winter")}, "observed", (0, 0, 200, 200))
+    finally:
+        torch.set_num_threads(before)
+    inside = (slice(60 + OBSERVED_WINDOW_PX, 140 - OBSERVED_WINDOW_PX),) * 2
+    observed, equal = maps["observed"]["population_10m"], maps["equal"]["population_10m"]
+    left_out = np.abs(observed[inside] - summer[inside]).max()
+    kept = np.abs(equal[inside] - summer[inside]).max()
+    assert left_out < 1e-6 and kept > 1e-4  # winter's guess left out, which the plain mean keeps
+                                            # (an untrained model's maps vary little: 4.6e-4)
+    everywhere = (weights["summer"] == 1.0) & (weights["winter"] == 1.0)
+    assert everywhere.mean() > 0.5
+    assert np.abs(observed - equal)[everywhere].max() < 1e-6  # no gap around: the paper's mean
+    assert np.allclose(maps["observed"]["population_1ha"], block_sum(observed), atol=1e-3)
+    builtup = maps["observed"]["builtup_score"]
+    assert np.all(np.isfinite(builtup)) and builtup.min() >= 0.0 and builtup.max() <= 1.0
+
+
+def test_unknown_season_weights_refused(gapped_world) -> None:
+    root, imagery, ckpt = gapped_world
+    settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), season_weights="median")
+    with pytest.raises(PopcornInputError, match="--season-weights must be one of equal, observed"):
+        predict(settings, root / "bad", progress=False)
