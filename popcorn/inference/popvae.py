@@ -46,6 +46,7 @@ from popcorn.datasets.covariates import CovariateStack, Normalizer, nonempty_pat
 from popcorn.datasets.grid import RasterGrid, Window
 from popcorn.datasets.samples import TileQuery
 from popcorn.errors import PopcornInputError
+from popcorn.inference.fast import full_fp32
 from popcorn.models.popvae import LOG_CLIP_MAX, PopVAE
 from popcorn.samplers.tiles import TileGridSampler
 
@@ -121,7 +122,7 @@ class PopVAERunner:
         if todo.size:
             x = torch.nan_to_num(self.normalizer.apply(torch.from_numpy(raw), band_dim=0), nan=0.0).to(self.device)
             view = x.unfold(1, p, 1).unfold(2, p, 1)  # (C, h, w, P, P): a view, nothing copied
-            with torch.inference_mode():
+            with torch.inference_mode(), full_fp32():  # GPU maps equal the CPU ones (no TF32)
                 for s in range(0, todo.size, self.batch_size):
                     idx = todo[s : s + self.batch_size]
                     rows = torch.as_tensor(idx // w, device=self.device)
