@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_predict import tiles  # noqa: E402
+from bench_predict import _max_diff, run_model, tiles  # noqa: E402
 
 from popcorn.inference.fast import DEFAULT_THRESHOLD, FastPopcorn, full_fp32, load_popcorn, naive_forward  # noqa: E402
 
@@ -105,28 +105,8 @@ def training(args: argparse.Namespace, device: str, report: dict) -> None:
     report[f"training_{device}"] = out
 
 
-def _timed(fn, data, device: str) -> tuple[float, list]:
-    outs = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for s1, s2, (dr, dc, h, w) in data:
-            o = fn(s1, s2)
-            outs.append({k: v[0, 0, dr:dr + h, dc:dc + w] for k, v in o.items()})
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, [{k: v.float().cpu() for k, v in o.items()} for o in outs]
-
-
-def _max_diff(outs: list, ref: list) -> float:
-    worst = 0.0
-    for o, r in zip(outs, ref):
-        for key in ("population", "builtup_score"):
-            both = torch.isfinite(o[key]) & torch.isfinite(r[key])
-            if bool(both.any()):
-                worst = max(worst, float((o[key] - r[key])[both].abs().max()))
-    return worst
+def _on_cpu(outs: list) -> list:
+    return [{k: v.float().cpu() for k, v in o.items()} for o in outs]
 
 
 def compute(ckpt: str, world: str, repeats: int, device: str, report: dict) -> None:
@@ -156,18 +136,19 @@ def compute(ckpt: str, world: str, repeats: int, device: str, report: dict) -> N
     for tile in (600, 1200):
         cpu_data, grid = tiles(world, tile, 64)
         cpu_model, _ = load_popcorn(ckpt)
-        _, cpu_ref = _timed(lambda a, b: naive_forward(cpu_model, a, b), cpu_data, "cpu")
+        _, _, cpu_ref = run_model(lambda a, b: naive_forward(cpu_model, a, b), cpu_data)
         data = [(a.to(device), b.to(device), w) for a, b, w in cpu_data]
         mpx = grid.height * grid.width / 1e6
         print(f"\n[{device}] compute, demo world {grid.width} x {grid.height} px in {tile} px tiles (+64 px context), "
               f"best of {repeats}:", flush=True)
         for name, fn in variants.items():
-            _timed(fn, data[:1], device)  # warm-up: cuDNN algorithm search, allocator
+            run_model(fn, data[:1])  # warm-up: cuDNN algorithm search, allocator
             best, got = float("inf"), None
             for _ in range(repeats):
-                seconds, got = _timed(fn, data, device)
+                seconds, _, got = run_model(fn, data)
                 best = min(best, seconds)
-            diff = _max_diff(got, cpu_ref)
+            got = _on_cpu(got)
+            diff = max(_max_diff(got, cpu_ref, key) for key in ("population", "builtup_score"))
             out[f"{name} tile {tile}"] = {"seconds": best, "mpx_per_s": mpx / best, "max_abs_diff_vs_cpu": diff}
             print(f"  {name:36s} {mpx / best:8.2f} Mpx/s ({1e3 * best:7.1f} ms)  max |diff| to the CPU naive forward "
                   f"{diff:.1e}", flush=True)

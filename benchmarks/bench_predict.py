@@ -75,11 +75,16 @@ def run_model(fn, data, inference: bool = True) -> tuple[float, float, list]:
     ``torch.no_grad`` (as plain eager code and the training/test loops run).
     """
     outs = []
+    cuda = data[0][0].is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode() if inference else torch.no_grad():
         for s1, s2, (dr, dc, h, w) in data:
             o = fn(s1, s2)
             outs.append({k: v[0, 0, dr:dr + h, dc:dc + w].clone() for k, v in o.items()})
+    if cuda:  # the kernels run asynchronously: the time counts them only once they are done
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, time.process_time() - c0, outs
 
 
@@ -120,8 +125,6 @@ def compute_throughput(ckpt: str, world: str, repeats: int, device: str) -> dict
     for _ in range(repeats):  # interleaved, so that load changes hit every variant alike
         for name, fn in variants.items():
             t, c, o = run_model(fn, data, name not in eager)
-            if device == "cuda":
-                torch.cuda.synchronize()
             wall[name].append(t)
             cpu[name].append(c)
             outs[name] = o

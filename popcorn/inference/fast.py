@@ -268,10 +268,8 @@ class FastPopcorn(nn.Module):
             and not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (s1, s2)))
         ):
             return self._forward_kernels(self.engine, s1, s2, self.threshold)
-        if ref is not None and ref.device.type == "cuda":
-            with full_fp32():
-                return self._forward_torch(s1, s2, self.threshold)
-        return self._forward_torch(s1, s2, self.threshold)
+        with full_fp32():  # no TF32 on CUDA; the flags do nothing on CPU
+            return self._forward_torch(s1, s2, self.threshold)
 
     def _inputs(self, s1: Tensor | None, s2: Tensor | None) -> Prepared:
         return self.builtup.prepare(*self._pick(s1, s2))

@@ -203,7 +203,7 @@ def predict_tile(
                 bu_sum += weight * crop["builtup_score"]
                 occ = crop["occupancy"]
                 ok = np.isfinite(occ)
-                occ_sum[ok] += (weight * np.where(ok, occ, 0.0))[ok]
+                occ_sum += weight * np.where(ok, occ, 0.0)
                 occ_weight += weight * ok
     nan = np.float32(np.nan)
     out: dict[str, np.ndarray] = {}
