@@ -2,7 +2,8 @@
 
 ``region_log_l1``: POPCORN's weak supervision, the log-L1 between census counts and the sums of
 the predicted people over each region (Metzger et al., 2024); ``region_credit_loss`` (beyond
-the paper) and the helpers both use (``region_log_error``, ``sum_by_region``).
+the paper) and the helpers both use (``region_log_error``, ``sum_by_region``);
+``season_consistency_loss`` (beyond the paper): the seasonal views of a region should agree.
 
 ``s1_s2_consistency_loss``: the unsupervised domain-adaptation term of Hafner, Ban & Nascetti
 (2022, "Unsupervised domain adaptation for global urban extraction using Sentinel-1 SAR and
@@ -136,3 +137,42 @@ def sum_by_region(
     sums = sums / views
     region_counts = torch.zeros_like(sums).scatter(0, inverse, counts.to(sums.dtype))
     return sums, region_counts
+
+
+def season_consistency_loss(population: Tensor, region_id: Tensor, pixels: Tensor) -> Tensor:
+    """Beyond the paper: how much the seasonal views of each region disagree, pixel by pixel.
+
+    For every region with two or more views in the batch (``RegionSampler(seasons_per_region >
+    1)``: the same crop in distinct seasons, flipped and rotated alike by
+    :class:`~popcorn.transforms.BatchAugmentation`), the mean over its views and over the pixels
+    every view has in ``pixels`` of ``|log(1 + p_v) - mean_v log(1 + p_v)|`` (people per 10 m
+    pixel); the mean over those regions. A map that depends on the season's look (winter
+    shadows, wet soil) rather than on the buildings pays for it; averaging seasons then averages
+    noise rather than season-specific errors. 0 (still connected to the graph) when no region
+    has two views.
+
+    Args:
+        population: (B,H,W) people per 10 m pixel of each view.
+        region_id: (B,) census region of each view.
+        pixels: (B,H,W) bool, the pixels to compare (e.g. region mask and valid imagery).
+    """
+    if population.shape != pixels.shape or population.shape[0] != region_id.shape[0]:
+        raise PopcornInputError(
+            f"season_consistency_loss: population {tuple(population.shape)}, pixels "
+            f"{tuple(pixels.shape)} and region_id {tuple(region_id.shape)} do not match"
+        )
+    _, inverse = torch.unique(region_id, return_inverse=True)
+    log_population = torch.log1p(population.clamp(min=0))
+    terms = []
+    for region in torch.unique(inverse):
+        views = torch.nonzero(inverse == region).flatten()
+        if len(views) < 2:
+            continue
+        common = pixels[views].all(dim=0)
+        if not bool(common.any()):
+            continue
+        values = log_population[views][:, common]  # (views, pixels)
+        terms.append((values - values.mean(dim=0, keepdim=True)).abs().mean())
+    if not terms:
+        return population.sum() * 0.0
+    return torch.stack(terms).mean()

@@ -23,6 +23,7 @@ from popcorn.losses import (
     region_credit_loss,
     region_log_error,
     region_log_l1,
+    season_consistency_loss,
     sum_by_region,
 )
 from popcorn.models import BuiltUpExtractor, Popcorn, load_occupancy_export
@@ -68,6 +69,7 @@ class WeakSupervisionTask(LightningModule):
         head_sees_bands: bool = False,
         region_credit: float = 0.0,
         region_credit_min_score: float = 0.05,
+        season_consistency: float = 0.0,
         output_dir: str | None = None,
     ) -> None:
         """Args:
@@ -110,6 +112,9 @@ class WeakSupervisionTask(LightningModule):
             keeps its own signature (beyond the paper, False = paper).
         region_credit, region_credit_min_score: weight of :func:`region_credit_loss` over the region
             pixels whose built-up score exceeds the minimum (beyond the paper; 0 = paper).
+        season_consistency: weight of :func:`season_consistency_loss` between the seasonal views
+            of a region (beyond the paper; 0 = paper; needs the data module's
+            ``seasons_per_region >= 2``).
         output_dir: where test maps and tables go; default the logger's directory.
         """
         super().__init__()
@@ -137,8 +142,9 @@ class WeakSupervisionTask(LightningModule):
             )
         if h.region_weighting not in REGION_WEIGHTINGS:
             raise PopcornInputError(f"region_weighting must be one of {REGION_WEIGHTINGS}, got {h.region_weighting!r}")
-        if h.region_credit < 0:
-            raise PopcornInputError(f"region_credit must be >= 0, got {h.region_credit}")
+        for name in ("region_credit", "season_consistency"):
+            if h[name] < 0:
+                raise PopcornInputError(f"{name} must be >= 0, got {h[name]}")
         if h.head_lr_factor <= 0:
             raise PopcornInputError(f"head_lr_factor must be > 0, got {h.head_lr_factor}")
 
@@ -242,9 +248,15 @@ class WeakSupervisionTask(LightningModule):
     def setup(self, stage: str) -> None:
         """Ask the data module's augmentation for unaugmented S2 when the extractor must not
         see the radiometric augmentation."""
-        augmentation = getattr(getattr(self.trainer, "datamodule", None), "augmentation", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        augmentation = getattr(datamodule, "augmentation", None)
         if not self.hparams.builtup_sees_augmentation and augmentation is not None:
             augmentation.keep_unaugmented_s2 = True
+        if self.hparams.season_consistency > 0 and getattr(datamodule, "seasons_per_region", 2) < 2:
+            raise PopcornInputError(
+                "season_consistency > 0 compares a region's seasons within a batch: set "
+                "--data.init_args.seasons_per_region=2 (or more), or --model.season_consistency=0"
+            )
 
     # ------------------------------------------------------------ train / val
     def _region_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
@@ -264,6 +276,13 @@ class WeakSupervisionTask(LightningModule):
             residual = region_log_error(sums.detach(), counts)[sample_region]
             candidates = (mask > 0) & (out["builtup_score"][:, 0] > self.hparams.region_credit_min_score)
             loss = loss + self.hparams.region_credit * region_credit_loss(out["occupancy"][:, 0], candidates, residual)
+        if self.hparams.season_consistency > 0:
+            pixels = (mask > 0) & batch.get("valid_mask", torch.ones_like(mask, dtype=torch.bool)).bool()
+            disagreement = season_consistency_loss(out["population"][:, 0], batch["region_id"], pixels)
+            loss = loss + self.hparams.season_consistency * disagreement
+            if self._trainer is not None and self.training:
+                self.log("train/season_disagreement", disagreement, on_epoch=True,
+                         batch_size=len(batch["count"]), sync_dist=True)
         return loss, data_loss, occupancy, sums, counts, out["population"]
 
     def on_train_epoch_start(self) -> None:

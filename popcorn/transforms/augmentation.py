@@ -34,6 +34,15 @@ from torch import Tensor, nn
 SPATIAL_KEYS = ("s1", "s2", "s2_unaugmented", "region_mask", "valid_mask", "builtup", "population")
 
 
+def first_of_group(ids: Tensor) -> Tensor:
+    """For each element, the index of the first element with the same id ((B,) long)."""
+    _, inverse = torch.unique(ids, return_inverse=True)
+    positions = torch.arange(len(ids))
+    first = torch.full((int(inverse.max()) + 1 if len(ids) else 0,), len(ids), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    return first[inverse]
+
+
 class BatchAugmentation(nn.Module):
     """Random radiometric (S2) and dihedral (all spatial keys) augmentation of a batch dict."""
 
@@ -121,6 +130,9 @@ class BatchAugmentation(nn.Module):
             out["s2"] = self.radiometric(out["s2"], generator)
         b = out["s2"].shape[0] if "s2" in out else out["s1"].shape[0]
         hf, vf, k = self.geometric_params(b, generator)
+        if isinstance(out.get("region_id"), Tensor):  # views of one region: its first view's flips
+            first = first_of_group(out["region_id"].cpu())
+            hf, vf = hf[first], vf[first]
         for key in SPATIAL_KEYS:
             if key in out and isinstance(out[key], Tensor):
                 out[key] = self.apply_geometric(out[key], hf, vf, k)

@@ -128,6 +128,28 @@ def test_augmentation_keeps_images_and_masks_aligned() -> None:
     assert seen_shapes == {(h, w), (w, h)}  # rotations by 90 degrees happen
 
 
+def test_views_of_one_region_get_the_same_flips() -> None:
+    """Samples with one region_id (its seasons in one batch) are flipped and rotated alike, so
+    their pixels stay aligned; distinct regions still get their own flips."""
+    b, h, w = 6, 5, 5
+    marker = torch.zeros(b, 2, h, w)
+    marker[:, :, 0, 1] = 1.0  # one asymmetric mark, the same in every sample
+    batch = {"s1": marker, "region_id": torch.tensor([7, 7, 3, 3, 3, 9])}
+    aug = BatchAugmentation()
+    distinct_poses = 0
+    for seed in range(20):
+        out = aug(batch, generator=torch.Generator().manual_seed(seed))
+        pos = [tuple(out["s1"][i, 0].nonzero()[0].tolist()) for i in range(b)]
+        assert pos[0] == pos[1] and pos[2] == pos[3] == pos[4]
+        distinct_poses += len({pos[0], pos[2], pos[5]}) > 1
+    assert distinct_poses >= 10  # different regions are not forced alike
+    unique_ids = {"s1": marker, "region_id": torch.arange(b)}  # one view per region: as before
+    gen = torch.Generator().manual_seed(3)
+    hf, vf, k = aug.geometric_params(b, torch.Generator().manual_seed(3))
+    out = aug(unique_ids, generator=gen)
+    assert torch.equal(out["s1"], aug.apply_geometric(marker, hf, vf, k))
+
+
 def test_radiometric_augmentation_follows_the_reference_ranges() -> None:
     """Brightness x b (b in 0.666..1.5, p 0.9), then gamma g (0.666..1.5, p 0.9), NaN kept."""
     s2 = torch.full((256, 4, 2, 2), 2000.0)

@@ -231,3 +231,63 @@ def test_a_regions_seasons_are_averaged_in_the_log_l1() -> None:
     assert sums.shape == (1,) and torch.allclose(sums, per_view.mean().view(1), rtol=0, atol=1e-4)
     assert not torch.allclose(sums, per_view[:1], rtol=0, atol=1e-3)  # not one view alone
     assert torch.allclose(data_loss, region_log_l1(per_view.mean().view(1), counts[:1]))
+
+
+def test_season_consistency_loss() -> None:
+    """0 for views that agree, the mean absolute deviation of log(1 + people) from the views'
+    mean over their common pixels otherwise; single-view regions and excluded pixels add nothing."""
+    from popcorn.losses import season_consistency_loss
+
+    pop = torch.zeros(3, 2, 2)
+    pixels = torch.ones(3, 2, 2, dtype=torch.bool)
+    ids = torch.tensor([5, 5, 8])
+    assert float(season_consistency_loss(pop, ids, pixels)) == 0.0
+    pop[0, 0, 0] = float(torch.e - 1)  # log1p = 1 in view 0, pixel (0, 0)
+    pop[2] = 100.0  # region 8 has one view: no term
+    expected = (0.5 + 0.5) / (2 * 4)  # deviations 0.5 and 0.5 at one of 4 pixels, 2 views
+    assert abs(float(season_consistency_loss(pop, ids, pixels)) - expected) < 1e-6
+    pixels[1, 0, 0] = False  # not common to both views: left out
+    assert float(season_consistency_loss(pop, ids, pixels)) == 0.0
+    lone = torch.rand(2, 2, 2, requires_grad=True)
+    zero = season_consistency_loss(lone, torch.tensor([1, 2]), torch.ones(2, 2, 2, dtype=torch.bool))
+    zero.backward()  # no region with two views: 0, still differentiable
+    assert float(zero) == 0.0 and lone.grad is not None
+    with pytest.raises(PopcornInputError, match="season_consistency_loss"):
+        season_consistency_loss(pop, ids, pixels[:, :1])
+
+
+def test_season_consistency_in_the_training_step() -> None:
+    """The task adds season_consistency x the term over region pixels of the views of a region
+    (pulling the seasons' maps together); 0 (the paper) adds nothing; bad values are refused."""
+    from popcorn.losses import season_consistency_loss
+
+    torch.manual_seed(0)
+    two = {key: torch.cat([value[:1]] * 2) for key, value in _batch().items()}  # region 1, 2 seasons
+    two["s2"] = 500 + 3000 * torch.rand(2, 4, 24, 20)
+    plain = WeakSupervisionTask(occupancy_bias_init=2.0, occupancy_activation="exp")
+    with torch.no_grad():  # an occupancy that follows the imagery, so the seasons differ
+        plain.model.head_last_layer.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+    tied = WeakSupervisionTask(occupancy_bias_init=2.0, occupancy_activation="exp", season_consistency=3.0)
+    tied.load_state_dict(plain.state_dict())
+    loss0, *_, population = plain._region_step(two)
+    loss1, *_ = tied._region_step(two)
+    expected = season_consistency_loss(population[:, 0], two["region_id"], two["region_mask"])
+    assert float(expected) > 1e-4
+    assert torch.allclose(loss1, loss0 + 3.0 * expected, atol=1e-6)
+    params = list(tied.model.head.parameters())
+    loss1.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    with pytest.raises(PopcornInputError, match="season_consistency"):
+        WeakSupervisionTask(season_consistency=-1.0)
+
+
+def test_season_consistency_needs_seasons_per_region() -> None:
+    """With one season per region nothing could be compared: refused at set-up, naming the fix."""
+    from types import SimpleNamespace
+
+    task = WeakSupervisionTask(season_consistency=1.0)
+    task._trainer = SimpleNamespace(datamodule=SimpleNamespace(seasons_per_region=1, augmentation=None))
+    with pytest.raises(PopcornInputError, match="seasons_per_region=2"):
+        task.setup("fit")
+    task._trainer.datamodule.seasons_per_region = 2
+    task.setup("fit")
