@@ -146,14 +146,10 @@ def season_consistency_loss(population: Tensor, region_id: Tensor, pixels: Tenso
     1)``: the same crop in distinct seasons, flipped and rotated alike by
     :class:`~popcorn.transforms.BatchAugmentation`), the mean over its views and over the pixels
     every view has in ``pixels`` of ``|log(1 + p_v) - mean_v log(1 + p_v)|`` (people per 10 m
-    pixel), each pixel weighted by the views' mean people there (a constant: the weights do not
-    pull maps towards emptiness); the mean over those regions. Weighting by people puts the
-    term where the 1 ha errors are (dense cores, apartment blocks) rather than on the many
-    empty pixels; unweighted (session 20's first runs) it stayed ~0.005 and left a region's
-    apartment blocks season-dependent. A map that depends on the season's look (winter shadows,
-    wet soil) rather than on the buildings pays for it; averaging seasons then averages noise
-    rather than season-specific errors. 0 (still connected to the graph) when no region has
-    two views or no people.
+    pixel); the mean over those regions. A map that depends on the season's look (winter
+    shadows, wet soil) rather than on the buildings pays for it; averaging seasons then averages
+    noise rather than season-specific errors. 0 (still connected to the graph) when no region
+    has two views.
 
     Args:
         population: (B,H,W) people per 10 m pixel of each view.
@@ -176,11 +172,7 @@ def season_consistency_loss(population: Tensor, region_id: Tensor, pixels: Tenso
         if not bool(common.any()):
             continue
         values = log_population[views][:, common]  # (views, pixels)
-        people = population[views][:, common].detach().clamp(min=0).mean(dim=0)
-        if float(people.sum()) <= 0:
-            continue
-        deviation = (values - values.mean(dim=0, keepdim=True)).abs().mean(dim=0)
-        terms.append((deviation * people).sum() / people.sum())
+        terms.append((values - values.mean(dim=0, keepdim=True)).abs().mean())
     if not terms:
         return population.sum() * 0.0
     return torch.stack(terms).mean()
