@@ -247,7 +247,8 @@ class WeakSupervisionTask(LightningModule):
 
     def setup(self, stage: str) -> None:
         """Ask the data module's augmentation for unaugmented S2 when the extractor must not
-        see the radiometric augmentation."""
+        see the radiometric augmentation; refuse a season-consistency weight without several
+        seasons of a region per batch."""
         datamodule = getattr(self.trainer, "datamodule", None)
         augmentation = getattr(datamodule, "augmentation", None)
         if not self.hparams.builtup_sees_augmentation and augmentation is not None:
