@@ -161,10 +161,10 @@ def season_consistency_loss(population: Tensor, region_id: Tensor, pixels: Tenso
             f"season_consistency_loss: population {tuple(population.shape)}, pixels "
             f"{tuple(pixels.shape)} and region_id {tuple(region_id.shape)} do not match"
         )
-    _, inverse = torch.unique(region_id, return_inverse=True)
+    unique, inverse = torch.unique(region_id, return_inverse=True)
     log_population = torch.log1p(population.clamp(min=0))
     terms = []
-    for region in torch.unique(inverse):
+    for region in range(len(unique)):
         views = torch.nonzero(inverse == region).flatten()
         if len(views) < 2:
             continue

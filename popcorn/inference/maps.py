@@ -214,7 +214,8 @@ def predict_tile(
         out["occupancy"] = np.where(valid & (occ_weight > 0), occ_sum / occ_weight, nan).astype(np.float32)
     # 1 ha cells sum their valid pixels (cells cut by the area edge are partial sums); with
     # per-pixel season weights the cell is the sum of the weighted 10 m mean
-    pop1_mean = pop1.mean if seasons_by == "equal" else block_sum_partial(pop10.mean, valid)[0]
+    per_pixel = any(not np.isscalar(weight) for weight in weights.values())
+    pop1_mean = block_sum_partial(pop10.mean, valid)[0] if per_pixel else pop1.mean
     out["population_1ha"] = np.where(cell_n > 0, pop1_mean, nan).astype(np.float32)
     out["population_1ha_std"] = np.where(cell_n > 0, pop1.std(), nan).astype(np.float32)
     return out

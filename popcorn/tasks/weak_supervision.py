@@ -267,9 +267,8 @@ class WeakSupervisionTask(LightningModule):
         per_sample = (out["population"][:, 0] * mask).sum(dim=(1, 2))
         sums, counts = sum_by_region(per_sample, batch["region_id"], batch["count"].float())
         data_loss = region_log_l1(sums, counts, self.hparams.region_weighting)
-        area = mask
-        if self.hparams.occupancy_regularisation_area == "crop":
-            area = batch.get("valid_mask", torch.ones_like(mask, dtype=torch.bool)).to(mask.dtype)
+        valid = batch.get("valid_mask", torch.ones_like(mask, dtype=torch.bool)).bool()
+        area = valid.to(mask.dtype) if self.hparams.occupancy_regularisation_area == "crop" else mask
         occupancy = (out["occupancy"][:, 0] * area).sum() / area.sum().clamp(min=1)
         loss = data_loss + self.hparams.occupancy_regularisation * occupancy
         if self.hparams.region_credit > 0:
@@ -278,8 +277,7 @@ class WeakSupervisionTask(LightningModule):
             candidates = (mask > 0) & (out["builtup_score"][:, 0] > self.hparams.region_credit_min_score)
             loss = loss + self.hparams.region_credit * region_credit_loss(out["occupancy"][:, 0], candidates, residual)
         if self.hparams.season_consistency > 0:
-            pixels = (mask > 0) & batch.get("valid_mask", torch.ones_like(mask, dtype=torch.bool)).bool()
-            disagreement = season_consistency_loss(out["population"][:, 0], batch["region_id"], pixels)
+            disagreement = season_consistency_loss(out["population"][:, 0], batch["region_id"], (mask > 0) & valid)
             loss = loss + self.hparams.season_consistency * disagreement
             if self._trainer is not None and self.training:
                 self.log("train/season_disagreement", disagreement, on_epoch=True,
