@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -47,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_predict import _max_diff, run_model, tiles  # noqa: E402
+from demo_fit import demo_fit  # noqa: E402
 
 from popcorn.inference.fast import DEFAULT_THRESHOLD, FastPopcorn, full_fp32, load_popcorn, naive_forward  # noqa: E402
 
@@ -56,22 +56,11 @@ SEASONS = ["spring", "summer", "autumn", "winter"]
 
 def fit(run: Path, args: argparse.Namespace, accelerator: str, precision: str, workers: int) -> dict:
     """One ``popcorn fit`` of the demo configuration: wall seconds and the logged per-epoch figures."""
-    import pandas as pd
-
-    cmd = [sys.executable, "-m", "popcorn.fit", "fit", "--config", str(ROOT / "experiments" / "demo.yaml"),
-           f"--model.builtup_weights={args.builtup_weights}", f"--trainer.max_epochs={args.epochs}",
-           f"--trainer.accelerator={accelerator}", "--trainer.devices=1", f"--trainer.precision={precision}",
-           f"--trainer.default_root_dir={run}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-           f"--trainer.logger.save_dir={run}", "--trainer.logger.name=popcorn", "--trainer.logger.version=0",
-           "--trainer.enable_progress_bar=false", f"--data.init_args.root={args.world_root}",
-           f"--data.init_args.num_workers={workers}", "--test_after_fit=false",
-           f"--trainer.benchmark={str(args.cudnn_benchmark).lower()}"]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"popcorn fit failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
-    metrics = pd.read_csv(run / "popcorn" / "version_0" / "metrics.csv")
+    seconds, metrics = demo_fit(run, [
+        f"--model.builtup_weights={args.builtup_weights}", f"--trainer.max_epochs={args.epochs}",
+        f"--trainer.accelerator={accelerator}", "--trainer.devices=1", f"--trainer.precision={precision}",
+        f"--data.init_args.root={args.world_root}", f"--data.init_args.num_workers={workers}",
+        f"--trainer.benchmark={str(args.cudnn_benchmark).lower()}"])
     epoch_s = metrics["train/epoch_seconds"].dropna().tolist()
     rate = metrics["train/region_pixels_per_s"].dropna().tolist()
     loss = metrics["train/loss_epoch"].dropna().tolist()

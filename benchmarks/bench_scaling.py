@@ -25,19 +25,20 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import rasterio
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from demo_fit import demo_fit  # noqa: E402
 
 from popcorn.datasets.synthetic.world import make_synthetic_world  # noqa: E402
 from popcorn.inference.distributed import predict_distributed  # noqa: E402
@@ -65,21 +66,14 @@ def main() -> None:
 
 def _fit(run: Path, args: argparse.Namespace, devices: int) -> tuple[float, float]:
     """One ``popcorn fit`` on ``devices`` CPU processes: (wall seconds, region px/s of the last epoch)."""
-    cmd = [sys.executable, "-m", "popcorn.fit", "fit", "--config", str(ROOT / "experiments" / "demo.yaml"),
-           "--seed_everything=0", f"--trainer.max_epochs={args.train_epochs}", f"--trainer.default_root_dir={run}",
-           "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={run}",
-           "--trainer.logger.name=popcorn", "--trainer.logger.version=0", "--trainer.enable_progress_bar=false",
-           f"--data.init_args.root={ROOT / 'data' / 'scaling_train'}", f"--data.init_args.size_px={args.size_px}",
-           "--builtup_pretraining.max_epochs=1", "--builtup_pretraining.batches_per_epoch=2",
-           f"--builtup_pretraining.output={run.parent / 'builtup.pt'}", "--test_after_fit=false",
-           "--trainer.accelerator=cpu", f"--trainer.devices={devices}"]
+    options = ["--seed_everything=0", f"--trainer.max_epochs={args.train_epochs}",
+               f"--data.init_args.root={ROOT / 'data' / 'scaling_train'}", f"--data.init_args.size_px={args.size_px}",
+               "--builtup_pretraining.max_epochs=1", "--builtup_pretraining.batches_per_epoch=2",
+               f"--builtup_pretraining.output={run.parent / 'builtup.pt'}",
+               "--trainer.accelerator=cpu", f"--trainer.devices={devices}"]
     if devices > 1:
-        cmd.append("--trainer.strategy=ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "POPCORN_TORCH_THREADS": "1"}
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
-    seconds = time.perf_counter() - t0
-    metrics = pd.read_csv(run / "popcorn" / "version_0" / "metrics.csv")
+        options.append("--trainer.strategy=ddp")
+    seconds, metrics = demo_fit(run, options, env={**os.environ, "OMP_NUM_THREADS": "1", "POPCORN_TORCH_THREADS": "1"})
     return seconds, float(metrics["train/region_pixels_per_s"].dropna().iloc[-1])
 
 

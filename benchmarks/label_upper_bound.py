@@ -12,7 +12,8 @@ the crops centred on a resident drawn in proportion to the people), then predict
 and scores each half raw, after the benchmark's census matching (capped, ``--rescale-cap 1``), after
 the paper's rescaling and, beside them, BuiltUp disaggregation: 1 ha R^2, people on the warehouse district as
 a share of BuiltUp disaggregation's, and the fill (predicted / true) of the apartment blocks and
-the informal core. The other half's labels are never read before it is scored. It reads the
+the informal core; and the unseen half's raw R^2 of each season's map beside their mean (does one
+season carry more than the others even with every label?). The other half's labels are never read before it is scored. It reads the
 truth to train, so held-out seeds are refused.
 """
 
@@ -129,13 +130,23 @@ def train_on_labels(model: Popcorn, world: World, train_cols: int, steps: int, p
 
 
 @torch.no_grad()
-def predict_seasons(model: Popcorn, world: World) -> tuple[np.ndarray, np.ndarray]:
-    """The four seasons' mean population and built-up score of the whole world (10 m)."""
+def predict_seasons(model: Popcorn, world: World) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The four seasons' mean population and built-up score of the whole world (10 m), and each
+    season's population map (is one season's map better than the mean with every label?)."""
     model.eval()
-    outs = [model(world.s1[s][None], world.s2[s][None]) for s in SEASONS]
-    population = torch.stack([o["population"][0, 0] for o in outs]).mean(0)
-    score = torch.stack([o["builtup_score"][0, 0] for o in outs]).mean(0)
-    return np.nan_to_num(population.double().numpy()), score.double().numpy()
+    outs = {s: model(world.s1[s][None], world.s2[s][None]) for s in SEASONS}
+    by_season = {s: np.nan_to_num(o["population"][0, 0].double().numpy()) for s, o in outs.items()}
+    population = torch.stack([o["population"][0, 0] for o in outs.values()]).mean(0)
+    score = torch.stack([o["builtup_score"][0, 0] for o in outs.values()]).mean(0)
+    return np.nan_to_num(population.double().numpy()), score.double().numpy(), by_season
+
+
+def season_r2(by_season: dict[str, np.ndarray], world: World, train_cols: int) -> dict[str, float]:
+    """Raw 1 ha R^2 on the unseen half of each season's map and of their mean (``mean``)."""
+    truth_1ha = block_sum(world.truth_10m, FINE)
+    keep_1ha = np.arange(world.width)[::FINE] >= train_cols
+    maps = {**by_season, "mean": np.mean(list(by_season.values()), axis=0)}
+    return {name: r2_score(block_sum(m, FINE)[:, keep_1ha], truth_1ha[:, keep_1ha]) for name, m in maps.items()}
 
 
 def _ratio(part: float, whole: float) -> float:
@@ -200,13 +211,17 @@ def main(argv: list[str] | None = None) -> None:
             world = world.mirrored()
         model = upper_bound_model(args.builtup_weights, tuple(args.context_px))
         losses = train_on_labels(model, world, world.width // 2, args.steps, args.people_share, progress=True)
-        parts = score_parts(*predict_seasons(model, world), world, world.width // 2)
+        population, score, by_season = predict_seasons(model, world)
+        parts = score_parts(population, score, world, world.width // 2)
+        seasons = season_r2(by_season, world, world.width // 2)
         print(f"world {seed}: trained on the {args.train_side}ern half, {args.steps} steps, context {args.context_px or 'none'}, last 100 losses {np.mean(losses[-100:]):.3f}, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         for part, row in parts.items():
             print(f"  {part:10s} " + " | ".join(
                 f"{what} " + " / ".join(_fmt(row[f"{what} {m}"]) for m in ("raw", "capped", "paper", "BuiltUp"))
                 for what in ("r2", "warehouses/BuiltUp", "apartment fill", "informal fill")), flush=True)
+        print("  unseen, raw r2 by season: " + " / ".join(f"{name} {value:.3f}" for name, value in seasons.items()),
+              flush=True)
     print("columns: raw / capped census matching / the paper's rescaling / BuiltUp disaggregation")
 
 

@@ -70,3 +70,20 @@ def test_the_mirrored_world_trains_on_the_eastern_half(tiny_settlement_world: Pa
     world.truth_10m[:, :half] = np.nan
     losses = bound.train_on_labels(bound.upper_bound_model(None), world.mirrored(), half, steps=2, crop=40, batch=2)
     assert np.isfinite(losses).all()
+
+
+def test_season_scores_name_each_season_and_their_mean(tiny_settlement_world: Path) -> None:
+    """Per-season raw R^2 on the unseen half: the truth in one season scores 1, and the mean of the
+    truth with three empty seasons (a quarter of the truth) scores what the formula gives."""
+    bound = load_benchmark("label_upper_bound")
+    world = bound.load_world(tiny_settlement_world)
+    half = world.width // 2
+    empty = np.zeros_like(world.truth_10m)
+    by_season = {s: (world.truth_10m if s == "summer" else empty) for s in bound.SEASONS}
+    scores = bound.season_r2(by_season, world, half)
+    assert list(scores) == [*bound.SEASONS, "mean"]
+    assert scores["summer"] == pytest.approx(1.0)
+    truth = world.truth_10m.reshape(world.truth_10m.shape[0] // 10, 10, -1, 10).sum((1, 3))[:, -(-half // 10):]  # 1 ha columns starting at or after the half
+    expected = 1 - ((0.75 * truth) ** 2).sum() / ((truth - truth.mean()) ** 2).sum()
+    assert scores["mean"] == pytest.approx(expected)
+    assert scores["winter"] == pytest.approx(1 - (truth ** 2).sum() / ((truth - truth.mean()) ** 2).sum())
