@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         world = load_world(Path(made.directory))
         if args.train_side == "east":
             world = world.mirrored()
+        torch.manual_seed(0)  # the head's initial weights: the same draw in every run
         model = upper_bound_model(args.builtup_weights, tuple(args.context_px))
         losses = train_on_labels(model, world, world.width // 2, args.steps, args.people_share, progress=True)
         population, score, by_season = predict_seasons(model, world)
