@@ -511,17 +511,18 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
         print(f"the published built-up extractor is not at {args.builtup_weights}: this benchmark "
               "measures POPCORN with those weights and stops here (pass --builtup-weights PATH)")
         raise SystemExit(2)
-    from popcorn.datasets.synthetic.settlements import HELD_OUT_SEEDS
+    from popcorn.datasets.synthetic.settlements import HELD_OUT_SEEDS, TUNING_SEEDS
 
     worlds = args.worlds or list(HELD_OUT_SEEDS)
     out = Path(args.out)
     if args.restart and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    held_out = set(HELD_OUT_SEEDS)
+    roles = ", ".join(f"{s} {'held out' if s in HELD_OUT_SEEDS else 'tuning' if s in TUNING_SEEDS else 'other'}"
+                      for s in worlds)
     matching = ("the paper's rescaling" if args.rescale_cap is None else
                 f"scale factors at most {args.rescale_cap:g} x the overall factor, the rest spread {args.rescale_rest}")
-    print(f"# accuracy benchmark: worlds {worlds} ({'held out' if set(worlds) <= held_out else 'includes tuning worlds'}), "
+    print(f"# accuracy benchmark: worlds {worlds} ({roles}), "
           f"{args.size_px} px, mean region {args.mean_region_ha:.0f} ha, {args.members} members x "
           f"{args.epochs} epochs, built-up weights {args.builtup_weights}"
           f"{f' adapted to each world ({args.adapt_epochs} x {args.adapt_batches} batches, no labels)' if args.adapt_epochs else ''}"
