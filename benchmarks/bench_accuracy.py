@@ -21,7 +21,8 @@ coarse census only, then predicts and evaluates at 1 ha against the world's trut
 
 With ``--occupancy-sources SEED ...`` (beyond the paper) the occupancy branch is first trained on
 the fine population of those worlds (``popcorn pretrain-occupancy``; never an evaluated or held-out
-seed) and every member starts from it; ``--world-shift NAME`` evaluates worlds with another look.
+seed) and every member starts from it (``--pretrain-per-member``: each member from its own
+pretraining, seeded like the member); ``--world-shift NAME`` evaluates worlds with another look.
 
 Nothing of the evaluated world's truth is read before its evaluation. Runs resume: a member whose
 ``last.ckpt`` has all epochs and a prediction whose maps exist are reused (``--restart`` redoes
@@ -37,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluated or held-out world; the members' network options from --fit-args), then start every member from it")
     p.add_argument("--pretrain-epochs", type=int, default=8, help="epochs of that pretraining (default 8)")
     p.add_argument("--pretrain-batches", type=int, default=250, help="batches of 4 patches per pretraining epoch")
+    p.add_argument("--pretrain-per-member", action="store_true",
+                   help="one pretraining per member, seeded with the member's seed, so that the members are "
+                        "trained independently as the paper's are (default: one pretraining, seed 0, shared)")
     p.add_argument("--world-shift", default=None,
                    help="evaluate the worlds with this domain shift (a DomainShift preset, e.g. other_continent)")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
@@ -122,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------- training
 def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace,
                  weights: str) -> tuple[Path, float]:
-    """Train one POPCORN member on ``world``'s imagery and census; return (last.ckpt, seconds)."""
+    """Train one POPCORN member on ``world``'s imagery and census, from its occupancy
+    pretraining if there is one; return (last.ckpt, seconds)."""
     ckpt = run_dir / "popcorn" / "version_0" / "checkpoints" / "last.ckpt"
     done = run_dir / "done.json"
     if done.exists() and ckpt.exists():
@@ -143,6 +149,7 @@ def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace
         f"--data.init_args.census_regions={world / 'census_regions.gpkg'}",
         f"--data.init_args.census_counts={world / 'census_counts.csv'}",
         *args.fit_args,
+        *([f"--model.occupancy_weights={args.occupancy_exports[seed]}"] if args.occupancy_exports else []),
     ]
     t0 = time.perf_counter()
     run_command(cmd, args, ckpt)
@@ -151,15 +158,18 @@ def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace
     return ckpt, seconds
 
 
-def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]) -> tuple[str, float]:
+def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int],
+                       seed: int | None = None) -> tuple[str, float]:
     """Train the occupancy branch on the fine population of ``--occupancy-sources`` (settlement
-    worlds that are neither evaluated nor held out); (export, seconds), reused when done."""
+    worlds that are neither evaluated nor held out), with the config's seed or ``seed``;
+    (export, seconds), reused when done."""
     from popcorn.datasets.synthetic.settlements import HELD_OUT_SEEDS, make_settlement_world
 
     bad = sorted(set(args.occupancy_sources) & (set(evaluated) | set(HELD_OUT_SEEDS)))
     if bad:
         raise SystemExit(f"error: occupancy source worlds {bad} are evaluated or held out; their labels must not train")
-    run = out / f"occupancy_pretraining_{'_'.join(map(str, args.occupancy_sources))}"
+    run = out / (f"occupancy_pretraining_{'_'.join(map(str, args.occupancy_sources))}"
+                 f"{'' if seed is None else f'_seed{seed}'}")
     export = run / "occupancy_weights.pt"
     worlds = [Path(make_settlement_world(args.data_root, size_px=args.size_px, seed=s,
                                          mean_region_ha=args.mean_region_ha).directory)
@@ -171,7 +181,8 @@ def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]
         f"--data.imagery_roots=[{','.join(map(str, worlds))}]",
         f"--data.population_rasters=[{','.join(str(w / 'population_10m.tif') for w in worlds)}]",
         f"--trainer.max_epochs={args.pretrain_epochs}", f"--data.batches_per_epoch={args.pretrain_batches}",
-    ], export, argparse.Namespace(threads=(args.threads or 1) * max(1, args.jobs)))
+        *([] if seed is None else [f"--seed_everything={seed}"]),
+    ], export, argparse.Namespace(threads=(args.threads or 1) * (1 if seed is not None else max(1, args.jobs))))
 
 
 #: The network options an occupancy export must share with the fit, at the fit's defaults.
@@ -378,7 +389,6 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     if args.adapt_epochs > 0:
         weights, res.adapt_seconds = adapt_builtup(world, wdir, args)
         print(f"  world {seed}: built-up weights adapted in {res.adapt_seconds:.0f} s -> {weights}", flush=True)
-    from concurrent.futures import ThreadPoolExecutor
 
     def member(k: int) -> tuple[Path, float]:
         return train_member(world, wdir / f"member_{1600 + k}", 1600 + k, args, weights)
@@ -530,11 +540,19 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f", extra fit args {args.fit_args}, census matching: {matching}, seasons averaged: {args.season_weights}",
           flush=True)
     t0 = time.perf_counter()
+    args.occupancy_exports = {}
     if args.occupancy_sources:
-        export, seconds = pretrain_occupancy(args, out, worlds)
-        args.fit_args = [*args.fit_args, f"--model.occupancy_weights={export}"]
-        print(f"occupancy branch pretrained on the fine population of worlds {args.occupancy_sources} "
-              f"({args.pretrain_epochs} epochs x {args.pretrain_batches} batches) in {seconds:.0f} s -> {export}", flush=True)
+        members = [1600 + k for k in range(args.members)]
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each pretraining is a process
+            pretrained = (list(pool.map(lambda m: pretrain_occupancy(args, out, worlds, m), members))
+                          if args.pretrain_per_member else [pretrain_occupancy(args, out, worlds)] * len(members))
+        for member, (export, seconds) in zip(members, pretrained):
+            args.occupancy_exports[member] = export
+            if args.pretrain_per_member or member == members[0]:
+                print(f"occupancy branch {f'of member {member} ' if args.pretrain_per_member else ''}pretrained on "
+                      f"the fine population of worlds {args.occupancy_sources} ({args.pretrain_epochs} epochs x "
+                      f"{args.pretrain_batches} batches) in {seconds:.0f} s -> {export}", flush=True)
     results = []
     for seed in worlds:
         res = run_world(seed, args, out)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from paths import ROOT, load_benchmark
 
 PUBLISHED = ROOT.parent / "shared" / "data" / "popcorn_dda_slim_checkpoint30.pt"
@@ -95,6 +96,18 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     assert export.exists() and f"-> {export}" in out
     (pretrained,) = json.loads((tmp_path / "out_pretrained" / "results.json").read_text())
     assert pretrained["metrics"][f"{bag} raw"] != metrics[f"{bag} raw"]
+
+    # --pretrain-per-member: each member starts from its own pretraining, seeded like the member
+    out = run_tiny_benchmark(tmp_path, "--occupancy-sources", "102", "--pretrain-epochs", "1",
+                             "--pretrain-batches", "3", "--pretrain-per-member", out="out_per_member")
+    weights = {}
+    for member in (1600, 1601):
+        export = tmp_path / "out_per_member" / f"occupancy_pretraining_102_seed{member}" / "occupancy_weights.pt"
+        assert f"occupancy branch of member {member} pretrained" in out and f"-> {export}" in out
+        done = tmp_path / "out_per_member" / "world_101" / f"member_{member}" / "done.json"
+        assert f"--model.occupancy_weights={export}" in json.loads(done.read_text())["command"]
+        weights[member] = torch.load(export, weights_only=False)["occupancy"]
+    assert any(not torch.equal(weights[1600][k], weights[1601][k]) for k in weights[1600])
 
 
 @pytest.mark.parametrize("source", [101, 901])
