@@ -8,13 +8,15 @@ used for tuning) it trains ``--members`` POPCORN models (seeds 1600, 1601, ...) 
 ``python -m popcorn.fit --config experiments/bench/accuracy.yaml`` on the world's imagery and
 coarse census only, then predicts and evaluates at 1 ha against the world's truth:
 
-- single model x 1 season (``--single-season``), single model x 4 seasons, members x 4 seasons
-  (the Bag), each raw and rescaled to the census (dasymetric);
+- single model x 1 season (``--single-season``), single model x 4 seasons, the members x that
+  season, members x 4 seasons (the Bag): the paper's ensembling rows, each raw and rescaled to the
+  census (dasymetric);
   with ``--rescale-cap K`` also capped (the rows "rescaled" then are the capped ones and
   "rescaled (paper)" the paper's);
 - BuiltUp disaggregation and uniform areal weighting from the same extractor and census;
 - the first member in each season alone, beside BuiltUp disaggregation with that season's
-  built-up score (which season the single-season map stands on);
+  built-up score (which season the single-season map stands on), and each member's four-season
+  map with the correlation of the members' errors (how much the Bag can gain on one member);
 - where the people go at 10 m, per settlement type, on zero-resident built-up pixels and on
   non-built pixels (truth vs predicted, the Bag), with the fill ratio predicted / true;
 - training throughput (region pixels per second) and wall times.
@@ -69,6 +71,8 @@ class WorldResult:
     adapt_seconds: float = 0.0
     builtup: dict[str, dict[str, float]] = field(default_factory=dict)
     by_season: dict[str, dict[str, float]] = field(default_factory=dict)
+    by_member: dict[str, float] = field(default_factory=dict)
+    member_error_correlation: list[float] = field(default_factory=list)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,6 +335,26 @@ def one_model_by_season(ckpt: Path, world: Path, out: Path, ids: np.ndarray, cou
     return rows
 
 
+def each_member(ckpts: list[Path], world: Path, out: Path, truth: np.ndarray,
+                season_weights: str) -> tuple[dict[str, float], list[float]]:
+    """1 ha raw R^2 of each member's four-season map, and the lowest and highest correlation
+    between two members' 1 ha errors: how far the Bag can gain on its best member (evaluation
+    only, after the members are trained)."""
+    from popcorn.evaluation.dasymetric import block_sum
+
+    maps = {}
+    for k, ckpt in enumerate(ckpts):
+        outputs, _ = predict_maps([ckpt], SEASONS, world, out / f"member_{1600 + k}", season_weights)
+        maps[str(1600 + k)] = block_sum(np.nan_to_num(read(outputs["population_10m"])), FINE)
+    r2 = {member: m["r2"] for member, m in evaluate(maps, truth).items()}
+    ok = np.isfinite(truth)
+    if len(maps) < 2:
+        return r2, []
+    corr = np.corrcoef(np.stack([m[ok] - truth[ok] for m in maps.values()]))
+    pairs = corr[np.triu_indices(len(maps), 1)]
+    return r2, [float(pairs.min()), float(pairs.max())]
+
+
 def where_people_go(maps_10m: dict[str, np.ndarray], world: Path,
                     region_ids: np.ndarray) -> dict[str, dict[str, float]]:
     """People per settlement type, on the warehouses that share their census region with
@@ -407,6 +431,8 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     runs = {
         f"1 model x 1 season ({args.single_season})": (ckpts[:1], [args.single_season]),
         "1 model x 4 seasons": (ckpts[:1], SEASONS),
+        **({f"{len(ckpts)} models x 1 season ({args.single_season})": (ckpts, [args.single_season])}
+           if len(ckpts) > 1 else {}),
         f"{len(ckpts)} models x 4 seasons (Bag)": (ckpts, SEASONS),
     }
     truth = read(world / "population_1ha.tif")
@@ -436,6 +462,8 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
             builtup_score = score10
     assert builtup_score is not None
     res.by_season = one_model_by_season(ckpts[0], world, wdir / "maps" / "1_model_by_season", ids, counts, truth)
+    res.by_member, res.member_error_correlation = each_member(ckpts, world, wdir / "maps" / "each_member", truth,
+                                                              args.season_weights)
     builtup_disagg, _ = dasymetric_rescale(builtup_score, ids, counts)
     uniform, _ = dasymetric_rescale(np.ones_like(builtup_score), ids, counts)
     maps_1ha["BuiltUp disaggregation"] = block_sum(builtup_disagg, FINE)
@@ -469,6 +497,12 @@ def print_world(res: WorldResult) -> None:
         print("\none model by season, 1 ha raw R^2 (BuiltUp disaggregation with that season's built-up score): "
               + ", ".join(f"{season} {r['model raw']:.3f} ({r['BuiltUp disaggregation']:.3f})"
                           for season, r in res.by_season.items()))
+    if res.member_error_correlation:
+        mean = float(np.mean(list(res.by_member.values())))
+        print("each member x 4 seasons, 1 ha raw R^2: "
+              + ", ".join(f"{member} {r2:.3f}" for member, r2 in res.by_member.items())
+              + f" (mean {mean:.3f}); the members' 1 ha errors correlate "
+              + " to ".join(f"{c:.2f}" for c in res.member_error_correlation))
     for name, sc in res.builtup.items():
         print(f"built-up extractor, {name}: target IoU {sc.get('iou', float('nan')):.3f}, F1 "
               f"{sc.get('f1', float('nan')):.3f}, precision {sc.get('precision', float('nan')):.3f}, "
@@ -489,7 +523,7 @@ def verdict(results: list[WorldResult], members: int) -> None:
         paper = m.get(f"{bag} rescaled (paper)")
         paper_margin = f" (the paper's rescaling: {paper['r2'] - best_base:+.3f})" if paper else ""
         raw_ok = m[f"{bag} raw"]["r2"] >= m["BuiltUp disaggregation"]["r2"]
-        order = [m[k]["r2"] for k in m if k.endswith(" raw")]
+        order = [m[k]["r2"] for k in m if k.endswith(" raw") and k.startswith(("1 model x ", f"{bag} "))]
         w = res.where.get("zero-resident built-up", {})
         ratio = w.get("Bag rescaled", float("nan")) / max(w.get("BuiltUp disaggregation", float("nan")), 1e-9)
         not_types = ("zero-resident built-up", "non-built pixels", WAREHOUSES_BESIDE_DENSE)

@@ -60,6 +60,16 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     assert by_season["summer"]["model raw"] == pytest.approx(metrics["1 model x 1 season (summer) raw"]["r2"], abs=1e-6)
     assert len({round(r["BuiltUp disaggregation"], 6) for r in by_season.values()}) > 1  # the seasons' scores differ
     assert f"summer {by_season['summer']['model raw']:.3f} ({by_season['summer']['BuiltUp disaggregation']:.3f})" in out
+    # the paper's ensembling rows, and each member's four-season map: member 1600's is the
+    # single-model row, and the Bag (their mean) scores at least their mean R^2 (convexity)
+    assert "2 models x 1 season (summer) raw" in metrics
+    by_member = result["by_member"]
+    assert list(by_member) == ["1600", "1601"]
+    assert by_member["1600"] == pytest.approx(metrics["1 model x 4 seasons raw"]["r2"], abs=1e-6)
+    assert metrics["2 models x 4 seasons (Bag) raw"]["r2"] >= sum(by_member.values()) / 2 - 1e-9
+    (low, high) = result["member_error_correlation"]
+    assert low == high and -1 <= low <= 1  # one pair of members
+    assert f"each member x 4 seasons, 1 ha raw R^2: 1600 {by_member['1600']:.3f}, 1601 {by_member['1601']:.3f}" in out
     # the warehouse target is printed for the census-matched Bag and, beside it, for the raw Bag
     beside_name = "warehouses in regions with apartment blocks or a camp"
     wh = next(v for k, v in result["where"].items() if "warehouse" in k and k != beside_name)
