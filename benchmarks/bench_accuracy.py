@@ -439,8 +439,8 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     maps_1ha: dict[str, np.ndarray] = {}
     bag_10m: dict[str, np.ndarray] = {}
     builtup_score = None
+    maps_dir = wdir / ("maps" if args.season_weights == "equal" else f"maps_{args.season_weights}")
     for name, (members, seasons) in runs.items():
-        maps_dir = wdir / ("maps" if args.season_weights == "equal" else f"maps_{args.season_weights}")
         outputs, seconds = predict_maps(members, seasons, world, maps_dir / name.split(" (")[0].replace(" ", "_"),
                                         args.season_weights)
         res.predict_seconds[name] = seconds
@@ -462,7 +462,7 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
             builtup_score = score10
     assert builtup_score is not None
     res.by_season = one_model_by_season(ckpts[0], world, wdir / "maps" / "1_model_by_season", ids, counts, truth)
-    res.by_member, res.member_error_correlation = each_member(ckpts, world, wdir / "maps" / "each_member", truth,
+    res.by_member, res.member_error_correlation = each_member(ckpts, world, maps_dir / "each_member", truth,
                                                               args.season_weights)
     builtup_disagg, _ = dasymetric_rescale(builtup_score, ids, counts)
     uniform, _ = dasymetric_rescale(np.ones_like(builtup_score), ids, counts)
