@@ -335,15 +335,15 @@ def one_model_by_season(ckpt: Path, world: Path, out: Path, ids: np.ndarray, cou
     return rows
 
 
-def each_member(ckpts: list[Path], world: Path, out: Path, truth: np.ndarray,
+def each_member(ckpts: list[Path], first: np.ndarray, world: Path, out: Path, truth: np.ndarray,
                 season_weights: str) -> tuple[dict[str, float], list[float]]:
-    """1 ha raw R^2 of each member's four-season map, and the lowest and highest correlation
-    between two members' 1 ha errors: how far the Bag can gain on its best member (evaluation
-    only, after the members are trained)."""
+    """1 ha raw R^2 of each member's four-season map (``first``: the first member's, already
+    predicted), and the lowest and highest correlation between two members' 1 ha errors: how far
+    the Bag can gain on its best member (evaluation only, after the members are trained)."""
     from popcorn.evaluation.dasymetric import block_sum
 
-    maps = {}
-    for k, ckpt in enumerate(ckpts):
+    maps = {"1600": first}
+    for k, ckpt in enumerate(ckpts[1:], start=1):
         outputs, _ = predict_maps([ckpt], SEASONS, world, out / f"member_{1600 + k}", season_weights)
         maps[str(1600 + k)] = block_sum(np.nan_to_num(read(outputs["population_10m"])), FINE)
     r2 = {member: m["r2"] for member, m in evaluate(maps, truth).items()}
@@ -462,8 +462,8 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
             builtup_score = score10
     assert builtup_score is not None
     res.by_season = one_model_by_season(ckpts[0], world, wdir / "maps" / "1_model_by_season", ids, counts, truth)
-    res.by_member, res.member_error_correlation = each_member(ckpts, world, maps_dir / "each_member", truth,
-                                                              args.season_weights)
+    res.by_member, res.member_error_correlation = each_member(ckpts, maps_1ha["1 model x 4 seasons raw"], world,
+                                                              maps_dir / "each_member", truth, args.season_weights)
     builtup_disagg, _ = dasymetric_rescale(builtup_score, ids, counts)
     uniform, _ = dasymetric_rescale(np.ones_like(builtup_score), ids, counts)
     maps_1ha["BuiltUp disaggregation"] = block_sum(builtup_disagg, FINE)
