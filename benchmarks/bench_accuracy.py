@@ -76,7 +76,7 @@ class WorldResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from popcorn.inference.ensemble import SEASON_WEIGHTS
+    from popcorn.inference.ensemble import MEMBER_STATISTICS, SEASON_WEIGHTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--season-weights", choices=SEASON_WEIGHTS, default="equal",
                    help="how the maps average seasons: equal (the paper) or observed (per pixel by the share of "
                         "each composite observed around it; popcorn predict --season-weights)")
+    p.add_argument("--member-statistic", choices=MEMBER_STATISTICS, default="mean",
+                   help="how the ensemble rows combine the members' season-averaged maps: mean (the paper) or the "
+                        "per-pixel median (beyond the paper; popcorn predict --member-statistic)")
     p.add_argument("--occupancy-sources", type=int, nargs="+", default=[], metavar="SEED",
                    help="beyond the paper: first train the occupancy branch on these settlement worlds' fine "
                         "population (popcorn pretrain-occupancy, experiments/occupancy/pretrain.yaml; never an "
@@ -272,14 +275,14 @@ def logged_means(metrics_csv: Path, columns: tuple[str, ...]) -> list[float]:
 
 # ------------------------------------------------------------------------------ prediction
 def predict_maps(ckpts: list[Path], seasons: list[str], world: Path, out: Path,
-                 season_weights: str = "equal") -> tuple[dict[str, Path], float]:
+                 season_weights: str = "equal", member_statistic: str = "mean") -> tuple[dict[str, Path], float]:
     """Ensemble maps (1 ha raw + rescaled, 10 m raw, built-up score) of ``ckpts`` x ``seasons``."""
     from popcorn.inference.maps import PredictSettings, predict
 
     settings = PredictSettings(
         checkpoints=[str(c) for c in ckpts], imagery_root=str(world), seasons=seasons,
         write_10m=True, census=str(world / "census_regions.gpkg"),
-        counts=str(world / "census_counts.csv"), season_weights=season_weights,
+        counts=str(world / "census_counts.csv"), season_weights=season_weights, member_statistic=member_statistic,
     )
     t0 = time.perf_counter()
     result = predict(settings, out, progress=False)
@@ -439,10 +442,11 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     maps_1ha: dict[str, np.ndarray] = {}
     bag_10m: dict[str, np.ndarray] = {}
     builtup_score = None
-    maps_dir = wdir / ("maps" if args.season_weights == "equal" else f"maps_{args.season_weights}")
+    members_dir = wdir / ("maps" if args.season_weights == "equal" else f"maps_{args.season_weights}")
+    maps_dir = members_dir.with_name(members_dir.name + ("" if args.member_statistic == "mean" else "_median"))
     for name, (members, seasons) in runs.items():
         outputs, seconds = predict_maps(members, seasons, world, maps_dir / name.split(" (")[0].replace(" ", "_"),
-                                        args.season_weights)
+                                        args.season_weights, args.member_statistic)
         res.predict_seconds[name] = seconds
         raw10 = np.nan_to_num(read(outputs["population_10m"]))
         score10 = np.nan_to_num(read(outputs["builtup_score"]))
@@ -463,7 +467,7 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     assert builtup_score is not None
     res.by_season = one_model_by_season(ckpts[0], world, wdir / "maps" / "1_model_by_season", ids, counts, truth)
     res.by_member, res.member_error_correlation = each_member(ckpts, maps_1ha["1 model x 4 seasons raw"], world,
-                                                              maps_dir / "each_member", truth, args.season_weights)
+                                                              members_dir / "each_member", truth, args.season_weights)
     builtup_disagg, _ = dasymetric_rescale(builtup_score, ids, counts)
     uniform, _ = dasymetric_rescale(np.ones_like(builtup_score), ids, counts)
     maps_1ha["BuiltUp disaggregation"] = block_sum(builtup_disagg, FINE)
@@ -571,7 +575,8 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f"{args.epochs} epochs, built-up weights {args.builtup_weights}"
           f"{f' adapted to each world ({args.adapt_epochs} x {args.adapt_batches} batches, no labels)' if args.adapt_epochs else ''}"
           f"{f', world domain shift {args.world_shift}' if args.world_shift else ''}"
-          f", extra fit args {args.fit_args}, census matching: {matching}, seasons averaged: {args.season_weights}",
+          f", extra fit args {args.fit_args}, census matching: {matching}, seasons averaged: {args.season_weights}, "
+          f"members combined: {args.member_statistic}",
           flush=True)
     t0 = time.perf_counter()
     args.occupancy_exports = {}

@@ -34,7 +34,7 @@ from pathlib import Path
 from popcorn.datasets.sentinel import SEASONS
 from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.inference.distributed import launched_externally, predict_distributed
-from popcorn.inference.ensemble import SEASON_WEIGHTS
+from popcorn.inference.ensemble import MEMBER_STATISTICS, SEASON_WEIGHTS
 from popcorn.inference.evaluate import summarise
 from popcorn.inference.fast import DEFAULT_THRESHOLD
 from popcorn.inference.maps import PredictResult, PredictSettings, predict
@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="equal: every checkpoint x season alike (the paper); observed: each season weighted per "
                         "pixel by the share of its composite observed within 80 m (cloud and orbit gaps count "
                         "less; all seasons alike where none observed)")
+    g.add_argument("--member-statistic", choices=MEMBER_STATISTICS, default="mean",
+                   help="how several checkpoints combine: mean (the paper) or median, per 10 m pixel, of each "
+                        "checkpoint's season-averaged map (one member whose training went astray does not pull "
+                        "the ensemble with it; beyond the paper)")
     g.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
     a = p.add_argument_group("area (default: the whole imagery)")
     a.add_argument("--bbox", nargs=4, type=float, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> PredictResult:
         rescale_cap=args.rescale_cap,
         rescale_rest=args.rescale_rest,
         season_weights=args.season_weights,
+        member_statistic=args.member_statistic,
     )
     common = dict(resume=not args.restart, threads=args.threads, progress=not args.quiet, prefix=args.prefix)
     try:

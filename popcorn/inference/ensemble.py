@@ -6,6 +6,11 @@ the band mean: a season's prediction there is a guess. ``"equal"`` (the paper) a
 member x season alike; ``"observed"`` (beyond the paper) weights each season, per pixel, by the
 share of observed pixels around it, so a pixel averages the seasons that saw it and falls back
 to all seasons alike where none did. Without gaps both are the same.
+
+Across checkpoints, ``"mean"`` (the paper) averages their maps; ``"median"`` (beyond the paper)
+takes per pixel the median of each checkpoint's season-averaged map, so that one member whose
+census training went astray (people moved between building types the census cannot tell apart)
+does not pull the ensemble with it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 SEASON_WEIGHTS = ("equal", "observed")
+MEMBER_STATISTICS = ("mean", "median")
 OBSERVED_WINDOW_PX = 8  # half-width of the window whose observed share weights a season (80 m)
 
 
@@ -67,3 +73,11 @@ def season_weights(data: dict[str, tuple[torch.Tensor, torch.Tensor]], rule: str
     shares = {season: observed_share(s1, s2)[r : r + h, c : c + w] for season, (s1, s2) in data.items()}
     unseen = sum(shares.values()) <= 0
     return {season: np.where(unseen, 1.0, share) for season, share in shares.items()}
+
+
+def combine_members(member_maps: list[np.ndarray], statistic: str) -> np.ndarray:
+    """Per-pixel ensemble of the checkpoints' (season-averaged) maps by ``statistic``: "mean" or "median"."""
+    if statistic not in MEMBER_STATISTICS:
+        raise ValueError(f"member statistic must be one of {MEMBER_STATISTICS}, got {statistic!r}")
+    stack = np.stack(member_maps)
+    return stack.mean(0) if statistic == "mean" else np.median(stack, axis=0)

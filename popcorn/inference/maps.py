@@ -12,7 +12,9 @@
   per-pixel mean and population standard deviation (ddof=0) over the members (checkpoints x
   seasons) are accumulated with Welford's update. The 1 ha std is the std of the members'
   1 ha sums (not a sum of 10 m stds). With ``season_weights="observed"`` each season counts per
-  pixel by how much of its composite is observed around the pixel (:mod:`popcorn.inference.ensemble`).
+  pixel by how much of its composite is observed around the pixel; with ``member_statistic="median"``
+  the population maps are the per-pixel median of the checkpoints' season means (1 ha = sums of
+  the 10 m median; :mod:`popcorn.inference.ensemble`).
 - **Dasymetric rescaling** (optional): census regions are rasterised per tile (never for the
   whole area at once), region sums are accumulated over the finished tiles, and the rescaled map
   is made per tile during assembly; per-region scale factors go to a CSV.
@@ -44,7 +46,7 @@ from popcorn.datasets.sentinel import SEASONS, check_seasons
 from popcorn.errors import PopcornInputError
 from popcorn.evaluation.dasymetric import region_sums
 from popcorn.inference.area import resolve_area
-from popcorn.inference.ensemble import SEASON_WEIGHTS, RunningMean, season_weights
+from popcorn.inference.ensemble import MEMBER_STATISTICS, SEASON_WEIGHTS, RunningMean, combine_members, season_weights
 from popcorn.inference.fast import DEFAULT_THRESHOLD, FastPopcorn, load_popcorn
 from popcorn.inference.tiles import (
     ALIGN,
@@ -75,7 +77,8 @@ class PredictSettings:
     the overall factor (census total / map total) and spreads the rest of its count
     ``rescale_rest`` ("uniform": evenly; "builtup": by score). ``season_weights``: "equal" (the
     paper's plain mean) or "observed" (each season weighted per pixel by how much of its
-    composite around the pixel is observed, :mod:`popcorn.inference.ensemble`).
+    composite around the pixel is observed, :mod:`popcorn.inference.ensemble`). ``member_statistic``:
+    "mean" (the paper) or "median" of the checkpoints' season-averaged maps, per 10 m pixel.
     """
 
     checkpoints: list[str]
@@ -95,6 +98,7 @@ class PredictSettings:
     rescale_cap: float | None = None
     rescale_rest: str = "uniform"
     season_weights: str = "equal"
+    member_statistic: str = "mean"
 
     @property
     def margin(self) -> int:
@@ -121,6 +125,13 @@ class PredictResult:
     megapixels: float
     scale_factors: Path | None = None
     scale_percentiles: tuple[float, float, float] | None = None
+
+
+def ensemble_name(settings: PredictSettings) -> str:
+    """How the population maps combine the checkpoints, in words (for the products' units tag)."""
+    if settings.member_statistic == "mean":
+        return "ensemble mean"
+    return "per-pixel median over the checkpoints of their season means"
 
 
 # ============================================================================= POPCORN
@@ -168,10 +179,12 @@ def imagery_reader(imagery_root: str, seasons: Sequence[str]) -> OpenReader:
 def predict_tile(
     members: Sequence[Member], data: dict[str, tuple[torch.Tensor, torch.Tensor]], core: Window,
     read: Window, device: torch.device, area_mask: np.ndarray | None = None, seasons_by: str = "equal",
+    members_by: str = "mean",
 ) -> dict[str, np.ndarray]:
     """Ensemble prediction of one tile core from its read window's imagery (all seasons).
 
-    ``seasons_by``: how seasons are weighted per pixel (:func:`popcorn.inference.ensemble.season_weights`).
+    ``seasons_by``: how seasons are weighted per pixel (:func:`popcorn.inference.ensemble.season_weights`);
+    ``members_by``: how the checkpoints' maps are combined (:func:`popcorn.inference.ensemble.combine_members`).
     Returns float32 arrays on the core (10 m) and its 1 ha cells; NaN = nodata.
     """
     r, c, h, w = core
@@ -186,6 +199,7 @@ def predict_tile(
     _, cell_n = block_sum_partial(np.zeros((h, w)), valid)
     weights = season_weights(data, seasons_by, (dr, dc, h, w))
     pop10, pop1 = RunningMean(), RunningMean()
+    by_member = [RunningMean() for _ in members] if members_by != "mean" else []
     bu_sum = np.zeros((h, w), np.float64)
     occ_sum = np.zeros((h, w), np.float64)
     occ_weight = np.zeros((h, w), np.float64)
@@ -195,10 +209,12 @@ def predict_tile(
             x2 = s2[None].to(device)
             weight = weights[season]
             cell_weight = weight if np.isscalar(weight) else block_sum_partial(weight, valid)[0] / np.maximum(cell_n, 1)
-            for member in members:
+            for i, member in enumerate(members):
                 out = member.model(x1, x2)
                 crop = {k: v[0, 0, dr : dr + h, dc : dc + w].float().cpu().numpy() for k, v in out.items()}
                 pop10.add(crop["population"], weight)
+                if by_member:
+                    by_member[i].add(crop["population"], weight)
                 pop1.add(block_sum_partial(crop["population"], valid)[0], cell_weight)
                 bu_sum += weight * crop["builtup_score"]
                 occ = crop["occupancy"]
@@ -207,15 +223,16 @@ def predict_tile(
                 occ_weight += weight * ok
     nan = np.float32(np.nan)
     out: dict[str, np.ndarray] = {}
-    out["population_10m"] = np.where(valid, pop10.mean, nan).astype(np.float32)
+    pop10_map = combine_members([m.mean for m in by_member], members_by) if by_member else pop10.mean
+    out["population_10m"] = np.where(valid, pop10_map, nan).astype(np.float32)
     out["population_10m_std"] = np.where(valid, pop10.std(), nan).astype(np.float32)
     out["builtup_score"] = np.where(valid, bu_sum / pop10.weight, nan).astype(np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["occupancy"] = np.where(valid & (occ_weight > 0), occ_sum / occ_weight, nan).astype(np.float32)
     # 1 ha cells sum their valid pixels (cells cut by the area edge are partial sums); with
-    # per-pixel season weights the cell is the sum of the weighted 10 m mean
-    per_pixel = any(not np.isscalar(weight) for weight in weights.values())
-    pop1_mean = block_sum_partial(pop10.mean, valid)[0] if per_pixel else pop1.mean
+    # per-pixel season weights or a median over the members the cell is the sum of the 10 m map
+    per_pixel = bool(by_member) or any(not np.isscalar(weight) for weight in weights.values())
+    pop1_mean = block_sum_partial(pop10_map, valid)[0] if per_pixel else pop1.mean
     out["population_1ha"] = np.where(cell_n > 0, pop1_mean, nan).astype(np.float32)
     out["population_1ha_std"] = np.where(cell_n > 0, pop1.std(), nan).astype(np.float32)
     return out
@@ -265,6 +282,9 @@ def _check_settings(settings: PredictSettings) -> None:
     if settings.season_weights not in SEASON_WEIGHTS:
         raise PopcornInputError(f"--season-weights must be one of {', '.join(SEASON_WEIGHTS)}, "
                                 f"got {settings.season_weights!r}")
+    if settings.member_statistic not in MEMBER_STATISTICS:
+        raise PopcornInputError(f"--member-statistic must be one of {', '.join(MEMBER_STATISTICS)}, "
+                                f"got {settings.member_statistic!r}")
     if settings.rescale_rest not in RESCALE_REST:
         raise PopcornInputError(f"--rescale-rest must be one of {', '.join(RESCALE_REST)}, "
                                 f"got {settings.rescale_rest!r}")
@@ -280,7 +300,7 @@ def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: Ras
         if geom is not None:
             mask = rasterio.features.geometry_mask([geom], out_shape=core[2:], transform=grid.window_transform(core),
                                                    invert=True)
-        arrays = predict_tile(members, data, core, read, dev, mask, settings.season_weights)
+        arrays = predict_tile(members, data, core, read, dev, mask, settings.season_weights, settings.member_statistic)
         if not settings.write_10m:
             arrays.pop("population_10m_std")
             if not keep_10m:
@@ -386,10 +406,11 @@ def _rescaled_product(settings: PredictSettings, census: _CensusTiles, run: Tile
         s, cnt = block_sum_partial(adj, ok)
         return np.where(cnt > 0, s, np.nan)
 
+    combined = ensemble_name(settings)
     if settings.rescale_cap is None:
-        method = "ensemble mean rescaled to the census counts (dasymetric)"
+        method = f"{combined} rescaled to the census counts (dasymetric)"
     else:
-        method = (f"ensemble mean rescaled to the census counts, scale factor at most {settings.rescale_cap:g} x "
+        method = (f"{combined} rescaled to the census counts, scale factor at most {settings.rescale_cap:g} x "
                   "census total / map total, "
                   f"the rest of each count spread {'by built-up score' if by_score else 'evenly'}")
     tags = dict(tags, units=f"people per 1 ha cell, {method}", product="population_1ha_rescaled",
@@ -401,6 +422,7 @@ def _rescaled_product(settings: PredictSettings, census: _CensusTiles, run: Tile
 def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seasons: Sequence[str], out: Path,
                       prefix: str) -> list[Product]:
     n_members = len(members) * len(seasons)
+    combined = ensemble_name(settings)
     base_tags = {
         "software": f"popcorn {__version__}",
         "model": "POPCORN",
@@ -408,13 +430,14 @@ def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seas
         "checkpoint_sha256": ";".join(m.meta["sha256"] for m in members),
         "seasons": ",".join(seasons),
         "members": str(n_members),
+        "member_statistic": settings.member_statistic,
         "tile_size": str(settings.tile_size),
         "overlap": str(settings.overlap),
         "sparse_head_threshold": str(settings.threshold),
         "imagery": str(settings.imagery_root),
     }
     specs: list[tuple[str, str, int, str, str]] = [  # key, file, factor, band, what
-        ("population_1ha", "population_1ha.tif", FINE, "population", "people per 1 ha cell, ensemble mean"),
+        ("population_1ha", "population_1ha.tif", FINE, "population", f"people per 1 ha cell, {combined}"),
         ("builtup_score", "builtup_score_10m.tif", 1, "builtup_score", "built-up score [0,1], ensemble mean"),
         ("occupancy", "occupancy_10m.tif", 1, "occupancy",
          "people per built-up 10 m pixel, ensemble mean (nodata where built-up <= threshold)"),
@@ -423,7 +446,7 @@ def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seas
         specs.append(("population_1ha_std", "population_1ha_std.tif", FINE, "population_std",
                       "people per 1 ha cell, std (ddof=0) over the ensemble members"))
     if settings.write_10m:
-        specs.append(("population_10m", "population_10m.tif", 1, "population", "people per 10 m pixel, ensemble mean"))
+        specs.append(("population_10m", "population_10m.tif", 1, "population", f"people per 10 m pixel, {combined}"))
         if n_members > 1:
             specs.append(("population_10m_std", "population_10m_std.tif", 1, "population_std",
                           "people per 10 m pixel, std (ddof=0) over the ensemble members"))

@@ -96,6 +96,13 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     assert capped["metrics"][f"{bag} rescaled (paper)"] == metrics[f"{bag} rescaled"]
     assert capped["metrics"][f"{bag} raw"] == metrics[f"{bag} raw"]
     assert capped["metrics"][f"{bag} rescaled"] != metrics[f"{bag} rescaled"]
+    # --member-statistic median: the ensemble rows are predicted again (own folder), the members
+    # reused; with two members the per-pixel median is their mean
+    out = run_tiny_benchmark(tmp_path, "--member-statistic", "median")
+    assert "members combined: median" in out and (tmp_path / "out" / "world_101" / "maps_median").is_dir()
+    (median,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert median["train_seconds"] == result["train_seconds"]
+    assert median["metrics"][f"{bag} raw"]["r2"] == pytest.approx(metrics[f"{bag} raw"]["r2"], abs=1e-6)
 
     # Occupancy pretrained on another world's fine population first (beyond the paper): the
     # members start from its export; an evaluated or held-out world is refused as a source.

@@ -13,7 +13,13 @@ from popcorn.datasets.sentinel import open_imagery
 from popcorn.datasets.synthetic.world import make_synthetic_world
 from popcorn.errors import PopcornInputError
 from popcorn.evaluation.dasymetric import block_sum
-from popcorn.inference.ensemble import OBSERVED_WINDOW_PX, RunningMean, observed_share, season_weights
+from popcorn.inference.ensemble import (
+    OBSERVED_WINDOW_PX,
+    RunningMean,
+    combine_members,
+    observed_share,
+    season_weights,
+)
 from popcorn.inference.fast import load_popcorn
 from popcorn.inference.maps import PredictSettings, predict
 from popcorn.tasks import WeakSupervisionTask
@@ -128,3 +134,56 @@ def test_unknown_season_weights_refused(gapped_world) -> None:
     settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), season_weights="median")
     with pytest.raises(PopcornInputError, match="--season-weights must be one of equal, observed"):
         predict(settings, root / "bad", progress=False)
+
+
+def test_combine_members_mean_and_median() -> None:
+    maps = [np.array([[1.0, 5.0]]), np.array([[2.0, 0.0]]), np.array([[9.0, 1.0]])]
+    assert np.allclose(combine_members(maps, "mean"), [[4.0, 2.0]])
+    assert np.allclose(combine_members(maps, "median"), [[2.0, 1.0]])  # the outlier 9 does not count
+    with pytest.raises(ValueError, match="member statistic"):
+        combine_members(maps, "mode")
+
+
+def test_member_median_is_the_median_of_each_checkpoints_season_mean(gapped_world) -> None:
+    root, imagery, _ = gapped_world
+    ckpts = []
+    for k, bias in enumerate((0.2, 0.5, 2.0)):  # three members whose maps differ per pixel
+        torch.manual_seed(100 + k)
+        task = WeakSupervisionTask(occupancy_bias_init=bias)
+        ckpts.append(root / f"member{k}.ckpt")
+        torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpts[-1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def run(paths: list, statistic: str, name: str) -> dict[str, np.ndarray]:
+        settings = PredictSettings(checkpoints=[str(p) for p in paths], imagery_root=str(imagery),
+                                   seasons=["summer", "autumn"], tile_size=100, overlap=64, write_10m=True,
+                                   member_statistic=statistic)
+        result = predict(settings, root / name, progress=False)
+        out = {k: rasterio.open(p).read(1).astype(np.float64) for k, p in result.outputs.items()}
+        with rasterio.open(result.outputs["population_1ha"]) as src:
+            out["tags"] = src.tags()
+        return out
+
+    try:
+        alone = [run([p], "mean", f"alone{k}")["population_10m"] for k, p in enumerate(ckpts)]
+        median, mean = run(ckpts, "median", "median"), run(ckpts, "mean", "mean")
+    finally:
+        torch.set_num_threads(before)
+    stack = np.stack(alone)
+    assert np.allclose(median["population_10m"], np.median(stack, axis=0), atol=1e-5)
+    assert np.allclose(mean["population_10m"], stack.mean(0), atol=1e-5)
+    assert np.abs(median["population_10m"] - mean["population_10m"]).max() > 1e-3  # the option changes the map
+    middle = (stack.min(0) < median["population_10m"]) & (median["population_10m"] < stack.max(0))
+    assert middle.mean() > 0.5  # per pixel, not one member's map chosen whole
+    assert np.allclose(median["population_1ha"], block_sum(median["population_10m"]), atol=1e-3)
+    assert np.allclose(median["population_10m_std"], mean["population_10m_std"], atol=1e-6)  # spread: all members
+    assert median["tags"]["member_statistic"] == "median" and "median" in median["tags"]["units"]
+    assert mean["tags"]["member_statistic"] == "mean"
+
+
+def test_unknown_member_statistic_refused(gapped_world) -> None:
+    root, imagery, ckpt = gapped_world
+    settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), member_statistic="trimmed")
+    with pytest.raises(PopcornInputError, match="--member-statistic must be one of mean, median"):
+        predict(settings, root / "bad_statistic", progress=False)
