@@ -24,7 +24,9 @@ coarse census only, then predicts and evaluates at 1 ha against the world's trut
 With ``--occupancy-sources SEED ...`` (beyond the paper) the occupancy branch is first trained on
 the fine population of those worlds (``popcorn pretrain-occupancy``; never an evaluated or held-out
 seed) and every member starts from it (``--pretrain-per-member``: each member from its own
-pretraining, seeded like the member); ``--world-shift NAME`` evaluates worlds with another look.
+pretraining, seeded like the member); ``--world-shift NAME`` evaluates worlds with another look;
+``--member-statistic median`` (beyond the paper) makes the ensemble rows the per-pixel median of
+the members' maps (own maps folder ``maps_median``; the members are reused).
 
 Nothing of the evaluated world's truth is read before its evaluation. Runs resume: a member whose
 ``last.ckpt`` has all epochs and a prediction whose maps exist are reused (``--restart`` redoes
