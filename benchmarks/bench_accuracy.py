@@ -445,7 +445,8 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     bag_10m: dict[str, np.ndarray] = {}
     builtup_score = None
     members_dir = wdir / ("maps" if args.season_weights == "equal" else f"maps_{args.season_weights}")
-    maps_dir = members_dir.with_name(members_dir.name + ("" if args.member_statistic == "mean" else "_median"))
+    maps_dir = members_dir.with_name(members_dir.name + ("" if args.member_statistic == "mean"
+                                                         else f"_{args.member_statistic}"))
     for name, (members, seasons) in runs.items():
         outputs, seconds = predict_maps(members, seasons, world, maps_dir / name.split(" (")[0].replace(" ", "_"),
                                         args.season_weights, args.member_statistic)
