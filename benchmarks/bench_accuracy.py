@@ -26,7 +26,9 @@ the fine population of those worlds (``popcorn pretrain-occupancy``; never an ev
 seed) and every member starts from it (``--pretrain-per-member``: each member from its own
 pretraining, seeded like the member); ``--world-shift NAME`` evaluates worlds with another look;
 ``--member-statistic median`` (beyond the paper) makes the ensemble rows the per-pixel median of
-the members' maps (own maps folder ``maps_median``; the members are reused).
+the members' maps (own maps folder ``maps_median``; the members are reused);
+``--member-region-fraction F`` (beyond the paper, bagging) trains each member on its own random
+share F of the census regions and prints its out-of-bag census R^2 on the rest.
 
 Nothing of the evaluated world's truth is read before its evaluation. Runs resume: a member whose
 ``last.ckpt`` has all epochs and a prediction whose maps exist are reused (``--restart`` redoes
@@ -125,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-per-member", action="store_true",
                    help="one pretraining per member, seeded with the member's seed, so that the members are "
                         "trained independently as the paper's are (default: one pretraining, seed 0, shared)")
+    p.add_argument("--member-region-fraction", type=float, default=1.0, metavar="F",
+                   help="beyond the paper (bagging): each member trains on its own random share F of the census "
+                        "regions (popcorn.fit's data.val_fraction = 1 - F, split_seed = the member's seed), so that "
+                        "the members' errors differ; the regions it leaves out score it (out-of-bag census R^2, "
+                        "no fine label); 1 = every member on every region (the paper, default)")
     p.add_argument("--world-shift", default=None,
                    help="evaluate the worlds with this domain shift (a DomainShift preset, e.g. other_continent)")
     p.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
@@ -158,6 +165,7 @@ def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace
         f"--data.init_args.census_regions={world / 'census_regions.gpkg'}",
         f"--data.init_args.census_counts={world / 'census_counts.csv'}",
         *args.fit_args,
+        *region_subset_args(seed, args.member_region_fraction),
         *([f"--model.occupancy_weights={args.occupancy_exports[seed]}"] if args.occupancy_exports else []),
     ]
     t0 = time.perf_counter()
@@ -165,6 +173,16 @@ def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace
     seconds = time.perf_counter() - t0
     done.write_text(json.dumps({"seconds": seconds, "command": cmd}))
     return ckpt, seconds
+
+
+def region_subset_args(seed: int, fraction: float) -> list[str]:
+    """`popcorn.fit` options that train a member on its own random share ``fraction`` of the census
+    regions (drawn with the member's seed; the rest validate it out of bag); none for 1."""
+    if not 0.0 < fraction <= 1.0:
+        raise SystemExit(f"--member-region-fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return []
+    return [f"--data.init_args.val_fraction={1.0 - fraction:.6g}", f"--data.init_args.split_seed={seed}"]
 
 
 def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int],
@@ -273,6 +291,15 @@ def logged_means(metrics_csv: Path, columns: tuple[str, ...]) -> list[float]:
         values = frame[column].dropna() if column in frame else []
         means.append(float(values.mean()) if len(values) else float("nan"))
     return means
+
+
+def logged_last(metrics_csv: Path, column: str) -> float:
+    """The last logged value of ``column`` in a run (NaN if never logged)."""
+    import pandas as pd
+
+    frame = pd.read_csv(metrics_csv)
+    values = frame[column].dropna() if column in frame else []
+    return float(values.iloc[-1]) if len(values) else float("nan")
 
 
 # ------------------------------------------------------------------------------ prediction
@@ -426,13 +453,15 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
         trained = list(pool.map(member, range(args.members)))
     ckpts = [ckpt for ckpt, _ in trained]
     for k, (ckpt, seconds) in enumerate(trained):
-        throughput, factor = logged_means(ckpt.parent.parent / "metrics.csv",
-                                          ("train/region_pixels_per_s", "train/level_calibration_factor"))
+        metrics = ckpt.parent.parent / "metrics.csv"
+        throughput, factor = logged_means(metrics, ("train/region_pixels_per_s", "train/level_calibration_factor"))
+        out_of_bag = logged_last(metrics, "val/region_r2")
         res.train_seconds.append(seconds)
         res.region_px_per_s.append(throughput)
         level = "" if np.isnan(factor) else f", census level calibration x {factor:.3f}"
+        oob = "" if np.isnan(out_of_bag) else f", out-of-bag census regions R^2 {out_of_bag:.3f} (last epoch)"
         print(f"  world {seed}: member {1600 + k} trained in {seconds:.0f} s "
-              f"({throughput:,.0f} region px/s in training epochs{level})", flush=True)
+              f"({throughput:,.0f} region px/s in training epochs{level}{oob})", flush=True)
     runs = {
         f"1 model x 1 season ({args.single_season})": (ckpts[:1], [args.single_season]),
         "1 model x 4 seasons": (ckpts[:1], SEASONS),
@@ -564,6 +593,7 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
         raise SystemExit(2)
     from popcorn.datasets.synthetic.settlements import HELD_OUT_SEEDS, TUNING_SEEDS
 
+    region_subset_args(0, args.member_region_fraction)  # a bad fraction stops here, before any work
     worlds = args.worlds or list(HELD_OUT_SEEDS)
     out = Path(args.out)
     if args.restart and out.exists():
@@ -579,7 +609,8 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f"{f' adapted to each world ({args.adapt_epochs} x {args.adapt_batches} batches, no labels)' if args.adapt_epochs else ''}"
           f"{f', world domain shift {args.world_shift}' if args.world_shift else ''}"
           f", extra fit args {args.fit_args}, census matching: {matching}, seasons averaged: {args.season_weights}, "
-          f"members combined: {args.member_statistic}",
+          f"members combined: {args.member_statistic}"
+          f"{f', each member on its own {args.member_region_fraction:.0%} of the regions' if args.member_region_fraction < 1 else ''}",
           flush=True)
     t0 = time.perf_counter()
     args.occupancy_exports = {}

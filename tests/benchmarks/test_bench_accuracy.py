@@ -4,6 +4,7 @@ without the published weights."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,19 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     assert median["train_seconds"] == result["train_seconds"]
     assert median["metrics"][f"{bag} raw"]["r2"] == pytest.approx(metrics[f"{bag} raw"]["r2"], abs=1e-6)
 
+    # --member-region-fraction (bagging): each member trains on its own share of the regions,
+    # drawn with its seed, and is scored out of bag on the rest
+    out = run_tiny_benchmark(tmp_path, "--member-region-fraction", "0.7", out="out_bagged")
+    assert "each member on its own 70% of the regions" in out
+    for member in (1600, 1601):
+        done = tmp_path / "out_bagged" / "world_101" / f"member_{member}" / "done.json"
+        command = json.loads(done.read_text())["command"]
+        assert "--data.init_args.val_fraction=0.3" in command
+        assert f"--data.init_args.split_seed={member}" in command
+        assert re.search(f"member {member} trained in .*out-of-bag census regions R\\^2 -?[0-9.]+ \\(last epoch\\)", out)
+    (bagged,) = json.loads((tmp_path / "out_bagged" / "results.json").read_text())
+    assert bagged["metrics"][f"{bag} raw"] != metrics[f"{bag} raw"]
+
     # Occupancy pretrained on another world's fine population first (beyond the paper): the
     # members start from its export; an evaluated or held-out world is refused as a source.
     out = run_tiny_benchmark(tmp_path, "--occupancy-sources", "102", "--pretrain-epochs", "1",
@@ -134,3 +148,26 @@ def test_occupancy_sources_never_include_evaluated_or_held_out_worlds(tmp_path: 
     with pytest.raises(SystemExit, match=f"occupancy source worlds \\[{source}\\] are evaluated or held out"):
         bench.pretrain_occupancy(args, tmp_path, [101])
     assert not any(tmp_path.iterdir())  # refused before any world is made or trained
+
+
+def test_member_region_fraction_draws_each_members_own_regions(tmp_path: Path) -> None:
+    from popcorn.datamodules.census import split_ids
+
+    bench = load_benchmark("bench_accuracy")
+    assert bench.region_subset_args(1600, 1.0) == []  # the paper: every member on every region
+    ids = list(range(1, 121))
+    trained = {}
+    for member in (1600, 1601):
+        options = dict(a.removeprefix("--data.init_args.").split("=") for a in bench.region_subset_args(member, 0.8))
+        train, left_out = split_ids(ids, float(options["val_fraction"]), int(options["split_seed"]))
+        assert len(train) == 96 and len(left_out) == 24 and not set(train) & set(left_out)
+        trained[member] = set(train)
+    assert trained[1600] != trained[1601]
+    for bad in ("0", "1.5"):
+        proc = subprocess.run(
+            [sys.executable, str(BENCH), "--builtup-weights", str(BENCH), "--member-region-fraction", bad,
+             "--out", str(tmp_path / "out")],
+            capture_output=True, text=True, cwd=ROOT,
+        )
+        assert proc.returncode != 0 and f"--member-region-fraction must be in (0, 1], got {float(bad)}" in proc.stderr
+        assert not (tmp_path / "out").exists()  # refused before any work
