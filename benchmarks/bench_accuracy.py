@@ -281,25 +281,20 @@ def builtup_scores(weights: str, world: Path, out: Path, args: argparse.Namespac
             if f"val/target/{k}" in row}
 
 
-def logged_means(metrics_csv: Path, columns: tuple[str, ...]) -> list[float]:
-    """Mean of each logged value over a run (NaN for one never logged), from one read of the CSV."""
+def logged_values(metrics_csv: Path, columns: tuple[tuple[str, str], ...]) -> list[float]:
+    """Each (column, "mean" | "last") of a run's logged values (NaN for one never logged), from one
+    read of the CSV."""
     import pandas as pd
 
     frame = pd.read_csv(metrics_csv)
-    means = []
-    for column in columns:
-        values = frame[column].dropna() if column in frame else []
-        means.append(float(values.mean()) if len(values) else float("nan"))
-    return means
-
-
-def logged_last(metrics_csv: Path, column: str) -> float:
-    """The last logged value of ``column`` in a run (NaN if never logged)."""
-    import pandas as pd
-
-    frame = pd.read_csv(metrics_csv)
-    values = frame[column].dropna() if column in frame else []
-    return float(values.iloc[-1]) if len(values) else float("nan")
+    values = []
+    for column, statistic in columns:
+        logged = frame[column].dropna() if column in frame else []
+        if not len(logged):
+            values.append(float("nan"))
+        else:
+            values.append(float(logged.mean() if statistic == "mean" else logged.iloc[-1]))
+    return values
 
 
 # ------------------------------------------------------------------------------ prediction
@@ -453,9 +448,11 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
         trained = list(pool.map(member, range(args.members)))
     ckpts = [ckpt for ckpt, _ in trained]
     for k, (ckpt, seconds) in enumerate(trained):
-        metrics = ckpt.parent.parent / "metrics.csv"
-        throughput, factor = logged_means(metrics, ("train/region_pixels_per_s", "train/level_calibration_factor"))
-        out_of_bag = logged_last(metrics, "val/region_r2")
+        throughput, factor, out_of_bag = logged_values(
+            ckpt.parent.parent / "metrics.csv",
+            (("train/region_pixels_per_s", "mean"), ("train/level_calibration_factor", "mean"),
+             ("val/region_r2", "last")),
+        )
         res.train_seconds.append(seconds)
         res.region_px_per_s.append(throughput)
         level = "" if np.isnan(factor) else f", census level calibration x {factor:.3f}"
