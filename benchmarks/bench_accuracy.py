@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--member-statistic", choices=MEMBER_STATISTICS, default="mean",
                    help="how the ensemble rows combine the members' season-averaged maps: mean (the paper) or the "
                         "per-pixel median (beyond the paper; popcorn predict --member-statistic)")
+    p.add_argument("--season-gap-fill", action="store_true",
+                   help="beyond the paper: what a season's composite misses (S1 strips, S2 cloud holes) is read as the "
+                        "other seasons' mean at the pixel, in the pretraining, every member's training and every map "
+                        "(data.season_gap_fill, popcorn predict --season-gap-fill); default: the paper's reading")
     p.add_argument("--occupancy-sources", type=int, nargs="+", default=[], metavar="SEED",
                    help="beyond the paper: first train the occupancy branch on these settlement worlds' fine "
                         "population (popcorn pretrain-occupancy, experiments/occupancy/pretrain.yaml; never an "
@@ -166,6 +170,7 @@ def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace
         f"--data.init_args.census_counts={world / 'census_counts.csv'}",
         *args.fit_args,
         *region_subset_args(seed, args.member_region_fraction),
+        *(["--data.init_args.season_gap_fill=true"] if args.season_gap_fill else []),
         *([f"--model.occupancy_weights={args.occupancy_exports[seed]}"] if args.occupancy_exports else []),
     ]
     t0 = time.perf_counter()
@@ -196,7 +201,7 @@ def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]
     if bad:
         raise SystemExit(f"error: occupancy source worlds {bad} are evaluated or held out; their labels must not train")
     run = out / (f"occupancy_pretraining_{'_'.join(map(str, args.occupancy_sources))}"
-                 f"{'' if seed is None else f'_seed{seed}'}")
+                 f"{'' if seed is None else f'_seed{seed}'}{'_gapfill' if args.season_gap_fill else ''}")
     export = run / "occupancy_weights.pt"
     worlds = [Path(make_settlement_world(args.data_root, size_px=args.size_px, seed=s,
                                          mean_region_ha=args.mean_region_ha).directory)
@@ -209,6 +214,7 @@ def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]
         f"--data.population_rasters=[{','.join(str(w / 'population_10m.tif') for w in worlds)}]",
         f"--trainer.max_epochs={args.pretrain_epochs}", f"--data.batches_per_epoch={args.pretrain_batches}",
         *([] if seed is None else [f"--seed_everything={seed}"]),
+        *(["--data.season_gap_fill=true"] if args.season_gap_fill else []),
     ], export, argparse.Namespace(threads=(args.threads or 1) * (1 if seed is not None else max(1, args.jobs))))
 
 
@@ -299,7 +305,8 @@ def logged_values(metrics_csv: Path, columns: tuple[tuple[str, str], ...]) -> li
 
 # ------------------------------------------------------------------------------ prediction
 def predict_maps(ckpts: list[Path], seasons: list[str], world: Path, out: Path,
-                 season_weights: str = "equal", member_statistic: str = "mean") -> tuple[dict[str, Path], float]:
+                 season_weights: str = "equal", member_statistic: str = "mean",
+                 season_gap_fill: bool = False) -> tuple[dict[str, Path], float]:
     """Ensemble maps (1 ha raw + rescaled, 10 m raw, built-up score) of ``ckpts`` x ``seasons``."""
     from popcorn.inference.maps import PredictSettings, predict
 
@@ -307,6 +314,7 @@ def predict_maps(ckpts: list[Path], seasons: list[str], world: Path, out: Path,
         checkpoints=[str(c) for c in ckpts], imagery_root=str(world), seasons=seasons,
         write_10m=True, census=str(world / "census_regions.gpkg"),
         counts=str(world / "census_counts.csv"), season_weights=season_weights, member_statistic=member_statistic,
+        season_gap_fill=season_gap_fill,
     )
     t0 = time.perf_counter()
     result = predict(settings, out, progress=False)
@@ -345,7 +353,7 @@ WAREHOUSES_BESIDE_DENSE = "warehouses in regions with apartment blocks or a camp
 
 
 def one_model_by_season(ckpt: Path, world: Path, out: Path, ids: np.ndarray, counts: dict[int, float],
-                        truth: np.ndarray) -> dict[str, dict[str, float]]:
+                        truth: np.ndarray, season_gap_fill: bool = False) -> dict[str, dict[str, float]]:
     """1 ha raw R^2 of one model in each season alone, and of BuiltUp disaggregation with that
     season's built-up score: how the single-season map the ordering target starts from compares
     with the other seasons (evaluation only, after the members are trained)."""
@@ -353,7 +361,7 @@ def one_model_by_season(ckpt: Path, world: Path, out: Path, ids: np.ndarray, cou
 
     rows: dict[str, dict[str, float]] = {}
     for season in SEASONS:
-        outputs, _ = predict_maps([ckpt], [season], world, out / season)
+        outputs, _ = predict_maps([ckpt], [season], world, out / season, season_gap_fill=season_gap_fill)
         score = np.nan_to_num(read(outputs["builtup_score"]))
         builtup, _ = dasymetric_rescale(score, ids, counts)
         maps = {"model raw": block_sum(np.nan_to_num(read(outputs["population_10m"])), FINE),
@@ -363,7 +371,7 @@ def one_model_by_season(ckpt: Path, world: Path, out: Path, ids: np.ndarray, cou
 
 
 def each_member(ckpts: list[Path], first: np.ndarray, world: Path, out: Path, truth: np.ndarray,
-                season_weights: str) -> tuple[dict[str, float], list[float]]:
+                season_weights: str, season_gap_fill: bool = False) -> tuple[dict[str, float], list[float]]:
     """1 ha raw R^2 of each member's four-season map (``first``: the first member's, already
     predicted), and the lowest and highest correlation between two members' 1 ha errors: how far
     the Bag can gain on its best member (evaluation only, after the members are trained)."""
@@ -371,7 +379,8 @@ def each_member(ckpts: list[Path], first: np.ndarray, world: Path, out: Path, tr
 
     maps = {"1600": first}
     for k, ckpt in enumerate(ckpts[1:], start=1):
-        outputs, _ = predict_maps([ckpt], SEASONS, world, out / f"member_{1600 + k}", season_weights)
+        outputs, _ = predict_maps([ckpt], SEASONS, world, out / f"member_{1600 + k}", season_weights,
+                                  season_gap_fill=season_gap_fill)
         maps[str(1600 + k)] = block_sum(np.nan_to_num(read(outputs["population_10m"])), FINE)
     r2 = {member: m["r2"] for member, m in evaluate(maps, truth).items()}
     ok = np.isfinite(truth)
@@ -475,7 +484,7 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
                                                          else f"_{args.member_statistic}"))
     for name, (members, seasons) in runs.items():
         outputs, seconds = predict_maps(members, seasons, world, maps_dir / name.split(" (")[0].replace(" ", "_"),
-                                        args.season_weights, args.member_statistic)
+                                        args.season_weights, args.member_statistic, args.season_gap_fill)
         res.predict_seconds[name] = seconds
         raw10 = np.nan_to_num(read(outputs["population_10m"]))
         score10 = np.nan_to_num(read(outputs["builtup_score"]))
@@ -494,9 +503,11 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
                 bag_10m["Bag rescaled (paper)"] = paper10
             builtup_score = score10
     assert builtup_score is not None
-    res.by_season = one_model_by_season(ckpts[0], world, wdir / "maps" / "1_model_by_season", ids, counts, truth)
+    res.by_season = one_model_by_season(ckpts[0], world, wdir / "maps" / "1_model_by_season", ids, counts, truth,
+                                        args.season_gap_fill)
     res.by_member, res.member_error_correlation = each_member(ckpts, maps_1ha["1 model x 4 seasons raw"], world,
-                                                              members_dir / "each_member", truth, args.season_weights)
+                                                              members_dir / "each_member", truth, args.season_weights,
+                                                              args.season_gap_fill)
     builtup_disagg, _ = dasymetric_rescale(builtup_score, ids, counts)
     uniform, _ = dasymetric_rescale(np.ones_like(builtup_score), ids, counts)
     maps_1ha["BuiltUp disaggregation"] = block_sum(builtup_disagg, FINE)
@@ -607,6 +618,7 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f"{f', world domain shift {args.world_shift}' if args.world_shift else ''}"
           f", extra fit args {args.fit_args}, census matching: {matching}, seasons averaged: {args.season_weights}, "
           f"members combined: {args.member_statistic}"
+          f"{', season gaps filled with the mean of the other seasons' if args.season_gap_fill else ''}"
           f"{f', each member on its own {args.member_region_fraction:.0%} of the regions' if args.member_region_fraction < 1 else ''}",
           flush=True)
     t0 = time.perf_counter()

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how several checkpoints combine: mean (the paper) or median, per 10 m pixel, of each "
                         "checkpoint's season-averaged map (one member whose training went astray does not pull "
                         "the ensemble with it; beyond the paper)")
+    g.add_argument("--season-gap-fill", action="store_true",
+                   help="read what a season's composite misses (S1 strips, S2 cloud holes) as the other seasons' "
+                        "mean at the pixel (beyond the paper); use it when the checkpoints were trained with "
+                        "--data.init_args.season_gap_fill=true")
     g.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
     a = p.add_argument_group("area (default: the whole imagery)")
     a.add_argument("--bbox", nargs=4, type=float, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> PredictResult:
         rescale_rest=args.rescale_rest,
         season_weights=args.season_weights,
         member_statistic=args.member_statistic,
+        season_gap_fill=args.season_gap_fill,
     )
     common = dict(resume=not args.restart, threads=args.threads, progress=not args.quiet, prefix=args.prefix)
     try:

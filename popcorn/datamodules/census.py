@@ -109,6 +109,8 @@ class CensusDataModule(L.LightningDataModule):
         shuffle_seed: seed of the training order/seasons; None = drawn from torch's global RNG
             at setup (so ``seed_everything`` controls it).
         max_gap_px: S1 NaN gaps up to this many connected pixels are filled from neighbours.
+        season_gap_fill: fill what a season's composite misses with the other seasons' mean at
+            the pixel (beyond the paper; ``popcorn predict --season-gap-fill``, same as here).
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class CensusDataModule(L.LightningDataModule):
         augment: bool = True,
         shuffle_seed: int | None = None,
         max_gap_px: int = 64,
+        season_gap_fill: bool = False,
     ) -> None:
         super().__init__()
         self.imagery_root = str(imagery_root)
@@ -191,6 +194,7 @@ class CensusDataModule(L.LightningDataModule):
         self.augment = bool(augment)
         self.shuffle_seed = shuffle_seed
         self.max_gap_px = int(max_gap_px)
+        self.season_gap_fill = bool(season_gap_fill)
         self.augmentation = BatchAugmentation()
         self.census_regions: CensusRegions | None = None
         self.skipped_ids: list[int] = []
@@ -205,7 +209,8 @@ class CensusDataModule(L.LightningDataModule):
         self.fine_counts_path = _existing(self.fine_counts_path, "fine census counts file (fine_counts)")
         self.builtup_labels_path = _existing(self.builtup_labels_path, "built-up labels raster")
         all_seasons = tuple(s for s in SEASONS if s in set(self.seasons) | set(self.test_seasons))
-        self.s1, self.s2, self.grid = open_imagery(self.imagery_root, all_seasons, self.max_gap_px)
+        self.s1, self.s2, self.grid = open_imagery(self.imagery_root, all_seasons, self.max_gap_px,
+                                                   self.season_gap_fill)
         regions = CensusRegions(
             self.census_regions_path, self.census_counts_path, self.grid,
             id_column=self.id_column, count_column=self.count_column,

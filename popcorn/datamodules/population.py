@@ -44,6 +44,8 @@ class PopulationDataModule(L.LightningDataModule):
     country's area, but what occupancy has to get right), the rest uniformly. The reference's
     augmentation (:class:`BatchAugmentation`, labels flipped and rotated with the image) runs on
     the device, seeded by ``(seed, global step)`` as in the other data modules.
+    ``season_gap_fill``: what a season misses is read as the other seasons' mean (as the census
+    data module's option of that name; beyond the paper).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class PopulationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         augment: bool = True,
         seed: int = 0,
+        season_gap_fill: bool = False,
     ) -> None:
         super().__init__()
         roots = [imagery_roots] if isinstance(imagery_roots, str) else list(imagery_roots)
@@ -82,6 +85,7 @@ class PopulationDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.augment = bool(augment)
         self.seed = int(seed)
+        self.season_gap_fill = bool(season_gap_fill)
         self.augmentation = BatchAugmentation()
         self._patches: AreaPatches | None = None
 
@@ -90,7 +94,7 @@ class PopulationDataModule(L.LightningDataModule):
             return
         areas, grids, datasets, weights = [], [], [], []
         for root, raster in zip(self.imagery_roots, self.population_rasters, strict=True):
-            s1, s2, grid = open_imagery(root, self.seasons)
+            s1, s2, grid = open_imagery(root, self.seasons, season_gap_fill=self.season_gap_fill)
             people = LabelRaster(raster, grid, "population raster")
             h, w = grid.shape
             if h < self.patch_size or w < self.patch_size:

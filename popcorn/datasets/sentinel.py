@@ -20,7 +20,9 @@ Nodata: S2 nodata (0) becomes NaN per band. S1 NaN stays NaN, except small gaps 
 components of at most ``max_gap_px`` pixels, 8-connectivity) which are filled from the nearest
 valid pixel; larger gaps stay NaN and are reported once per file with a logged warning. The gap
 size is measured on a window enlarged by ``max_gap_px`` so the result does not depend on how the
-image is cut into windows.
+image is cut into windows. ``season_gap_fill`` (beyond the paper, off by default): a value one season misses first takes the
+other seasons' mean there (:mod:`popcorn.datasets.gaps`); an S1 strip or S2 cloud otherwise reaches
+the networks as the band mean, open land to them, and that season's map loses the people under it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from torchgeo.datasets import GeoDataset, RasterDataset
 from torchgeo.datasets.errors import DatasetNotFoundError
 from torchgeo.datasets.utils import GeoSlice
 
+from popcorn.datasets.gaps import fill_from_other_seasons
 from popcorn.datasets.grid import RasterGrid, Window, clip_window
 from popcorn.errors import PopcornInputError
 
@@ -155,6 +158,7 @@ class _SeasonalComposite(RasterDataset):
         bands: Sequence[str] | None = None,
         max_gap_px: int = 64,
         cache: bool = True,
+        season_gap_fill: bool = False,
     ) -> None:
         """Index the composites under ``paths`` (folders searched recursively, or files).
 
@@ -163,6 +167,7 @@ class _SeasonalComposite(RasterDataset):
             bands: subset of :attr:`all_bands` to return (default all, in file order).
             max_gap_px: S1 NaN gaps of at most this many connected pixels are filled.
             cache: keep file handles open between reads (fast; one set per process).
+            season_gap_fill: fill what a season misses with the other seasons' mean at the pixel.
         """
         self.paths = paths
         bands = tuple(bands) if bands is not None else self.all_bands
@@ -172,6 +177,7 @@ class _SeasonalComposite(RasterDataset):
                 f"{self.sensor} band(s) {unknown} do not exist; choose from {list(self.all_bands)}"
             )
         self.max_gap_px = int(max_gap_px)
+        self.season_gap_fill = bool(season_gap_fill)
         regex = re.compile(self.filename_regex, re.VERBOSE)
         candidates = self.files
         matched = [f for f in candidates if regex.match(os.path.basename(f))]
@@ -350,6 +356,14 @@ class _SeasonalComposite(RasterDataset):
             used.append(path)
         return out, covered, used
 
+    def _read(self, season: str, window: Window) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """:meth:`_read_raw`, with ``season_gap_fill`` what ``season`` misses from the other seasons."""
+        data, covered, used = self._read_raw(season, window)
+        if self.season_gap_fill and np.isnan(data[:, covered]).any():
+            others = (self._read_raw(other, window)[0] for other in self.seasons if other != season)
+            data = fill_from_other_seasons(data, covered, others)
+        return data, covered, used
+
     def _nodata_to_nan(self, data: np.ndarray, paths: Sequence[str]) -> np.ndarray:
         data = np.asarray(data, dtype=np.float32)
         nodata = self._nodata.get(paths[0], self.default_nodata) if paths else self.default_nodata
@@ -365,7 +379,7 @@ class _SeasonalComposite(RasterDataset):
             raise PopcornInputError(
                 f"no {self.sensor} composite for season {season!r} (files: {self.files})"
             )
-        data, covered, used = self._read_raw(season, window)
+        data, covered = self._read(season, window)[:2]
         if self.fill_small_gaps and self.max_gap_px > 0 and np.isnan(data[:, covered]).any():
             data = self._fill_gaps(season, window, data)
         return torch.from_numpy(data)
@@ -373,7 +387,7 @@ class _SeasonalComposite(RasterDataset):
     def _fill_gaps(self, season: str, window: Window, data: np.ndarray) -> np.ndarray:
         m = self.max_gap_px
         row, col, h, w = window
-        big, covered, used = self._read_raw(season, (row - m, col - m, h + 2 * m, w + 2 * m))
+        big, covered, used = self._read(season, (row - m, col - m, h + 2 * m, w + 2 * m))
         gap = np.isnan(big).any(axis=0) & covered
         labels, n = ndi.label(gap, structure=np.ones((3, 3), dtype=bool))
         if n == 0:
@@ -461,15 +475,17 @@ def check_same_grid(s1: Sentinel1Composite, s2: Sentinel2Composite) -> RasterGri
 
 
 def open_imagery(
-    imagery_root: str | os.PathLike[str], seasons: Sequence[str], max_gap_px: int = 64
+    imagery_root: str | os.PathLike[str], seasons: Sequence[str], max_gap_px: int = 64,
+    season_gap_fill: bool = False,
 ) -> tuple[Sentinel1Composite, Sentinel2Composite, RasterGrid]:
     """Open the S1/S2 composites under ``imagery_root``, check every season is there and both
-    share one grid; the datasets are re-based onto the joint grid."""
+    share one grid; the datasets are re-based onto the joint grid (``season_gap_fill``: see the
+    module docstring)."""
     root = Path(imagery_root)
     if not root.exists():
         raise PopcornInputError(f"imagery folder {root} does not exist")
-    s1 = Sentinel1Composite(str(root), max_gap_px=max_gap_px)
-    s2 = Sentinel2Composite(str(root))
+    s1 = Sentinel1Composite(str(root), max_gap_px=max_gap_px, season_gap_fill=season_gap_fill)
+    s2 = Sentinel2Composite(str(root), season_gap_fill=season_gap_fill)
     for ds in (s1, s2):
         missing = [s for s in seasons if s not in ds.seasons]
         if missing:

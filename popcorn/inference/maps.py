@@ -79,6 +79,7 @@ class PredictSettings:
     paper's plain mean) or "observed" (each season weighted per pixel by how much of its
     composite around the pixel is observed, :mod:`popcorn.inference.ensemble`). ``member_statistic``:
     "mean" (the paper) or "median" of the checkpoints' season-averaged maps, per 10 m pixel.
+    ``season_gap_fill``: what a season misses read as the other seasons' mean (as in training).
     """
 
     checkpoints: list[str]
@@ -99,6 +100,7 @@ class PredictSettings:
     rescale_rest: str = "uniform"
     season_weights: str = "equal"
     member_statistic: str = "mean"
+    season_gap_fill: bool = False
 
     @property
     def margin(self) -> int:
@@ -155,7 +157,7 @@ def load_members(checkpoints: Sequence[str], threshold: float, device: torch.dev
     return members
 
 
-def imagery_reader(imagery_root: str, seasons: Sequence[str]) -> OpenReader:
+def imagery_reader(imagery_root: str, seasons: Sequence[str], season_gap_fill: bool = False) -> OpenReader:
     """Reader factory of the engine for POPCORN: ``read(query) -> {season: (s1, s2)}``, each
     season's composites read from TorchGeo's intersection ``s1 & s2`` (the tile's GeoSlice with
     that season's time slice)."""
@@ -165,7 +167,7 @@ def imagery_reader(imagery_root: str, seasons: Sequence[str]) -> OpenReader:
         from popcorn.datasets.samples import SentinelPairs
         from popcorn.datasets.sentinel import open_imagery
 
-        imagery = SentinelPairs(*open_imagery(imagery_root, seasons)[:2])
+        imagery = SentinelPairs(*open_imagery(imagery_root, seasons, season_gap_fill=season_gap_fill)[:2])
 
         def read(query: TileQuery) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             samples = {season: imagery[query.in_season(season)] for season in seasons}
@@ -350,7 +352,7 @@ def predict(
     cores = tiles.cores
     runner = _tile_runner(settings, members, grid, geom, dev, keep_10m=census is not None)
     run = run_tiles(
-        tiles, imagery_reader(settings.imagery_root, seasons), runner,
+        tiles, imagery_reader(settings.imagery_root, seasons, settings.season_gap_fill), runner,
         out / PARTIAL_DIR, _settings_key(settings, members, window),
         {"settings": asdict(settings), "window": list(window)},
         resume=resume, progress=progress, stop_after=stop_after, on_tile=on_tile, shard=shard,
@@ -430,7 +432,7 @@ def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seas
         "checkpoint_sha256": ";".join(m.meta["sha256"] for m in members),
         "seasons": ",".join(seasons),
         "members": str(n_members),
-        "member_statistic": settings.member_statistic,
+        "member_statistic": settings.member_statistic, "season_gap_fill": str(settings.season_gap_fill).lower(),
         "tile_size": str(settings.tile_size),
         "overlap": str(settings.overlap),
         "sparse_head_threshold": str(settings.threshold),

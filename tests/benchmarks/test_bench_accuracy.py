@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import rasterio
 import torch
 from paths import ROOT, load_benchmark
 
@@ -120,11 +121,21 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
 
     # Occupancy pretrained on another world's fine population first (beyond the paper): the
     # members start from its export; an evaluated or held-out world is refused as a source.
+    # With --season-gap-fill the pretraining, the members and the maps read what a season misses
+    # as the other seasons' mean (its own export folder, so that exports of both readings never mix).
     out = run_tiny_benchmark(tmp_path, "--occupancy-sources", "102", "--pretrain-epochs", "1",
-                             "--pretrain-batches", "3", out="out_pretrained")
-    export = tmp_path / "out_pretrained" / "occupancy_pretraining_102" / "occupancy_weights.pt"
+                             "--pretrain-batches", "3", "--season-gap-fill", out="out_pretrained")
+    export = tmp_path / "out_pretrained" / "occupancy_pretraining_102_gapfill" / "occupancy_weights.pt"
     assert "occupancy branch pretrained on the fine population of worlds [102] (1 epochs x 3 batches)" in out
     assert export.exists() and f"-> {export}" in out
+    assert "season gaps filled with the mean of the other seasons" in out
+    assert "--data.season_gap_fill=true" in json.loads((export.parent / "done.json").read_text())["command"]
+    for member in (1600, 1601):
+        done = tmp_path / "out_pretrained" / "world_101" / f"member_{member}" / "done.json"
+        assert "--data.init_args.season_gap_fill=true" in json.loads(done.read_text())["command"]
+    for raw in (tmp_path / "out_pretrained" / "world_101" / "maps").rglob("population_1ha.tif"):
+        with rasterio.open(raw) as src:
+            assert src.tags()["season_gap_fill"] == "true", raw
     (pretrained,) = json.loads((tmp_path / "out_pretrained" / "results.json").read_text())
     assert pretrained["metrics"][f"{bag} raw"] != metrics[f"{bag} raw"]
 

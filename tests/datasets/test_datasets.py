@@ -112,6 +112,34 @@ def test_s1_db_small_gap_filled_large_gap_kept_and_warned(
     assert torch.isnan(s1.read_window("autumn", (33, 53, 2, 2))).all()
 
 
+def test_season_gap_fill_takes_the_other_seasons_mean_and_is_off_by_default(
+    fresh_world: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value a season misses becomes the mean of the other seasons at that pixel (before the
+    small-gap rule); what no season observes stays NaN; without the option nothing changes."""
+    vv = [-10.0, -11.0, -12.0, -13.0]  # spring .. winter (s1_array)
+    s1, s2, _ = open_imagery(fresh_world, ["summer", "autumn"], season_gap_fill=True)
+    assert s1.season_gap_fill and s2.season_gap_fill
+    with caplog.at_level(logging.WARNING):
+        autumn = s1.read_window("autumn", (25, 45, 20, 20)).numpy()  # the 12 x 12 px gap
+    assert np.isfinite(autumn).all() and "NaN gap larger" not in caplog.text
+    assert np.allclose(autumn[0, 5:17, 5:17], np.mean([vv[0], vv[1], vv[3]]))
+    assert np.allclose(autumn[1, 5:17, 5:17], np.mean([-20.0, -21.0, -23.0]))
+    assert np.all(autumn[0, :5] == -12.0)  # observed values untouched
+    summer = s1.read_window("summer", (0, 0, 20, 20)).numpy()  # the 3 x 3 gap: other seasons, not neighbours
+    assert np.allclose(summer[0, 5:8, 5:8], np.mean([vv[0], vv[2], vv[3]])) and np.all(summer[0, 0] == -11.0)
+    spring_s2 = s2.read_window("spring", (0, 0, 5, 5)).numpy()  # band B03 missing at (2, 3) in spring
+    assert spring_s2[1, 2, 3] == pytest.approx(1010 + 100 * np.mean([1, 2, 3]))
+    assert spring_s2[0, 2, 3] == 1000 and spring_s2[1, 0, 0] == 1010
+    plain = Sentinel1Composite(str(fresh_world))
+    assert not plain.season_gap_fill and torch.isnan(plain.read_window("autumn", (25, 45, 20, 20))).sum() == 2 * 144
+    for season in ("spring", "summer", "winter"):  # now every season misses the autumn gap
+        _rewrite(fresh_world / f"S1_{season}.tif", np.where(np.isnan(s1_array(2)), np.nan, s1_array(0)),
+                 nodata=float("nan"), descriptions=["VV", "VH"])
+    nobody = Sentinel1Composite(str(fresh_world), season_gap_fill=True).read_window("autumn", (25, 45, 20, 20))
+    assert torch.isnan(nobody).sum() == 2 * 144
+
+
 def test_intersection_with_census_returns_id_mask(tiny_world: Path) -> None:
     s2 = Sentinel2Composite(str(tiny_world))
     regions = CensusRegions(

@@ -9,7 +9,7 @@ import pytest
 import rasterio
 import torch
 
-from popcorn.datasets.sentinel import open_imagery
+from popcorn.datasets.sentinel import SEASONS, open_imagery
 from popcorn.datasets.synthetic.world import make_synthetic_world
 from popcorn.errors import PopcornInputError
 from popcorn.evaluation.dasymetric import block_sum
@@ -187,3 +187,38 @@ def test_unknown_member_statistic_refused(gapped_world) -> None:
     settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), member_statistic="trimmed")
     with pytest.raises(PopcornInputError, match="--member-statistic must be one of mean, median"):
         predict(settings, root / "bad_statistic", progress=False)
+
+
+def test_season_gap_fill_reaches_the_maps(gapped_world) -> None:
+    """``season_gap_fill``: winter's map under its 80 x 80 px cloud is the model on winter's S1 and
+    the other seasons' mean S2 there; away from the cloud it is the plain map; the products say so."""
+    root, imagery, ckpt = gapped_world
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        maps, tags = {}, {}
+        for fill in (False, True):
+            settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), seasons=["winter"],
+                                       tile_size=100, overlap=64, write_10m=True, season_gap_fill=fill)
+            result = predict(settings, root / f"gap_fill_{fill}", progress=False)
+            maps[fill] = rasterio.open(result.outputs["population_10m"]).read(1).astype(np.float64)
+            tags[fill] = rasterio.open(result.outputs["population_1ha"]).tags()["season_gap_fill"]
+        raw = open_imagery(str(imagery), SEASONS, max_gap_px=0)[:2]  # as on disk, NaN = missing
+        full = (0, 0, 200, 200)
+        filled = []
+        for sensor in raw:  # winter's own gaps and the cloud: the other seasons' mean, value by value
+            winter = sensor.read_window("winter", full).numpy()
+            others = np.stack([sensor.read_window(s, full).numpy() for s in ("spring", "summer", "autumn")])
+            mean = np.nansum(others, 0) / np.maximum(np.isfinite(others).sum(0), 1)
+            filled.append(torch.from_numpy(np.where(np.isnan(winter), mean, winter).astype(np.float32))[None])
+        assert raw[1].read_window("winter", full).isnan()[:, 60:140, 60:140].all()
+        model, _ = load_popcorn(ckpt)
+        with torch.no_grad():
+            by_hand = model(*filled)["population"]
+    finally:
+        torch.set_num_threads(before)
+    assert tags == {False: "false", True: "true"}
+    assert np.allclose(maps[True], by_hand[0, 0].double().numpy(), atol=1e-5)
+    inside = (slice(70, 130),) * 2
+    assert np.abs(maps[True][inside] - maps[False][inside]).max() > 1e-4  # the cloud no longer reads as band means
+    assert np.abs(maps[True][:20] - maps[False][:20]).max() < 1e-6  # far from the cloud: the paper's map
