@@ -50,8 +50,8 @@ class MapEvaluation:
 
 
 def datamodule_references(dm: Any) -> dict[str, Any]:
-    """The census, fine truth and fine units of a :class:`~popcorn.datamodules.CensusDataModule`,
-    as keyword arguments of :func:`predict_and_evaluate`."""
+    """The census, fine truth, fine units and gap reading of a :class:`~popcorn.datamodules.CensusDataModule`,
+    as keyword arguments of :func:`predict_and_evaluate` (the test maps read imagery as training did)."""
     world = Path(dm.imagery_root)
     footprints = world / "builtup_fraction.tif"
     synthetic = (world / "world.json").exists() and footprints.exists()
@@ -62,6 +62,7 @@ def datamodule_references(dm: Any) -> dict[str, Any]:
         "units": getattr(dm, "fine_regions_path", None), "unit_counts": getattr(dm, "fine_counts_path", None),
         "unit_id_column": getattr(dm, "fine_id_column", "region_id"),
         "unit_count_column": getattr(dm, "fine_count_column", "count"),
+        "season_gap_fill": bool(getattr(dm, "season_gap_fill", False)),
     }
 
 
@@ -71,7 +72,7 @@ def predict_and_evaluate(
     buildings: str | None = None, id_column: str = "region_id", count_column: str = "count",
     units: str | None = None, unit_counts: str | None = None, unit_id_column: str = "region_id",
     unit_count_column: str = "count", tile_size: int = 1000, overlap: int = 128, progress: bool = False,
-    report: bool = True, notes: str = "",
+    report: bool = True, notes: str = "", season_gap_fill: bool = False,
 ) -> MapEvaluation:
     """Predict maps (``out_dir/maps``), compute the baselines, evaluate them and optionally report.
 
@@ -84,6 +85,7 @@ def predict_and_evaluate(
         checkpoints=[str(c) for c in checkpoints], imagery_root=str(imagery_root),
         seasons=list(seasons or SEASONS), tile_size=tile_size, overlap=overlap,
         census=census, counts=counts, id_column=id_column, count_column=count_column,
+        season_gap_fill=season_gap_fill,
     )
     result = predict(settings, out / "maps", progress=progress)
     print(summarise(result), flush=True)

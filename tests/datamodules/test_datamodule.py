@@ -200,6 +200,22 @@ def test_test_and_predict_loaders_hold_one_engine_run(tiny_world: Path) -> None:
     assert list(dm.predict_dataloader()) == batches
 
 
+def test_season_gap_fill_reaches_training_reads_and_the_test_maps(tiny_world: Path) -> None:
+    """``season_gap_fill``: the training regions read autumn's 12 x 12 px S1 gap as the other
+    seasons' mean, and the test stage's engine run is told to read the imagery the same way."""
+    from popcorn.inference.evaluate import datamodule_references
+
+    plain, filled = make_dm(tiny_world), make_dm(tiny_world, season_gap_fill=True)
+    for dm in (plain, filled):
+        dm.setup("fit")
+    window = (25, 45, 20, 20)  # tests/conftest.py: s1_array(2)
+    assert torch.isnan(plain.s1.read_window("autumn", window)).sum() == 2 * 144
+    assert torch.allclose(filled.s1.read_window("autumn", window)[0, 5:17, 5:17], torch.tensor((-10 - 11 - 13) / 3))
+    assert filled.s2.season_gap_fill
+    assert datamodule_references(filled)["season_gap_fill"] is True
+    assert datamodule_references(plain)["season_gap_fill"] is False
+
+
 # ---------------------------------------------------------------------------- datamodule
 def test_datamodule_setup_attributes_and_train_batches(
     tiny_world: Path, caplog: pytest.LogCaptureFixture
