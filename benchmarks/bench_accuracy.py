@@ -56,6 +56,11 @@ sys.path.insert(0, str(ROOT))
 PUBLISHED = ROOT.parent / "shared" / "data" / "popcorn_dda_slim_checkpoint30.pt"
 SEASONS = ["spring", "summer", "autumn", "winter"]
 FINE = 10
+#: Where --season-gap-fill reads a season's gaps from the other seasons, and what the header says.
+GAP_FILL_STAGES = ("maps", "all")
+GAP_FILL_HEADER = {"all": ", season gaps filled with the mean of the other seasons (training and maps)",
+                   "maps": ", season gaps filled with the mean of the other seasons in the maps only "
+                           "(networks trained on the paper's reading)"}
 
 
 @dataclass
@@ -118,10 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--member-statistic", choices=MEMBER_STATISTICS, default="mean",
                    help="how the ensemble rows combine the members' season-averaged maps: mean (the paper) or the "
                         "per-pixel median (beyond the paper; popcorn predict --member-statistic)")
-    p.add_argument("--season-gap-fill", action="store_true",
+    p.add_argument("--season-gap-fill", nargs="?", const="all", choices=GAP_FILL_STAGES, default=None,
                    help="beyond the paper: what a season's composite misses (S1 strips, S2 cloud holes) is read as the "
-                        "other seasons' mean at the pixel, in the pretraining, every member's training and every map "
-                        "(data.season_gap_fill, popcorn predict --season-gap-fill); default: the paper's reading")
+                        "other seasons' mean at the pixel; all (the flag alone): in the pretraining, every member's "
+                        "training and every map (data.season_gap_fill); maps: in the maps only, the networks trained "
+                        "on the paper's reading (popcorn predict --season-gap-fill); default: the paper's reading")
     p.add_argument("--occupancy-sources", type=int, nargs="+", default=[], metavar="SEED",
                    help="beyond the paper: first train the occupancy branch on these settlement worlds' fine "
                         "population (popcorn pretrain-occupancy, experiments/occupancy/pretrain.yaml; never an "
@@ -170,7 +176,7 @@ def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace
         f"--data.init_args.census_counts={world / 'census_counts.csv'}",
         *args.fit_args,
         *region_subset_args(seed, args.member_region_fraction),
-        *(["--data.init_args.season_gap_fill=true"] if args.season_gap_fill else []),
+        *(["--data.init_args.season_gap_fill=true"] if args.season_gap_fill == "all" else []),
         *([f"--model.occupancy_weights={args.occupancy_exports[seed]}"] if args.occupancy_exports else []),
     ]
     t0 = time.perf_counter()
@@ -201,7 +207,7 @@ def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]
     if bad:
         raise SystemExit(f"error: occupancy source worlds {bad} are evaluated or held out; their labels must not train")
     run = out / (f"occupancy_pretraining_{'_'.join(map(str, args.occupancy_sources))}"
-                 f"{'' if seed is None else f'_seed{seed}'}{'_gapfill' if args.season_gap_fill else ''}")
+                 f"{'' if seed is None else f'_seed{seed}'}{'_gapfill' if args.season_gap_fill == 'all' else ''}")
     export = run / "occupancy_weights.pt"
     worlds = [Path(make_settlement_world(args.data_root, size_px=args.size_px, seed=s,
                                          mean_region_ha=args.mean_region_ha).directory)
@@ -214,7 +220,7 @@ def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]
         f"--data.population_rasters=[{','.join(str(w / 'population_10m.tif') for w in worlds)}]",
         f"--trainer.max_epochs={args.pretrain_epochs}", f"--data.batches_per_epoch={args.pretrain_batches}",
         *([] if seed is None else [f"--seed_everything={seed}"]),
-        *(["--data.season_gap_fill=true"] if args.season_gap_fill else []),
+        *(["--data.season_gap_fill=true"] if args.season_gap_fill == "all" else []),
     ], export, argparse.Namespace(threads=(args.threads or 1) * (1 if seed is not None else max(1, args.jobs))))
 
 
@@ -484,7 +490,7 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
                                                          else f"_{args.member_statistic}"))
     for name, (members, seasons) in runs.items():
         outputs, seconds = predict_maps(members, seasons, world, maps_dir / name.split(" (")[0].replace(" ", "_"),
-                                        args.season_weights, args.member_statistic, args.season_gap_fill)
+                                        args.season_weights, args.member_statistic, args.season_gap_fill is not None)
         res.predict_seconds[name] = seconds
         raw10 = np.nan_to_num(read(outputs["population_10m"]))
         score10 = np.nan_to_num(read(outputs["builtup_score"]))
@@ -504,10 +510,10 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
             builtup_score = score10
     assert builtup_score is not None
     res.by_season = one_model_by_season(ckpts[0], world, wdir / "maps" / "1_model_by_season", ids, counts, truth,
-                                        args.season_gap_fill)
+                                        args.season_gap_fill is not None)
     res.by_member, res.member_error_correlation = each_member(ckpts, maps_1ha["1 model x 4 seasons raw"], world,
                                                               members_dir / "each_member", truth, args.season_weights,
-                                                              args.season_gap_fill)
+                                                              args.season_gap_fill is not None)
     builtup_disagg, _ = dasymetric_rescale(builtup_score, ids, counts)
     uniform, _ = dasymetric_rescale(np.ones_like(builtup_score), ids, counts)
     maps_1ha["BuiltUp disaggregation"] = block_sum(builtup_disagg, FINE)
@@ -618,7 +624,7 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f"{f', world domain shift {args.world_shift}' if args.world_shift else ''}"
           f", extra fit args {args.fit_args}, census matching: {matching}, seasons averaged: {args.season_weights}, "
           f"members combined: {args.member_statistic}"
-          f"{', season gaps filled with the mean of the other seasons' if args.season_gap_fill else ''}"
+          f"{GAP_FILL_HEADER.get(args.season_gap_fill, '')}"
           f"{f', each member on its own {args.member_region_fraction:.0%} of the regions' if args.member_region_fraction < 1 else ''}",
           flush=True)
     t0 = time.perf_counter()

@@ -105,6 +105,20 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     (median,) = json.loads((tmp_path / "out" / "results.json").read_text())
     assert median["train_seconds"] == result["train_seconds"]
     assert median["metrics"][f"{bag} raw"]["r2"] == pytest.approx(metrics[f"{bag} raw"]["r2"], abs=1e-6)
+    # --season-gap-fill maps: the members trained on the paper's reading are reused, and only
+    # the maps read a season's gaps from the other seasons (their tag says so)
+    out = run_tiny_benchmark(tmp_path, "--season-gap-fill", "maps")
+    assert "season gaps filled with the mean of the other seasons in the maps only" in out
+    (maps_only,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert maps_only["train_seconds"] == result["train_seconds"]
+    for member in (1600, 1601):
+        done = tmp_path / "out" / "world_101" / f"member_{member}" / "done.json"
+        assert not any("season_gap_fill" in a for a in json.loads(done.read_text())["command"])
+    tagged = list((tmp_path / "out" / "world_101" / "maps").rglob("population_1ha.tif"))
+    assert tagged
+    for raw in tagged:
+        with rasterio.open(raw) as src:
+            assert src.tags()["season_gap_fill"] == "true", raw
 
     # --member-region-fraction (bagging): each member trains on its own share of the regions,
     # drawn with its seed, and is scored out of bag on the rest
