@@ -451,6 +451,7 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     res = WorldResult(seed, len(counts), n_px / 100 / max(len(counts), 1), float(sum(counts.values())),
                       world_seconds=world_seconds)
     wdir = out / f"world_{seed}"
+    fill_maps = args.season_gap_fill is not None  # "maps" and "all" both read the maps' gaps from other seasons
     weights = args.builtup_weights
     if args.adapt_epochs > 0:
         weights, res.adapt_seconds = adapt_builtup(world, wdir, args)
@@ -490,7 +491,7 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
                                                          else f"_{args.member_statistic}"))
     for name, (members, seasons) in runs.items():
         outputs, seconds = predict_maps(members, seasons, world, maps_dir / name.split(" (")[0].replace(" ", "_"),
-                                        args.season_weights, args.member_statistic, args.season_gap_fill is not None)
+                                        args.season_weights, args.member_statistic, fill_maps)
         res.predict_seconds[name] = seconds
         raw10 = np.nan_to_num(read(outputs["population_10m"]))
         score10 = np.nan_to_num(read(outputs["builtup_score"]))
@@ -510,10 +511,10 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
             builtup_score = score10
     assert builtup_score is not None
     res.by_season = one_model_by_season(ckpts[0], world, wdir / "maps" / "1_model_by_season", ids, counts, truth,
-                                        args.season_gap_fill is not None)
+                                        fill_maps)
     res.by_member, res.member_error_correlation = each_member(ckpts, maps_1ha["1 model x 4 seasons raw"], world,
                                                               members_dir / "each_member", truth, args.season_weights,
-                                                              args.season_gap_fill is not None)
+                                                              fill_maps)
     builtup_disagg, _ = dasymetric_rescale(builtup_score, ids, counts)
     uniform, _ = dasymetric_rescale(np.ones_like(builtup_score), ids, counts)
     maps_1ha["BuiltUp disaggregation"] = block_sum(builtup_disagg, FINE)

@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the ensemble with it; beyond the paper)")
     g.add_argument("--season-gap-fill", action="store_true",
                    help="read what a season's composite misses (S1 strips, S2 cloud holes) as the other seasons' "
-                        "mean at the pixel (beyond the paper); use it when the checkpoints were trained with "
-                        "--data.init_args.season_gap_fill=true")
+                        "mean at the pixel (beyond the paper); for checkpoints trained with "
+                        "--data.init_args.season_gap_fill=true, and usable with any other")
     g.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
     a = p.add_argument_group("area (default: the whole imagery)")
     a.add_argument("--bbox", nargs=4, type=float, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
