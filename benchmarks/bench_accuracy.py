@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the maps average seasons: equal (the paper) or observed (per pixel by the share of "
                         "each composite observed around it; popcorn predict --season-weights)")
     p.add_argument("--member-statistic", choices=MEMBER_STATISTICS, default="mean",
-                   help="how the ensemble rows combine the members' season-averaged maps: mean (the paper) or the "
-                        "per-pixel median (beyond the paper; popcorn predict --member-statistic)")
+                   help="how the ensemble rows combine the members' season-averaged maps: mean (the paper), the "
+                        "per-pixel median, or collocation weights (beyond the paper; popcorn predict "
+                        "--member-statistic)")
     p.add_argument("--season-gap-fill", nargs="?", const="all", choices=GAP_FILL_STAGES, default=None,
                    help="beyond the paper: what a season's composite misses (S1 strips, S2 cloud holes) is read as the "
                         "other seasons' mean at the pixel; all (the flag alone): in the pretraining, every member's "

@@ -60,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "pixel by the share of its composite observed within 80 m (cloud and orbit gaps count "
                         "less; all seasons alike where none observed)")
     g.add_argument("--member-statistic", choices=MEMBER_STATISTICS, default="mean",
-                   help="how several checkpoints combine: mean (the paper) or median, per 10 m pixel, of each "
+                   help="how several checkpoints combine: mean (the paper); median, per 10 m pixel, of each "
                         "checkpoint's season-averaged map (one member whose training went astray does not pull "
-                        "the ensemble with it; beyond the paper)")
+                        "the ensemble with it; beyond the paper); collocation: their mean weighted by the inverse "
+                        "of each one's own error variance, estimated without labels from how the checkpoints' 1 ha "
+                        "maps differ (a first pass over the tiles; >= 3 checkpoints; member_weights.csv; beyond "
+                        "the paper)")
     g.add_argument("--season-gap-fill", action="store_true",
                    help="read what a season's composite misses (S1 strips, S2 cloud holes) as the other seasons' "
                         "mean at the pixel (beyond the paper); for checkpoints trained with "

@@ -10,7 +10,9 @@ to all seasons alike where none did. Without gaps both are the same.
 Across checkpoints, ``"mean"`` (the paper) averages their maps; ``"median"`` (beyond the paper)
 takes per pixel the median of each checkpoint's season-averaged map, so that one member whose
 census training went astray (people moved between building types the census cannot tell apart)
-does not pull the ensemble with it.
+does not pull the ensemble with it; ``"collocation"`` (beyond the paper) weights each checkpoint in
+the mean by the inverse of its own error variance, estimated from how it differs from the others
+(:mod:`popcorn.inference.collocation`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 SEASON_WEIGHTS = ("equal", "observed")
-MEMBER_STATISTICS = ("mean", "median")
+MEMBER_STATISTICS = ("mean", "median", "collocation")
 OBSERVED_WINDOW_PX = 8  # half-width of the window whose observed share weights a season (80 m)
 
 
@@ -77,7 +79,7 @@ def season_weights(data: dict[str, tuple[torch.Tensor, torch.Tensor]], rule: str
 
 def combine_members(member_maps: list[np.ndarray], statistic: str) -> np.ndarray:
     """Per-pixel ensemble of the checkpoints' (season-averaged) maps by ``statistic``: "mean" or "median"."""
-    if statistic not in MEMBER_STATISTICS:
-        raise ValueError(f"member statistic must be one of {MEMBER_STATISTICS}, got {statistic!r}")
+    if statistic not in ("mean", "median"):
+        raise ValueError(f"member statistic must be mean or median here, got {statistic!r}")
     stack = np.stack(member_maps)
     return stack.mean(0) if statistic == "mean" else np.median(stack, axis=0)

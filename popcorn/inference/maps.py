@@ -14,7 +14,9 @@
   1 ha sums (not a sum of 10 m stds). With ``season_weights="observed"`` each season counts per
   pixel by how much of its composite is observed around the pixel; with ``member_statistic="median"``
   the population maps are the per-pixel median of the checkpoints' season means (1 ha = sums of
-  the 10 m median; :mod:`popcorn.inference.ensemble`).
+  the 10 m median; :mod:`popcorn.inference.ensemble`); with ``"collocation"`` a first pass over the
+  tiles maps each checkpoint alone at 1 ha, and the checkpoints are weighted by the inverse of their
+  own error variance estimated from their pairwise differences (:mod:`popcorn.inference.collocation`).
 - **Dasymetric rescaling** (optional): census regions are rasterised per tile (never for the
   whole area at once), region sums are accumulated over the finished tiles, and the rescaled map
   is made per tile during assembly; per-region scale factors go to a CSV.
@@ -27,6 +29,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,10 +47,11 @@ from popcorn.datasets.grid import RasterGrid, Window
 from popcorn.datasets.samples import TileQuery
 from popcorn.datasets.sentinel import SEASONS, check_seasons
 from popcorn.errors import PopcornInputError
-from popcorn.evaluation.dasymetric import region_sums
 from popcorn.inference.area import resolve_area
+from popcorn.inference.collocation import MIN_MEMBERS, MemberWeights, member_weights
 from popcorn.inference.ensemble import MEMBER_STATISTICS, SEASON_WEIGHTS, RunningMean, combine_members, season_weights
 from popcorn.inference.fast import DEFAULT_THRESHOLD, FastPopcorn, load_popcorn
+from popcorn.inference.rescaling import RESCALE_REST, CensusTiles, rescaled_product
 from popcorn.inference.tiles import (
     ALIGN,
     FINE,
@@ -56,12 +60,10 @@ from popcorn.inference.tiles import (
     OpenReader,
     Product,
     Shard,
-    TileRun,
     assemble,
     block_sum_partial,
     run_tiles,
 )
-from popcorn.io import atomic_path
 from popcorn.samplers.tiles import TileGridSampler
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,8 @@ class PredictSettings:
     ``rescale_rest`` ("uniform": evenly; "builtup": by score). ``season_weights``: "equal" (the
     paper's plain mean) or "observed" (each season weighted per pixel by how much of its
     composite around the pixel is observed, :mod:`popcorn.inference.ensemble`). ``member_statistic``:
-    "mean" (the paper) or "median" of the checkpoints' season-averaged maps, per 10 m pixel.
+    "mean" (the paper), "median" of the checkpoints' season-averaged maps per 10 m pixel, or
+    "collocation" (their mean weighted by the inverse of each one's own error variance).
     ``season_gap_fill``: what a season misses read as the other seasons' mean (as in training).
     """
 
@@ -109,7 +112,6 @@ class PredictSettings:
 
 
 RESCALING_FIELDS = ("rescale_cap", "rescale_rest")  # PredictSettings fields of the census matching only
-RESCALE_REST = ("uniform", "builtup")  # how the capped rescaling spreads the rest of a count
 
 
 @dataclass
@@ -127,12 +129,15 @@ class PredictResult:
     megapixels: float
     scale_factors: Path | None = None
     scale_percentiles: tuple[float, float, float] | None = None
+    member_weights: MemberWeights | None = None
 
 
 def ensemble_name(settings: PredictSettings) -> str:
     """How the population maps combine the checkpoints, in words (for the products' units tag)."""
     if settings.member_statistic == "mean":
         return "ensemble mean"
+    if settings.member_statistic == "collocation":
+        return "mean of the checkpoints weighted by the inverse of their own error variance (N-cornered hat)"
     return "per-pixel median over the checkpoints of their season means"
 
 
@@ -181,12 +186,13 @@ def imagery_reader(imagery_root: str, seasons: Sequence[str], season_gap_fill: b
 def predict_tile(
     members: Sequence[Member], data: dict[str, tuple[torch.Tensor, torch.Tensor]], core: Window,
     read: Window, device: torch.device, area_mask: np.ndarray | None = None, seasons_by: str = "equal",
-    members_by: str = "mean",
+    members_by: str = "mean", member_weights: Sequence[float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Ensemble prediction of one tile core from its read window's imagery (all seasons).
 
     ``seasons_by``: how seasons are weighted per pixel (:func:`popcorn.inference.ensemble.season_weights`);
-    ``members_by``: how the checkpoints' maps are combined (:func:`popcorn.inference.ensemble.combine_members`).
+    ``members_by``: how the checkpoints' maps are combined (:func:`popcorn.inference.ensemble.combine_members`);
+    ``member_weights``: each checkpoint's weight in the means (default: all 1).
     Returns float32 arrays on the core (10 m) and its 1 ha cells; NaN = nodata.
     """
     r, c, h, w = core
@@ -201,7 +207,7 @@ def predict_tile(
     _, cell_n = block_sum_partial(np.zeros((h, w)), valid)
     weights = season_weights(data, seasons_by, (dr, dc, h, w))
     pop10, pop1 = RunningMean(), RunningMean()
-    by_member = [RunningMean() for _ in members] if members_by != "mean" else []
+    by_member = [RunningMean() for _ in members] if members_by == "median" else []
     bu_sum = np.zeros((h, w), np.float64)
     occ_sum = np.zeros((h, w), np.float64)
     occ_weight = np.zeros((h, w), np.float64)
@@ -209,9 +215,12 @@ def predict_tile(
         for season, (s1, s2) in data.items():
             x1 = s1[None].to(device)
             x2 = s2[None].to(device)
-            weight = weights[season]
-            cell_weight = weight if np.isscalar(weight) else block_sum_partial(weight, valid)[0] / np.maximum(cell_n, 1)
+            season_weight = weights[season]
+            season_cells = (season_weight if np.isscalar(season_weight)
+                            else block_sum_partial(season_weight, valid)[0] / np.maximum(cell_n, 1))
             for i, member in enumerate(members):
+                share = 1.0 if member_weights is None else float(member_weights[i])
+                weight, cell_weight = season_weight * share, season_cells * share
                 out = member.model(x1, x2)
                 crop = {k: v[0, 0, dr : dr + h, dc : dc + w].float().cpu().numpy() for k, v in out.items()}
                 pop10.add(crop["population"], weight)
@@ -238,23 +247,6 @@ def predict_tile(
     out["population_1ha"] = np.where(cell_n > 0, pop1_mean, nan).astype(np.float32)
     out["population_1ha_std"] = np.where(cell_n > 0, pop1.std(), nan).astype(np.float32)
     return out
-
-
-# ----------------------------------------------------------------------------- census
-class _CensusTiles:
-    """Census regions rasterised tile by tile on the imagery grid (never the whole area)."""
-
-    def __init__(self, regions: str, counts: str | None, grid: RasterGrid, id_column: str, count_column: str) -> None:
-        from popcorn.datasets.census import read_regions
-        from popcorn.evaluation.dasymetric import RegionRasterizer
-
-        self.grid = grid
-        self.raster = RegionRasterizer(read_regions(regions, counts, grid.crs, id_column, count_column), grid.crs)
-        self.counts = self.raster.counts
-        self.n = self.raster.n
-
-    def ids_window(self, window: Window) -> np.ndarray:
-        return self.raster.ids_window(self.grid.window_transform(window), window[2:])
 
 
 def _settings_key(settings: PredictSettings, members: Sequence[Member], window: Window) -> str:
@@ -292,17 +284,23 @@ def _check_settings(settings: PredictSettings) -> None:
                                 f"got {settings.rescale_rest!r}")
 
 
+def _area_mask(core: Window, grid: RasterGrid, geom: Any) -> np.ndarray | None:
+    """True inside the area polygon on the tile core (None: no polygon, the whole core)."""
+    if geom is None:
+        return None
+    return rasterio.features.geometry_mask([geom], out_shape=core[2:], transform=grid.window_transform(core),
+                                           invert=True)
+
+
 def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: RasterGrid, geom: Any,
-                 dev: torch.device, keep_10m: bool) -> Callable[..., dict[str, np.ndarray]]:
+                 dev: torch.device, keep_10m: bool,
+                 weights: MemberWeights | None = None) -> Callable[..., dict[str, np.ndarray]]:
     """The engine's per-tile function: the members' maps of one tile, masked to the area polygon;
     10 m layers are dropped unless written (or needed for the census rescaling, ``keep_10m``)."""
 
     def runner(core: Window, read: Window, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
-        mask = None
-        if geom is not None:
-            mask = rasterio.features.geometry_mask([geom], out_shape=core[2:], transform=grid.window_transform(core),
-                                                   invert=True)
-        arrays = predict_tile(members, data, core, read, dev, mask, settings.season_weights, settings.member_statistic)
+        arrays = predict_tile(members, data, core, read, dev, _area_mask(core, grid, geom), settings.season_weights,
+                              settings.member_statistic, None if weights is None else weights.weights)
         if not settings.write_10m:
             arrays.pop("population_10m_std")
             if not keep_10m:
@@ -310,6 +308,29 @@ def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: Ras
         return arrays
 
     return runner
+
+
+def _collocation_weights(settings: PredictSettings, members: Sequence[Member], tiles: TileGridSampler,
+                         reader: OpenReader, grid: RasterGrid, geom: Any, dev: torch.device, work: Path, key: str,
+                         **run_options: Any) -> MemberWeights | None:
+    """First pass of ``member_statistic="collocation"``: every checkpoint's own (season-combined)
+    1 ha map of every tile, kept in its own resumable tile store, and the checkpoints' weights
+    from their pairwise differences; None (all alike) with fewer than 3 checkpoints."""
+    if len(members) < MIN_MEMBERS:
+        log.warning("--member-statistic collocation needs at least %d checkpoints, got %d: they count alike",
+                    MIN_MEMBERS, len(members))
+        return None
+
+    def runner(core: Window, read: Window, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
+        mask = _area_mask(core, grid, geom)
+        return {"member_population_1ha": np.stack([
+            predict_tile([m], data, core, read, dev, mask, settings.season_weights)["population_1ha"] for m in members
+        ])}
+
+    run = run_tiles(tiles, reader, runner, work, key, {"pass": "collocation: each checkpoint's own 1 ha map"}, desc="members alone",
+                    **run_options)
+    return member_weights([m.path for m in members],
+                          lambda: (run.load(core)["member_population_1ha"] for core in run.cores))
 
 
 def predict(
@@ -345,84 +366,49 @@ def predict(
     _, _, grid = open_imagery(settings.imagery_root, seasons)
     window, geom = resolve_area(grid, settings.bbox, settings.bbox_crs, settings.area)
     census = (
-        _CensusTiles(settings.census, settings.counts, grid, settings.id_column, settings.count_column)
+        CensusTiles(settings.census, settings.counts, grid, settings.id_column, settings.count_column)
         if settings.census else None
     )
     tiles = TileGridSampler(grid, settings.tile_size, settings.margin, window=window, roi=geom, seasons=seasons)
     cores = tiles.cores
-    runner = _tile_runner(settings, members, grid, geom, dev, keep_10m=census is not None)
+    reader = imagery_reader(settings.imagery_root, seasons, settings.season_gap_fill)
+    key = _settings_key(settings, members, window)
+    weights = first_pass = None
+    if settings.member_statistic == "collocation":
+        first_pass = out / f"{PARTIAL_DIR}-members"
+        weights = _collocation_weights(settings, members, tiles, reader, grid, geom, dev, first_pass, key,
+                                       resume=resume, progress=progress, shard=shard)
+    runner = _tile_runner(settings, members, grid, geom, dev, census is not None, weights)
     run = run_tiles(
-        tiles, imagery_reader(settings.imagery_root, seasons, settings.season_gap_fill), runner,
-        out / PARTIAL_DIR, _settings_key(settings, members, window),
-        {"settings": asdict(settings), "window": list(window)},
+        tiles, reader, runner, out / PARTIAL_DIR, key, {"settings": asdict(settings), "window": list(window)},
         resume=resume, progress=progress, stop_after=stop_after, on_tile=on_tile, shard=shard,
     )
     if shard is not None and shard.rank != 0:
         return None
 
     # --- census sums (pass 1 over the finished tiles), then the GeoTIFFs (pass 2)
-    products = _popcorn_products(settings, members, seasons, out, prefix)
+    products = _popcorn_products(settings, members, seasons, out, prefix, weights)
+    if weights is not None:
+        weights.write_csv(out / f"{prefix}member_weights.csv")
     scale_csv = percentiles = None
     if census is not None:
-        rescaled, scale_csv, percentiles = _rescaled_product(settings, census, run, cores, products[0].tags, out,
-                                                             prefix)
+        tags = dict(products[0].tags, census=f"{settings.census};{settings.counts}")
+        rescaled, scale_csv, percentiles = rescaled_product(census, run, cores, settings.rescale_cap,
+                                                            settings.rescale_rest, ensemble_name(settings), tags, out,
+                                                            prefix)
         products.append(rescaled)
     outputs = assemble(products, grid, window, run)
     run.cleanup()
+    if first_pass is not None:
+        shutil.rmtree(first_pass, ignore_errors=True)
     seconds = time.perf_counter() - t_start
     mpx = sum(c[2] * c[3] for c in cores) / 1e6
     return PredictResult(out, outputs, grid, window, len(members) * len(seasons), len(cores), run.computed,
-                         seconds, mpx, scale_csv, percentiles)
-
-
-def _rescaled_product(settings: PredictSettings, census: _CensusTiles, run: TileRun, cores: Sequence[Window],
-                      tags: dict[str, str], out: Path, prefix: str) -> tuple[Product, Path, Any]:
-    """Sum the finished tiles per census region, write the scale factors, and return the
-    rescaled 1 ha product (made tile by tile during assembly): the paper's dasymetric rescaling,
-    or with ``rescale_cap`` the capped form (:func:`~popcorn.evaluation.dasymetric.capped_factors_from_sums`)."""
-    by_score = settings.rescale_cap is not None and settings.rescale_rest == "builtup"
-    keys = ["population_10m", "builtup_score"] if by_score else ["population_10m"]
-    sums = np.zeros(census.n, np.float64)
-    pixels = np.zeros(census.n, np.float64)
-    prior_sums = np.zeros(census.n, np.float64)
-    for core in cores:
-        arrays = run.load(core, keys)
-        pop = arrays["population_10m"]
-        ids = census.ids_window(core)
-        ok = np.isfinite(pop)
-        sums += region_sums(pop[ok], ids[ok], census.n)[: census.n]
-        pixels += np.bincount(ids[ok], minlength=census.n)[: census.n]
-        if by_score:
-            prior_sums += region_sums(np.nan_to_num(arrays["builtup_score"][ok]), ids[ok], census.n)[: census.n]
-    if not by_score:
-        prior_sums = pixels
-    factors, prior_coef, uniform, scale_csv, percentiles = _scale_factors(settings, census, sums, prior_sums, pixels,
-                                                                          out, prefix)
-
-    def rescaled(arrays: dict[str, np.ndarray], core: Window) -> np.ndarray:
-        pop = arrays["population_10m"]
-        ok = np.isfinite(pop)
-        ids = census.ids_window(core)
-        prior = np.nan_to_num(arrays["builtup_score"]) if by_score else 1.0
-        adj = np.where(ok, pop * factors[ids] + prior * prior_coef[ids] + uniform[ids], 0.0)
-        s, cnt = block_sum_partial(adj, ok)
-        return np.where(cnt > 0, s, np.nan)
-
-    combined = ensemble_name(settings)
-    if settings.rescale_cap is None:
-        method = f"{combined} rescaled to the census counts (dasymetric)"
-    else:
-        method = (f"{combined} rescaled to the census counts, scale factor at most {settings.rescale_cap:g} x "
-                  "census total / map total, "
-                  f"the rest of each count spread {'by built-up score' if by_score else 'evenly'}")
-    tags = dict(tags, units=f"people per 1 ha cell, {method}", product="population_1ha_rescaled",
-                census=f"{settings.census};{settings.counts}")
-    return (Product("population_1ha_rescaled", out / f"{prefix}population_1ha_rescaled.tif", "population", tags,
-                    FINE, rescaled), scale_csv, percentiles)
+                         seconds, mpx, scale_csv, percentiles, weights)
 
 
 def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seasons: Sequence[str], out: Path,
-                      prefix: str) -> list[Product]:
+                      prefix: str, weights: MemberWeights | None = None) -> list[Product]:
     n_members = len(members) * len(seasons)
     combined = ensemble_name(settings)
     base_tags = {
@@ -433,11 +419,13 @@ def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seas
         "seasons": ",".join(seasons),
         "members": str(n_members),
         "member_statistic": settings.member_statistic, "season_gap_fill": str(settings.season_gap_fill).lower(),
+        **({} if weights is None else {"member_weights": weights.tag()}),
         "tile_size": str(settings.tile_size),
         "overlap": str(settings.overlap),
         "sparse_head_threshold": str(settings.threshold),
         "imagery": str(settings.imagery_root),
     }
+    spread = "" if weights is None else ", weighted as the mean"
     specs: list[tuple[str, str, int, str, str]] = [  # key, file, factor, band, what
         ("population_1ha", "population_1ha.tif", FINE, "population", f"people per 1 ha cell, {combined}"),
         ("builtup_score", "builtup_score_10m.tif", 1, "builtup_score", "built-up score [0,1], ensemble mean"),
@@ -446,46 +434,14 @@ def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seas
     ]
     if n_members > 1:
         specs.append(("population_1ha_std", "population_1ha_std.tif", FINE, "population_std",
-                      "people per 1 ha cell, std (ddof=0) over the ensemble members"))
+                      f"people per 1 ha cell, std (ddof=0) over the ensemble members{spread}"))
     if settings.write_10m:
         specs.append(("population_10m", "population_10m.tif", 1, "population", f"people per 10 m pixel, {combined}"))
         if n_members > 1:
             specs.append(("population_10m_std", "population_10m_std.tif", 1, "population_std",
-                          "people per 10 m pixel, std (ddof=0) over the ensemble members"))
+                          f"people per 10 m pixel, std (ddof=0) over the ensemble members{spread}"))
     return [Product(key, out / f"{prefix}{name}", band, dict(base_tags, units=what, product=key), factor)
             for key, name, factor, band, what in specs]
-
-
-def _scale_factors(settings: PredictSettings, census: _CensusTiles, sums: np.ndarray, prior_sums: np.ndarray,
-                   pixels: np.ndarray, out: Path, prefix: str):
-    import pandas as pd
-
-    from popcorn.evaluation.dasymetric import capped_factors_from_sums, scale_factors_from_sums
-
-    paper_factors, _, scale = scale_factors_from_sums(census.counts, sums, pixels)
-    cap = math.inf if settings.rescale_cap is None else settings.rescale_cap
-    factors, prior_coef, uniform = capped_factors_from_sums(census.counts, sums, prior_sums, pixels, cap)
-    missing = [int(r) for r in census.counts if pixels[r] == 0]
-    if missing:
-        log.warning("census region(s) %s have no predicted pixel (outside the area); their counts "
-                    "are not distributed", missing[:20])
-    rows = []
-    for r in sorted(census.counts):
-        row = {"region_id": int(r), "count": census.counts[r], "predicted": float(sums[r]),
-               "pixels": int(pixels[r]), "scale_factor": scale[r]}
-        if settings.rescale_cap is not None:
-            row["applied_factor"] = float(factors[r])
-            capped = pixels[r] > 0 and factors[r] < paper_factors[r]
-            row["people_spread"] = float(census.counts[r] - factors[r] * sums[r]) if capped else 0.0
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    path = out / f"{prefix}scale_factors.csv"
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-    finite = frame.scale_factor.to_numpy()
-    finite = finite[np.isfinite(finite)]
-    percentiles = tuple(float(v) for v in np.percentile(finite, [10, 50, 90])) if finite.size else None
-    return factors, prior_coef, uniform, path, percentiles
 
 
 __all__ = [

@@ -105,6 +105,16 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     (median,) = json.loads((tmp_path / "out" / "results.json").read_text())
     assert median["train_seconds"] == result["train_seconds"]
     assert median["metrics"][f"{bag} raw"]["r2"] == pytest.approx(metrics[f"{bag} raw"]["r2"], abs=1e-6)
+    # --member-statistic collocation: own folder, members reused; two members cannot be told
+    # apart by their pairs, so they count alike (the mean)
+    out = run_tiny_benchmark(tmp_path, "--member-statistic", "collocation")
+    assert "members combined: collocation" in out
+    (weighted,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert weighted["train_seconds"] == result["train_seconds"]
+    assert weighted["metrics"][f"{bag} raw"]["r2"] == pytest.approx(metrics[f"{bag} raw"]["r2"], abs=1e-6)
+    with rasterio.open(tmp_path / "out" / "world_101" / "maps_collocation" / "2_models_x_4_seasons"
+                       / "population_1ha.tif") as src:
+        assert src.tags()["member_statistic"] == "collocation" and "member_weights" not in src.tags()
     # --season-gap-fill maps: the members trained on the paper's reading are reused, and only
     # the maps read a season's gaps from the other seasons (their tag says so)
     out = run_tiny_benchmark(tmp_path, "--season-gap-fill", "maps")

@@ -144,33 +144,42 @@ def test_combine_members_mean_and_median() -> None:
         combine_members(maps, "mode")
 
 
-def test_member_median_is_the_median_of_each_checkpoints_season_mean(gapped_world) -> None:
+@pytest.fixture(scope="module")
+def three_members(gapped_world):
+    """Three checkpoints whose maps differ per pixel (occupancy bias 0.2, 0.5, 2.0), each one's
+    summer + autumn map alone, and a function predicting them together with a member statistic."""
     root, imagery, _ = gapped_world
     ckpts = []
-    for k, bias in enumerate((0.2, 0.5, 2.0)):  # three members whose maps differ per pixel
+    for k, bias in enumerate((0.2, 0.5, 2.0)):
         torch.manual_seed(100 + k)
         task = WeakSupervisionTask(occupancy_bias_init=bias)
         ckpts.append(root / f"member{k}.ckpt")
         torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpts[-1])
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
 
-    def run(paths: list, statistic: str, name: str) -> dict[str, np.ndarray]:
-        settings = PredictSettings(checkpoints=[str(p) for p in paths], imagery_root=str(imagery),
-                                   seasons=["summer", "autumn"], tile_size=100, overlap=64, write_10m=True,
-                                   member_statistic=statistic)
-        result = predict(settings, root / name, progress=False)
+    def run(paths: list, statistic: str, name: str) -> dict:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            settings = PredictSettings(checkpoints=[str(p) for p in paths], imagery_root=str(imagery),
+                                       seasons=["summer", "autumn"], tile_size=100, overlap=64, write_10m=True,
+                                       member_statistic=statistic)
+            result = predict(settings, root / name, progress=False)
+        finally:
+            torch.set_num_threads(before)
         out = {k: rasterio.open(p).read(1).astype(np.float64) for k, p in result.outputs.items()}
         with rasterio.open(result.outputs["population_1ha"]) as src:
             out["tags"] = src.tags()
+        out["result"] = result
         return out
 
-    try:
-        alone = [run([p], "mean", f"alone{k}")["population_10m"] for k, p in enumerate(ckpts)]
-        median, mean = run(ckpts, "median", "median"), run(ckpts, "mean", "mean")
-    finally:
-        torch.set_num_threads(before)
-    stack = np.stack(alone)
+    alone = [run([p], "mean", f"alone{k}") for k, p in enumerate(ckpts)]
+    return root, ckpts, alone, run
+
+
+def test_member_median_is_the_median_of_each_checkpoints_season_mean(three_members) -> None:
+    _, ckpts, alone, run = three_members
+    median, mean = run(ckpts, "median", "median"), run(ckpts, "mean", "mean")
+    stack = np.stack([a["population_10m"] for a in alone])
     assert np.allclose(median["population_10m"], np.median(stack, axis=0), atol=1e-5)
     assert np.allclose(mean["population_10m"], stack.mean(0), atol=1e-5)
     assert np.abs(median["population_10m"] - mean["population_10m"]).max() > 1e-3  # the option changes the map
@@ -185,7 +194,7 @@ def test_member_median_is_the_median_of_each_checkpoints_season_mean(gapped_worl
 def test_unknown_member_statistic_refused(gapped_world) -> None:
     root, imagery, ckpt = gapped_world
     settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), member_statistic="trimmed")
-    with pytest.raises(PopcornInputError, match="--member-statistic must be one of mean, median"):
+    with pytest.raises(PopcornInputError, match="--member-statistic must be one of mean, median, collocation"):
         predict(settings, root / "bad_statistic", progress=False)
 
 
@@ -222,3 +231,32 @@ def test_season_gap_fill_reaches_the_maps(gapped_world) -> None:
     inside = (slice(70, 130),) * 2
     assert np.abs(maps[True][inside] - maps[False][inside]).max() > 1e-4  # the cloud no longer reads as band means
     assert np.abs(maps[True][:20] - maps[False][:20]).max() < 1e-6  # far from the cloud: the paper's map
+
+
+def test_collocation_weights_the_members_by_their_own_error_variance(three_members, caplog) -> None:
+    """``member_statistic="collocation"``: the map is the mean of the checkpoints' maps weighted as
+    ``member_weights.csv`` says, and those weights are the N-cornered hat of the checkpoints' own 1 ha
+    maps (what predicting each alone gives): the outlying member (bias 2.0) counts least."""
+    from popcorn.inference.collocation import member_weights
+
+    root, ckpts, alone, run = three_members
+    weighted = run(ckpts, "collocation", "collocation")
+    result = weighted["result"]
+    expected = member_weights([str(p) for p in ckpts], lambda: iter([np.stack([a["population_1ha"] for a in alone])]))
+    assert np.allclose(result.member_weights.weights, expected.weights, atol=1e-4)
+    assert np.allclose(result.member_weights.own_variance, expected.own_variance, rtol=1e-3)
+    w = result.member_weights.weights
+    assert abs(w.sum() - 1.0) < 1e-9 and np.argmin(w) == 2 and w.max() < 0.99
+    stack = np.stack([a["population_10m"] for a in alone])
+    assert np.allclose(weighted["population_10m"], np.tensordot(w, stack, 1), atol=1e-5)
+    assert np.abs(weighted["population_10m"] - stack.mean(0)).max() > 1e-3  # not the plain mean
+    assert np.allclose(weighted["population_1ha"], block_sum(weighted["population_10m"]), atol=1e-3)
+    csv = (root / "collocation" / "member_weights.csv").read_text().splitlines()
+    assert csv[0] == "checkpoint,own_error_variance,weight,cells" and len(csv) == 4
+    assert weighted["tags"]["member_statistic"] == "collocation"
+    assert weighted["tags"]["member_weights"] == ";".join(f"{x:.4f}" for x in w)
+    assert not any(p.name.startswith(".popcorn-partial") for p in (root / "collocation").iterdir())
+    with caplog.at_level("WARNING"):  # two checkpoints: the pairs cannot tell their errors apart
+        two = run(ckpts[:2], "collocation", "collocation_two")
+    assert "at least 3 checkpoints" in caplog.text and two["result"].member_weights is None
+    assert np.allclose(two["population_10m"], stack[:2].mean(0), atol=1e-5)

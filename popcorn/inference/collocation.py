@@ -1,0 +1,107 @@
+"""Member weights from how the members disagree (the N-cornered hat; beyond the paper).
+
+Each checkpoint's map is read as truth + an error all members share + the member's own error,
+the own errors independent between members. The mean squared difference of two members' maps is
+then the sum of their own error variances, and with three or more members these variances follow
+from all pairs by least squares, without any label (the three-cornered hat of clock metrology,
+triple collocation in remote sensing). Inverse-variance weights are the least-variance mean under
+that model: a member whose census training went astray disagrees most with the others and counts
+least, where the paper's plain mean gives it a fifth and the median still lets it decide pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from popcorn.io import atomic_path
+
+#: Fewest members whose own error variances the pairs determine (two give one equation for two unknowns).
+MIN_MEMBERS = 3
+#: Own variances are raised to at least this share of their mean: an estimate at or below zero
+#: (sampling noise, or errors that are not independent) must not hand one member every weight.
+VARIANCE_FLOOR = 0.01
+
+
+class PairwiseDifferences:
+    """Running sums of squared differences between K maps over the cells where all K are finite."""
+
+    def __init__(self, k: int) -> None:
+        self.sums = np.zeros((k, k), np.float64)
+        self.cells = 0
+
+    def add(self, maps: np.ndarray) -> None:
+        """Add a (K, ...) stack of the members' maps of one tile."""
+        flat = maps.reshape(len(self.sums), -1).astype(np.float64)
+        flat = flat[:, np.isfinite(flat).all(0)]
+        diff = flat[:, None, :] - flat[None, :, :]
+        self.sums += np.einsum("abn,abn->ab", diff, diff)
+        self.cells += flat.shape[1]
+
+    def mean_squared(self) -> np.ndarray:
+        """(K, K) mean squared difference of every pair of maps (people^2 per cell)."""
+        if self.cells == 0:
+            raise ValueError("no cell where every member has a value")
+        return self.sums / self.cells
+
+
+def own_error_variances(mean_squared: np.ndarray) -> np.ndarray:
+    """Least-squares own error variance of each member from ``msd[a, b] = var_a + var_b``, a < b."""
+    k = len(mean_squared)
+    if k < MIN_MEMBERS:
+        raise ValueError(f"the own error variances need at least {MIN_MEMBERS} members, got {k}")
+    pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+    design = np.zeros((len(pairs), k))
+    for row, (a, b) in enumerate(pairs):
+        design[row, [a, b]] = 1.0
+    return np.linalg.lstsq(design, np.array([mean_squared[a, b] for a, b in pairs]), rcond=None)[0]
+
+
+def inverse_variance_weights(variances: np.ndarray, floor: float = VARIANCE_FLOOR) -> np.ndarray:
+    """Weights proportional to 1 / variance, summing to 1 (variances raised to ``floor`` x their mean)."""
+    v = np.asarray(variances, np.float64)
+    v = np.maximum(v, floor * max(float(np.mean(np.maximum(v, 0.0))), 1e-12))
+    w = 1.0 / v
+    return w / w.sum()
+
+
+@dataclass
+class MemberWeights:
+    """The collocation weights of the checkpoints and what they stand on."""
+
+    checkpoints: list[str]
+    own_variance: np.ndarray
+    weights: np.ndarray
+    cells: int
+
+    def write_csv(self, path: Path) -> Path:
+        """``member_weights.csv``: checkpoint, own error variance (people^2 per 1 ha cell), weight."""
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["checkpoint", "own_error_variance", "weight", "cells"])
+            for ckpt, var, w in zip(self.checkpoints, self.own_variance, self.weights):
+                out.writerow([ckpt, f"{var:.6g}", f"{w:.6g}", self.cells])
+        return path
+
+    def tag(self) -> str:
+        """The weights for the products' provenance tags, in checkpoint order."""
+        return ";".join(f"{w:.4f}" for w in self.weights)
+
+
+def member_weights(checkpoints: Sequence[str], stacks: Callable[[], Any]) -> MemberWeights:
+    """Collocation weights of ``checkpoints`` from ``stacks()``, an iterable of (K, h, w) stacks of
+    the members' 1 ha maps (tile by tile)."""
+    diffs = PairwiseDifferences(len(checkpoints))
+    for stack in stacks():
+        diffs.add(stack)
+    variances = own_error_variances(diffs.mean_squared())
+    return MemberWeights(list(checkpoints), variances, inverse_variance_weights(variances), diffs.cells)
+
+
+__all__ = ["MIN_MEMBERS", "MemberWeights", "PairwiseDifferences", "inverse_variance_weights", "member_weights",
+           "own_error_variances"]
