@@ -327,8 +327,8 @@ def _collocation_weights(settings: PredictSettings, members: Sequence[Member], t
             predict_tile([m], data, core, read, dev, mask, settings.season_weights)["population_1ha"] for m in members
         ])}
 
-    run = run_tiles(tiles, reader, runner, work, key, {"pass": "collocation: each checkpoint's own 1 ha map"}, desc="members alone",
-                    **run_options)
+    run = run_tiles(tiles, reader, runner, work, key, {"pass": "collocation: each checkpoint's own 1 ha map"},
+                    desc="members alone", **run_options)
     return member_weights([m.path for m in members],
                           lambda: (run.load(core)["member_population_1ha"] for core in run.cores))
 
