@@ -34,6 +34,11 @@ def summarise(result: PredictResult) -> str:
         if result.scale_percentiles is not None:
             p10, p50, p90 = result.scale_percentiles
             lines.append(f"  dasymetric scale factors p10/p50/p90: {p10:.2f} / {p50:.2f} / {p90:.2f}")
+    if result.member_weights is not None:  # --member-statistic collocation: which checkpoint counts how much
+        weights = result.member_weights
+        lines.append("  member weights (own error variance, people^2 per 1 ha cell): " + ", ".join(
+            f"{Path(c).name} {w:.3f} ({v:.3g})" for c, w, v in zip(weights.checkpoints, weights.weights,
+                                                                     weights.own_variance)))
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from popcorn.inference.ensemble import (
     observed_share,
     season_weights,
 )
+from popcorn.inference.evaluate import summarise
 from popcorn.inference.fast import load_popcorn
 from popcorn.inference.maps import PredictSettings, predict
 from popcorn.tasks import WeakSupervisionTask
@@ -254,6 +255,7 @@ def test_collocation_weights_the_members_by_their_own_error_variance(three_membe
     csv = (root / "collocation" / "member_weights.csv").read_text().splitlines()
     assert csv[0] == "checkpoint,own_error_variance,weight,cells" and len(csv) == 4
     assert weighted["tags"]["member_statistic"] == "collocation"
+    assert f"member2.ckpt {w[2]:.3f}" in summarise(result)  # the terminal summary names each weight
     assert weighted["tags"]["member_weights"] == ";".join(f"{x:.4f}" for x in w)
     assert not any(p.name.startswith(".popcorn-partial") for p in (root / "collocation").iterdir())
     with caplog.at_level("WARNING"):  # two checkpoints: the pairs cannot tell their errors apart
