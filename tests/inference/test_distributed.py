@@ -123,3 +123,22 @@ def test_bad_distributed_options(job) -> None:
     # found by the ranks themselves: the calling process raises the same one-line error
     with pytest.raises(PopcornInputError, match="imagery folder .*nowhere does not exist"):
         predict_distributed(replace(settings, imagery_root=str(root / "nowhere")), root / "x", devices=2)
+
+
+def test_collocation_weights_over_two_processes_equal_one(job) -> None:
+    """``member_statistic="collocation"``: each rank maps its share of the tiles in the first pass,
+    every rank reads all of them for the same weights, and the maps equal one process's."""
+    root, settings = job
+    ckpts = []
+    for k, bias in enumerate((0.2, 0.5, 2.0)):
+        torch.manual_seed(30 + k)
+        ckpts.append(str(WeakSupervisionTask(occupancy_bias_init=bias).export_weights(root / f"c{k}.pt")))
+    weighted = replace(settings, checkpoints=ckpts, member_statistic="collocation")
+    one = predict(weighted, root / "colloc_one", progress=False, threads=1)
+    two = predict_distributed(weighted, root / "colloc_two", devices=2, progress=False)
+    assert two is not None and one.member_weights is not None and two.member_weights is not None
+    assert np.allclose(two.member_weights.weights, one.member_weights.weights, rtol=1e-12)
+    for name in MAPS:
+        with rasterio.open(root / "colloc_two" / name) as got, rasterio.open(root / "colloc_one" / name) as want:
+            assert np.allclose(got.read(1), want.read(1), rtol=1e-6, equal_nan=True), name
+    assert not any(p.name.startswith(".popcorn-partial") for p in (root / "colloc_two").iterdir())
