@@ -12,6 +12,7 @@ least, where the paper's plain mean gives it a fifth and the median still lets i
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,15 @@ import numpy as np
 
 from popcorn.io import atomic_path
 
+log = logging.getLogger(__name__)
+
 #: Fewest members whose own error variances the pairs determine (two give one equation for two unknowns).
 MIN_MEMBERS = 3
 #: Own variances are raised to at least this share of their mean: an estimate at or below zero
 #: (sampling noise, or errors that are not independent) must not hand one member every weight.
 VARIANCE_FLOOR = 0.01
+#: A member above this weight makes the "ensemble" mostly one checkpoint: said in a warning.
+DOMINANT_WEIGHT = 0.5
 
 
 class PairwiseDifferences:
@@ -100,7 +105,15 @@ def member_weights(checkpoints: Sequence[str], stacks: Callable[[], Any]) -> Mem
     for stack in stacks():
         diffs.add(stack)
     variances = own_error_variances(diffs.mean_squared())
-    return MemberWeights(list(checkpoints), variances, inverse_variance_weights(variances), diffs.cells)
+    weights = MemberWeights(list(checkpoints), variances, inverse_variance_weights(variances), diffs.cells)
+    top = int(np.argmax(weights.weights))
+    if weights.weights[top] > DOMINANT_WEIGHT:
+        log.warning("collocation: checkpoint %s takes %.0f%% of the weight (own error variance %.3g against %s for "
+                    "the others): it sits between the others, so their errors are not independent as the "
+                    "estimate assumes; the map is mostly this one checkpoint (--member-statistic mean or median "
+                    "keep an ensemble)", checkpoints[top], 100 * weights.weights[top], variances[top],
+                    ", ".join(f"{v:.3g}" for i, v in enumerate(variances) if i != top))
+    return weights
 
 
 __all__ = ["MIN_MEMBERS", "MemberWeights", "PairwiseDifferences", "inverse_variance_weights", "member_weights",

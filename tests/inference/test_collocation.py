@@ -62,9 +62,12 @@ def test_too_few_members_a_floor_for_degenerate_estimates_and_no_cells() -> None
         PairwiseDifferences(3).mean_squared()
 
 
-def test_member_weights_from_tiles() -> None:
+def test_member_weights_from_tiles(caplog) -> None:
     maps = members_around_truth([1.0, 2.0, 6.0], cells=40_000, seed=2).reshape(3, 200, 200)
-    weights = member_weights(["a.ckpt", "b.ckpt", "c.ckpt"], lambda: (maps[:, i : i + 50] for i in range(0, 200, 50)))
+    with caplog.at_level("WARNING"):
+        weights = member_weights(["a.ckpt", "b.ckpt", "c.ckpt"],
+                                 lambda: (maps[:, i : i + 50] for i in range(0, 200, 50)))
+    assert "a.ckpt takes 7" in caplog.text  # 1 / (1 + 1/4 + 1/36) = 78 %: mostly one checkpoint, said so
     assert weights.cells == 40_000 and weights.checkpoints == ["a.ckpt", "b.ckpt", "c.ckpt"]
     assert np.argmax(weights.weights) == 0 and np.argmin(weights.weights) == 2
     assert weights.tag() == ";".join(f"{w:.4f}" for w in weights.weights)
