@@ -56,16 +56,23 @@ def _checkpoint(run: Path) -> dict:
 
 
 def _kill_during_second_epoch(run: Path, world_root: Path, epochs: int, *extra: str) -> None:
-    """Start a 2-process fit and kill every process of it (SIGKILL, like a preempted job) once the
-    first epoch's checkpoint is written."""
+    """Start a 2-process fit and kill every process of it (SIGKILL, like a preempted job) as soon as
+    the first epoch's last.ckpt is complete (written after that epoch's best checkpoint): the kill
+    lands in the second epoch before anything of it is saved. (A fixed wait after the file
+    appeared let a fast machine finish the second epoch's best checkpoint first.)"""
     last = run / "popcorn" / "version_0" / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen(_fit_command(run, world_root, epochs, *extra), env=_ENV, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None and not last.exists():
-            time.sleep(0.1)
-        time.sleep(1.0)  # into the second epoch
+        while time.time() < deadline and proc.poll() is None:
+            if last.exists():
+                try:
+                    torch.load(last, map_location="cpu", weights_only=False)
+                    break  # complete
+                except Exception:  # still being written
+                    pass
+            time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)  # rank 0 and the rank it started
         proc.wait(timeout=30)
