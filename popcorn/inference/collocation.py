@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -98,7 +97,7 @@ class MemberWeights:
         return ";".join(f"{w:.4f}" for w in self.weights)
 
 
-def member_weights(checkpoints: Sequence[str], stacks: Callable[[], Any]) -> MemberWeights:
+def member_weights(checkpoints: Sequence[str], stacks: Callable[[], Iterable[np.ndarray]]) -> MemberWeights:
     """Collocation weights of ``checkpoints`` from ``stacks()``, an iterable of (K, h, w) stacks of
     the members' 1 ha maps (tile by tile)."""
     diffs = PairwiseDifferences(len(checkpoints))
