@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,6 +59,7 @@ from popcorn.inference.tiles import (
     OpenReader,
     Product,
     Shard,
+    TileRun,
     assemble,
     block_sum_partial,
     run_tiles,
@@ -312,14 +312,15 @@ def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: Ras
 
 def _collocation_weights(settings: PredictSettings, members: Sequence[Member], tiles: TileGridSampler,
                          reader: OpenReader, grid: RasterGrid, geom: Any, dev: torch.device, work: Path, key: str,
-                         **run_options: Any) -> MemberWeights | None:
+                         **run_options: Any) -> tuple[MemberWeights | None, TileRun | None]:
     """First pass of ``member_statistic="collocation"``: every checkpoint's own (season-combined)
-    1 ha map of every tile, kept in its own resumable tile store, and the checkpoints' weights
-    from their pairwise differences; None (all alike) with fewer than 3 checkpoints."""
+    1 ha map of every tile, kept in its own resumable tile store (returned, for its cleanup after
+    the maps), and the checkpoints' weights from their pairwise differences; (None, None), all
+    alike, with fewer than 3 checkpoints."""
     if len(members) < MIN_MEMBERS:
         log.warning("--member-statistic collocation needs at least %d checkpoints, got %d: they count alike",
                     MIN_MEMBERS, len(members))
-        return None
+        return None, None
 
     def runner(core: Window, read: Window, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
         mask = _area_mask(core, grid, geom)
@@ -330,7 +331,7 @@ def _collocation_weights(settings: PredictSettings, members: Sequence[Member], t
     run = run_tiles(tiles, reader, runner, work, key, {"pass": "collocation: each checkpoint's own 1 ha map"},
                     desc="members alone", **run_options)
     return member_weights([m.path for m in members],
-                          lambda: (run.load(core)["member_population_1ha"] for core in run.cores))
+                          lambda: (run.load(core)["member_population_1ha"] for core in run.cores)), run
 
 
 def predict(
@@ -375,9 +376,9 @@ def predict(
     key = _settings_key(settings, members, window)
     weights = first_pass = None
     if settings.member_statistic == "collocation":
-        first_pass = out / f"{PARTIAL_DIR}-members"
-        weights = _collocation_weights(settings, members, tiles, reader, grid, geom, dev, first_pass, key,
-                                       resume=resume, progress=progress, shard=shard)
+        weights, first_pass = _collocation_weights(settings, members, tiles, reader, grid, geom, dev,
+                                                   out / f"{PARTIAL_DIR}-members", key,
+                                                   resume=resume, progress=progress, shard=shard)
     runner = _tile_runner(settings, members, grid, geom, dev, census is not None, weights)
     run = run_tiles(
         tiles, reader, runner, out / PARTIAL_DIR, key, {"settings": asdict(settings), "window": list(window)},
@@ -400,7 +401,7 @@ def predict(
     outputs = assemble(products, grid, window, run)
     run.cleanup()
     if first_pass is not None:
-        shutil.rmtree(first_pass, ignore_errors=True)
+        first_pass.cleanup()
     seconds = time.perf_counter() - t_start
     mpx = sum(c[2] * c[3] for c in cores) / 1e6
     return PredictResult(out, outputs, grid, window, len(members) * len(seasons), len(cores), run.computed,
