@@ -8,6 +8,7 @@ from pathlib import Path
 
 from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.evaluation.compare import Evaluation, format_comparison, parse_named, run
+from popcorn.evaluation.intervals import DEFAULT_BLOCK_CELLS, DEFAULT_LEVEL, DEFAULT_RESAMPLES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--buildings", metavar="RASTER", help="building-count disaggregation from this count/footprint raster")
     b.add_argument("--uniform", nargs="?", const=True, default=None, metavar="RASTER",
                    help="uniform areal weighting (on the grid of RASTER, default the built-up/buildings/truth raster)")
+    i = p.add_argument_group("uncertainty of R^2 (block bootstrap)")
+    i.add_argument("--intervals", action="store_true",
+                   help="block-bootstrap intervals of each map's R^2 and of its difference from the first --map's "
+                   "(paired: both maps resampled with the same blocks)")
+    i.add_argument("--interval-block-cells", type=int, default=DEFAULT_BLOCK_CELLS, metavar="N",
+                   help="with --truth: bootstrap blocks of N x N truth cells (default %(default)s: 1 km for 1 ha "
+                   "cells); with --units every unit is a block")
+    i.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples (default %(default)s)")
+    i.add_argument("--confidence", type=float, default=DEFAULT_LEVEL, help="interval level (default %(default)s)")
     p.add_argument("--out", "-o", required=True, help="output folder (comparison.md/.csv, baseline rasters, report)")
     p.add_argument("--report", action="store_true", help="also write figures and report/index.html")
     p.add_argument("--scale-factors", metavar="CSV", help="scale_factors.csv of popcorn.cli.predict, for the report")
@@ -52,7 +62,8 @@ def main(argv: list[str] | None = None) -> Evaluation:
                  unit_id_column=args.unit_id_column, unit_count_column=args.unit_count_column,
                  unit_res=args.unit_res, census=args.census, counts=args.counts, id_column=args.id_column,
                  count_column=args.count_column, builtup=args.builtup, buildings=args.buildings,
-                 uniform=args.uniform)
+                 uniform=args.uniform, intervals=args.intervals, interval_block_cells=args.interval_block_cells,
+                 resamples=args.resamples, level=args.confidence)
         print(format_comparison(ev))
         if args.report:
             from popcorn.evaluation.report import make_report

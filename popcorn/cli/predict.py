@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read what a season's composite misses (S1 strips, S2 cloud holes) as the other seasons' "
                         "mean at the pixel (beyond the paper); for checkpoints trained with "
                         "--data.init_args.season_gap_fill=true, and usable with any other")
+    g.add_argument("--tta", "--test-time-augmentation", dest="test_time_augmentation", action="store_true",
+                   help="every checkpoint x season map averaged over the tile's 8 flips and quarter turns "
+                        "(8 x the compute; beyond the paper)")
     g.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
     a = p.add_argument_group("area (default: the whole imagery)")
     a.add_argument("--bbox", nargs=4, type=float, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> PredictResult:
         season_weights=args.season_weights,
         member_statistic=args.member_statistic,
         season_gap_fill=args.season_gap_fill,
+        test_time_augmentation=args.test_time_augmentation,
     )
     common = dict(resume=not args.restart, threads=args.threads, progress=not args.quiet, prefix=args.prefix)
     try:

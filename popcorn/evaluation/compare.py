@@ -41,6 +41,14 @@ from rasterio.windows import Window as RioWindow
 
 from popcorn.datasets.resample import _read_valid, check_overlap, map_on_grid
 from popcorn.errors import PopcornInputError
+from popcorn.evaluation.intervals import (
+    DEFAULT_BLOCK_CELLS,
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    grid_blocks,
+    r2_difference_interval,
+    r2_interval,
+)
 from popcorn.evaluation.metrics import regression_metrics
 from popcorn.io import atomic_path
 
@@ -61,9 +69,17 @@ class Evaluation:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     ids: np.ndarray | None = None
     """Unit ids in the order of ``truth`` (census units only)."""
+    blocks: np.ndarray | None = None
+    """Bootstrap block of each value of ``truth``: square blocks of cells (truth raster) or the unit itself."""
+    intervals: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per map, from :func:`add_intervals`: ``r2_low``/``r2_high`` and, against the first map,
+    ``r2_diff``, ``r2_diff_low``, ``r2_diff_high``, ``r2_diff_share_above_zero``."""
+    interval_level: float | None = None
+    """Confidence level of ``intervals`` (None: none computed)."""
 
     def table_rows(self) -> list[dict[str, float | str]]:
-        return [dict(method=name, **m, missing_units=self.missing.get(name, 0)) for name, m in self.metrics.items()]
+        return [dict(method=name, **m, missing_units=self.missing.get(name, 0), **self.intervals.get(name, {}))
+                for name, m in self.metrics.items()]
 
 
 def _finish(ev: Evaluation) -> Evaluation:
@@ -72,8 +88,10 @@ def _finish(ev: Evaluation) -> Evaluation:
     return ev
 
 
-def evaluate_against_raster(maps: dict[str, str], truth: str | os.PathLike[str], block: int = BLOCK) -> Evaluation:
-    """Every map vs a fine truth raster, over the truth's valid cells (streamed in blocks)."""
+def evaluate_against_raster(maps: dict[str, str], truth: str | os.PathLike[str], block: int = BLOCK,
+                            interval_block_cells: int = DEFAULT_BLOCK_CELLS) -> Evaluation:
+    """Every map vs a fine truth raster, over the truth's valid cells (streamed in blocks); each
+    cell's bootstrap block is a square of ``interval_block_cells`` cells (:func:`add_intervals`)."""
     truth = Path(truth)
     if not truth.exists():
         raise PopcornInputError(f"truth raster {truth} does not exist")
@@ -84,7 +102,7 @@ def evaluate_against_raster(maps: dict[str, str], truth: str | os.PathLike[str],
             if not Path(path).exists():
                 raise PopcornInputError(f"map {name!r}: file {path} does not exist")
             check_overlap(path, ref.crs, tuple(ref.bounds), f"truth raster {truth}")
-        truths, preds = [], {n: [] for n in maps}
+        truths, blocks, preds = [], [], {n: [] for n in maps}
         for r in range(0, ref.height, block):
             for c in range(0, ref.width, block):
                 win = RioWindow(c, r, min(block, ref.width - c), min(block, ref.height - r))
@@ -93,10 +111,12 @@ def evaluate_against_raster(maps: dict[str, str], truth: str | os.PathLike[str],
                 if not ok.any():
                     continue
                 truths.append(t[ok])
+                blocks.append(grid_blocks(t.shape, interval_block_cells, r, c, ref.width)[ok])
                 for name, path in maps.items():
                     p = map_on_grid(path, ref.crs, ref.window_transform(win), (win.height, win.width))
                     preds[name].append(p[ok])
-    ev = Evaluation(f"truth raster {truth}", np.concatenate(truths) if truths else np.zeros(0))
+    ev = Evaluation(f"truth raster {truth}", np.concatenate(truths) if truths else np.zeros(0),
+                    blocks=np.concatenate(blocks) if blocks else np.zeros(0, int))
     for name, parts in preds.items():
         p = np.concatenate(parts) if parts else np.zeros(0)
         ev.missing[name] = int(np.isnan(p).sum())
@@ -160,11 +180,39 @@ def evaluate_against_units(
                 sums[name] += np.bincount(ids[inside], weights=np.nan_to_num(p[inside]), minlength=n)[:n]
                 nan_px[name] += np.bincount(ids[bad], minlength=n)[:n]
     ids = np.array(sorted(raster.counts))
-    ev = Evaluation(f"census units {units}", np.array([raster.counts[i] for i in ids]), ids=ids)
+    ev = Evaluation(f"census units {units}", np.array([raster.counts[i] for i in ids]), ids=ids, blocks=ids)
     for name in maps:
         ev.predictions[name] = sums[name][ids]
         ev.missing[name] = int((nan_px[name][ids] > 0).sum())
     return _finish(ev)
+
+
+def add_intervals(ev: Evaluation, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
+                  seed: int = 0) -> Evaluation:
+    """Block-bootstrap intervals of every map's R^2 and of its difference from the first map's
+    (paired, the same blocks for both; :mod:`popcorn.evaluation.intervals`)."""
+    if ev.blocks is None:
+        raise PopcornInputError("this evaluation has no bootstrap blocks; evaluate with popcorn.evaluation.compare")
+    first_name = next(iter(ev.predictions), None)
+    for name, pred in ev.predictions.items():
+        whole = r2_interval(pred, ev.truth, ev.blocks, resamples, level, seed)
+        row = {"r2_low": whole.low, "r2_high": whole.high}
+        if name != first_name:
+            diff = r2_difference_interval(ev.predictions[first_name], pred, ev.truth, ev.blocks, resamples, level, seed)
+            row.update(r2_diff=diff.estimate, r2_diff_low=diff.low, r2_diff_high=diff.high,
+                       r2_diff_share_above_zero=diff.share_above_zero)
+        ev.intervals[name] = row
+    ev.interval_level = level
+    return ev
+
+
+def _interval_cells(ev: Evaluation, name: str) -> str:
+    row = ev.intervals.get(name)
+    if row is None:
+        return ""
+    diff = (f"{row['r2_diff']:+.4f} [{row['r2_diff_low']:+.4f}, {row['r2_diff_high']:+.4f}] "
+            f"({row['r2_diff_share_above_zero']:.0%})" if "r2_diff" in row else "-")
+    return f" [{row['r2_low']:.3f}, {row['r2_high']:.3f}] | {diff} |"
 
 
 def format_comparison(ev: Evaluation, title: str = "") -> str:
@@ -172,12 +220,19 @@ def format_comparison(ev: Evaluation, title: str = "") -> str:
     lines = [title, ""] if title else []
     lines.append(f"Reference: {ev.reference}")
     lines.append("")
-    lines.append("| method | R^2 | MAE | RMSE | total predicted | total true | units | missing units |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    extra = ""
+    if ev.intervals:
+        first = next(iter(ev.metrics))
+        level = ev.interval_level or DEFAULT_LEVEL
+        lines.append(f"R^2 intervals: {level:.0%} block bootstrap; R^2 - R^2 of {first} (share of resamples above 0)")
+        lines.append("")
+        extra = f" R^2 {level:.0%} interval | R^2 - {first} |"
+    lines.append("| method | R^2 | MAE | RMSE | total predicted | total true | units | missing units |" + extra)
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|---|" if extra else ""))
     for name, m in ev.metrics.items():
         lines.append(
             f"| {name} | {m['r2']:.3f} | {m['mae']:.2f} | {m['rmse']:.2f} | {m['total_pred']:,.0f} | "
-            f"{m['total_true']:,.0f} | {int(m['units']):,} | {ev.missing.get(name, 0):,} |"
+            f"{m['total_true']:,.0f} | {int(m['units']):,} | {ev.missing.get(name, 0):,} |" + _interval_cells(ev, name)
         )
     return "\n".join(lines)
 
@@ -214,9 +269,11 @@ def run(
     unit_counts: str | None = None, unit_id_column: str = "region_id", unit_count_column: str = "count",
     unit_res: float = 10.0, census: str | None = None, counts: str | None = None, id_column: str = "region_id",
     count_column: str = "count", builtup: str | None = None, buildings: str | None = None,
-    uniform: str | bool | None = None,
+    uniform: str | bool | None = None, intervals: bool = False, interval_block_cells: int = DEFAULT_BLOCK_CELLS,
+    resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
 ) -> Evaluation:
-    """Compute the baselines asked for, evaluate every map, write the comparison tables."""
+    """Compute the baselines asked for, evaluate every map, write the comparison tables; with
+    ``intervals``, block-bootstrap intervals of R^2 and of each map's difference from the first."""
     from popcorn.evaluation import baselines
 
     out = Path(out_dir)
@@ -241,9 +298,11 @@ def run(
     if (truth is None) == (units is None):
         raise PopcornInputError("give exactly one reference: --truth RASTER or --units VECTOR (+ --unit-counts)")
     if truth is not None:
-        ev = evaluate_against_raster(maps, truth)
+        ev = evaluate_against_raster(maps, truth, interval_block_cells=interval_block_cells)
     else:
         ev = evaluate_against_units(maps, units, unit_counts, unit_id_column, unit_count_column, unit_res)
+    if intervals:
+        add_intervals(ev, resamples, level)
     ev.maps = maps  # type: ignore[attr-defined]
     write_tables(ev, out)
     return ev

@@ -48,7 +48,14 @@ from popcorn.datasets.sentinel import SEASONS, check_seasons
 from popcorn.errors import PopcornInputError
 from popcorn.inference.area import resolve_area
 from popcorn.inference.collocation import MIN_MEMBERS, MemberWeights, member_weights
-from popcorn.inference.ensemble import MEMBER_STATISTICS, SEASON_WEIGHTS, RunningMean, combine_members, season_weights
+from popcorn.inference.ensemble import (
+    MEMBER_STATISTICS,
+    SEASON_WEIGHTS,
+    DihedralMean,
+    RunningMean,
+    combine_members,
+    season_weights,
+)
 from popcorn.inference.fast import DEFAULT_THRESHOLD, FastPopcorn, load_popcorn
 from popcorn.inference.rescaling import RESCALE_REST, CensusTiles, rescaled_product
 from popcorn.inference.tiles import (
@@ -83,6 +90,8 @@ class PredictSettings:
     "mean" (the paper), "median" of the checkpoints' season-averaged maps per 10 m pixel, or
     "collocation" (their mean weighted by the inverse of each one's own error variance).
     ``season_gap_fill``: what a season misses read as the other seasons' mean (as in training).
+    ``test_time_augmentation``: every checkpoint x season map is the mean over the tile's 8 flips
+    and quarter turns (:class:`~popcorn.inference.ensemble.DihedralMean`, 8 x the compute).
     """
 
     checkpoints: list[str]
@@ -104,6 +113,7 @@ class PredictSettings:
     season_weights: str = "equal"
     member_statistic: str = "mean"
     season_gap_fill: bool = False
+    test_time_augmentation: bool = False
 
     @property
     def margin(self) -> int:
@@ -151,14 +161,17 @@ class Member:
     meta: dict[str, Any]
 
 
-def load_members(checkpoints: Sequence[str], threshold: float, device: torch.device) -> list[Member]:
-    """Load every checkpoint as a :class:`FastPopcorn` on ``device``."""
+def load_members(checkpoints: Sequence[str], threshold: float, device: torch.device,
+                 test_time_augmentation: bool = False) -> list[Member]:
+    """Load every checkpoint as a :class:`FastPopcorn` on ``device`` (averaged over the tile's 8
+    poses with ``test_time_augmentation``)."""
     if not checkpoints:
         raise PopcornInputError("no checkpoint given; pass at least one --checkpoint")
     members = []
     for path in checkpoints:
         model, meta = load_popcorn(path)
-        members.append(Member(str(path), FastPopcorn(model, threshold).to(device), meta))
+        fast = FastPopcorn(model, threshold).to(device)
+        members.append(Member(str(path), DihedralMean(fast) if test_time_augmentation else fast, meta))
     return members
 
 
@@ -253,6 +266,8 @@ def _settings_key(settings: PredictSettings, members: Sequence[Member], window: 
     d = asdict(settings)
     for key in RESCALING_FIELDS:  # used only when the tiles are assembled: changing them reuses the tiles
         d.pop(key)
+    if not d["test_time_augmentation"]:  # runs from before the option keep their key (and resume)
+        d.pop("test_time_augmentation")
     d["checkpoints"] = [m.meta["sha256"] for m in members]
     d["window"] = list(window)
     d["version"] = STATE_VERSION
@@ -363,7 +378,7 @@ def predict(
     if threads:
         torch.set_num_threads(int(threads))
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    members = load_members(settings.checkpoints, settings.threshold, dev)
+    members = load_members(settings.checkpoints, settings.threshold, dev, settings.test_time_augmentation)
     _, _, grid = open_imagery(settings.imagery_root, seasons)
     window, geom = resolve_area(grid, settings.bbox, settings.bbox_crs, settings.area)
     census = (
@@ -420,6 +435,7 @@ def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seas
         "seasons": ",".join(seasons),
         "members": str(n_members),
         "member_statistic": settings.member_statistic, "season_gap_fill": str(settings.season_gap_fill).lower(),
+        "test_time_augmentation": "8 flips and quarter turns" if settings.test_time_augmentation else "none",
         **({} if weights is None else {"member_weights": weights.tag()}),
         "tile_size": str(settings.tile_size),
         "overlap": str(settings.overlap),

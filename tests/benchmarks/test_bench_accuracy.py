@@ -72,6 +72,14 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     (low, high) = result["member_error_correlation"]
     assert low == high and -1 <= low <= 1  # one pair of members
     assert f"each member x 4 seasons, 1 ha raw R^2: 1600 {by_member['1600']:.3f}, 1601 {by_member['1601']:.3f}" in out
+    # each step of the ordering: its difference is that of the table's raw R^2, inside its interval
+    steps = result["ordering_steps"]
+    rows = ["1 model x 1 season (summer) raw", "1 model x 4 seasons raw", "2 models x 4 seasons (Bag) raw"]
+    assert list(steps) == [f"{rows[1]} - {rows[0]}", f"{rows[2]} - {rows[1]}"]
+    for (first, second), step in zip(zip(rows, rows[1:]), steps.values()):
+        assert step["estimate"] == pytest.approx(metrics[second]["r2"] - metrics[first]["r2"], abs=1e-9)
+        assert step["low"] <= step["estimate"] <= step["high"] and 0 <= step["share_above_zero"] <= 1
+    assert "the ordering's steps (raw R^2; 95 % block bootstrap over 1 km blocks" in out
     # the warehouse target is printed for the census-matched Bag and, beside it, for the raw Bag
     beside_name = "warehouses in regions with apartment blocks or a camp"
     wh = next(v for k, v in result["where"].items() if "warehouse" in k and k != beside_name)

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+import torch.nn.functional as F
 
 from popcorn.datasets.sentinel import SEASONS, open_imagery
 from popcorn.datasets.synthetic.world import make_synthetic_world
 from popcorn.errors import PopcornInputError
 from popcorn.evaluation.dasymetric import block_sum
 from popcorn.inference.ensemble import (
+    DihedralMean,
     OBSERVED_WINDOW_PX,
     RunningMean,
     combine_members,
@@ -262,3 +264,68 @@ def test_collocation_weights_the_members_by_their_own_error_variance(three_membe
         two = run(ckpts[:2], "collocation", "collocation_two")
     assert "at least 3 checkpoints" in caplog.text and two["result"].member_weights is None
     assert np.allclose(two["population_10m"], stack[:2].mean(0), atol=1e-5)
+
+
+class _Ramp(torch.nn.Module):
+    """A toy POPCORN-like model that is not equivariant: population grows with the column (a ramp
+    plus an asymmetric 3 x 3 filter of S2's first band), occupancy undefined where built-up < 0.3."""
+
+    def forward(self, s1: torch.Tensor, s2: torch.Tensor) -> dict[str, torch.Tensor]:
+        ramp = torch.arange(s2.shape[-1], dtype=s2.dtype).expand_as(s2[:, :1])
+        kernel = torch.arange(9, dtype=s2.dtype).reshape(1, 1, 3, 3)
+        builtup = torch.sigmoid(F.conv2d(s2[:, :1], kernel, padding=1) + s1[:, :1])
+        population = builtup * (1 + ramp)
+        occupancy = torch.where(builtup < 0.3, float("nan"), population / builtup)
+        return {"population": population, "builtup_score": builtup, "occupancy": occupancy}
+
+
+def test_dihedral_mean_is_the_mean_over_the_eight_poses_and_equivariant() -> None:
+    gen = torch.Generator().manual_seed(0)
+    s1, s2 = torch.randn(1, 2, 6, 9, generator=gen), torch.randn(1, 4, 6, 9, generator=gen)
+    model, tta = _Ramp(), DihedralMean(_Ramp())
+    out = tta(s1, s2)
+    assert out["population"].shape == (1, 1, 6, 9)  # a non-square tile keeps its shape
+    by_hand = []
+    for turns in range(4):
+        for mirrored in (False, True):
+            def pose(x: torch.Tensor) -> torch.Tensor:
+                x = torch.rot90(x, turns, (-2, -1))
+                return torch.flip(x, (-1,)) if mirrored else x
+
+            y = model(pose(s1), pose(s2))["population"]
+            y = torch.flip(y, (-1,)) if mirrored else y
+            by_hand.append(torch.rot90(y, -turns, (-2, -1)))
+    assert torch.allclose(out["population"], torch.stack(by_hand).mean(0), atol=1e-6)
+    assert not torch.allclose(out["population"], model(s1, s2)["population"])  # the ramp alone is not
+    # averaged over the whole group, the wrapped model answers a turned tile with the turned map
+    turned = tta(torch.rot90(s1, 1, (-2, -1)), torch.rot90(s2, 1, (-2, -1)))
+    assert torch.allclose(turned["population"], torch.rot90(out["population"], 1, (-2, -1)), atol=1e-5)
+    # occupancy: the mean over the poses that define it, NaN only where none does
+    occ = out["occupancy"]
+    assert torch.isnan(occ).sum() < torch.isnan(model(s1, s2)["occupancy"]).sum()
+    assert torch.isfinite(occ[out["builtup_score"] > 0.5]).all()
+
+
+def test_test_time_augmentation_reaches_the_maps(gapped_world) -> None:
+    """``test_time_augmentation``: the tiled map equals the 8-pose mean of the model on the whole
+    raster, differs from the plain map, and says so in its tags."""
+    root, imagery, ckpt = gapped_world
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        maps, tags = {}, {}
+        for tta in (False, True):
+            settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), seasons=["summer"],
+                                       tile_size=100, overlap=64, write_10m=True, test_time_augmentation=tta)
+            result = predict(settings, root / f"tta_{tta}", progress=False)
+            maps[tta] = rasterio.open(result.outputs["population_10m"]).read(1).astype(np.float64)
+            tags[tta] = rasterio.open(result.outputs["population_1ha"]).tags()["test_time_augmentation"]
+        s1, s2 = (sensor.read_window("summer", (0, 0, 200, 200))[None] for sensor in open_imagery(str(imagery), ["summer"])[:2])
+        model, _ = load_popcorn(ckpt)
+        with torch.no_grad():
+            by_hand = DihedralMean(model.eval())(s1, s2)["population"][0, 0].double().numpy()
+    finally:
+        torch.set_num_threads(before)
+    assert tags == {False: "none", True: "8 flips and quarter turns"}
+    assert np.allclose(maps[True], by_hand, atol=1e-5)
+    assert np.abs(maps[True] - maps[False]).max() > 1e-4
