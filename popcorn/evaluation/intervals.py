@@ -79,6 +79,9 @@ def _r2(cells: np.ndarray, total: np.ndarray, squares: np.ndarray, sse: np.ndarr
 
 
 def _bootstrap(sums: list[np.ndarray], statistic, resamples: int, level: float, seed: int) -> Interval:  # noqa: ANN001
+    if resamples < 2 or not 0 < level < 1:
+        raise PopcornInputError(f"a bootstrap interval needs at least 2 resamples and a level in (0, 1); got "
+                                f"{resamples} resamples at level {level}")
     estimate = float(statistic(*sums, axis=-1))
     res = stats.bootstrap(tuple(sums), statistic, n_resamples=resamples, vectorized=True, paired=True,
                           confidence_level=level, method="percentile", rng=np.random.default_rng(seed))

@@ -137,6 +137,16 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     for raw in tagged:
         with rasterio.open(raw) as src:
             assert src.tags()["season_gap_fill"] == "true", raw
+    # --tta: the members are reused, every map is predicted again over the 8 poses (its tag says so)
+    out = run_tiny_benchmark(tmp_path, "--tta")
+    assert "every map averaged over the 8 flips and quarter turns of its tiles (--tta)" in out
+    (averaged,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert averaged["train_seconds"] == result["train_seconds"]
+    assert averaged["metrics"][f"{bag} raw"]["r2"] != metrics[f"{bag} raw"]["r2"]
+    for raw in (tmp_path / "out" / "world_101" / "maps").rglob("population_1ha.tif"):
+        with rasterio.open(raw) as src:
+            assert src.tags()["test_time_augmentation"] == "8 flips and quarter turns", raw
+            assert src.tags()["season_gap_fill"] == "false", raw
 
     # --member-region-fraction (bagging): each member trains on its own share of the regions,
     # drawn with its seed, and is scored out of bag on the rest

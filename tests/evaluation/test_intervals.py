@@ -86,6 +86,8 @@ def test_too_few_blocks_and_mismatched_sizes_are_refused(world) -> None:
         r2_interval(good, truth, np.zeros(truth.shape, int))
     with pytest.raises(PopcornInputError, match="one value per cell"):
         r2_interval(good[:-1], truth, grid_blocks(truth.shape))
+    with pytest.raises(PopcornInputError, match="at least 2 resamples and a level in"):
+        r2_interval(good, truth, grid_blocks(truth.shape), resamples=100, level=95)
 
 
 def _write(path: Path, array: np.ndarray, cell_m: float) -> Path:
