@@ -201,6 +201,20 @@ def test_unknown_member_statistic_refused(gapped_world) -> None:
         predict(settings, root / "bad_statistic", progress=False)
 
 
+def _one_option_both_ways(gapped_world, season: str, option: str) -> tuple[dict, dict]:
+    """The test checkpoint's map of ``season`` with a boolean ``PredictSettings`` option off and on:
+    10 m population maps and the products' tag of that option, keyed False / True."""
+    root, imagery, ckpt = gapped_world
+    maps, tags = {}, {}
+    for value in (False, True):
+        settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), seasons=[season],
+                                   tile_size=100, overlap=64, write_10m=True, **{option: value})
+        result = predict(settings, root / f"{option}_{value}", progress=False)
+        maps[value] = rasterio.open(result.outputs["population_10m"]).read(1).astype(np.float64)
+        tags[value] = rasterio.open(result.outputs["population_1ha"]).tags()[option]
+    return maps, tags
+
+
 def test_season_gap_fill_reaches_the_maps(gapped_world) -> None:
     """``season_gap_fill``: winter's map under its 80 x 80 px cloud is the model on winter's S1 and
     the other seasons' mean S2 there; away from the cloud it is the plain map; the products say so."""
@@ -208,13 +222,7 @@ def test_season_gap_fill_reaches_the_maps(gapped_world) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        maps, tags = {}, {}
-        for fill in (False, True):
-            settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), seasons=["winter"],
-                                       tile_size=100, overlap=64, write_10m=True, season_gap_fill=fill)
-            result = predict(settings, root / f"gap_fill_{fill}", progress=False)
-            maps[fill] = rasterio.open(result.outputs["population_10m"]).read(1).astype(np.float64)
-            tags[fill] = rasterio.open(result.outputs["population_1ha"]).tags()["season_gap_fill"]
+        maps, tags = _one_option_both_ways(gapped_world, "winter", "season_gap_fill")
         raw = open_imagery(str(imagery), SEASONS, max_gap_px=0)[:2]  # as on disk, NaN = missing
         full = (0, 0, 200, 200)
         filled = []
@@ -313,13 +321,7 @@ def test_test_time_augmentation_reaches_the_maps(gapped_world) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        maps, tags = {}, {}
-        for tta in (False, True):
-            settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), seasons=["summer"],
-                                       tile_size=100, overlap=64, write_10m=True, test_time_augmentation=tta)
-            result = predict(settings, root / f"tta_{tta}", progress=False)
-            maps[tta] = rasterio.open(result.outputs["population_10m"]).read(1).astype(np.float64)
-            tags[tta] = rasterio.open(result.outputs["population_1ha"]).tags()["test_time_augmentation"]
+        maps, tags = _one_option_both_ways(gapped_world, "summer", "test_time_augmentation")
         s1, s2 = (sensor.read_window("summer", (0, 0, 200, 200))[None] for sensor in open_imagery(str(imagery), ["summer"])[:2])
         model, _ = load_popcorn(ckpt)
         with torch.no_grad():
