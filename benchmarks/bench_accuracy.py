@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -527,7 +528,7 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     maps_1ha["BuiltUp disaggregation"] = block_sum(builtup_disagg, FINE)
     maps_1ha["Uniform areal weighting"] = block_sum(uniform, FINE)
     res.metrics = evaluate(maps_1ha, truth)
-    res.ordering_steps = ordering_steps(maps_1ha, truth, list(runs))
+    res.ordering_steps = ordering_steps(maps_1ha, truth, len(ckpts))
     res.where = where_people_go({**bag_10m, "BuiltUp disaggregation": builtup_disagg}, world, ids)
     if args.adapt_epochs > 0:  # the built-up labels are read now, after the maps: evaluation only
         res.builtup = {
@@ -537,12 +538,18 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     return res
 
 
-def ordering_steps(maps_1ha: dict[str, np.ndarray], truth: np.ndarray, runs: list[str]) -> dict[str, dict[str, float]]:
+def ordering_rows(names: Iterable[str], members: int) -> list[str]:
+    """The raw rows of the issue's ordering, in its order: 1 x 1 season, 1 x 4 seasons, the Bag."""
+    starts = ("1 model x ", f"{members} models x 4 seasons (Bag) ")
+    return [k for k in names if k.endswith(" raw") and k.startswith(starts)]
+
+
+def ordering_steps(maps_1ha: dict[str, np.ndarray], truth: np.ndarray, members: int) -> dict[str, dict[str, float]]:
     """Each step of the ordering 1 x 1 < 1 x 4 < Bag (raw R^2 differences) with its 95 % block-bootstrap
     interval over 1 km blocks: whether the step would hold on another draw of places."""
     from popcorn.evaluation.intervals import grid_blocks, r2_difference_interval
 
-    rows = [f"{name} raw" for name in runs if name.startswith("1 model x ") or name.endswith("(Bag)")]
+    rows = ordering_rows(maps_1ha, members)
     blocks = grid_blocks(truth.shape)
     return {f"{second} - {first}": r2_difference_interval(maps_1ha[first], maps_1ha[second], truth, blocks).as_dict()
             for first, second in zip(rows, rows[1:])}
@@ -595,7 +602,7 @@ def verdict(results: list[WorldResult], members: int) -> None:
         paper = m.get(f"{bag} rescaled (paper)")
         paper_margin = f" (the paper's rescaling: {paper['r2'] - best_base:+.3f})" if paper else ""
         raw_ok = m[f"{bag} raw"]["r2"] >= m["BuiltUp disaggregation"]["r2"]
-        order = [m[k]["r2"] for k in m if k.endswith(" raw") and k.startswith(("1 model x ", f"{bag} "))]
+        order = [m[k]["r2"] for k in ordering_rows(m, members)]
         w = res.where.get("zero-resident built-up", {})
         ratio = w.get("Bag rescaled", float("nan")) / max(w.get("BuiltUp disaggregation", float("nan")), 1e-9)
         not_types = ("zero-resident built-up", "non-built pixels", WAREHOUSES_BESIDE_DENSE)
