@@ -48,6 +48,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +63,7 @@ GAP_FILL_STAGES = ("maps", "all")
 GAP_FILL_HEADER = {"all": ", season gaps filled with the mean of the other seasons (training and maps)",
                    "maps": ", season gaps filled with the mean of the other seasons in the maps only "
                            "(networks trained on the paper's reading)"}
+SEASON_MEDIAN_HEADER = ", each checkpoint's seasons combined by their per-pixel median (--season-statistic median)"
 
 
 @dataclass
@@ -87,7 +89,7 @@ class WorldResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from popcorn.inference.ensemble import MEMBER_STATISTICS, SEASON_WEIGHTS
+    from popcorn.inference.ensemble import MEMBER_STATISTICS, SEASON_STATISTICS, SEASON_WEIGHTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the ensemble rows combine the members' season-averaged maps: mean (the paper), the "
                         "per-pixel median, or collocation weights (beyond the paper; popcorn predict "
                         "--member-statistic)")
+    p.add_argument("--season-statistic", choices=SEASON_STATISTICS, default="mean",
+                   help="how each checkpoint's seasonal maps combine in the four-season rows: mean (the paper) or "
+                        "their per-pixel median (beyond the paper; popcorn predict --season-statistic)")
     p.add_argument("--season-gap-fill", nargs="?", const="all", choices=GAP_FILL_STAGES, default=None,
                    help="beyond the paper: what a season's composite misses (S1 strips, S2 cloud holes) is read as the "
                         "other seasons' mean at the pixel; all (the flag alone): in the pretraining, every member's "
@@ -318,9 +323,9 @@ def logged_values(metrics_csv: Path, columns: tuple[tuple[str, str], ...]) -> li
 # ------------------------------------------------------------------------------ prediction
 def predict_maps(ckpts: list[Path], seasons: list[str], world: Path, out: Path,
                  season_weights: str = "equal", member_statistic: str = "mean",
-                 **map_options: bool) -> tuple[dict[str, Path], float]:
+                 **map_options: Any) -> tuple[dict[str, Path], float]:
     """Ensemble maps (1 ha raw + rescaled, 10 m raw, built-up score) of ``ckpts`` x ``seasons``;
-    ``map_options``: ``season_gap_fill``, ``test_time_augmentation`` (:class:`PredictSettings`)."""
+    ``map_options``: ``season_gap_fill``, ``test_time_augmentation``, ``season_statistic`` (:class:`PredictSettings`)."""
     from popcorn.inference.maps import PredictSettings, predict
 
     settings = PredictSettings(
@@ -366,7 +371,7 @@ WAREHOUSES_BESIDE_DENSE = "warehouses in regions with apartment blocks or a camp
 
 
 def one_model_by_season(ckpt: Path, world: Path, out: Path, ids: np.ndarray, counts: dict[int, float],
-                        truth: np.ndarray, **map_options: bool) -> dict[str, dict[str, float]]:
+                        truth: np.ndarray, **map_options: Any) -> dict[str, dict[str, float]]:
     """1 ha raw R^2 of one model in each season alone, and of BuiltUp disaggregation with that
     season's built-up score: how the single-season map the ordering target starts from compares
     with the other seasons (evaluation only, after the members are trained)."""
@@ -384,7 +389,7 @@ def one_model_by_season(ckpt: Path, world: Path, out: Path, ids: np.ndarray, cou
 
 
 def each_member(ckpts: list[Path], first: np.ndarray, world: Path, out: Path, truth: np.ndarray,
-                season_weights: str, **map_options: bool) -> tuple[dict[str, float], list[float]]:
+                season_weights: str, **map_options: Any) -> tuple[dict[str, float], list[float]]:
     """1 ha raw R^2 of each member's four-season map (``first``: the first member's, already
     predicted), and the lowest and highest correlation between two members' 1 ha errors: how far
     the Bag can gain on its best member (evaluation only, after the members are trained)."""
@@ -459,7 +464,8 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
                       world_seconds=world_seconds)
     wdir = out / f"world_{seed}"
     # "maps" and "all" both read the maps' gaps from other seasons
-    map_options = {"season_gap_fill": args.season_gap_fill is not None, "test_time_augmentation": args.tta}
+    map_options = {"season_gap_fill": args.season_gap_fill is not None, "test_time_augmentation": args.tta,
+                   "season_statistic": args.season_statistic}
     weights = args.builtup_weights
     if args.adapt_epochs > 0:
         weights, res.adapt_seconds = adapt_builtup(world, wdir, args)
@@ -657,6 +663,7 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f"{f', world domain shift {args.world_shift}' if args.world_shift else ''}"
           f", extra fit args {args.fit_args}, census matching: {matching}, seasons averaged: {args.season_weights}, "
           f"members combined: {args.member_statistic}"
+          f"{SEASON_MEDIAN_HEADER if args.season_statistic == 'median' else ''}"
           f"{GAP_FILL_HEADER.get(args.season_gap_fill, '')}"
           f"{', every map averaged over the 8 flips and quarter turns of its tiles (--tta)' if args.tta else ''}"
           f"{f', each member on its own {args.member_region_fraction:.0%} of the regions' if args.member_region_fraction < 1 else ''}",

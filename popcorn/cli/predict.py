@@ -34,7 +34,7 @@ from pathlib import Path
 from popcorn.datasets.sentinel import SEASONS
 from popcorn.errors import PopcornInputError, exit_with_error
 from popcorn.inference.distributed import launched_externally, predict_distributed
-from popcorn.inference.ensemble import MEMBER_STATISTICS, SEASON_WEIGHTS
+from popcorn.inference.ensemble import MEMBER_STATISTICS, SEASON_STATISTICS, SEASON_WEIGHTS
 from popcorn.inference.evaluate import summarise
 from popcorn.inference.fast import DEFAULT_THRESHOLD
 from popcorn.inference.maps import PredictResult, PredictSettings, predict
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "of each one's own error variance, estimated without labels from how the checkpoints' 1 ha "
                         "maps differ (a first pass over the tiles; >= 3 checkpoints; member_weights.csv; beyond "
                         "the paper)")
+    g.add_argument("--season-statistic", choices=SEASON_STATISTICS, default="mean",
+                   help="how each checkpoint's seasonal maps combine: mean (the paper) or their per-pixel median at "
+                        "10 m (a season that misleads the checkpoint at a place does not pull its map; beyond the "
+                        "paper; every season alike, so not with --season-weights observed)")
     g.add_argument("--season-gap-fill", action="store_true",
                    help="read what a season's composite misses (S1 strips, S2 cloud holes) as the other seasons' "
                         "mean at the pixel (beyond the paper); for checkpoints trained with "
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> PredictResult:
         rescale_rest=args.rescale_rest,
         season_weights=args.season_weights,
         member_statistic=args.member_statistic,
+        season_statistic=args.season_statistic,
         season_gap_fill=args.season_gap_fill,
         test_time_augmentation=args.test_time_augmentation,
     )

@@ -13,6 +13,10 @@ census training went astray (people moved between building types the census cann
 does not pull the ensemble with it; ``"collocation"`` (beyond the paper) weights each checkpoint in
 the mean by the inverse of its own error variance, estimated from how it differs from the others
 (:mod:`popcorn.inference.collocation`).
+
+Within one checkpoint, ``season_statistic="mean"`` (the paper) averages its seasonal maps;
+``"median"`` (beyond the paper) takes their per-pixel median, so that a season whose composite
+misleads the checkpoint at a place (its worst season, often winter) does not pull the map with it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 
 SEASON_WEIGHTS = ("equal", "observed")
 MEMBER_STATISTICS = ("mean", "median", "collocation")
+SEASON_STATISTICS = ("mean", "median")
 OBSERVED_WINDOW_PX = 8  # half-width of the window whose observed share weights a season (80 m)
 
 
@@ -77,12 +82,41 @@ def season_weights(data: dict[str, tuple[torch.Tensor, torch.Tensor]], rule: str
     return {season: np.where(unseen, 1.0, share) for season, share in shares.items()}
 
 
-def combine_members(member_maps: list[np.ndarray], statistic: str) -> np.ndarray:
-    """Per-pixel ensemble of the checkpoints' (season-averaged) maps by ``statistic``: "mean" or "median"."""
+class CheckpointSeasons:
+    """One checkpoint's seasonal maps of a tile, combined per pixel by ``statistic``: the (season-
+    weighted) running mean, or the median of the maps kept until :meth:`combined`."""
+
+    def __init__(self, statistic: str) -> None:
+        if statistic not in SEASON_STATISTICS:
+            raise ValueError(f"season statistic must be one of {SEASON_STATISTICS}, got {statistic!r}")
+        self.statistic = statistic
+        self.running = RunningMean()
+        self.maps: list[np.ndarray] = []
+
+    def add(self, x: np.ndarray, weight: np.ndarray | float = 1.0) -> None:
+        if self.statistic == "mean":
+            self.running.add(x, weight)
+        else:
+            self.maps.append(x.astype(np.float64))
+
+    def combined(self) -> np.ndarray:
+        if self.statistic == "mean":
+            assert self.running.mean is not None, "no season added"
+            return self.running.mean
+        return np.median(np.stack(self.maps), axis=0)
+
+
+def combine_members(member_maps: list[np.ndarray], statistic: str,
+                    shares: list[float] | None = None) -> np.ndarray:
+    """Per-pixel ensemble of the checkpoints' (season-combined) maps by ``statistic``: "mean"
+    (weighted by ``shares``, default all alike) or "median"."""
     if statistic not in ("mean", "median"):
         raise ValueError(f"member statistic must be mean or median here, got {statistic!r}")
     stack = np.stack(member_maps)
-    return stack.mean(0) if statistic == "mean" else np.median(stack, axis=0)
+    if statistic == "median":
+        return np.median(stack, axis=0)
+    weights = np.ones(len(member_maps)) if shares is None else np.asarray(shares, np.float64)
+    return np.tensordot(weights / weights.sum(), stack, axes=1)
 
 
 class DihedralMean(torch.nn.Module):

@@ -14,7 +14,8 @@
   1 ha sums (not a sum of 10 m stds). With ``season_weights="observed"`` each season counts per
   pixel by how much of its composite is observed around the pixel; with ``member_statistic="median"``
   the population maps are the per-pixel median of the checkpoints' season means (1 ha = sums of
-  the 10 m median; :mod:`popcorn.inference.ensemble`); with ``"collocation"`` a first pass over the
+  the 10 m median; :mod:`popcorn.inference.ensemble`); with ``season_statistic="median"`` each
+  checkpoint's seasons are combined by their per-pixel median instead of their mean; with ``"collocation"`` a first pass over the
   tiles maps each checkpoint alone at 1 ha, and the checkpoints are weighted by the inverse of their
   own error variance estimated from their pairwise differences (:mod:`popcorn.inference.collocation`).
 - **Dasymetric rescaling** (optional): census regions are rasterised per tile (never for the
@@ -50,7 +51,9 @@ from popcorn.inference.area import resolve_area
 from popcorn.inference.collocation import MIN_MEMBERS, MemberWeights, member_weights
 from popcorn.inference.ensemble import (
     MEMBER_STATISTICS,
+    SEASON_STATISTICS,
     SEASON_WEIGHTS,
+    CheckpointSeasons,
     DihedralMean,
     RunningMean,
     combine_members,
@@ -89,6 +92,8 @@ class PredictSettings:
     composite around the pixel is observed, :mod:`popcorn.inference.ensemble`). ``member_statistic``:
     "mean" (the paper), "median" of the checkpoints' season-averaged maps per 10 m pixel, or
     "collocation" (their mean weighted by the inverse of each one's own error variance).
+    ``season_statistic``: "mean" (the paper) or "median" of each checkpoint's seasonal maps per
+    10 m pixel (every season alike: not with ``season_weights="observed"``).
     ``season_gap_fill``: what a season misses read as the other seasons' mean (as in training).
     ``test_time_augmentation``: every checkpoint x season map is the mean over the tile's 8 flips
     and quarter turns (:class:`~popcorn.inference.ensemble.DihedralMean`, 8 x the compute).
@@ -112,6 +117,7 @@ class PredictSettings:
     rescale_rest: str = "uniform"
     season_weights: str = "equal"
     member_statistic: str = "mean"
+    season_statistic: str = "mean"
     season_gap_fill: bool = False
     test_time_augmentation: bool = False
 
@@ -144,11 +150,12 @@ class PredictResult:
 
 def ensemble_name(settings: PredictSettings) -> str:
     """How the population maps combine the checkpoints, in words (for the products' units tag)."""
-    if settings.member_statistic == "mean":
-        return "ensemble mean"
+    seasons = "season means" if settings.season_statistic == "mean" else "per-pixel season medians"
     if settings.member_statistic == "collocation":
-        return "mean of the checkpoints weighted by the inverse of their own error variance (N-cornered hat)"
-    return "per-pixel median over the checkpoints of their season means"
+        return f"mean of the checkpoints' {seasons} weighted by the inverse of their own error variance (N-cornered hat)"
+    if settings.member_statistic == "median":
+        return f"per-pixel median over the checkpoints of their {seasons}"
+    return "ensemble mean" if settings.season_statistic == "mean" else f"mean of the checkpoints' {seasons}"
 
 
 # ============================================================================= POPCORN
@@ -199,13 +206,14 @@ def imagery_reader(imagery_root: str, seasons: Sequence[str], season_gap_fill: b
 def predict_tile(
     members: Sequence[Member], data: dict[str, tuple[torch.Tensor, torch.Tensor]], core: Window,
     read: Window, device: torch.device, area_mask: np.ndarray | None = None, seasons_by: str = "equal",
-    members_by: str = "mean", member_weights: Sequence[float] | None = None,
+    members_by: str = "mean", member_weights: Sequence[float] | None = None, season_statistic: str = "mean",
 ) -> dict[str, np.ndarray]:
     """Ensemble prediction of one tile core from its read window's imagery (all seasons).
 
     ``seasons_by``: how seasons are weighted per pixel (:func:`popcorn.inference.ensemble.season_weights`);
     ``members_by``: how the checkpoints' maps are combined (:func:`popcorn.inference.ensemble.combine_members`);
-    ``member_weights``: each checkpoint's weight in the means (default: all 1).
+    ``member_weights``: each checkpoint's weight in the means (default: all 1); ``season_statistic``:
+    how each checkpoint's seasons are combined (:class:`popcorn.inference.ensemble.CheckpointSeasons`).
     Returns float32 arrays on the core (10 m) and its 1 ha cells; NaN = nodata.
     """
     r, c, h, w = core
@@ -220,7 +228,8 @@ def predict_tile(
     _, cell_n = block_sum_partial(np.zeros((h, w)), valid)
     weights = season_weights(data, seasons_by, (dr, dc, h, w))
     pop10, pop1 = RunningMean(), RunningMean()
-    by_member = [RunningMean() for _ in members] if members_by == "median" else []
+    per_checkpoint = members_by == "median" or season_statistic != "mean"
+    by_member = [CheckpointSeasons(season_statistic) for _ in members] if per_checkpoint else []
     bu_sum = np.zeros((h, w), np.float64)
     occ_sum = np.zeros((h, w), np.float64)
     occ_weight = np.zeros((h, w), np.float64)
@@ -247,14 +256,16 @@ def predict_tile(
                 occ_weight += weight * ok
     nan = np.float32(np.nan)
     out: dict[str, np.ndarray] = {}
-    pop10_map = combine_members([m.mean for m in by_member], members_by) if by_member else pop10.mean
+    shares = None if member_weights is None else [float(x) for x in member_weights]
+    pop10_map = (combine_members([m.combined() for m in by_member], "median" if members_by == "median" else "mean",
+                                 shares) if by_member else pop10.mean)
     out["population_10m"] = np.where(valid, pop10_map, nan).astype(np.float32)
     out["population_10m_std"] = np.where(valid, pop10.std(), nan).astype(np.float32)
     out["builtup_score"] = np.where(valid, bu_sum / pop10.weight, nan).astype(np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["occupancy"] = np.where(valid & (occ_weight > 0), occ_sum / occ_weight, nan).astype(np.float32)
     # 1 ha cells sum their valid pixels (cells cut by the area edge are partial sums); with
-    # per-pixel season weights or a median over the members the cell is the sum of the 10 m map
+    # per-pixel season weights or a median over the seasons or members the cell is the sum of the 10 m map
     per_pixel = bool(by_member) or any(not np.isscalar(weight) for weight in weights.values())
     pop1_mean = block_sum_partial(pop10_map, valid)[0] if per_pixel else pop1.mean
     out["population_1ha"] = np.where(cell_n > 0, pop1_mean, nan).astype(np.float32)
@@ -266,8 +277,9 @@ def _settings_key(settings: PredictSettings, members: Sequence[Member], window: 
     d = asdict(settings)
     for key in RESCALING_FIELDS:  # used only when the tiles are assembled: changing them reuses the tiles
         d.pop(key)
-    if not d["test_time_augmentation"]:  # runs from before the option keep their key (and resume)
-        d.pop("test_time_augmentation")
+    for key, default in (("test_time_augmentation", False), ("season_statistic", "mean")):
+        if d[key] == default:  # runs from before the option keep their key (and resume)
+            d.pop(key)
     d["checkpoints"] = [m.meta["sha256"] for m in members]
     d["window"] = list(window)
     d["version"] = STATE_VERSION
@@ -294,6 +306,12 @@ def _check_settings(settings: PredictSettings) -> None:
     if settings.member_statistic not in MEMBER_STATISTICS:
         raise PopcornInputError(f"--member-statistic must be one of {', '.join(MEMBER_STATISTICS)}, "
                                 f"got {settings.member_statistic!r}")
+    if settings.season_statistic not in SEASON_STATISTICS:
+        raise PopcornInputError(f"--season-statistic must be one of {', '.join(SEASON_STATISTICS)}, "
+                                f"got {settings.season_statistic!r}")
+    if settings.season_statistic != "mean" and settings.season_weights != "equal":
+        raise PopcornInputError("--season-statistic median takes every season alike: drop --season-weights "
+                                f"{settings.season_weights} or use --season-statistic mean")
     if settings.rescale_rest not in RESCALE_REST:
         raise PopcornInputError(f"--rescale-rest must be one of {', '.join(RESCALE_REST)}, "
                                 f"got {settings.rescale_rest!r}")
@@ -315,7 +333,8 @@ def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: Ras
 
     def runner(core: Window, read: Window, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
         arrays = predict_tile(members, data, core, read, dev, _area_mask(core, grid, geom), settings.season_weights,
-                              settings.member_statistic, None if weights is None else weights.weights)
+                              settings.member_statistic, None if weights is None else weights.weights,
+                              settings.season_statistic)
         if not settings.write_10m:
             arrays.pop("population_10m_std")
             if not keep_10m:
@@ -340,7 +359,8 @@ def _collocation_weights(settings: PredictSettings, members: Sequence[Member], t
     def runner(core: Window, read: Window, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
         mask = _area_mask(core, grid, geom)
         return {"member_population_1ha": np.stack([
-            predict_tile([m], data, core, read, dev, mask, settings.season_weights)["population_1ha"] for m in members
+            predict_tile([m], data, core, read, dev, mask, settings.season_weights,
+                         season_statistic=settings.season_statistic)["population_1ha"] for m in members
         ])}
 
     run = run_tiles(tiles, reader, runner, work, key, {"pass": "collocation: each checkpoint's own 1 ha map"},
@@ -434,7 +454,8 @@ def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seas
         "checkpoint_sha256": ";".join(m.meta["sha256"] for m in members),
         "seasons": ",".join(seasons),
         "members": str(n_members),
-        "member_statistic": settings.member_statistic, "season_gap_fill": str(settings.season_gap_fill).lower(),
+        "member_statistic": settings.member_statistic, "season_statistic": settings.season_statistic,
+        "season_gap_fill": str(settings.season_gap_fill).lower(),
         "test_time_augmentation": "8 flips and quarter turns" if settings.test_time_augmentation else "none",
         **({} if weights is None else {"member_weights": weights.tag()}),
         "tile_size": str(settings.tile_size),
