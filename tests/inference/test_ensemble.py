@@ -15,6 +15,7 @@ from popcorn.datasets.synthetic.world import make_synthetic_world
 from popcorn.errors import PopcornInputError
 from popcorn.evaluation.dasymetric import block_sum
 from popcorn.inference.ensemble import (
+    CheckpointSeasons,
     DihedralMean,
     OBSERVED_WINDOW_PX,
     RunningMean,
@@ -145,6 +146,19 @@ def test_combine_members_mean_and_median() -> None:
     assert np.allclose(combine_members(maps, "median"), [[2.0, 1.0]])  # the outlier 9 does not count
     with pytest.raises(ValueError, match="member statistic"):
         combine_members(maps, "mode")
+    assert np.allclose(combine_members(maps, "mean", [1.0, 0.0, 3.0]), [[7.0, 2.0]])  # (1 + 27) / 4, (5 + 3) / 4
+
+
+def test_checkpoint_seasons_mean_and_median() -> None:
+    maps = [np.array([[1.0, 5.0]]), np.array([[2.0, 0.0]]), np.array([[9.0, 1.0]]), np.array([[4.0, 4.0]])]
+    mean, median = CheckpointSeasons("mean"), CheckpointSeasons("median")
+    for m in maps:
+        mean.add(m)
+        median.add(m)
+    assert np.allclose(mean.combined(), [[4.0, 2.5]])
+    assert np.allclose(median.combined(), [[3.0, 2.5]])  # four seasons: the mean of the middle two
+    with pytest.raises(ValueError, match="season statistic"):
+        CheckpointSeasons("trimmed")
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +213,61 @@ def test_unknown_member_statistic_refused(gapped_world) -> None:
     settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), member_statistic="trimmed")
     with pytest.raises(PopcornInputError, match="--member-statistic must be one of mean, median, collocation"):
         predict(settings, root / "bad_statistic", progress=False)
+
+
+def test_season_median_is_each_checkpoints_per_pixel_median_over_its_seasons(three_members) -> None:
+    """``season_statistic="median"``: each checkpoint's map is the per-pixel median of its seasonal
+    maps (each predicted alone), then the checkpoints are combined by the member statistic; the
+    clouded winter no longer pulls the map; 1 ha cells sum the 10 m map; the tags say so."""
+    root, ckpts, _, _ = three_members
+    imagery = root / "imagery"
+    seasons = ["spring", "summer", "winter"]  # winter's S2 has the 80 x 80 px cloud
+
+    def run(paths: list, name: str, **options) -> dict:
+        settings = PredictSettings(checkpoints=[str(p) for p in paths], imagery_root=str(imagery),
+                                   seasons=options.pop("seasons", seasons), tile_size=100, overlap=64,
+                                   write_10m=True, **options)
+        result = predict(settings, root / name, progress=False)
+        out = {k: rasterio.open(p).read(1).astype(np.float64) for k, p in result.outputs.items()}
+        out["tags"] = rasterio.open(result.outputs["population_1ha"]).tags()
+        return out
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = np.stack([[run([p], f"season_{k}_{s}", seasons=[s])["population_10m"] for s in seasons]
+                          for k, p in enumerate(ckpts)])  # checkpoint x season x H x W
+        maps = {(members, by): run(ckpts, f"seasons_{by}_members_{members}", member_statistic=members,
+                                   season_statistic=by)
+                for members in ("mean", "median") for by in ("mean", "median")}
+        one_season = run(ckpts[:1], "season_median_one", seasons=["summer"], season_statistic="median")
+    finally:
+        torch.set_num_threads(before)
+    per_checkpoint = np.median(alone, axis=1)
+    assert np.allclose(maps["mean", "median"]["population_10m"], per_checkpoint.mean(0), atol=1e-5)
+    assert np.allclose(maps["median", "median"]["population_10m"], np.median(per_checkpoint, axis=0), atol=1e-5)
+    assert np.allclose(maps["median", "mean"]["population_10m"], np.median(alone.mean(1), axis=0), atol=1e-5)
+    assert np.allclose(maps["mean", "mean"]["population_10m"], alone.mean((0, 1)), atol=1e-5)
+    cloud = (slice(70, 130),) * 2
+    moved = np.abs(maps["mean", "median"]["population_10m"] - maps["mean", "mean"]["population_10m"])
+    assert moved[cloud].max() > 1e-4  # under the cloud winter's guess is the odd season out
+    for key in (("mean", "median"), ("median", "median")):
+        assert np.allclose(maps[key]["population_1ha"], block_sum(maps[key]["population_10m"]), atol=1e-3)
+        assert maps[key]["tags"]["season_statistic"] == "median" and "season medians" in maps[key]["tags"]["units"]
+    assert np.allclose(maps["mean", "median"]["population_10m_std"], maps["mean", "mean"]["population_10m_std"],
+                       atol=1e-6)  # the spread stays over every checkpoint x season
+    assert maps["mean", "mean"]["tags"]["season_statistic"] == "mean"
+    assert np.allclose(one_season["population_10m"], alone[0, 1], atol=1e-6)  # one season: its own map
+
+
+def test_season_statistic_refusals(gapped_world) -> None:
+    root, imagery, ckpt = gapped_world
+    for options, message in (({"season_statistic": "trimmed"}, "--season-statistic must be one of mean, median"),
+                             ({"season_statistic": "median", "season_weights": "observed"},
+                              "--season-statistic median takes every season alike")):
+        settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), **options)
+        with pytest.raises(PopcornInputError, match=message):
+            predict(settings, root / "bad_season_statistic", progress=False)
 
 
 def _one_option_both_ways(gapped_world, season: str, option: str) -> tuple[dict, dict]:

@@ -233,18 +233,20 @@ def test_bad_inputs(setup, tmp_path: Path) -> None:
 
 
 def test_member_statistic_option_reaches_the_maps(setup) -> None:
-    """--member-statistic median: the products say how the members were combined, and the rescaled
-    map still matches the census (the median itself: tests/inference/test_ensemble.py)."""
+    """--member-statistic median and --season-statistic median: the products say how the members
+    and seasons were combined, and the rescaled map still matches the census (the medians
+    themselves: tests/inference/test_ensemble.py)."""
     root, world, ckpts = setup
     out = root / "median"
     predict_main([
         "--checkpoint", str(ckpts[0]), str(ckpts[1]), "--imagery", str(world.imagery_dir), "--seasons", "summer",
         "--tile-size", "100", "--overlap", "64", "--quiet", "--member-statistic", "median",
-        "--census", str(world.census_regions), "--counts", str(world.census_counts), "--out", str(out),
+        "--season-statistic", "median", "--census", str(world.census_regions), "--counts", str(world.census_counts), "--out", str(out),
     ])
     for name in ("population_1ha.tif", "population_1ha_rescaled.tif"):
         with rasterio.open(out / name) as src:
             assert src.tags()["member_statistic"] == "median" and "median over the checkpoints" in src.tags()["units"]
+            assert src.tags()["season_statistic"] == "median" and "season medians" in src.tags()["units"]
     _, _, grid = open_imagery(world.imagery_dir, ["summer"])
     regions = CensusRegions(world.census_regions, world.census_counts, grid)
     assert _read(out / "population_1ha_rescaled.tif").sum() == pytest.approx(sum(regions.counts.values()), rel=1e-5)
