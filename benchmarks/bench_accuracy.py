@@ -325,7 +325,8 @@ def predict_maps(ckpts: list[Path], seasons: list[str], world: Path, out: Path,
                  season_weights: str = "equal", member_statistic: str = "mean",
                  **map_options: Any) -> tuple[dict[str, Path], float]:
     """Ensemble maps (1 ha raw + rescaled, 10 m raw, built-up score) of ``ckpts`` x ``seasons``;
-    ``map_options``: ``season_gap_fill``, ``test_time_augmentation``, ``season_statistic`` (:class:`PredictSettings`)."""
+    ``map_options``: ``season_gap_fill``, ``test_time_augmentation``, ``season_statistic``
+    (:class:`PredictSettings`)."""
     from popcorn.inference.maps import PredictSettings, predict
 
     settings = PredictSettings(

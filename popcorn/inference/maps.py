@@ -14,10 +14,11 @@
   1 ha sums (not a sum of 10 m stds). With ``season_weights="observed"`` each season counts per
   pixel by how much of its composite is observed around the pixel; with ``member_statistic="median"``
   the population maps are the per-pixel median of the checkpoints' season means (1 ha = sums of
-  the 10 m median; :mod:`popcorn.inference.ensemble`); with ``season_statistic="median"`` each
-  checkpoint's seasons are combined by their per-pixel median instead of their mean; with ``"collocation"`` a first pass over the
+  the 10 m median; :mod:`popcorn.inference.ensemble`); with ``"collocation"`` a first pass over the
   tiles maps each checkpoint alone at 1 ha, and the checkpoints are weighted by the inverse of their
   own error variance estimated from their pairwise differences (:mod:`popcorn.inference.collocation`).
+  With ``season_statistic="median"`` each checkpoint's seasons are combined by their per-pixel
+  median instead of their mean before the checkpoints are combined.
 - **Dasymetric rescaling** (optional): census regions are rasterised per tile (never for the
   whole area at once), region sums are accumulated over the finished tiles, and the rescaled map
   is made per tile during assembly; per-region scale factors go to a CSV.
@@ -152,7 +153,8 @@ def ensemble_name(settings: PredictSettings) -> str:
     """How the population maps combine the checkpoints, in words (for the products' units tag)."""
     seasons = "season means" if settings.season_statistic == "mean" else "per-pixel season medians"
     if settings.member_statistic == "collocation":
-        return f"mean of the checkpoints' {seasons} weighted by the inverse of their own error variance (N-cornered hat)"
+        return (f"mean of the checkpoints' {seasons} weighted by the inverse of their own error variance "
+                "(N-cornered hat)")
     if settings.member_statistic == "median":
         return f"per-pixel median over the checkpoints of their {seasons}"
     return "ensemble mean" if settings.season_statistic == "mean" else f"mean of the checkpoints' {seasons}"

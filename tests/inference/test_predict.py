@@ -241,7 +241,8 @@ def test_member_statistic_option_reaches_the_maps(setup) -> None:
     predict_main([
         "--checkpoint", str(ckpts[0]), str(ckpts[1]), "--imagery", str(world.imagery_dir), "--seasons", "summer",
         "--tile-size", "100", "--overlap", "64", "--quiet", "--member-statistic", "median",
-        "--season-statistic", "median", "--census", str(world.census_regions), "--counts", str(world.census_counts), "--out", str(out),
+        "--season-statistic", "median", "--census", str(world.census_regions), "--counts", str(world.census_counts),
+        "--out", str(out),
     ])
     for name in ("population_1ha.tif", "population_1ha_rescaled.tif"):
         with rasterio.open(out / name) as src:
