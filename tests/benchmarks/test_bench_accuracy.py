@@ -151,19 +151,6 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
             assert src.tags()["season_gap_fill"] == "false", raw
             assert src.tags()["season_statistic"] == "median", raw
 
-    # --member-region-fraction (bagging): each member trains on its own share of the regions,
-    # drawn with its seed, and is scored out of bag on the rest
-    out = run_tiny_benchmark(tmp_path, "--member-region-fraction", "0.7", out="out_bagged")
-    assert "each member on its own 70% of the regions" in out
-    for member in (1600, 1601):
-        done = tmp_path / "out_bagged" / "world_101" / f"member_{member}" / "done.json"
-        command = json.loads(done.read_text())["command"]
-        assert "--data.init_args.val_fraction=0.3" in command
-        assert f"--data.init_args.split_seed={member}" in command
-        assert re.search(f"member {member} trained in .*out-of-bag census regions R\\^2 -?[0-9.]+ \\(last epoch\\)", out)
-    (bagged,) = json.loads((tmp_path / "out_bagged" / "results.json").read_text())
-    assert bagged["metrics"][f"{bag} raw"] != metrics[f"{bag} raw"]
-
     # Occupancy pretrained on another world's fine population first (beyond the paper): the
     # members start from its export; an evaluated or held-out world is refused as a source.
     # With --season-gap-fill the pretraining, the members and the maps read what a season misses
@@ -184,17 +171,27 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     (pretrained,) = json.loads((tmp_path / "out_pretrained" / "results.json").read_text())
     assert pretrained["metrics"][f"{bag} raw"] != metrics[f"{bag} raw"]
 
-    # --pretrain-per-member: each member starts from its own pretraining, seeded like the member
+    # --pretrain-per-member: each member starts from its own pretraining, seeded like the member;
+    # with --member-region-fraction (bagging, the same run) each member also trains on its own
+    # share of the regions, drawn with its seed, and is scored out of bag on the rest
     out = run_tiny_benchmark(tmp_path, "--occupancy-sources", "102", "--pretrain-epochs", "1",
-                             "--pretrain-batches", "3", "--pretrain-per-member", out="out_per_member")
+                             "--pretrain-batches", "3", "--pretrain-per-member", "--member-region-fraction", "0.7",
+                             out="out_per_member")
+    assert "each member on its own 70% of the regions" in out
     weights = {}
     for member in (1600, 1601):
         export = tmp_path / "out_per_member" / f"occupancy_pretraining_102_seed{member}" / "occupancy_weights.pt"
         assert f"occupancy branch of member {member} pretrained" in out and f"-> {export}" in out
         done = tmp_path / "out_per_member" / "world_101" / f"member_{member}" / "done.json"
-        assert f"--model.occupancy_weights={export}" in json.loads(done.read_text())["command"]
+        command = json.loads(done.read_text())["command"]
+        assert f"--model.occupancy_weights={export}" in command
+        assert "--data.init_args.val_fraction=0.3" in command and f"--data.init_args.split_seed={member}" in command
+        oob = f"member {member} trained in .*out-of-bag census regions R\\^2 -?[0-9.]+ \\(last epoch\\)"
+        assert re.search(oob, out)
         weights[member] = torch.load(export, weights_only=False)["occupancy"]
     assert any(not torch.equal(weights[1600][k], weights[1601][k]) for k in weights[1600])
+    (bagged,) = json.loads((tmp_path / "out_per_member" / "results.json").read_text())
+    assert bagged["metrics"][f"{bag} raw"] != metrics[f"{bag} raw"]
 
 
 @pytest.mark.parametrize("source", [101, 901])
