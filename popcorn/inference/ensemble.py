@@ -21,6 +21,8 @@ misleads the checkpoint at a place (its worst season, often winter) does not pul
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -107,7 +109,7 @@ class CheckpointSeasons:
 
 
 def combine_members(member_maps: list[np.ndarray], statistic: str,
-                    shares: list[float] | None = None) -> np.ndarray:
+                    shares: Sequence[float] | None = None) -> np.ndarray:
     """Per-pixel ensemble of the checkpoints' (season-combined) maps by ``statistic``: "mean"
     (weighted by ``shares``, default all alike) or "median"."""
     if statistic not in ("mean", "median"):

@@ -258,9 +258,8 @@ def predict_tile(
                 occ_weight += weight * ok
     nan = np.float32(np.nan)
     out: dict[str, np.ndarray] = {}
-    shares = None if member_weights is None else [float(x) for x in member_weights]
     pop10_map = (combine_members([m.combined() for m in by_member], "median" if members_by == "median" else "mean",
-                                 shares) if by_member else pop10.mean)
+                                 member_weights) if by_member else pop10.mean)
     out["population_10m"] = np.where(valid, pop10_map, nan).astype(np.float32)
     out["population_10m_std"] = np.where(valid, pop10.std(), nan).astype(np.float32)
     out["builtup_score"] = np.where(valid, bu_sum / pop10.weight, nan).astype(np.float32)

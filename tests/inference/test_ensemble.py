@@ -164,7 +164,8 @@ def test_checkpoint_seasons_mean_and_median() -> None:
 @pytest.fixture(scope="module")
 def three_members(gapped_world):
     """Three checkpoints whose maps differ per pixel (occupancy bias 0.2, 0.5, 2.0), each one's
-    summer + autumn map alone, and a function predicting them together with a member statistic."""
+    summer + autumn map alone, and a function predicting them together with a member statistic
+    (other ``PredictSettings`` fields, e.g. the seasons, as keywords)."""
     root, imagery, _ = gapped_world
     ckpts = []
     for k, bias in enumerate((0.2, 0.5, 2.0)):
@@ -173,13 +174,13 @@ def three_members(gapped_world):
         ckpts.append(root / f"member{k}.ckpt")
         torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpts[-1])
 
-    def run(paths: list, statistic: str, name: str) -> dict:
+    def run(paths: list, statistic: str, name: str, **options) -> dict:
         before = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            settings = PredictSettings(checkpoints=[str(p) for p in paths], imagery_root=str(imagery),
-                                       seasons=["summer", "autumn"], tile_size=100, overlap=64, write_10m=True,
-                                       member_statistic=statistic)
+            settings = PredictSettings(**{"seasons": ["summer", "autumn"], "tile_size": 100, **options},
+                                       checkpoints=[str(p) for p in paths], imagery_root=str(imagery), overlap=64,
+                                       write_10m=True, member_statistic=statistic)
             result = predict(settings, root / name, progress=False)
         finally:
             torch.set_num_threads(before)
@@ -220,25 +221,16 @@ def test_season_median_is_each_checkpoints_per_pixel_median_over_its_seasons(thr
     maps (each the model on the whole raster, by hand), then the checkpoints are combined by the
     member statistic; the clouded winter no longer pulls the map; the spread stays over every
     checkpoint x season; 1 ha cells sum the 10 m map; the tags say so."""
-    root, ckpts, _, _ = three_members
+    root, ckpts, _, run = three_members
     imagery = root / "imagery"
     seasons = ["spring", "summer", "winter"]  # winter's S2 has the 80 x 80 px cloud
-
-    def run(paths: list, name: str, **options) -> dict:
-        settings = PredictSettings(checkpoints=[str(p) for p in paths], imagery_root=str(imagery),
-                                   seasons=options.pop("seasons", seasons), tile_size=200, overlap=64,
-                                   write_10m=True, **options)  # one tile: tiling is tested elsewhere
-        result = predict(settings, root / name, progress=False)
-        out = {k: rasterio.open(p).read(1).astype(np.float64) for k, p in result.outputs.items()}
-        out["tags"] = rasterio.open(result.outputs["population_1ha"]).tags()
-        return out
-
+    one_tile = {"tile_size": 200, "season_statistic": "median"}  # one tile: tiling is tested elsewhere
+    maps = {members: run(ckpts, members, f"season_median_members_{members}", seasons=seasons, **one_tile)
+            for members in ("mean", "median")}
+    one_season = run(ckpts[:1], "mean", "season_median_one", seasons=["summer"], **one_tile)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        maps = {members: run(ckpts, f"season_median_members_{members}", member_statistic=members,
-                             season_statistic="median") for members in ("mean", "median")}
-        one_season = run(ckpts[:1], "season_median_one", seasons=["summer"], season_statistic="median")
         s1, s2, _ = open_imagery(str(imagery), seasons)
         inputs = [(s1.read_window(s, (0, 0, 200, 200))[None], s2.read_window(s, (0, 0, 200, 200))[None])
                   for s in seasons]
