@@ -63,7 +63,11 @@ GAP_FILL_STAGES = ("maps", "all")
 GAP_FILL_HEADER = {"all": ", season gaps filled with the mean of the other seasons (training and maps)",
                    "maps": ", season gaps filled with the mean of the other seasons in the maps only "
                            "(networks trained on the paper's reading)"}
-SEASON_MEDIAN_HEADER = ", each checkpoint's seasons combined by their per-pixel median (--season-statistic median)"
+SEASON_STATISTIC_HEADER = {
+    "median": ", each checkpoint's seasons combined by their per-pixel median (--season-statistic median)",
+    "collocation": ", each checkpoint's seasons weighted by the inverse of their own error variance "
+                   "(--season-statistic collocation)",
+}
 
 
 @dataclass
@@ -129,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-pixel median, or collocation weights (beyond the paper; popcorn predict "
                         "--member-statistic)")
     p.add_argument("--season-statistic", choices=SEASON_STATISTICS, default="mean",
-                   help="how each checkpoint's seasonal maps combine in the four-season rows: mean (the paper) or "
-                        "their per-pixel median (beyond the paper; popcorn predict --season-statistic)")
+                   help="how each checkpoint's seasonal maps combine in the four-season rows: mean (the paper), "
+                        "their per-pixel median or their collocation-weighted mean (beyond the paper; popcorn "
+                        "predict --season-statistic)")
     p.add_argument("--season-gap-fill", nargs="?", const="all", choices=GAP_FILL_STAGES, default=None,
                    help="beyond the paper: what a season's composite misses (S1 strips, S2 cloud holes) is read as the "
                         "other seasons' mean at the pixel; all (the flag alone): in the pretraining, every member's "
@@ -326,9 +331,11 @@ def predict_maps(ckpts: list[Path], seasons: list[str], world: Path, out: Path,
                  **map_options: Any) -> tuple[dict[str, Path], float]:
     """Ensemble maps (1 ha raw + rescaled, 10 m raw, built-up score) of ``ckpts`` x ``seasons``;
     ``map_options``: ``season_gap_fill``, ``test_time_augmentation``, ``season_statistic``
-    (:class:`PredictSettings`)."""
+    (:class:`PredictSettings`; one season's map is the same under every season statistic)."""
     from popcorn.inference.maps import PredictSettings, predict
 
+    if len(seasons) == 1:
+        map_options = {**map_options, "season_statistic": "mean"}
     settings = PredictSettings(
         checkpoints=[str(c) for c in ckpts], imagery_root=str(world), seasons=seasons,
         write_10m=True, census=str(world / "census_regions.gpkg"),
@@ -664,7 +671,7 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f"{f', world domain shift {args.world_shift}' if args.world_shift else ''}"
           f", extra fit args {args.fit_args}, census matching: {matching}, seasons averaged: {args.season_weights}, "
           f"members combined: {args.member_statistic}"
-          f"{SEASON_MEDIAN_HEADER if args.season_statistic == 'median' else ''}"
+          f"{SEASON_STATISTIC_HEADER.get(args.season_statistic, '')}"
           f"{GAP_FILL_HEADER.get(args.season_gap_fill, '')}"
           f"{', every map averaged over the 8 flips and quarter turns of its tiles (--tta)' if args.tta else ''}"
           f"{f', each member on its own {args.member_region_fraction:.0%} of the regions' if args.member_region_fraction < 1 else ''}",

@@ -67,9 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "maps differ (a first pass over the tiles; >= 3 checkpoints; member_weights.csv; beyond "
                         "the paper)")
     g.add_argument("--season-statistic", choices=SEASON_STATISTICS, default="mean",
-                   help="how each checkpoint's seasonal maps combine: mean (the paper) or their per-pixel median at "
+                   help="how each checkpoint's seasonal maps combine: mean (the paper); their per-pixel median at "
                         "10 m (a season that misleads the checkpoint at a place does not pull its map; beyond the "
-                        "paper; every season alike, so not with --season-weights observed)")
+                        "paper); collocation: their mean weighted by the inverse of each season's own error "
+                        "variance, estimated without labels from how the checkpoint's seasonal 1 ha maps differ (a "
+                        "first pass over the tiles; >= 3 seasons; season_weights.csv; beyond the paper). Both set "
+                        "the seasons' weights, so not with --season-weights observed")
     g.add_argument("--season-gap-fill", action="store_true",
                    help="read what a season's composite misses (S1 strips, S2 cloud holes) as the other seasons' "
                         "mean at the pixel (beyond the paper); for checkpoints trained with "

@@ -7,6 +7,11 @@ from all pairs by least squares, without any label (the three-cornered hat of cl
 triple collocation in remote sensing). Inverse-variance weights are the least-variance mean under
 that model: a member whose census training went astray disagrees most with the others and counts
 least, where the paper's plain mean gives it a fifth and the median still lets it decide pixels.
+
+The same reading serves one checkpoint's seasonal maps (``--season-statistic collocation``): the
+error the seasons share (what the checkpoint learnt from the census) cancels in their differences,
+so what the pairs measure is each season's own error (a dark, shadowed or clouded composite), and
+the checkpoint's seasons are averaged with inverse-variance weights (:class:`SeasonWeights`).
 """
 
 from __future__ import annotations
@@ -115,5 +120,59 @@ def member_weights(checkpoints: Sequence[str], stacks: Callable[[], Iterable[np.
     return weights
 
 
-__all__ = ["MIN_MEMBERS", "MemberWeights", "PairwiseDifferences", "inverse_variance_weights", "member_weights",
-           "own_error_variances"]
+@dataclass
+class SeasonWeights:
+    """Each checkpoint's season weights (``--season-statistic collocation``) and what they stand on:
+    ``own_variance`` and ``weights`` are (checkpoints, seasons); each checkpoint's weights sum to 1."""
+
+    checkpoints: list[str]
+    seasons: list[str]
+    own_variance: np.ndarray
+    weights: np.ndarray
+    cells: int
+
+    def shares(self) -> list[dict[str, float]]:
+        """Per checkpoint, each season's weight by name (what the map's running means take)."""
+        return [dict(zip(self.seasons, map(float, row))) for row in self.weights]
+
+    def combine(self, stack: np.ndarray) -> np.ndarray:
+        """(checkpoints, seasons, ...) maps -> (checkpoints, ...): each checkpoint's weighted season mean."""
+        return np.einsum("ks,ks...->k...", self.weights, stack)
+
+    def write_csv(self, path: Path) -> Path:
+        """``season_weights.csv``: checkpoint, season, own error variance (people^2 per 1 ha cell), weight."""
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["checkpoint", "season", "own_error_variance", "weight", "cells"])
+            for ckpt, variances, weights in zip(self.checkpoints, self.own_variance, self.weights):
+                for season, var, w in zip(self.seasons, variances, weights):
+                    out.writerow([ckpt, season, f"{var:.6g}", f"{w:.6g}", self.cells])
+        return path
+
+    def tag(self) -> str:
+        """The weights for the products' provenance tags: checkpoints by ``;``, seasons (in the
+        ``seasons`` tag's order) by ``,``."""
+        return ";".join(",".join(f"{w:.4f}" for w in row) for row in self.weights)
+
+
+def season_weights_of(checkpoints: Sequence[str], seasons: Sequence[str],
+                      stacks: Callable[[], Iterable[np.ndarray]]) -> SeasonWeights:
+    """Collocation weights of each checkpoint's ``seasons`` from ``stacks()``, an iterable of
+    (checkpoints, seasons, h, w) stacks of the checkpoint x season 1 ha maps (tile by tile)."""
+    diffs = [PairwiseDifferences(len(seasons)) for _ in checkpoints]
+    for stack in stacks():
+        for one, maps in zip(diffs, stack):
+            one.add(maps)
+    variances = np.stack([own_error_variances(one.mean_squared()) for one in diffs])
+    weights = SeasonWeights(list(checkpoints), list(seasons), variances,
+                            np.stack([inverse_variance_weights(v) for v in variances]), diffs[0].cells)
+    for ckpt, row in zip(checkpoints, weights.weights):
+        top = int(np.argmax(row))
+        if row[top] > DOMINANT_WEIGHT:
+            log.warning("season collocation: %s of checkpoint %s takes %.0f%% of its weight (the other seasons "
+                        "disagree more among themselves than with it)", seasons[top], ckpt, 100 * row[top])
+    return weights
+
+
+__all__ = ["MIN_MEMBERS", "MemberWeights", "PairwiseDifferences", "SeasonWeights", "inverse_variance_weights",
+           "member_weights", "own_error_variances", "season_weights_of"]

@@ -16,7 +16,10 @@ the mean by the inverse of its own error variance, estimated from how it differs
 
 Within one checkpoint, ``season_statistic="mean"`` (the paper) averages its seasonal maps;
 ``"median"`` (beyond the paper) takes their per-pixel median, so that a season whose composite
-misleads the checkpoint at a place (its worst season, often winter) does not pull the map with it.
+misleads the checkpoint at a place (its worst season, often winter) does not pull the map with it;
+``"collocation"`` (beyond the paper) averages them with one weight per season, the inverse of the
+season's own error variance estimated from how the checkpoint's seasonal maps differ over the whole
+area (:class:`popcorn.inference.collocation.SeasonWeights`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 SEASON_WEIGHTS = ("equal", "observed")
 MEMBER_STATISTICS = ("mean", "median", "collocation")
-SEASON_STATISTICS = ("mean", "median")
+SEASON_STATISTICS = ("mean", "median", "collocation")
 OBSERVED_WINDOW_PX = 8  # half-width of the window whose observed share weights a season (80 m)
 
 
@@ -86,7 +89,8 @@ def season_weights(data: dict[str, tuple[torch.Tensor, torch.Tensor]], rule: str
 
 class CheckpointSeasons:
     """One checkpoint's seasonal maps of a tile, combined per pixel by ``statistic``: the (season-
-    weighted) running mean, or the median of the maps kept until :meth:`combined`."""
+    weighted) running mean (``"mean"``, and ``"collocation"``, whose weights come with each map), or
+    the median of the maps kept until :meth:`combined`."""
 
     def __init__(self, statistic: str) -> None:
         if statistic not in SEASON_STATISTICS:
@@ -96,13 +100,13 @@ class CheckpointSeasons:
         self.maps: list[np.ndarray] = []
 
     def add(self, x: np.ndarray, weight: np.ndarray | float = 1.0) -> None:
-        if self.statistic == "mean":
-            self.running.add(x, weight)
-        else:
+        if self.statistic == "median":
             self.maps.append(x.astype(np.float64))
+        else:
+            self.running.add(x, weight)
 
     def combined(self) -> np.ndarray:
-        if self.statistic == "mean":
+        if self.statistic != "median":
             assert self.running.mean is not None, "no season added"
             return self.running.mean
         return np.median(np.stack(self.maps), axis=0)

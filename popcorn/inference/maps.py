@@ -18,7 +18,9 @@
   tiles maps each checkpoint alone at 1 ha, and the checkpoints are weighted by the inverse of their
   own error variance estimated from their pairwise differences (:mod:`popcorn.inference.collocation`).
   With ``season_statistic="median"`` each checkpoint's seasons are combined by their per-pixel
-  median instead of their mean before the checkpoints are combined.
+  median instead of their mean before the checkpoints are combined; with ``"collocation"`` the first
+  pass maps each checkpoint x season alone at 1 ha and each checkpoint's seasons are weighted by the
+  inverse of their own error variance (both collocations can share that pass).
 - **Dasymetric rescaling** (optional): census regions are rasterised per tile (never for the
   whole area at once), region sums are accumulated over the finished tiles, and the rescaled map
   is made per tile during assembly; per-region scale factors go to a CSV.
@@ -45,22 +47,21 @@ import torch
 
 from popcorn import __version__
 from popcorn.datasets.grid import RasterGrid, Window
-from popcorn.datasets.samples import TileQuery
 from popcorn.datasets.sentinel import SEASONS, check_seasons
 from popcorn.errors import PopcornInputError
 from popcorn.inference.area import resolve_area
-from popcorn.inference.collocation import MIN_MEMBERS, MemberWeights, member_weights
+from popcorn.inference.collocation import MIN_MEMBERS, MemberWeights, SeasonWeights, member_weights, season_weights_of
 from popcorn.inference.ensemble import (
     MEMBER_STATISTICS,
     SEASON_STATISTICS,
     SEASON_WEIGHTS,
     CheckpointSeasons,
-    DihedralMean,
     RunningMean,
     combine_members,
     season_weights,
 )
-from popcorn.inference.fast import DEFAULT_THRESHOLD, FastPopcorn, load_popcorn
+from popcorn.inference.fast import DEFAULT_THRESHOLD
+from popcorn.inference.members import Member, imagery_reader, load_members
 from popcorn.inference.rescaling import RESCALE_REST, CensusTiles, rescaled_product
 from popcorn.inference.tiles import (
     ALIGN,
@@ -93,8 +94,9 @@ class PredictSettings:
     composite around the pixel is observed, :mod:`popcorn.inference.ensemble`). ``member_statistic``:
     "mean" (the paper), "median" of the checkpoints' season-averaged maps per 10 m pixel, or
     "collocation" (their mean weighted by the inverse of each one's own error variance).
-    ``season_statistic``: "mean" (the paper) or "median" of each checkpoint's seasonal maps per
-    10 m pixel (every season alike: not with ``season_weights="observed"``).
+    ``season_statistic``: "mean" (the paper), "median" of each checkpoint's seasonal maps per 10 m
+    pixel, or "collocation" (their mean weighted per checkpoint by the inverse of each season's own
+    error variance; >= 3 seasons); both set the seasons' weights, so not with ``season_weights="observed"``.
     ``season_gap_fill``: what a season misses read as the other seasons' mean (as in training).
     ``test_time_augmentation``: every checkpoint x season map is the mean over the tile's 8 flips
     and quarter turns (:class:`~popcorn.inference.ensemble.DihedralMean`, 8 x the compute).
@@ -147,11 +149,14 @@ class PredictResult:
     scale_factors: Path | None = None
     scale_percentiles: tuple[float, float, float] | None = None
     member_weights: MemberWeights | None = None
+    season_weights: SeasonWeights | None = None
 
 
 def ensemble_name(settings: PredictSettings) -> str:
     """How the population maps combine the checkpoints, in words (for the products' units tag)."""
-    seasons = "season means" if settings.season_statistic == "mean" else "per-pixel season medians"
+    seasons = {"mean": "season means", "median": "per-pixel season medians",
+               "collocation": "season means weighted by the inverse of each season's own error variance"
+               }[settings.season_statistic]
     if settings.member_statistic == "collocation":
         return (f"mean of the checkpoints' {seasons} weighted by the inverse of their own error variance "
                 "(N-cornered hat)")
@@ -161,61 +166,19 @@ def ensemble_name(settings: PredictSettings) -> str:
 
 
 # ============================================================================= POPCORN
-@dataclass
-class Member:
-    """One loaded checkpoint."""
-
-    path: str
-    model: torch.nn.Module
-    meta: dict[str, Any]
-
-
-def load_members(checkpoints: Sequence[str], threshold: float, device: torch.device,
-                 test_time_augmentation: bool = False) -> list[Member]:
-    """Load every checkpoint as a :class:`FastPopcorn` on ``device`` (averaged over the tile's 8
-    poses with ``test_time_augmentation``)."""
-    if not checkpoints:
-        raise PopcornInputError("no checkpoint given; pass at least one --checkpoint")
-    members = []
-    for path in checkpoints:
-        model, meta = load_popcorn(path)
-        fast = FastPopcorn(model, threshold).to(device)
-        members.append(Member(str(path), DihedralMean(fast) if test_time_augmentation else fast, meta))
-    return members
-
-
-def imagery_reader(imagery_root: str, seasons: Sequence[str], season_gap_fill: bool = False) -> OpenReader:
-    """Reader factory of the engine for POPCORN: ``read(query) -> {season: (s1, s2)}``, each
-    season's composites read from TorchGeo's intersection ``s1 & s2`` (the tile's GeoSlice with
-    that season's time slice)."""
-    seasons = list(seasons)
-
-    def open_reader() -> Callable[[TileQuery], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        from popcorn.datasets.samples import SentinelPairs
-        from popcorn.datasets.sentinel import open_imagery
-
-        imagery = SentinelPairs(*open_imagery(imagery_root, seasons, season_gap_fill=season_gap_fill)[:2])
-
-        def read(query: TileQuery) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-            samples = {season: imagery[query.in_season(season)] for season in seasons}
-            return {season: (sample["s1"], sample["s2"]) for season, sample in samples.items()}
-
-        return read
-
-    return open_reader
-
-
 def predict_tile(
     members: Sequence[Member], data: dict[str, tuple[torch.Tensor, torch.Tensor]], core: Window,
     read: Window, device: torch.device, area_mask: np.ndarray | None = None, seasons_by: str = "equal",
     members_by: str = "mean", member_weights: Sequence[float] | None = None, season_statistic: str = "mean",
+    season_shares: Sequence[dict[str, float]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Ensemble prediction of one tile core from its read window's imagery (all seasons).
 
     ``seasons_by``: how seasons are weighted per pixel (:func:`popcorn.inference.ensemble.season_weights`);
     ``members_by``: how the checkpoints' maps are combined (:func:`popcorn.inference.ensemble.combine_members`);
     ``member_weights``: each checkpoint's weight in the means (default: all 1); ``season_statistic``:
-    how each checkpoint's seasons are combined (:class:`popcorn.inference.ensemble.CheckpointSeasons`).
+    how each checkpoint's seasons are combined (:class:`popcorn.inference.ensemble.CheckpointSeasons`);
+    ``season_shares``: per checkpoint, each season's weight (``"collocation"``; default: all 1).
     Returns float32 arrays on the core (10 m) and its 1 ha cells; NaN = nodata.
     """
     r, c, h, w = core
@@ -230,7 +193,7 @@ def predict_tile(
     _, cell_n = block_sum_partial(np.zeros((h, w)), valid)
     weights = season_weights(data, seasons_by, (dr, dc, h, w))
     pop10, pop1 = RunningMean(), RunningMean()
-    per_checkpoint = members_by == "median" or season_statistic != "mean"
+    per_checkpoint = members_by == "median" or season_statistic == "median"
     by_member = [CheckpointSeasons(season_statistic) for _ in members] if per_checkpoint else []
     bu_sum = np.zeros((h, w), np.float64)
     occ_sum = np.zeros((h, w), np.float64)
@@ -243,7 +206,8 @@ def predict_tile(
             season_cells = (season_weight if np.isscalar(season_weight)
                             else block_sum_partial(season_weight, valid)[0] / np.maximum(cell_n, 1))
             for i, member in enumerate(members):
-                share = 1.0 if member_weights is None else float(member_weights[i])
+                share = ((1.0 if member_weights is None else float(member_weights[i]))
+                         * (1.0 if season_shares is None else season_shares[i][season]))
                 weight, cell_weight = season_weight * share, season_cells * share
                 out = member.model(x1, x2)
                 crop = {k: v[0, 0, dr : dr + h, dc : dc + w].float().cpu().numpy() for k, v in out.items()}
@@ -311,8 +275,11 @@ def _check_settings(settings: PredictSettings) -> None:
         raise PopcornInputError(f"--season-statistic must be one of {', '.join(SEASON_STATISTICS)}, "
                                 f"got {settings.season_statistic!r}")
     if settings.season_statistic != "mean" and settings.season_weights != "equal":
-        raise PopcornInputError("--season-statistic median takes every season alike: drop --season-weights "
-                                f"{settings.season_weights} or use --season-statistic mean")
+        raise PopcornInputError(f"--season-statistic {settings.season_statistic} sets the seasons' weights itself: "
+                                f"drop --season-weights {settings.season_weights} or use --season-statistic mean")
+    if settings.season_statistic == "collocation" and len(settings.seasons) < MIN_MEMBERS:
+        raise PopcornInputError(f"--season-statistic collocation needs at least {MIN_MEMBERS} seasons (two cannot "
+                                f"tell their errors apart), got {', '.join(settings.seasons)}")
     if settings.rescale_rest not in RESCALE_REST:
         raise PopcornInputError(f"--rescale-rest must be one of {', '.join(RESCALE_REST)}, "
                                 f"got {settings.rescale_rest!r}")
@@ -327,15 +294,15 @@ def _area_mask(core: Window, grid: RasterGrid, geom: Any) -> np.ndarray | None:
 
 
 def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: RasterGrid, geom: Any,
-                 dev: torch.device, keep_10m: bool,
-                 weights: MemberWeights | None = None) -> Callable[..., dict[str, np.ndarray]]:
+                 dev: torch.device, keep_10m: bool, weights: MemberWeights | None = None,
+                 seasons_w: SeasonWeights | None = None) -> Callable[..., dict[str, np.ndarray]]:
     """The engine's per-tile function: the members' maps of one tile, masked to the area polygon;
     10 m layers are dropped unless written (or needed for the census rescaling, ``keep_10m``)."""
 
     def runner(core: Window, read: Window, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
         arrays = predict_tile(members, data, core, read, dev, _area_mask(core, grid, geom), settings.season_weights,
                               settings.member_statistic, None if weights is None else weights.weights,
-                              settings.season_statistic)
+                              settings.season_statistic, None if seasons_w is None else seasons_w.shares())
         if not settings.write_10m:
             arrays.pop("population_10m_std")
             if not keep_10m:
@@ -345,29 +312,40 @@ def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: Ras
     return runner
 
 
-def _collocation_weights(settings: PredictSettings, members: Sequence[Member], tiles: TileGridSampler,
-                         reader: OpenReader, grid: RasterGrid, geom: Any, dev: torch.device, work: Path, key: str,
-                         **run_options: Any) -> tuple[MemberWeights | None, TileRun | None]:
-    """First pass of ``member_statistic="collocation"``: every checkpoint's own (season-combined)
-    1 ha map of every tile, kept in its own resumable tile store (returned, for its cleanup after
-    the maps), and the checkpoints' weights from their pairwise differences; (None, None), all
-    alike, with fewer than 3 checkpoints."""
-    if len(members) < MIN_MEMBERS:
+def _first_pass(settings: PredictSettings, members: Sequence[Member], tiles: TileGridSampler, reader: OpenReader,
+                grid: RasterGrid, geom: Any, dev: torch.device, work: Path, key: str, **run_options: Any
+                ) -> tuple[SeasonWeights | None, MemberWeights | None, TileRun | None]:
+    """First pass of the collocation statistics: every checkpoint's own 1 ha map of every tile (each
+    season alone for ``season_statistic="collocation"``), kept in its own resumable tile store
+    (returned, for its cleanup after the maps); then each checkpoint's season weights and the
+    checkpoints' weights (of their season-weighted maps) from the pairwise differences. Member
+    weights stay None, all alike, with fewer than 3 checkpoints."""
+    by_season = settings.season_statistic == "collocation"
+    by_member = settings.member_statistic == "collocation" and len(members) >= MIN_MEMBERS
+    if settings.member_statistic == "collocation" and not by_member:
         log.warning("--member-statistic collocation needs at least %d checkpoints, got %d: they count alike",
                     MIN_MEMBERS, len(members))
-        return None, None
+    if not (by_season or by_member):
+        return None, None, None
+    name = "season_population_1ha" if by_season else "member_population_1ha"
 
     def runner(core: Window, read: Window, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, np.ndarray]:
         mask = _area_mask(core, grid, geom)
-        return {"member_population_1ha": np.stack([
-            predict_tile([m], data, core, read, dev, mask, settings.season_weights,
-                         season_statistic=settings.season_statistic)["population_1ha"] for m in members
-        ])}
+        if by_season:
+            return {name: np.stack([[predict_tile([m], {s: data[s]}, core, read, dev, mask)["population_1ha"]
+                                     for s in data] for m in members])}
+        return {name: np.stack([predict_tile([m], data, core, read, dev, mask, settings.season_weights,
+                                             season_statistic=settings.season_statistic)["population_1ha"]
+                                for m in members])}
 
-    run = run_tiles(tiles, reader, runner, work, key, {"pass": "collocation: each checkpoint's own 1 ha map"},
+    what = "each checkpoint x season" if by_season else "each checkpoint's own"
+    run = run_tiles(tiles, reader, runner, work, key, {"pass": f"collocation: {what} 1 ha map"},
                     desc="members alone", **run_options)
-    return member_weights([m.path for m in members],
-                          lambda: (run.load(core)["member_population_1ha"] for core in run.cores)), run
+    paths = [m.path for m in members]
+    stacks = lambda: (run.load(core)[name] for core in run.cores)  # noqa: E731
+    seasons_w = season_weights_of(paths, settings.seasons, stacks) if by_season else None
+    combined = stacks if seasons_w is None else lambda: (seasons_w.combine(stack) for stack in stacks())
+    return seasons_w, member_weights(paths, combined) if by_member else None, run
 
 
 def predict(
@@ -410,12 +388,10 @@ def predict(
     cores = tiles.cores
     reader = imagery_reader(settings.imagery_root, seasons, settings.season_gap_fill)
     key = _settings_key(settings, members, window)
-    weights = first_pass = None
-    if settings.member_statistic == "collocation":
-        weights, first_pass = _collocation_weights(settings, members, tiles, reader, grid, geom, dev,
-                                                   out / f"{PARTIAL_DIR}-members", key,
-                                                   resume=resume, progress=progress, shard=shard)
-    runner = _tile_runner(settings, members, grid, geom, dev, census is not None, weights)
+    seasons_w, weights, first_pass = _first_pass(settings, members, tiles, reader, grid, geom, dev,
+                                                 out / f"{PARTIAL_DIR}-members", key,
+                                                 resume=resume, progress=progress, shard=shard)
+    runner = _tile_runner(settings, members, grid, geom, dev, census is not None, weights, seasons_w)
     run = run_tiles(
         tiles, reader, runner, out / PARTIAL_DIR, key, {"settings": asdict(settings), "window": list(window)},
         resume=resume, progress=progress, stop_after=stop_after, on_tile=on_tile, shard=shard,
@@ -424,9 +400,10 @@ def predict(
         return None
 
     # --- census sums (pass 1 over the finished tiles), then the GeoTIFFs (pass 2)
-    products = _popcorn_products(settings, members, seasons, out, prefix, weights)
-    if weights is not None:
-        weights.write_csv(out / f"{prefix}member_weights.csv")
+    products = _popcorn_products(settings, members, seasons, out, prefix, weights, seasons_w)
+    for written, csv_name in ((weights, "member_weights.csv"), (seasons_w, "season_weights.csv")):
+        if written is not None:
+            written.write_csv(out / f"{prefix}{csv_name}")
     scale_csv = percentiles = None
     if census is not None:
         tags = dict(products[0].tags, census=f"{settings.census};{settings.counts}")
@@ -441,11 +418,12 @@ def predict(
     seconds = time.perf_counter() - t_start
     mpx = sum(c[2] * c[3] for c in cores) / 1e6
     return PredictResult(out, outputs, grid, window, len(members) * len(seasons), len(cores), run.computed,
-                         seconds, mpx, scale_csv, percentiles, weights)
+                         seconds, mpx, scale_csv, percentiles, weights, seasons_w)
 
 
 def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seasons: Sequence[str], out: Path,
-                      prefix: str, weights: MemberWeights | None = None) -> list[Product]:
+                      prefix: str, weights: MemberWeights | None = None,
+                      seasons_w: SeasonWeights | None = None) -> list[Product]:
     n_members = len(members) * len(seasons)
     combined = ensemble_name(settings)
     base_tags = {
@@ -459,12 +437,13 @@ def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seas
         "season_gap_fill": str(settings.season_gap_fill).lower(),
         "test_time_augmentation": "8 flips and quarter turns" if settings.test_time_augmentation else "none",
         **({} if weights is None else {"member_weights": weights.tag()}),
+        **({} if seasons_w is None else {"season_weights": seasons_w.tag()}),
         "tile_size": str(settings.tile_size),
         "overlap": str(settings.overlap),
         "sparse_head_threshold": str(settings.threshold),
         "imagery": str(settings.imagery_root),
     }
-    spread = "" if weights is None else ", weighted as the mean"
+    spread = "" if weights is None and seasons_w is None else ", weighted as the mean"
     specs: list[tuple[str, str, int, str, str]] = [  # key, file, factor, band, what
         ("population_1ha", "population_1ha.tif", FINE, "population", f"people per 1 ha cell, {combined}"),
         ("builtup_score", "builtup_score_10m.tif", 1, "builtup_score", "built-up score [0,1], ensemble mean"),

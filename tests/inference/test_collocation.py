@@ -11,6 +11,7 @@ from popcorn.inference.collocation import (
     inverse_variance_weights,
     member_weights,
     own_error_variances,
+    season_weights_of,
 )
 
 
@@ -71,3 +72,29 @@ def test_member_weights_from_tiles(caplog) -> None:
     assert weights.cells == 40_000 and weights.checkpoints == ["a.ckpt", "b.ckpt", "c.ckpt"]
     assert np.argmax(weights.weights) == 0 and np.argmin(weights.weights) == 2
     assert weights.tag() == ";".join(f"{w:.4f}" for w in weights.weights)
+
+
+def test_season_weights_per_checkpoint_from_tiles(tmp_path, caplog) -> None:
+    """Each checkpoint's seasons get their own inverse-variance weights (a noisy winter counts least,
+    the error all seasons share cancels); the weighted map, the CSV and the tag follow them."""
+    own_sd = ([1.0, 1.0, 2.0, 6.0], [3.0, 1.0, 1.0, 1.0])  # checkpoint a: winter noisy; b: spring
+    stack = np.stack([members_around_truth(sd, cells=40_000, seed=3 + k).reshape(4, 200, 200)
+                      for k, sd in enumerate(own_sd)])  # (checkpoints, seasons, h, w)
+    seasons = ["spring", "summer", "autumn", "winter"]
+    with caplog.at_level("WARNING"):
+        weights = season_weights_of(["a.ckpt", "b.ckpt"], seasons,
+                                    lambda: (stack[:, :, i : i + 50] for i in range(0, 200, 50)))
+    assert weights.weights.shape == (2, 4) and np.allclose(weights.weights.sum(1), 1.0)
+    expected = 1 / np.square(own_sd)
+    assert np.allclose(weights.weights, expected / expected.sum(1, keepdims=True), rtol=0.1)
+    assert np.argmin(weights.weights[0]) == 3 and np.argmin(weights.weights[1]) == 0
+    assert "takes" not in caplog.text  # no season above half of a checkpoint's weight here
+    assert weights.shares()[1] == {s: float(w) for s, w in zip(seasons, weights.weights[1])}
+    assert np.allclose(weights.combine(stack), np.einsum("ks,kshw->khw", weights.weights, stack))
+    rows = weights.write_csv(tmp_path / "season_weights.csv").read_text().splitlines()
+    assert rows[0] == "checkpoint,season,own_error_variance,weight,cells" and len(rows) == 9
+    assert rows[4].startswith("a.ckpt,winter,") and rows[4].endswith(",40000")
+    assert weights.tag().split(";")[1] == ",".join(f"{w:.4f}" for w in weights.weights[1])
+    with caplog.at_level("WARNING"):  # one clean season among three noisy ones: the map is mostly it
+        season_weights_of(["c.ckpt"], seasons, lambda: iter([members_around_truth([1.0, 4.0, 4.0, 4.0])[None]]))
+    assert "spring of checkpoint c.ckpt takes" in caplog.text

@@ -216,29 +216,39 @@ def test_unknown_member_statistic_refused(gapped_world) -> None:
         predict(settings, root / "bad_statistic", progress=False)
 
 
-def test_season_median_is_each_checkpoints_per_pixel_median_over_its_seasons(three_members) -> None:
+SEASONS_WITH_CLOUD = ["spring", "summer", "winter"]  # winter's S2 has the 80 x 80 px cloud
+ONE_TILE = {"tile_size": 200, "seasons": SEASONS_WITH_CLOUD}  # one tile: tiling is tested elsewhere
+
+
+@pytest.fixture(scope="module")
+def seasons_by_hand(three_members) -> np.ndarray:
+    """Each of the three checkpoints' map of each season in ``SEASONS_WITH_CLOUD``: the model on the
+    whole 200 x 200 px raster, by hand (checkpoint x season x H x W)."""
+    root, ckpts, _, _ = three_members
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s1, s2, _ = open_imagery(str(root / "imagery"), SEASONS_WITH_CLOUD)
+        inputs = [(s1.read_window(s, (0, 0, 200, 200))[None], s2.read_window(s, (0, 0, 200, 200))[None])
+                  for s in SEASONS_WITH_CLOUD]
+        with torch.no_grad():
+            return np.stack([[load_popcorn(p)[0].eval()(*x)["population"][0, 0].double().numpy() for x in inputs]
+                             for p in ckpts])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_season_median_is_each_checkpoints_per_pixel_median_over_its_seasons(three_members, seasons_by_hand) -> None:
     """``season_statistic="median"``: each checkpoint's map is the per-pixel median of its seasonal
     maps (each the model on the whole raster, by hand), then the checkpoints are combined by the
     member statistic; the clouded winter no longer pulls the map; the spread stays over every
     checkpoint x season; 1 ha cells sum the 10 m map; the tags say so."""
-    root, ckpts, _, run = three_members
-    imagery = root / "imagery"
-    seasons = ["spring", "summer", "winter"]  # winter's S2 has the 80 x 80 px cloud
-    one_tile = {"tile_size": 200, "season_statistic": "median"}  # one tile: tiling is tested elsewhere
-    maps = {members: run(ckpts, members, f"season_median_members_{members}", seasons=seasons, **one_tile)
+    _, ckpts, _, run = three_members
+    alone = seasons_by_hand
+    maps = {members: run(ckpts, members, f"season_median_members_{members}", season_statistic="median", **ONE_TILE)
             for members in ("mean", "median")}
-    one_season = run(ckpts[:1], "mean", "season_median_one", seasons=["summer"], **one_tile)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        s1, s2, _ = open_imagery(str(imagery), seasons)
-        inputs = [(s1.read_window(s, (0, 0, 200, 200))[None], s2.read_window(s, (0, 0, 200, 200))[None])
-                  for s in seasons]
-        with torch.no_grad():
-            alone = np.stack([[load_popcorn(p)[0].eval()(*x)["population"][0, 0].double().numpy() for x in inputs]
-                              for p in ckpts])  # checkpoint x season x H x W
-    finally:
-        torch.set_num_threads(before)
+    one_season = run(ckpts[:1], "mean", "season_median_one", **{**ONE_TILE, "seasons": ["summer"]},
+                     season_statistic="median")
     per_checkpoint = np.median(alone, axis=1)
     assert np.allclose(maps["mean"]["population_10m"], per_checkpoint.mean(0), atol=1e-5)
     assert np.allclose(maps["median"]["population_10m"], np.median(per_checkpoint, axis=0), atol=1e-5)
@@ -253,11 +263,43 @@ def test_season_median_is_each_checkpoints_per_pixel_median_over_its_seasons(thr
     assert np.allclose(one_season["population_10m"], alone[0, 1], atol=1e-5)  # one season: its own map
 
 
+def test_season_collocation_weights_each_checkpoints_seasons(three_members, seasons_by_hand) -> None:
+    """``season_statistic="collocation"``: each checkpoint's seasons are weighted by the N-cornered hat
+    of its own seasonal 1 ha maps (by hand: the model on the whole raster), the checkpoints then combined
+    by the member statistic (here member collocation, of their season-weighted 1 ha maps, from the same
+    first pass); ``season_weights.csv`` and the tags carry the weights."""
+    from popcorn.inference.collocation import member_weights, season_weights_of
+
+    root, ckpts, _, run = three_members
+    alone = seasons_by_hand
+    cells = np.stack([[block_sum(season) for season in ckpt] for ckpt in alone])
+    expected = season_weights_of([str(p) for p in ckpts], SEASONS_WITH_CLOUD, lambda: iter([cells]))
+    assert np.ptp(expected.weights, axis=1).min() > 0.01  # the seasons do not count alike
+    per_checkpoint = np.einsum("ks,kshw->khw", expected.weights, alone)
+    got = run(ckpts, "collocation", "season_collocation", season_statistic="collocation", **ONE_TILE)
+    result = got["result"]
+    assert np.allclose(result.season_weights.weights, expected.weights, atol=1e-4)
+    members_w = member_weights([str(p) for p in ckpts], lambda: iter([expected.combine(cells)]))
+    assert np.allclose(result.member_weights.weights, members_w.weights, atol=1e-4)
+    assert np.allclose(got["population_10m"], np.tensordot(members_w.weights, per_checkpoint, 1), atol=1e-5)
+    plain = np.tensordot(members_w.weights, alone.mean(1), 1)
+    assert np.abs(got["population_10m"] - plain).max() > 1e-4  # not the checkpoints' plain season means
+    assert np.allclose(got["population_1ha"], block_sum(got["population_10m"]), atol=1e-3)
+    assert got["tags"]["season_statistic"] == "collocation" and "own error variance" in got["tags"]["units"]
+    tagged = [[float(w) for w in ckpt.split(",")] for ckpt in got["tags"]["season_weights"].split(";")]
+    assert np.allclose(tagged, expected.weights, atol=2e-4)  # checkpoints by ";", seasons by ","
+    assert len((root / "season_collocation" / "season_weights.csv").read_text().splitlines()) == 10
+    assert not any(p.name.startswith(".popcorn-partial") for p in (root / "season_collocation").iterdir())
+
+
 def test_season_statistic_refusals(gapped_world) -> None:
     root, imagery, ckpt = gapped_world
-    for options, message in (({"season_statistic": "trimmed"}, "--season-statistic must be one of mean, median"),
+    for options, message in (({"season_statistic": "trimmed"},
+                              "--season-statistic must be one of mean, median, collocation"),
                              ({"season_statistic": "median", "season_weights": "observed"},
-                              "--season-statistic median takes every season alike")):
+                              "--season-statistic median sets the seasons' weights itself"),
+                             ({"season_statistic": "collocation", "seasons": ["summer", "winter"]},
+                              "--season-statistic collocation needs at least 3 seasons")):
         settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), **options)
         with pytest.raises(PopcornInputError, match=message):
             predict(settings, root / "bad_season_statistic", progress=False)
