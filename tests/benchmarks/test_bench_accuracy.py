@@ -137,12 +137,12 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     for raw in tagged:
         with rasterio.open(raw) as src:
             assert src.tags()["season_gap_fill"] == "true", raw
-    # --tta and --season-statistic collocation (one run for both): the members are reused, every map is
-    # predicted again over the 8 poses and each member's seasons weighted by their own error variance
-    # where a map has several seasons (a one-season map is that season's, tagged mean; the tags say so)
-    out = run_tiny_benchmark(tmp_path, "--tta", "--season-statistic", "collocation")
+    # --tta and --season-statistic median (one run for both): the members are reused, every map is
+    # predicted again over the 8 poses and each member's seasons combined by their median where a map
+    # has several seasons (the tags say so)
+    out = run_tiny_benchmark(tmp_path, "--tta", "--season-statistic", "median")
     assert "every map averaged over the 8 flips and quarter turns of its tiles (--tta)" in out
-    assert "each checkpoint's seasons weighted by the inverse of their own error variance" in out
+    assert "each checkpoint's seasons combined by their per-pixel median" in out
     (averaged,) = json.loads((tmp_path / "out" / "results.json").read_text())
     assert averaged["train_seconds"] == result["train_seconds"]
     assert averaged["metrics"][f"{bag} raw"]["r2"] != metrics[f"{bag} raw"]["r2"]
@@ -150,9 +150,8 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
         with rasterio.open(raw) as src:
             assert src.tags()["test_time_augmentation"] == "8 flips and quarter turns", raw
             assert src.tags()["season_gap_fill"] == "false", raw
-            several = len(src.tags()["seasons"].split(",")) > 1
-            assert src.tags()["season_statistic"] == ("collocation" if several else "mean"), raw
-            assert ("season_weights" in src.tags()) == several, raw
+            several = len(src.tags()["seasons"].split(",")) > 1  # one season's map: that season's (mean)
+            assert src.tags()["season_statistic"] == ("median" if several else "mean"), raw
 
     # Occupancy pretrained on another world's fine population first (beyond the paper): the
     # members start from its export; an evaluated or held-out world is refused as a source.
@@ -227,3 +226,29 @@ def test_member_region_fraction_draws_each_members_own_regions(tmp_path: Path) -
         )
         assert proc.returncode != 0 and f"--member-region-fraction must be in (0, 1], got {float(bad)}" in proc.stderr
         assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_season_statistic_reaches_the_maps_of_several_seasons_only(tmp_path: Path, monkeypatch) -> None:
+    """--season-statistic (here collocation, which needs >= 3 seasons) is passed to every map of
+    several seasons; a one-season map is that season's under any statistic, so it is predicted as
+    such (no first pass, no refusal). The end-to-end test runs the median through the benchmark."""
+    import popcorn.inference.maps as maps
+
+    bench = load_benchmark("bench_accuracy")
+    seen = []
+
+    class Result:
+        outputs = {"population_1ha": tmp_path / "map.tif"}
+
+    def fake_predict(settings, out, progress=True):
+        seen.append((list(settings.seasons), settings.season_statistic, settings.test_time_augmentation))
+        return Result()
+
+    monkeypatch.setattr(maps, "predict", fake_predict)
+    options = {"season_statistic": "collocation", "test_time_augmentation": True}
+    for seasons in (["summer"], ["spring", "summer", "autumn", "winter"]):
+        outputs, _ = bench.predict_maps([tmp_path / "m.ckpt"], seasons, tmp_path, tmp_path / "out", **options)
+        assert outputs == Result.outputs
+    assert seen == [(["summer"], "mean", True), (["spring", "summer", "autumn", "winter"], "collocation", True)]
+    header = bench.SEASON_STATISTIC_HEADER
+    assert "their own error variance" in header["collocation"] and "mean" not in header
