@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "10 m (a season that misleads the checkpoint at a place does not pull its map; beyond the "
                         "paper); collocation: their mean weighted by the inverse of each season's own error "
                         "variance, estimated without labels from how the checkpoint's seasonal 1 ha maps differ (a "
-                        "first pass over the tiles; >= 3 seasons; season_weights.csv; beyond the paper). Both set "
-                        "the seasons' weights, so not with --season-weights observed")
+                        "first pass over the tiles; >= 3 seasons; season_collocation_weights.csv; beyond the "
+                        "paper). Both set the seasons' weights, so not with --season-weights observed")
     g.add_argument("--season-gap-fill", action="store_true",
                    help="read what a season's composite misses (S1 strips, S2 cloud holes) as the other seasons' "
                         "mean at the pixel (beyond the paper); for checkpoints trained with "

@@ -11,7 +11,7 @@ least, where the paper's plain mean gives it a fifth and the median still lets i
 The same reading serves one checkpoint's seasonal maps (``--season-statistic collocation``): the
 error the seasons share (what the checkpoint learnt from the census) cancels in their differences,
 so what the pairs measure is each season's own error (a dark, shadowed or clouded composite), and
-the checkpoint's seasons are averaged with inverse-variance weights (:class:`SeasonWeights`).
+the checkpoint's seasons are averaged with inverse-variance weights (:class:`SeasonCollocationWeights`).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def member_weights(checkpoints: Sequence[str], stacks: Callable[[], Iterable[np.
 
 
 @dataclass
-class SeasonWeights:
+class SeasonCollocationWeights:
     """Each checkpoint's season weights (``--season-statistic collocation``) and what they stand on:
     ``own_variance`` and ``weights`` are (checkpoints, seasons); each checkpoint's weights sum to 1."""
 
@@ -140,7 +140,8 @@ class SeasonWeights:
         return np.einsum("ks,ks...->k...", self.weights, stack)
 
     def write_csv(self, path: Path) -> Path:
-        """``season_weights.csv``: checkpoint, season, own error variance (people^2 per 1 ha cell), weight."""
+        """``season_collocation_weights.csv``: checkpoint, season, own error variance (people^2 per
+        1 ha cell), weight."""
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["checkpoint", "season", "own_error_variance", "weight", "cells"])
@@ -155,8 +156,8 @@ class SeasonWeights:
         return ";".join(",".join(f"{w:.4f}" for w in row) for row in self.weights)
 
 
-def season_weights_of(checkpoints: Sequence[str], seasons: Sequence[str],
-                      stacks: Callable[[], Iterable[np.ndarray]]) -> SeasonWeights:
+def season_collocation_weights_of(checkpoints: Sequence[str], seasons: Sequence[str],
+                                  stacks: Callable[[], Iterable[np.ndarray]]) -> SeasonCollocationWeights:
     """Collocation weights of each checkpoint's ``seasons`` from ``stacks()``, an iterable of
     (checkpoints, seasons, h, w) stacks of the checkpoint x season 1 ha maps (tile by tile)."""
     diffs = [PairwiseDifferences(len(seasons)) for _ in checkpoints]
@@ -164,8 +165,8 @@ def season_weights_of(checkpoints: Sequence[str], seasons: Sequence[str],
         for one, maps in zip(diffs, stack):
             one.add(maps)
     variances = np.stack([own_error_variances(one.mean_squared()) for one in diffs])
-    weights = SeasonWeights(list(checkpoints), list(seasons), variances,
-                            np.stack([inverse_variance_weights(v) for v in variances]), diffs[0].cells)
+    weights = SeasonCollocationWeights(list(checkpoints), list(seasons), variances,
+                                       np.stack([inverse_variance_weights(v) for v in variances]), diffs[0].cells)
     for ckpt, row in zip(checkpoints, weights.weights):
         top = int(np.argmax(row))
         if row[top] > DOMINANT_WEIGHT:
@@ -174,5 +175,5 @@ def season_weights_of(checkpoints: Sequence[str], seasons: Sequence[str],
     return weights
 
 
-__all__ = ["MIN_MEMBERS", "MemberWeights", "PairwiseDifferences", "SeasonWeights", "inverse_variance_weights",
-           "member_weights", "own_error_variances", "season_weights_of"]
+__all__ = ["MIN_MEMBERS", "MemberWeights", "PairwiseDifferences", "SeasonCollocationWeights",
+           "inverse_variance_weights", "member_weights", "own_error_variances", "season_collocation_weights_of"]

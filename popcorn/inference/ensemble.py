@@ -19,7 +19,7 @@ Within one checkpoint, ``season_statistic="mean"`` (the paper) averages its seas
 misleads the checkpoint at a place (its worst season, often winter) does not pull the map with it;
 ``"collocation"`` (beyond the paper) averages them with one weight per season, the inverse of the
 season's own error variance estimated from how the checkpoint's seasonal maps differ over the whole
-area (:class:`popcorn.inference.collocation.SeasonWeights`).
+area (:class:`popcorn.inference.collocation.SeasonCollocationWeights`).
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ from popcorn.datasets.grid import RasterGrid, Window
 from popcorn.datasets.sentinel import SEASONS, check_seasons
 from popcorn.errors import PopcornInputError
 from popcorn.inference.area import resolve_area
-from popcorn.inference.collocation import MIN_MEMBERS, MemberWeights, SeasonWeights, member_weights, season_weights_of
+from popcorn.inference.collocation import (MIN_MEMBERS, MemberWeights, SeasonCollocationWeights, member_weights,
+                                          season_collocation_weights_of)
 from popcorn.inference.ensemble import (
     MEMBER_STATISTICS,
     SEASON_STATISTICS,
@@ -149,7 +150,7 @@ class PredictResult:
     scale_factors: Path | None = None
     scale_percentiles: tuple[float, float, float] | None = None
     member_weights: MemberWeights | None = None
-    season_weights: SeasonWeights | None = None
+    season_collocation_weights: SeasonCollocationWeights | None = None
 
 
 def ensemble_name(settings: PredictSettings) -> str:
@@ -295,7 +296,7 @@ def _area_mask(core: Window, grid: RasterGrid, geom: Any) -> np.ndarray | None:
 
 def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: RasterGrid, geom: Any,
                  dev: torch.device, keep_10m: bool, weights: MemberWeights | None = None,
-                 seasons_w: SeasonWeights | None = None) -> Callable[..., dict[str, np.ndarray]]:
+                 seasons_w: SeasonCollocationWeights | None = None) -> Callable[..., dict[str, np.ndarray]]:
     """The engine's per-tile function: the members' maps of one tile, masked to the area polygon;
     10 m layers are dropped unless written (or needed for the census rescaling, ``keep_10m``)."""
 
@@ -314,7 +315,7 @@ def _tile_runner(settings: PredictSettings, members: Sequence[Member], grid: Ras
 
 def _first_pass(settings: PredictSettings, members: Sequence[Member], tiles: TileGridSampler, reader: OpenReader,
                 grid: RasterGrid, geom: Any, dev: torch.device, work: Path, key: str, **run_options: Any
-                ) -> tuple[SeasonWeights | None, MemberWeights | None, TileRun | None]:
+                ) -> tuple[SeasonCollocationWeights | None, MemberWeights | None, TileRun | None]:
     """First pass of the collocation statistics: every checkpoint's own 1 ha map of every tile (each
     season alone for ``season_statistic="collocation"``), kept in its own resumable tile store
     (returned, for its cleanup after the maps); then each checkpoint's season weights and the
@@ -343,7 +344,7 @@ def _first_pass(settings: PredictSettings, members: Sequence[Member], tiles: Til
                     desc="members alone", **run_options)
     paths = [m.path for m in members]
     stacks = lambda: (run.load(core)[name] for core in run.cores)  # noqa: E731
-    seasons_w = season_weights_of(paths, settings.seasons, stacks) if by_season else None
+    seasons_w = season_collocation_weights_of(paths, settings.seasons, stacks) if by_season else None
     combined = stacks if seasons_w is None else lambda: (seasons_w.combine(stack) for stack in stacks())
     return seasons_w, member_weights(paths, combined) if by_member else None, run
 
@@ -401,7 +402,7 @@ def predict(
 
     # --- census sums (pass 1 over the finished tiles), then the GeoTIFFs (pass 2)
     products = _popcorn_products(settings, members, seasons, out, prefix, weights, seasons_w)
-    for written, csv_name in ((weights, "member_weights.csv"), (seasons_w, "season_weights.csv")):
+    for written, csv_name in ((weights, "member_weights.csv"), (seasons_w, "season_collocation_weights.csv")):
         if written is not None:
             written.write_csv(out / f"{prefix}{csv_name}")
     scale_csv = percentiles = None
@@ -423,7 +424,7 @@ def predict(
 
 def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seasons: Sequence[str], out: Path,
                       prefix: str, weights: MemberWeights | None = None,
-                      seasons_w: SeasonWeights | None = None) -> list[Product]:
+                      seasons_w: SeasonCollocationWeights | None = None) -> list[Product]:
     n_members = len(members) * len(seasons)
     combined = ensemble_name(settings)
     base_tags = {
@@ -437,7 +438,7 @@ def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seas
         "season_gap_fill": str(settings.season_gap_fill).lower(),
         "test_time_augmentation": "8 flips and quarter turns" if settings.test_time_augmentation else "none",
         **({} if weights is None else {"member_weights": weights.tag()}),
-        **({} if seasons_w is None else {"season_weights": seasons_w.tag()}),
+        **({} if seasons_w is None else {"season_collocation_weights": seasons_w.tag()}),
         "tile_size": str(settings.tile_size),
         "overlap": str(settings.overlap),
         "sparse_head_threshold": str(settings.threshold),

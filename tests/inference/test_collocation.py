@@ -11,7 +11,7 @@ from popcorn.inference.collocation import (
     inverse_variance_weights,
     member_weights,
     own_error_variances,
-    season_weights_of,
+    season_collocation_weights_of,
 )
 
 
@@ -82,7 +82,7 @@ def test_season_weights_per_checkpoint_from_tiles(tmp_path, caplog) -> None:
                       for k, sd in enumerate(own_sd)])  # (checkpoints, seasons, h, w)
     seasons = ["spring", "summer", "autumn", "winter"]
     with caplog.at_level("WARNING"):
-        weights = season_weights_of(["a.ckpt", "b.ckpt"], seasons,
+        weights = season_collocation_weights_of(["a.ckpt", "b.ckpt"], seasons,
                                     lambda: (stack[:, :, i : i + 50] for i in range(0, 200, 50)))
     assert weights.weights.shape == (2, 4) and np.allclose(weights.weights.sum(1), 1.0)
     expected = 1 / np.square(own_sd)
@@ -91,10 +91,11 @@ def test_season_weights_per_checkpoint_from_tiles(tmp_path, caplog) -> None:
     assert "takes" not in caplog.text  # no season above half of a checkpoint's weight here
     assert weights.shares()[1] == {s: float(w) for s, w in zip(seasons, weights.weights[1])}
     assert np.allclose(weights.combine(stack), np.einsum("ks,kshw->khw", weights.weights, stack))
-    rows = weights.write_csv(tmp_path / "season_weights.csv").read_text().splitlines()
+    rows = weights.write_csv(tmp_path / "season_collocation_weights.csv").read_text().splitlines()
     assert rows[0] == "checkpoint,season,own_error_variance,weight,cells" and len(rows) == 9
     assert rows[4].startswith("a.ckpt,winter,") and rows[4].endswith(",40000")
     assert weights.tag().split(";")[1] == ",".join(f"{w:.4f}" for w in weights.weights[1])
     with caplog.at_level("WARNING"):  # one clean season among three noisy ones: the map is mostly it
-        season_weights_of(["c.ckpt"], seasons, lambda: iter([members_around_truth([1.0, 4.0, 4.0, 4.0])[None]]))
+        season_collocation_weights_of(["c.ckpt"], seasons,
+                                      lambda: iter([members_around_truth([1.0, 4.0, 4.0, 4.0])[None]]))
     assert "spring of checkpoint c.ckpt takes" in caplog.text

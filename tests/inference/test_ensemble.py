@@ -267,18 +267,18 @@ def test_season_collocation_weights_each_checkpoints_seasons(three_members, seas
     """``season_statistic="collocation"``: each checkpoint's seasons are weighted by the N-cornered hat
     of its own seasonal 1 ha maps (by hand: the model on the whole raster), the checkpoints then combined
     by the member statistic (here member collocation, of their season-weighted 1 ha maps, from the same
-    first pass); ``season_weights.csv`` and the tags carry the weights."""
-    from popcorn.inference.collocation import member_weights, season_weights_of
+    first pass); ``season_collocation_weights.csv`` and the tags carry the weights."""
+    from popcorn.inference.collocation import member_weights, season_collocation_weights_of
 
     root, ckpts, _, run = three_members
     alone = seasons_by_hand
     cells = np.stack([[block_sum(season) for season in ckpt] for ckpt in alone])
-    expected = season_weights_of([str(p) for p in ckpts], SEASONS_WITH_CLOUD, lambda: iter([cells]))
+    expected = season_collocation_weights_of([str(p) for p in ckpts], SEASONS_WITH_CLOUD, lambda: iter([cells]))
     assert np.ptp(expected.weights, axis=1).min() > 0.01  # the seasons do not count alike
     per_checkpoint = np.einsum("ks,kshw->khw", expected.weights, alone)
     got = run(ckpts, "collocation", "season_collocation", season_statistic="collocation", **ONE_TILE)
     result = got["result"]
-    assert np.allclose(result.season_weights.weights, expected.weights, atol=1e-4)
+    assert np.allclose(result.season_collocation_weights.weights, expected.weights, atol=1e-4)
     members_w = member_weights([str(p) for p in ckpts], lambda: iter([expected.combine(cells)]))
     assert np.allclose(result.member_weights.weights, members_w.weights, atol=1e-4)
     assert np.allclose(got["population_10m"], np.tensordot(members_w.weights, per_checkpoint, 1), atol=1e-5)
@@ -286,9 +286,9 @@ def test_season_collocation_weights_each_checkpoints_seasons(three_members, seas
     assert np.abs(got["population_10m"] - plain).max() > 1e-4  # not the checkpoints' plain season means
     assert np.allclose(got["population_1ha"], block_sum(got["population_10m"]), atol=1e-3)
     assert got["tags"]["season_statistic"] == "collocation" and "own error variance" in got["tags"]["units"]
-    tagged = [[float(w) for w in ckpt.split(",")] for ckpt in got["tags"]["season_weights"].split(";")]
+    tagged = [[float(w) for w in ckpt.split(",")] for ckpt in got["tags"]["season_collocation_weights"].split(";")]
     assert np.allclose(tagged, expected.weights, atol=2e-4)  # checkpoints by ";", seasons by ","
-    assert len((root / "season_collocation" / "season_weights.csv").read_text().splitlines()) == 10
+    assert len((root / "season_collocation" / "season_collocation_weights.csv").read_text().splitlines()) == 10
     assert not any(p.name.startswith(".popcorn-partial") for p in (root / "season_collocation").iterdir())
 
 
