@@ -2,6 +2,7 @@
 
     python benchmarks/bench_accuracy.py                       # held-out worlds, paper protocol
     python benchmarks/bench_accuracy.py --worlds 101 --members 2 --fit-args --model.lr=3e-4
+    python benchmarks/bench_accuracy.py --summarize runs/a/results.json runs/b/results.json  # targets of saved runs
 
 For every world (``popcorn.datasets.synthetic.settlements``; by default its HELD_OUT_SEEDS, never
 used for tuning) it trains ``--members`` POPCORN models (seeds 1600, 1601, ...) with
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="members trained at once, each its own process (use with --threads 1)")
     p.add_argument("--restart", action="store_true", help="ignore earlier runs in --out")
+    p.add_argument("--summarize", nargs="+", metavar="RESULTS_JSON",
+                   help="print issue 9's targets of saved runs (their results.json), one row per world and "
+                        "the totals, and stop (no training, no weights needed)")
     p.add_argument("--adapt-epochs", type=int, default=0,
                    help="first adapt the built-up weights to each world's imagery, no labels "
                         "(popcorn adapt-builtup, experiments/builtup/adapt_published.yaml) "
@@ -603,6 +607,53 @@ def print_world(res: WorldResult) -> None:
           "prediction: " + ", ".join(f"{k} {v:.0f} s" for k, v in res.predict_seconds.items()), flush=True)
 
 
+#: Issue 9's five targets per world, in the order the summary prints them.
+TARGETS = ("Bag rescaled >= best baseline + 0.05", "Bag raw >= BuiltUp", "raw 1x1 < 1x4 < Bag",
+           "warehouses <= 0.25 of BuiltUp's", "dense-core fill >= 0.7")
+
+
+@dataclass(frozen=True)
+class WorldTargets:
+    """The numbers issue 9's targets read on one world (1 ha R^2; people ratios at 10 m)."""
+
+    seed: int
+    margin: float  # Bag rescaled (capped matching when asked) - the better of BuiltUp and uniform
+    bag_raw: float
+    builtup: float
+    ordering: tuple[float, float, float]  # raw R^2 of 1 x 1 season, 1 x 4 seasons, the Bag
+    warehouses: float  # people on the warehouse district, Bag rescaled / BuiltUp disaggregation
+    warehouses_raw: float  # the same for the raw Bag
+    warehouse_builtup: float  # people BuiltUp disaggregation puts on the warehouse district
+    dense: str | None  # the settlement type read as the dense core
+    fill: float  # Bag rescaled / truth on the dense core
+
+    def met(self) -> tuple[bool, bool, bool, bool, bool]:
+        """Each of :data:`TARGETS`, met or not."""
+        a, b, c = self.ordering
+        return (self.margin >= 0.05, self.bag_raw >= self.builtup, a < b < c,
+                self.warehouses <= 0.25, self.fill >= 0.7)
+
+
+def world_targets(res: WorldResult, members: int) -> WorldTargets:
+    """What issue 9's targets read from one world's result (``members`` = the Bag's size)."""
+    m = res.metrics
+    bag = f"{members} models x 4 seasons (Bag)"
+    not_types = ("zero-resident built-up", "non-built pixels", WAREHOUSES_BESIDE_DENSE)
+    wh = next((res.where[g] for g in res.where if "warehouse" in g and g not in not_types), {})
+    wh_base = max(wh.get("BuiltUp disaggregation", float("nan")), 1e-9)
+    dense = max((g for g in res.where if g not in not_types),
+                key=lambda g: ("informal" in g, res.where[g]["truth"]), default=None)
+    order = [m[k]["r2"] for k in ordering_rows(m, members)]
+    return WorldTargets(
+        seed=res.seed,
+        margin=m[f"{bag} rescaled"]["r2"] - max(m["BuiltUp disaggregation"]["r2"], m["Uniform areal weighting"]["r2"]),
+        bag_raw=m[f"{bag} raw"]["r2"], builtup=m["BuiltUp disaggregation"]["r2"],
+        ordering=(order[0], order[1], order[2]),
+        warehouses=wh.get("Bag rescaled", float("nan")) / wh_base,
+        warehouses_raw=wh.get("Bag raw", float("nan")) / wh_base, warehouse_builtup=wh_base,
+        dense=dense, fill=res.where[dense]["Bag rescaled"] / res.where[dense]["truth"] if dense else float("nan"))
+
+
 def verdict(results: list[WorldResult], members: int) -> None:
     """The issue's targets, per world: printed, not asserted."""
     from popcorn.evaluation.intervals import Interval
@@ -610,44 +661,70 @@ def verdict(results: list[WorldResult], members: int) -> None:
     print("\n## targets (issue 9)")
     bag = f"{members} models x 4 seasons (Bag)"
     for res in results:
+        t = world_targets(res, members)
         m = res.metrics
-        best_base = max(m["BuiltUp disaggregation"]["r2"], m["Uniform areal weighting"]["r2"])
-        margin = m[f"{bag} rescaled"]["r2"] - best_base
         paper = m.get(f"{bag} rescaled (paper)")
+        best_base = m[f"{bag} rescaled"]["r2"] - t.margin
         paper_margin = f" (the paper's rescaling: {paper['r2'] - best_base:+.3f})" if paper else ""
-        raw_ok = m[f"{bag} raw"]["r2"] >= m["BuiltUp disaggregation"]["r2"]
-        order = [m[k]["r2"] for k in ordering_rows(m, members)]
         w = res.where.get("zero-resident built-up", {})
         ratio = w.get("Bag rescaled", float("nan")) / max(w.get("BuiltUp disaggregation", float("nan")), 1e-9)
-        not_types = ("zero-resident built-up", "non-built pixels", WAREHOUSES_BESIDE_DENSE)
-        wh = next((res.where[g] for g in res.where if "warehouse" in g and g not in not_types), {})
-        wh_base = max(wh.get("BuiltUp disaggregation", float("nan")), 1e-9)
-        wh_ratio, wh_raw = (wh.get(k, float("nan")) / wh_base for k in ("Bag rescaled", "Bag raw"))
         beside = res.where.get(WAREHOUSES_BESIDE_DENSE, {})
         beside_base = beside.get("BuiltUp disaggregation", 0.0)
-        beside_text = (f"{beside_base / wh_base:.0%} of BuiltUp's warehouse people are in regions that also hold "
-                       f"apartment blocks or a camp, where the Bag puts {beside['Bag rescaled'] / beside_base:.2f} "
-                       "of them" if beside_base > 0 else
+        beside_text = (f"{beside_base / t.warehouse_builtup:.0%} of BuiltUp's warehouse people are in regions "
+                       "that also hold apartment blocks or a camp, where the Bag puts "
+                       f"{beside['Bag rescaled'] / beside_base:.2f} of them" if beside_base > 0 else
                        "no warehouse shares a census region with apartment blocks or a camp")
-        dense = max((g for g in res.where if g not in not_types),
-                    key=lambda g: ("informal" in g, res.where[g]["truth"]), default=None)
-        fill = res.where[dense]["Bag rescaled"] / res.where[dense]["truth"] if dense else float("nan")
-        print(f"world {res.seed}: Bag rescaled - best baseline = {margin:+.3f}{paper_margin} (target >= +0.05); "
-              f"Bag raw >= BuiltUp: {raw_ok}; raw R^2 order 1x1 < 1x4 < Bag: "
-              f"{order[0] < order[1] < order[2]} ({', '.join(f'{v:.3f}' for v in order)}); "
-              f"warehouse district vs BuiltUp = {wh_ratio:.2f} (target <= 0.25; the raw Bag: {wh_raw:.2f}; "
+        print(f"world {res.seed}: Bag rescaled - best baseline = {t.margin:+.3f}{paper_margin} (target >= +0.05); "
+              f"Bag raw >= BuiltUp: {t.bag_raw >= t.builtup}; raw R^2 order 1x1 < 1x4 < Bag: "
+              f"{t.met()[2]} ({', '.join(f'{v:.3f}' for v in t.ordering)}); "
+              f"warehouse district vs BuiltUp = {t.warehouses:.2f} (target <= 0.25; "
+              f"the raw Bag: {t.warehouses_raw:.2f}; "
               f"{beside_text}; "
               f"all zero-resident built-up, "
               f"which also holds unmarked non-residential blocks of the residential types: {ratio:.2f}); "
-              f"{dense} fill (rescaled) = {fill:.2f} (target >= 0.7)")
+              f"{t.dense} fill (rescaled) = {t.fill:.2f} (target >= 0.7)")
         if res.ordering_steps:
             print(f"  world {res.seed}, the ordering's steps (raw R^2; 95 % block bootstrap over 1 km blocks, "
                   "share of resamples above 0): " + "; ".join(f"{step}: {Interval(**v)}"
                                                                for step, v in res.ordering_steps.items()))
 
 
+def bag_size(res: WorldResult) -> int:
+    """The number of members of a saved result's Bag (from its metric names)."""
+    sizes = [int(k.split(" ")[0]) for k in res.metrics if k.endswith(" x 4 seasons (Bag) raw")]
+    if len(sizes) != 1:
+        raise SystemExit(f"world {res.seed}: cannot tell the Bag's size from its metrics {sorted(res.metrics)}")
+    return sizes[0]
+
+
+def summarize(paths: list[str]) -> int:
+    """Issue 9's targets of saved runs (``results.json`` files), one row per world and the totals;
+    the number of targets met."""
+    print("| run | world | margin | Bag raw - BuiltUp | 1x1 / 1x4 / Bag raw | warehouses | dense fill | targets met |")
+    print("|---|---|---:|---:|---|---:|---:|---:|")
+    met = worlds = 0
+    for path in paths:
+        try:
+            results = [WorldResult(**d) for d in json.loads(Path(path).read_text())]
+        except (OSError, ValueError, TypeError) as err:
+            raise SystemExit(f"error: {path} is not a results.json of this benchmark ({err})") from None
+        for res in results:
+            t = world_targets(res, bag_size(res))
+            ok = t.met()
+            met, worlds = met + sum(ok), worlds + 1
+            missed = "" if all(ok) else " (not: " + ", ".join(n for n, o in zip(TARGETS, ok) if not o) + ")"
+            print(f"| {path} | {res.seed} | {t.margin:+.3f} | {t.bag_raw - t.builtup:+.3f} | "
+                  f"{' / '.join(f'{v:.4f}' for v in t.ordering)} | {t.warehouses:.3f} | {t.fill:.2f} | "
+                  f"{sum(ok)} of 5{missed} |")
+    print(f"\n{met} of {5 * worlds} targets on {worlds} worlds")
+    return met
+
+
 def main(argv: list[str] | None = None) -> list[WorldResult]:
     args = build_parser().parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize)
+        return []
     if not Path(args.builtup_weights).exists() and "://" not in args.builtup_weights:
         print(f"the published built-up extractor is not at {args.builtup_weights}: this benchmark "
               "measures POPCORN with those weights and stops here (pass --builtup-weights PATH)")

@@ -252,3 +252,42 @@ def test_season_statistic_reaches_the_maps_of_several_seasons_only(tmp_path: Pat
     assert seen == [(["summer"], "mean", True), (["spring", "summer", "autumn", "winter"], "collocation", True)]
     header = bench.SEASON_STATISTIC_HEADER
     assert "their own error variance" in header["collocation"] and "mean" not in header
+
+
+def saved_world(seed: int, order: tuple[float, float, float], warehouse_people: float, dense_fill: float,
+                members: int = 3) -> dict:
+    """One world of a results.json as the benchmark writes it (only what the targets read)."""
+    bag = f"{members} models x 4 seasons (Bag)"
+    metrics = {"1 model x 1 season (summer) raw": order[0], "1 model x 4 seasons raw": order[1],
+               f"{bag} raw": order[2], f"{bag} rescaled": 0.80, "BuiltUp disaggregation": 0.70,
+               "Uniform areal weighting": 0.60}
+    where = {"informal_core": {"truth": 1000.0, "Bag rescaled": 1000.0 * dense_fill},
+             "industrial_warehouses": {"truth": 0.0, "Bag rescaled": warehouse_people, "Bag raw": warehouse_people,
+                                       "BuiltUp disaggregation": 100.0},
+             "zero-resident built-up": {"truth": 0.0, "Bag rescaled": 5.0, "BuiltUp disaggregation": 50.0}}
+    return {"seed": seed, "n_regions": 60, "mean_region_ha": 100.0, "people": 1e5,
+            "metrics": {k: {"r2": v} for k, v in metrics.items()}, "where": where}
+
+
+def test_summarize_counts_the_targets_of_saved_runs(tmp_path: Path, capsys) -> None:
+    """--summarize reads results.json files and counts issue 9's five targets per world: a world
+    meeting all five, one missing the ordering's first step and the warehouses, one whose dense core
+    is under-filled; a file that is not a results.json stops with one error line naming it."""
+    bench = load_benchmark("bench_accuracy")
+    first = tmp_path / "a" / "results.json"
+    first.parent.mkdir()
+    first.write_text(json.dumps([saved_world(1, (0.70, 0.72, 0.75), 20.0, 0.9),
+                                 saved_world(2, (0.73, 0.72, 0.75), 30.0, 0.9)]))
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps([saved_world(3, (0.70, 0.72, 0.75), 20.0, 0.6, members=5)]))
+    assert bench.main(["--summarize", str(first), str(second)]) == []
+    out = capsys.readouterr().out
+    rows = {int(line.split("|")[2]): line for line in out.splitlines() if line.startswith(f"| {tmp_path}")}
+    assert rows[1].endswith("| 5 of 5 |") and "| +0.100 | +0.050 | 0.7000 / 0.7200 / 0.7500 | 0.200 | 0.90 |" in rows[1]
+    assert rows[2].endswith("3 of 5 (not: raw 1x1 < 1x4 < Bag, warehouses <= 0.25 of BuiltUp's) |")
+    assert rows[3].endswith("4 of 5 (not: dense-core fill >= 0.7) |")
+    assert "12 of 15 targets on 3 worlds" in out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match=f"error: {bad} is not a results.json"):
+        bench.main(["--summarize", str(bad)])
