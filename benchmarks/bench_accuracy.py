@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -69,6 +70,22 @@ SEASON_STATISTIC_HEADER = {
     "collocation": ", each checkpoint's seasons weighted by the inverse of their own error variance "
                    "(--season-statistic collocation)",
 }
+
+
+class OnceFilter(logging.Filter):
+    """Lets each distinct log message through once: the benchmark opens a world's imagery for every map
+    (members x seasons), and each opening would repeat the same warning about the same composite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
 
 
 @dataclass
@@ -753,6 +770,7 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f"{', every map averaged over the 8 flips and quarter turns of its tiles (--tta)' if args.tta else ''}"
           f"{f', each member on its own {args.member_region_fraction:.0%} of the regions' if args.member_region_fraction < 1 else ''}",
           flush=True)
+    logging.getLogger("popcorn.datasets.sentinel").addFilter(OnceFilter())  # a gappy composite, said once
     t0 = time.perf_counter()
     args.occupancy_exports = {}
     if args.occupancy_sources:

@@ -291,3 +291,19 @@ def test_summarize_counts_the_targets_of_saved_runs(tmp_path: Path, capsys) -> N
     bad.write_text("{not json")
     with pytest.raises(SystemExit, match=f"error: {bad} is not a results.json"):
         bench.main(["--summarize", str(bad)])
+
+
+def test_once_filter_lets_each_message_through_once(caplog) -> None:
+    """The benchmark opens a world's imagery for every map; the same warning about the same composite
+    is logged once, a different one still is."""
+    import logging
+
+    bench = load_benchmark("bench_accuracy")
+    log = logging.getLogger("test_once_filter")
+    log.addFilter(bench.OnceFilter())
+    with caplog.at_level(logging.WARNING, logger="test_once_filter"):
+        for _ in range(3):
+            log.warning("S1 %s: NaN gap larger than %d px", "winter", 64)
+        log.warning("S1 %s: NaN gap larger than %d px", "spring", 64)
+    assert [r.getMessage() for r in caplog.records] == ["S1 winter: NaN gap larger than 64 px",
+                                                        "S1 spring: NaN gap larger than 64 px"]
