@@ -770,7 +770,17 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f"{', every map averaged over the 8 flips and quarter turns of its tiles (--tta)' if args.tta else ''}"
           f"{f', each member on its own {args.member_region_fraction:.0%} of the regions' if args.member_region_fraction < 1 else ''}",
           flush=True)
-    logging.getLogger("popcorn.datasets.sentinel").addFilter(OnceFilter())  # a gappy composite, said once
+    imagery_log = logging.getLogger("popcorn.datasets.sentinel")
+    once = OnceFilter()  # a gappy composite, said once per run (not for the rest of the process)
+    imagery_log.addFilter(once)
+    try:
+        return run_worlds(args, out, worlds)
+    finally:
+        imagery_log.removeFilter(once)
+
+
+def run_worlds(args: argparse.Namespace, out: Path, worlds: list[int]) -> list[WorldResult]:
+    """The occupancy pretraining (when asked), every world, the targets and the wall time."""
     t0 = time.perf_counter()
     args.occupancy_exports = {}
     if args.occupancy_sources:

@@ -307,3 +307,32 @@ def test_once_filter_lets_each_message_through_once(caplog) -> None:
         log.warning("S1 %s: NaN gap larger than %d px", "spring", 64)
     assert [r.getMessage() for r in caplog.records] == ["S1 winter: NaN gap larger than 64 px",
                                                         "S1 spring: NaN gap larger than 64 px"]
+
+
+def test_imagery_warnings_are_said_once_per_run_not_per_process(tmp_path: Path, monkeypatch, caplog) -> None:
+    """main() filters the imagery reader's repeated warning for its own run only: a second run in the
+    same process says it again, and the reader's logger has no filter left afterwards."""
+    import logging
+    from types import SimpleNamespace
+
+    bench = load_benchmark("bench_accuracy")
+    imagery_log = logging.getLogger("popcorn.datasets.sentinel")
+
+    def fake_run_world(seed, args, out):
+        for _ in range(3):  # one warning per map of the world
+            imagery_log.warning("S1 winter: NaN gap larger than 64 connected pixels")
+        return SimpleNamespace(seed=seed)
+
+    monkeypatch.setattr(bench, "run_world", fake_run_world)
+    monkeypatch.setattr(bench, "print_world", lambda res: None)
+    monkeypatch.setattr(bench, "verdict", lambda results, members: None)
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"")
+    filters_before = list(imagery_log.filters)
+    with caplog.at_level(logging.WARNING, logger="popcorn.datasets.sentinel"):
+        for run in ("a", "b"):
+            results = bench.main(["--worlds", "101", "--out", str(tmp_path / run), "--builtup-weights", str(weights)])
+            assert [r.seed for r in results] == [101]
+    assert [r.getMessage() for r in caplog.records if r.name == "popcorn.datasets.sentinel"] == [
+        "S1 winter: NaN gap larger than 64 connected pixels"] * 2
+    assert imagery_log.filters == filters_before
