@@ -4,18 +4,14 @@ without the published weights."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import rasterio
-import torch
 from paths import ROOT, load_benchmark
-
-PUBLISHED = ROOT.parent / "shared" / "data" / "popcorn_dda_slim_checkpoint30.pt"
-BENCH = ROOT / "benchmarks" / "bench_accuracy.py"
+from tiny_benchmark import BENCH, PUBLISHED, run_tiny_benchmark
 
 
 def test_stops_with_a_message_without_the_published_weights(tmp_path: Path) -> None:
@@ -26,18 +22,6 @@ def test_stops_with_a_message_without_the_published_weights(tmp_path: Path) -> N
     )
     assert proc.returncode == 2
     assert "absent.pt" in proc.stdout and "stops here" in proc.stdout
-
-
-def run_tiny_benchmark(tmp_path: Path, *options: str, out: str = "out") -> str:
-    """The benchmark on one tiny world (2 members x 1 epoch) in ``tmp_path``; its output."""
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--worlds", "101", "--size-px", "240", "--mean-region-ha", "40",
-         "--members", "2", "--epochs", "1", "--threads", "1",
-         "--data-root", str(tmp_path / "worlds"), "--out", str(tmp_path / out), *options],
-        capture_output=True, text=True, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
 
 
 @pytest.mark.skipif(not PUBLISHED.exists(), reason=f"published built-up weights not at {PUBLISHED}")
@@ -96,6 +80,12 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
         assert f"where the Bag puts {ratio:.2f} of them" in out
     else:
         assert "no warehouse shares a census region with apartment blocks or a camp" in out
+    # the plain run's maps: no gap filling, no test-time poses, the seasons' mean (the tags say so)
+    for raw in (tmp_path / "out" / "world_101" / "maps").rglob("population_1ha.tif"):
+        with rasterio.open(raw) as src:
+            tags = src.tags()
+            assert (tags["season_gap_fill"], tags["test_time_augmentation"], tags["season_statistic"]) == (
+                "false", "none", "mean"), raw
     # The same run with the capped census matching reuses the members and maps; the paper's
     # rescaling is still printed, unchanged, beside the capped one.
     out = run_tiny_benchmark(tmp_path, "--rescale-cap", "1")
@@ -137,63 +127,6 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     for raw in tagged:
         with rasterio.open(raw) as src:
             assert src.tags()["season_gap_fill"] == "true", raw
-    # --tta and --season-statistic median (one run for both): the members are reused, every map is
-    # predicted again over the 8 poses and each member's seasons combined by their median where a map
-    # has several seasons (the tags say so)
-    out = run_tiny_benchmark(tmp_path, "--tta", "--season-statistic", "median")
-    assert "every map averaged over the 8 flips and quarter turns of its tiles (--tta)" in out
-    assert "each checkpoint's seasons combined by their per-pixel median" in out
-    (averaged,) = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert averaged["train_seconds"] == result["train_seconds"]
-    assert averaged["metrics"][f"{bag} raw"]["r2"] != metrics[f"{bag} raw"]["r2"]
-    for raw in (tmp_path / "out" / "world_101" / "maps").rglob("population_1ha.tif"):
-        with rasterio.open(raw) as src:
-            assert src.tags()["test_time_augmentation"] == "8 flips and quarter turns", raw
-            assert src.tags()["season_gap_fill"] == "false", raw
-            several = len(src.tags()["seasons"].split(",")) > 1  # one season's map: that season's (mean)
-            assert src.tags()["season_statistic"] == ("median" if several else "mean"), raw
-
-    # Occupancy pretrained on another world's fine population first (beyond the paper): the
-    # members start from its export; an evaluated or held-out world is refused as a source.
-    # With --season-gap-fill the pretraining, the members and the maps read what a season misses
-    # as the other seasons' mean (its own export folder, so that exports of both readings never mix).
-    out = run_tiny_benchmark(tmp_path, "--occupancy-sources", "102", "--pretrain-epochs", "1",
-                             "--pretrain-batches", "3", "--season-gap-fill", out="out_pretrained")
-    export = tmp_path / "out_pretrained" / "occupancy_pretraining_102_gapfill" / "occupancy_weights.pt"
-    assert "occupancy branch pretrained on the fine population of worlds [102] (1 epochs x 3 batches)" in out
-    assert export.exists() and f"-> {export}" in out
-    assert "season gaps filled with the mean of the other seasons" in out
-    assert "--data.season_gap_fill=true" in json.loads((export.parent / "done.json").read_text())["command"]
-    for member in (1600, 1601):
-        done = tmp_path / "out_pretrained" / "world_101" / f"member_{member}" / "done.json"
-        assert "--data.init_args.season_gap_fill=true" in json.loads(done.read_text())["command"]
-    for raw in (tmp_path / "out_pretrained" / "world_101" / "maps").rglob("population_1ha.tif"):
-        with rasterio.open(raw) as src:
-            assert src.tags()["season_gap_fill"] == "true", raw
-    (pretrained,) = json.loads((tmp_path / "out_pretrained" / "results.json").read_text())
-    assert pretrained["metrics"][f"{bag} raw"] != metrics[f"{bag} raw"]
-
-    # --pretrain-per-member: each member starts from its own pretraining, seeded like the member;
-    # with --member-region-fraction (bagging, the same run) each member also trains on its own
-    # share of the regions, drawn with its seed, and is scored out of bag on the rest
-    out = run_tiny_benchmark(tmp_path, "--occupancy-sources", "102", "--pretrain-epochs", "1",
-                             "--pretrain-batches", "3", "--pretrain-per-member", "--member-region-fraction", "0.7",
-                             out="out_per_member")
-    assert "each member on its own 70% of the regions" in out
-    weights = {}
-    for member in (1600, 1601):
-        export = tmp_path / "out_per_member" / f"occupancy_pretraining_102_seed{member}" / "occupancy_weights.pt"
-        assert f"occupancy branch of member {member} pretrained" in out and f"-> {export}" in out
-        done = tmp_path / "out_per_member" / "world_101" / f"member_{member}" / "done.json"
-        command = json.loads(done.read_text())["command"]
-        assert f"--model.occupancy_weights={export}" in command
-        assert "--data.init_args.val_fraction=0.3" in command and f"--data.init_args.split_seed={member}" in command
-        oob = f"member {member} trained in .*out-of-bag census regions R\\^2 -?[0-9.]+ \\(last epoch\\)"
-        assert re.search(oob, out)
-        weights[member] = torch.load(export, weights_only=False)["occupancy"]
-    assert any(not torch.equal(weights[1600][k], weights[1601][k]) for k in weights[1600])
-    (bagged,) = json.loads((tmp_path / "out_per_member" / "results.json").read_text())
-    assert bagged["metrics"][f"{bag} raw"] != metrics[f"{bag} raw"]
 
 
 @pytest.mark.parametrize("source", [101, 901])

@@ -1,0 +1,24 @@
+"""Test helper: ``benchmarks/bench_accuracy.py`` on one tiny settlement world, in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from paths import PUBLISHED_CHECKPOINT, ROOT
+
+BENCH = ROOT / "benchmarks" / "bench_accuracy.py"
+PUBLISHED = PUBLISHED_CHECKPOINT
+
+
+def run_tiny_benchmark(tmp_path: Path, *options: str, out: str = "out") -> str:
+    """The benchmark on one tiny world (2 members x 1 epoch) in ``tmp_path``; its output."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--worlds", "101", "--size-px", "240", "--mean-region-ha", "40",
+         "--members", "2", "--epochs", "1", "--threads", "1",
+         "--data-root", str(tmp_path / "worlds"), "--out", str(tmp_path / out), *options],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
