@@ -188,17 +188,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------------- training
-def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace,
-                 weights: str) -> tuple[Path, float]:
-    """Train one POPCORN member on ``world``'s imagery and census, from its occupancy
-    pretraining if there is one; return (last.ckpt, seconds)."""
-    ckpt = run_dir / "popcorn" / "version_0" / "checkpoints" / "last.ckpt"
-    done = run_dir / "done.json"
-    if done.exists() and ckpt.exists():
-        return ckpt, float(json.loads(done.read_text())["seconds"])
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    cmd = [
+def run_signature(cmd: list[str]) -> list[str]:
+    """``cmd`` without its interpreter and with every path cut to its last two parts (a world's
+    folder and file, a member's world and folder, an export's folder and file): what decides a run's
+    result, wherever it ran, so that a run copied from another ``--out`` or data root compares equal."""
+    def tail(item: str) -> str:
+        return "/".join(Path(item).parts[-2:]) if "/" in item else item
+
+    signature = []
+    for arg in cmd[1:]:
+        key, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        listed = value.startswith("[") and value.endswith("]")
+        items = ",".join(tail(v) for v in (value[1:-1] if listed else value).split(","))
+        signature.append(f"{key}{eq}[{items}]" if listed else f"{key}{eq}{items}")
+    return signature
+
+
+def reused_seconds(done: Path, cmd: list[str]) -> float:
+    """Seconds of the finished run recorded in ``done`` (its done.json), which must have run ``cmd``
+    (:func:`run_signature`); a run of another command is not reused in its place: stop and say so."""
+    record = json.loads(done.read_text())
+    before, now = run_signature(record["command"]), run_signature(cmd)
+    if before != now:
+        gone, added = [a for a in before if a not in now], [a for a in now if a not in before]
+        differs = "; ".join([f"{what}: {' '.join(args[:3])}" for what, args in (("only before", gone), ("only now", added))
+                             if args]) or "the same arguments in another order"
+        raise SystemExit(f"error: {done.parent} holds a run of another command ({differs}); "
+                         "use another --out, or delete that folder to run it anew")
+    return float(record["seconds"])
+
+
+def member_command(world: Path, run_dir: Path, seed: int, args: argparse.Namespace, weights: str) -> list[str]:
+    """The ``popcorn.fit`` command that trains member ``seed`` on ``world`` into ``run_dir``."""
+    return [
         sys.executable, "-m", "popcorn.fit", "fit",
         "--config", str(ROOT / "experiments" / "bench" / "accuracy.yaml"),
         f"--seed_everything={seed}",
@@ -216,6 +238,20 @@ def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace
         *(["--data.init_args.season_gap_fill=true"] if args.season_gap_fill == "all" else []),
         *([f"--model.occupancy_weights={args.occupancy_exports[seed]}"] if args.occupancy_exports else []),
     ]
+
+
+def train_member(world: Path, run_dir: Path, seed: int, args: argparse.Namespace,
+                 weights: str) -> tuple[Path, float]:
+    """Train one POPCORN member on ``world``'s imagery and census, from its occupancy
+    pretraining if there is one; return (last.ckpt, seconds). A member that ``run_dir`` already
+    holds, trained by the same command, is reused."""
+    ckpt = run_dir / "popcorn" / "version_0" / "checkpoints" / "last.ckpt"
+    done = run_dir / "done.json"
+    cmd = member_command(world, run_dir, seed, args, weights)
+    if done.exists() and ckpt.exists():
+        return ckpt, reused_seconds(done, cmd)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     t0 = time.perf_counter()
     run_command(cmd, args, ckpt)
     seconds = time.perf_counter() - t0
@@ -274,10 +310,10 @@ def network_options(fit_args: list[str]) -> list[str]:
 
 def exported_run(cmd: list[str], export: Path, args: argparse.Namespace) -> tuple[str, float]:
     """Run a popcorn training command that writes ``export`` (in its own folder, logs and
-    checkpoints beside it); (export, seconds), reused when it was done before."""
+    checkpoints beside it); (export, seconds), reused when the same command made it before."""
     run = export.parent
     if export.exists():
-        return str(export), float(json.loads((run / "done.json").read_text())["seconds"])
+        return str(export), reused_seconds(run / "done.json", cmd)
     t0 = time.perf_counter()
     run_command([*cmd, f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
                  "--trainer.enable_progress_bar=false", f"--output={export}"], args, export)

@@ -4,6 +4,7 @@ without the published weights."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,8 @@ def test_stops_with_a_message_without_the_published_weights(tmp_path: Path) -> N
 
 @pytest.mark.skipif(not PUBLISHED.exists(), reason=f"published built-up weights not at {PUBLISHED}")
 def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
-    out = run_tiny_benchmark(tmp_path, "--jobs", "2", "--fit-args",
-                             "--trainer.callbacks+=popcorn.tasks.callbacks.CensusLevelCalibration")
+    calibrated = ("--fit-args", "--trainer.callbacks+=popcorn.tasks.callbacks.CensusLevelCalibration")
+    out = run_tiny_benchmark(tmp_path, "--jobs", "2", *calibrated)
     for row in ("1 model x 1 season (summer) raw", "1 model x 4 seasons rescaled",
                 "2 models x 4 seasons (Bag) raw", "BuiltUp disaggregation", "Uniform areal weighting",
                 "zero-resident built-up", "non-built pixels", "region px/s", "## targets",
@@ -88,7 +89,7 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
                 "false", "none", "mean"), raw
     # The same run with the capped census matching reuses the members and maps; the paper's
     # rescaling is still printed, unchanged, beside the capped one.
-    out = run_tiny_benchmark(tmp_path, "--rescale-cap", "1")
+    out = run_tiny_benchmark(tmp_path, "--rescale-cap", "1", *calibrated)
     assert "scale factors at most 1 x the overall factor" in out and "the paper's rescaling: " in out
     (capped,) = json.loads((tmp_path / "out" / "results.json").read_text())
     assert capped["train_seconds"] == result["train_seconds"]  # the members were not trained again
@@ -96,16 +97,21 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     assert capped["metrics"][f"{bag} rescaled (paper)"] == metrics[f"{bag} rescaled"]
     assert capped["metrics"][f"{bag} raw"] == metrics[f"{bag} raw"]
     assert capped["metrics"][f"{bag} rescaled"] != metrics[f"{bag} rescaled"]
+    # The same --out without the callback asks for other members: the run stops, naming the folder
+    # and the option, instead of reporting the calibrated members as uncalibrated ones
+    out = run_tiny_benchmark(tmp_path, "--rescale-cap", "1", fails=True)
+    assert (f"error: {tmp_path / 'out' / 'world_101' / 'member_1600'} holds a run of another command (only before: "
+            "--trainer.callbacks+=popcorn.tasks.callbacks.CensusLevelCalibration)") in out
     # --member-statistic median: the ensemble rows are predicted again (own folder), the members
     # reused; with two members the per-pixel median is their mean
-    out = run_tiny_benchmark(tmp_path, "--member-statistic", "median")
+    out = run_tiny_benchmark(tmp_path, "--member-statistic", "median", *calibrated)
     assert "members combined: median" in out and (tmp_path / "out" / "world_101" / "maps_median").is_dir()
     (median,) = json.loads((tmp_path / "out" / "results.json").read_text())
     assert median["train_seconds"] == result["train_seconds"]
     assert median["metrics"][f"{bag} raw"]["r2"] == pytest.approx(metrics[f"{bag} raw"]["r2"], abs=1e-6)
     # --member-statistic collocation: own folder, members reused; two members cannot be told
     # apart by their pairs, so they count alike (the mean)
-    out = run_tiny_benchmark(tmp_path, "--member-statistic", "collocation")
+    out = run_tiny_benchmark(tmp_path, "--member-statistic", "collocation", *calibrated)
     assert "members combined: collocation" in out
     (weighted,) = json.loads((tmp_path / "out" / "results.json").read_text())
     assert weighted["train_seconds"] == result["train_seconds"]
@@ -115,7 +121,7 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
         assert src.tags()["member_statistic"] == "collocation" and "member_weights" not in src.tags()
     # --season-gap-fill maps: the members trained on the paper's reading are reused, and only
     # the maps read a season's gaps from the other seasons (their tag says so)
-    out = run_tiny_benchmark(tmp_path, "--season-gap-fill", "maps")
+    out = run_tiny_benchmark(tmp_path, "--season-gap-fill", "maps", *calibrated)
     assert "season gaps filled with the mean of the other seasons in the maps only" in out
     (maps_only,) = json.loads((tmp_path / "out" / "results.json").read_text())
     assert maps_only["train_seconds"] == result["train_seconds"]
@@ -269,3 +275,48 @@ def test_imagery_warnings_are_said_once_per_run_not_per_process(tmp_path: Path, 
     assert [r.getMessage() for r in caplog.records if r.name == "popcorn.datasets.sentinel"] == [
         "S1 winter: NaN gap larger than 64 connected pixels"] * 2
     assert imagery_log.filters == filters_before
+
+
+def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path: Path, monkeypatch) -> None:
+    """A member folder holding a run of the same command is reused without training, also when it was
+    trained in another --out, from another data root and interpreter (paths compare by their last
+    two parts); a run of another command (here another --fit-args) stops the benchmark with one line
+    naming the folder and the option that differs, and deletes nothing. Occupancy pretraining
+    exports likewise."""
+    bench = load_benchmark("bench_accuracy")
+
+    def parsed(*fit_args: str) -> object:
+        args = bench.build_parser().parse_args(["--out", str(tmp_path / "out"), "--fit-args", *fit_args])
+        args.occupancy_exports = {}
+        return args
+
+    trained = parsed("--model.head_lr_factor=10")
+    old_command = bench.member_command(Path("/elsewhere/worlds/world_settlements_800px_seed901"),
+                                       Path("/old/out/world_901/member_1600"), 1600, trained,
+                                       "/old/shared/data/popcorn_dda_slim_checkpoint30.pt")
+    run_dir = tmp_path / "out" / "world_901" / "member_1600"
+    ckpt = run_dir / "popcorn" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    (run_dir / "done.json").write_text(json.dumps({"seconds": 12.5, "command": ["/old/python", *old_command[1:]]}))
+    monkeypatch.setattr(bench, "run_command", lambda *a, **k: pytest.fail("a finished run was run again"))
+    world = tmp_path / "worlds" / "world_settlements_800px_seed901"
+    weights = str(tmp_path / "shared" / "data" / "popcorn_dda_slim_checkpoint30.pt")
+    assert bench.train_member(world, run_dir, 1600, trained, weights) == (ckpt, 12.5)
+    message = (f"error: {run_dir} holds a run of another command (only before: --model.head_lr_factor=10; only now: "
+               "--model.head_lr_factor=3); use another --out, or delete that folder to run it anew")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        bench.train_member(world, run_dir, 1600, parsed("--model.head_lr_factor=3"), weights)
+    assert ckpt.exists()
+
+    export = tmp_path / "out" / "occupancy_pretraining_102" / "occupancy_weights.pt"
+    export.parent.mkdir(parents=True)
+    export.write_bytes(b"")
+    (export.parent / "done.json").write_text(json.dumps({"seconds": 3.0, "command": [
+        "/old/python", "-m", "popcorn.cli.pretrain_occupancy", "--trainer.max_epochs=16",
+        "--data.imagery_roots=[/old/worlds/world_settlements_800px_seed102]"]}))
+    command = [sys.executable, "-m", "popcorn.cli.pretrain_occupancy", "--trainer.max_epochs=16",
+               f"--data.imagery_roots=[{tmp_path / 'worlds' / 'world_settlements_800px_seed102'}]"]
+    assert bench.exported_run(command, export, trained) == (str(export), 3.0)
+    with pytest.raises(SystemExit, match=re.escape("(only before: --trainer.max_epochs=16; only now: --trainer.max_epochs=1)")):
+        bench.exported_run([*command[:3], "--trainer.max_epochs=1", command[4]], export, trained)
