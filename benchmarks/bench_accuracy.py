@@ -31,9 +31,10 @@ the members' maps (own maps folder ``maps_median``; the members are reused);
 ``--member-region-fraction F`` (beyond the paper, bagging) trains each member on its own random
 share F of the census regions and prints its out-of-bag census R^2 on the rest.
 
-Nothing of the evaluated world's truth is read before its evaluation. Runs resume: a member whose
-``last.ckpt`` has all epochs and a prediction whose maps exist are reused (``--restart`` redoes
-everything). Results go to ``<out>/results.json`` and are printed as tables.
+Nothing of the evaluated world's truth is read before its evaluation. Runs resume: a finished
+member or occupancy pretraining in ``--out`` is reused when the same command trained it, and one of
+another command stops the run (:func:`reused_seconds`); an interrupted map resumes from its finished
+tiles, a finished one is predicted anew (``--restart`` redoes everything). Results go to ``<out>/results.json`` and are printed as tables.
 """
 
 from __future__ import annotations
