@@ -34,7 +34,8 @@ share F of the census regions and prints its out-of-bag census R^2 on the rest.
 Nothing of the evaluated world's truth is read before its evaluation. Runs resume: a finished
 member or occupancy pretraining in ``--out`` is reused when the same command trained it, and one of
 another command stops the run (:func:`reused_seconds`); an interrupted map resumes from its finished
-tiles, a finished one is predicted anew (``--restart`` redoes everything). Results go to ``<out>/results.json`` and are printed as tables.
+tiles, a finished one is predicted anew (``--restart`` redoes everything). Results go to
+``<out>/results.json`` and are printed as tables.
 """
 
 from __future__ import annotations
@@ -212,8 +213,9 @@ def reused_seconds(done: Path, cmd: list[str]) -> float:
     before, now = run_signature(record["command"]), run_signature(cmd)
     if before != now:
         gone, added = [a for a in before if a not in now], [a for a in now if a not in before]
-        differs = "; ".join([f"{what}: {' '.join(args[:3])}" for what, args in (("only before", gone), ("only now", added))
-                             if args]) or "the same arguments in another order"
+        sides = (("only before", gone), ("only now", added))
+        differs = "; ".join(f"{what}: {' '.join(args[:3])}" for what, args in sides if args) or (
+            "the same arguments in another order")
         raise SystemExit(f"error: {done.parent} holds a run of another command ({differs}); "
                          "use another --out, or delete that folder to run it anew")
     return float(record["seconds"])

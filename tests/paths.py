@@ -5,12 +5,19 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 """The project root (holds ``popcorn/``, ``experiments/``, ``benchmarks/``)."""
 SHARED_DATA = ROOT.parent / "shared" / "data"
 """Real data for tests: the published built-up weights and the Tunisian census (may be absent)."""
 PUBLISHED_CHECKPOINT = SHARED_DATA / "popcorn_dda_slim_checkpoint30.pt"
 TUNISIA = SHARED_DATA / "tunisia"
+
+needs_published = pytest.mark.skipif(
+    not PUBLISHED_CHECKPOINT.exists(), reason=f"published built-up weights not found at {PUBLISHED_CHECKPOINT}"
+)
+"""Marks a test that reads the published built-up weights: skipped, with the reason, where they are absent."""
 
 
 def load_benchmark(name: str) -> ModuleType:

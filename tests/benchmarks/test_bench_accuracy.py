@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import rasterio
-from paths import ROOT, load_benchmark
-from tiny_benchmark import BENCH, PUBLISHED, run_tiny_benchmark
+from paths import ROOT, load_benchmark, needs_published
+from tiny_benchmark import BENCH, run_tiny_benchmark
 
 
 def test_stops_with_a_message_without_the_published_weights(tmp_path: Path) -> None:
@@ -25,7 +25,7 @@ def test_stops_with_a_message_without_the_published_weights(tmp_path: Path) -> N
     assert "absent.pt" in proc.stdout and "stops here" in proc.stdout
 
 
-@pytest.mark.skipif(not PUBLISHED.exists(), reason=f"published built-up weights not at {PUBLISHED}")
+@needs_published
 def test_tiny_benchmark_end_to_end(tmp_path: Path) -> None:
     calibrated = ("--fit-args", "--trainer.callbacks+=popcorn.tasks.callbacks.CensusLevelCalibration")
     out = run_tiny_benchmark(tmp_path, "--jobs", "2", *calibrated)

@@ -9,13 +9,13 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 import rasterio
 import torch
-from tiny_benchmark import PUBLISHED, run_tiny_benchmark
+from paths import needs_published
+from tiny_benchmark import run_tiny_benchmark
 
 
-@pytest.mark.skipif(not PUBLISHED.exists(), reason=f"published built-up weights not at {PUBLISHED}")
+@needs_published
 def test_pretrained_members_with_gap_fill_tta_and_season_median(tmp_path: Path) -> None:
     """The members start from the pretraining's export; with --season-gap-fill the pretraining, the
     members and the maps read what a season misses as the other seasons' mean (its own export folder,
@@ -47,7 +47,7 @@ def test_pretrained_members_with_gap_fill_tta_and_season_median(tmp_path: Path) 
     assert len(pretrained["train_seconds"]) == 2 and pretrained["by_member"].keys() == {"1600", "1601"}
 
 
-@pytest.mark.skipif(not PUBLISHED.exists(), reason=f"published built-up weights not at {PUBLISHED}")
+@needs_published
 def test_pretraining_per_member_with_bagging(tmp_path: Path) -> None:
     """--pretrain-per-member: each member starts from its own pretraining, seeded like the member;
     with --member-region-fraction (bagging, the same run) each member also trains on its own share

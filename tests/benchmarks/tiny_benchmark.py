@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from paths import PUBLISHED_CHECKPOINT, ROOT
+from paths import ROOT
 
 BENCH = ROOT / "benchmarks" / "bench_accuracy.py"
-PUBLISHED = PUBLISHED_CHECKPOINT
 
 
 def run_tiny_benchmark(tmp_path: Path, *options: str, out: str = "out", fails: bool = False) -> str:

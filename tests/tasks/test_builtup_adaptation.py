@@ -17,7 +17,7 @@ import rasterio
 import torch
 import yaml
 from conftest import make_tiny_world
-from paths import ROOT
+from paths import PUBLISHED_CHECKPOINT, needs_published
 
 from popcorn.datamodules import BuiltUpDataModule
 from popcorn.datasets.synthetic.domain_shift import DomainShift, apply_domain_shift
@@ -26,10 +26,6 @@ from popcorn.losses import CONSISTENCY_WEIGHT, s1_s2_consistency_loss
 from popcorn.models import BuiltUpExtractor
 from popcorn.tasks import BuiltUpTask
 
-PUBLISHED = ROOT.parent / "shared" / "data" / "popcorn_dda_slim_checkpoint30.pt"
-needs_published = pytest.mark.skipif(
-    not PUBLISHED.exists(), reason=f"published built-up weights not found at {PUBLISHED}"
-)
 
 
 # ---------------------------------------------------------------------------- consistency loss
@@ -198,7 +194,7 @@ def test_weak_supervision_takes_the_export(tmp_path: Path) -> None:
 @needs_published
 def test_target_only_starts_from_published_weights_with_anchor(worlds: tuple[Path, Path]) -> None:
     _, target = worlds
-    task = BuiltUpTask(init_weights=str(PUBLISHED))
+    task = BuiltUpTask(init_weights=str(PUBLISHED_CHECKPOINT))
     assert task.anchor is not None and not any(p.requires_grad for p in task.anchor.parameters())
     dm = _dm(None, target)
     dm.setup("fit")
