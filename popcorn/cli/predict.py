@@ -21,8 +21,9 @@ Examples::
 Outputs in ``--out`` (Cloud-Optimized GeoTIFFs, nodata -1, provenance tags): population_1ha.tif,
 builtup_score_10m.tif, occupancy_10m.tif; with several members population_1ha_std.tif; with
 --write-10m population_10m.tif (+ _std); with --census population_1ha_rescaled.tif and
-scale_factors.csv. An interrupted run resumes from its finished tiles when rerun with the same
-arguments (--restart to start over).
+scale_factors.csv; prediction.json records what made them. An interrupted run resumes from its
+finished tiles when rerun with the same arguments; a finished one is reused as it is while the
+arguments, the checkpoints, the input files and its outputs are unchanged (--restart to start over).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-nodes", type=int, default=1, help="machines (start the job with srun/torchrun)")
     d.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="what each process uses")
     o.add_argument("--prefix", default="", help="prefix of the output file names")
-    o.add_argument("--restart", action="store_true", help="ignore a partial run in --out and start over")
+    o.add_argument("--restart", action="store_true", help="ignore a partial or finished run in --out and start over")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

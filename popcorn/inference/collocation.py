@@ -19,8 +19,9 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,20 @@ class MemberWeights:
         """The weights for the products' provenance tags, in checkpoint order."""
         return ";".join(f"{w:.4f}" for w in self.weights)
 
+    def as_record(self) -> dict[str, Any]:
+        """JSON types only (a finished prediction's record)."""
+        return _as_record(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> MemberWeights:
+        """The weights written by :meth:`as_record`."""
+        return cls(record["checkpoints"], np.asarray(record["own_variance"]), np.asarray(record["weights"]),
+                   record["cells"])
+
+
+def _as_record(weights: MemberWeights | SeasonCollocationWeights) -> dict[str, Any]:
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in asdict(weights).items()}
+
 
 def member_weights(checkpoints: Sequence[str], stacks: Callable[[], Iterable[np.ndarray]]) -> MemberWeights:
     """Collocation weights of ``checkpoints`` from ``stacks()``, an iterable of (K, h, w) stacks of
@@ -154,6 +169,16 @@ class SeasonCollocationWeights:
         """The weights for the products' provenance tags: checkpoints by ``;``, seasons (in the
         ``seasons`` tag's order) by ``,``."""
         return ";".join(",".join(f"{w:.4f}" for w in row) for row in self.weights)
+
+    def as_record(self) -> dict[str, Any]:
+        """JSON types only (a finished prediction's record)."""
+        return _as_record(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SeasonCollocationWeights:
+        """The weights written by :meth:`as_record`."""
+        return cls(record["checkpoints"], record["seasons"], np.asarray(record["own_variance"]),
+                   np.asarray(record["weights"]), record["cells"])
 
 
 def season_collocation_weights_of(checkpoints: Sequence[str], seasons: Sequence[str],

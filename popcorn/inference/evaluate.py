@@ -25,6 +25,9 @@ __all__ = ["MapEvaluation", "datamodule_references", "predict_and_evaluate", "su
 def summarise(result: PredictResult) -> str:
     """A few lines for the terminal: what was predicted, where the files are, the scale factors."""
     lines = [
+        f"reused the finished maps of the same settings and inputs in {result.out_dir} ({result.megapixels:.2f} Mpx, "
+        f"{result.n_members} members, predicted in {result.seconds:.1f} s; --restart predicts anew)"
+        if result.reused else
         f"predicted {result.megapixels:.2f} Mpx ({result.tiles_total} tiles, {result.tiles_computed} computed now, "
         f"{result.n_members} members) in {result.seconds:.1f} s",
     ]

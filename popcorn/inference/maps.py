@@ -24,6 +24,10 @@
 - **Dasymetric rescaling** (optional): census regions are rasterised per tile (never for the
   whole area at once), region sums are accumulated over the finished tiles, and the rescaled map
   is made per tile during assembly; per-region scale factors go to a CSV.
+- **Reruns**: an interrupted run resumes from its finished tiles; a finished one
+  (``prediction.json`` beside the maps) is reused without computing anything while the settings,
+  the checkpoints (by content), the popcorn version, the input files (size and time) and the
+  outputs themselves are unchanged (``resume=False`` predicts anew).
 """
 
 from __future__ import annotations
@@ -31,11 +35,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -47,110 +50,37 @@ import torch
 
 from popcorn import __version__
 from popcorn.datasets.grid import RasterGrid, Window
-from popcorn.datasets.sentinel import SEASONS, check_seasons
-from popcorn.errors import PopcornInputError
+from popcorn.datasets.sentinel import check_seasons
 from popcorn.inference.area import resolve_area
 from popcorn.inference.collocation import (MIN_MEMBERS, MemberWeights, SeasonCollocationWeights, member_weights,
                                           season_collocation_weights_of)
 from popcorn.inference.ensemble import (
-    MEMBER_STATISTICS,
-    SEASON_STATISTICS,
-    SEASON_WEIGHTS,
     CheckpointSeasons,
     RunningMean,
     combine_members,
     season_weights,
 )
-from popcorn.inference.fast import DEFAULT_THRESHOLD
 from popcorn.inference.members import Member, imagery_reader, load_members
-from popcorn.inference.rescaling import RESCALE_REST, CensusTiles, rescaled_product
+from popcorn.inference.rescaling import CensusTiles, rescaled_product
+from popcorn.inference.settings import (RESCALING_FIELDS, PredictResult, PredictSettings, check_settings,
+                                          settings_key)
 from popcorn.inference.tiles import (
-    ALIGN,
     FINE,
+    FINISHED_RECORD,
     PARTIAL_DIR,
-    STATE_VERSION,
     OpenReader,
+    FinishedRecord,
     Product,
     Shard,
     TileRun,
     assemble,
     block_sum_partial,
+    file_fingerprints,
     run_tiles,
 )
 from popcorn.samplers.tiles import TileGridSampler
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- settings
-@dataclass
-class PredictSettings:
-    """Everything that defines a prediction run (a rerun resumes only if these are equal, except the
-    census matching's ``rescale_*``, which only the assembly uses).
-
-    ``rescale_cap``: None = the paper's rescaling; K > 0 caps each region's scale factor at K x
-    the overall factor (census total / map total) and spreads the rest of its count
-    ``rescale_rest`` ("uniform": evenly; "builtup": by score). ``season_weights``: "equal" (the
-    paper's plain mean) or "observed" (each season weighted per pixel by how much of its
-    composite around the pixel is observed, :mod:`popcorn.inference.ensemble`). ``member_statistic``:
-    "mean" (the paper), "median" of the checkpoints' season-averaged maps per 10 m pixel, or
-    "collocation" (their mean weighted by the inverse of each one's own error variance).
-    ``season_statistic``: "mean" (the paper), "median" of each checkpoint's seasonal maps per 10 m
-    pixel, or "collocation" (their mean weighted per checkpoint by the inverse of each season's own
-    error variance; >= 3 seasons); both set the seasons' weights, so not with ``season_weights="observed"``.
-    ``season_gap_fill``: what a season misses read as the other seasons' mean (as in training).
-    ``test_time_augmentation``: every checkpoint x season map is the mean over the tile's 8 flips
-    and quarter turns (:class:`~popcorn.inference.ensemble.DihedralMean`, 8 x the compute).
-    """
-
-    checkpoints: list[str]
-    imagery_root: str
-    seasons: list[str] = field(default_factory=lambda: list(SEASONS))
-    tile_size: int = 1000
-    overlap: int = 128
-    threshold: float = DEFAULT_THRESHOLD
-    bbox: list[float] | None = None
-    bbox_crs: str | None = None
-    area: str | None = None
-    write_10m: bool = False
-    census: str | None = None
-    counts: str | None = None
-    id_column: str = "region_id"
-    count_column: str = "count"
-    rescale_cap: float | None = None
-    rescale_rest: str = "uniform"
-    season_weights: str = "equal"
-    member_statistic: str = "mean"
-    season_statistic: str = "mean"
-    season_gap_fill: bool = False
-    test_time_augmentation: bool = False
-
-    @property
-    def margin(self) -> int:
-        """Context px on each side of a tile core: overlap / 2 rounded up to a multiple of 4."""
-        return int(math.ceil(self.overlap / 2 / 4) * 4)
-
-
-RESCALING_FIELDS = ("rescale_cap", "rescale_rest")  # PredictSettings fields of the census matching only
-
-
-@dataclass
-class PredictResult:
-    """Paths written by :func:`predict` and the scale-factor summary."""
-
-    out_dir: Path
-    outputs: dict[str, Path]
-    grid: RasterGrid
-    window: Window
-    n_members: int
-    tiles_total: int
-    tiles_computed: int
-    seconds: float
-    megapixels: float
-    scale_factors: Path | None = None
-    scale_percentiles: tuple[float, float, float] | None = None
-    member_weights: MemberWeights | None = None
-    season_collocation_weights: SeasonCollocationWeights | None = None
 
 
 def ensemble_name(settings: PredictSettings) -> str:
@@ -237,53 +167,6 @@ def predict_tile(
     out["population_1ha"] = np.where(cell_n > 0, pop1_mean, nan).astype(np.float32)
     out["population_1ha_std"] = np.where(cell_n > 0, pop1.std(), nan).astype(np.float32)
     return out
-
-
-def _settings_key(settings: PredictSettings, members: Sequence[Member], window: Window) -> str:
-    d = asdict(settings)
-    for key in RESCALING_FIELDS:  # used only when the tiles are assembled: changing them reuses the tiles
-        d.pop(key)
-    for key, default in (("test_time_augmentation", False), ("season_statistic", "mean")):
-        if d[key] == default:  # runs from before the option keep their key (and resume)
-            d.pop(key)
-    d["checkpoints"] = [m.meta["sha256"] for m in members]
-    d["window"] = list(window)
-    d["version"] = STATE_VERSION
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _check_settings(settings: PredictSettings) -> None:
-    """Refuse tile sizes, overlaps and census options the engine cannot honour."""
-    if settings.tile_size <= 0 or settings.tile_size % ALIGN:
-        raise PopcornInputError(
-            f"tile size must be a positive multiple of {ALIGN} px (1 ha cells and the U-Net's "
-            f"pooling must line up), got {settings.tile_size}"
-        )
-    if settings.overlap < 0:
-        raise PopcornInputError(f"overlap must be >= 0 px, got {settings.overlap}")
-    if (settings.census is None) != (settings.counts is None) and settings.counts is not None:
-        raise PopcornInputError("--counts needs --census (the regions vector file)")
-    if settings.rescale_cap is not None and not settings.rescale_cap > 0:
-        raise PopcornInputError(f"--rescale-cap must be > 0 (1 = the map brought to the census total plus each "
-                                f"region's shortfall), got {settings.rescale_cap}")
-    if settings.season_weights not in SEASON_WEIGHTS:
-        raise PopcornInputError(f"--season-weights must be one of {', '.join(SEASON_WEIGHTS)}, "
-                                f"got {settings.season_weights!r}")
-    if settings.member_statistic not in MEMBER_STATISTICS:
-        raise PopcornInputError(f"--member-statistic must be one of {', '.join(MEMBER_STATISTICS)}, "
-                                f"got {settings.member_statistic!r}")
-    if settings.season_statistic not in SEASON_STATISTICS:
-        raise PopcornInputError(f"--season-statistic must be one of {', '.join(SEASON_STATISTICS)}, "
-                                f"got {settings.season_statistic!r}")
-    if settings.season_statistic != "mean" and settings.season_weights != "equal":
-        raise PopcornInputError(f"--season-statistic {settings.season_statistic} sets the seasons' weights itself: "
-                                f"drop --season-weights {settings.season_weights} or use --season-statistic mean")
-    if settings.season_statistic == "collocation" and len(settings.seasons) < MIN_MEMBERS:
-        raise PopcornInputError(f"--season-statistic collocation needs at least {MIN_MEMBERS} seasons (two cannot "
-                                f"tell their errors apart), got {', '.join(settings.seasons)}")
-    if settings.rescale_rest not in RESCALE_REST:
-        raise PopcornInputError(f"--rescale-rest must be one of {', '.join(RESCALE_REST)}, "
-                                f"got {settings.rescale_rest!r}")
 
 
 def _area_mask(core: Window, grid: RasterGrid, geom: Any) -> np.ndarray | None:
@@ -374,13 +257,28 @@ def predict(
     t_start = time.perf_counter()
     out = Path(out_dir)
     seasons = list(check_seasons(settings.seasons))
-    _check_settings(settings)
+    check_settings(settings)
     if threads:
         torch.set_num_threads(int(threads))
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     members = load_members(settings.checkpoints, settings.threshold, dev, settings.test_time_augmentation)
-    _, _, grid = open_imagery(settings.imagery_root, seasons)
+    s1, s2, grid = open_imagery(settings.imagery_root, seasons)
     window, geom = resolve_area(grid, settings.bbox, settings.bbox_crs, settings.area)
+    key = settings_key(settings, [m.meta["sha256"] for m in members], window)
+    record = FinishedRecord(out / f"{prefix}{FINISHED_RECORD}")
+    record_key = hashlib.sha256(json.dumps(
+        [key, __version__, prefix, *(getattr(settings, name) for name in RESCALING_FIELDS)]).encode()).hexdigest()
+    inputs = file_fingerprints([*s1.files, *s2.files, *(p for p in (settings.census, settings.counts, settings.area)
+                                                          if p is not None)])
+    finished = record.read(record_key, inputs) if resume else None
+    if finished is not None:
+        log.info("%s: the maps of these settings are already there (%s); reused (--restart predicts anew)",
+                 out, record.path.name)
+        if shard is not None and shard.rank != 0:
+            return None
+        return PredictResult.from_record(out, finished["outputs"], finished["summary"], grid, window)
+    if shard is None or shard.rank == 0:
+        record.discard()
     census = (
         CensusTiles(settings.census, settings.counts, grid, settings.id_column, settings.count_column)
         if settings.census else None
@@ -388,7 +286,6 @@ def predict(
     tiles = TileGridSampler(grid, settings.tile_size, settings.margin, window=window, roi=geom, seasons=seasons)
     cores = tiles.cores
     reader = imagery_reader(settings.imagery_root, seasons, settings.season_gap_fill)
-    key = _settings_key(settings, members, window)
     seasons_w, weights, first_pass = _first_pass(settings, members, tiles, reader, grid, geom, dev,
                                                  out / f"{PARTIAL_DIR}-members", key,
                                                  resume=resume, progress=progress, shard=shard)
@@ -418,8 +315,10 @@ def predict(
         first_pass.cleanup()
     seconds = time.perf_counter() - t_start
     mpx = sum(c[2] * c[3] for c in cores) / 1e6
-    return PredictResult(out, outputs, grid, window, len(members) * len(seasons), len(cores), run.computed,
-                         seconds, mpx, scale_csv, percentiles, weights, seasons_w)
+    result = PredictResult(out, outputs, grid, window, len(members) * len(seasons), len(cores), run.computed,
+                           seconds, mpx, scale_csv, percentiles, weights, seasons_w)
+    record.write(record_key, inputs, result.written(prefix), result.summary())
+    return result
 
 
 def _popcorn_products(settings: PredictSettings, members: Sequence[Member], seasons: Sequence[str], out: Path,

@@ -136,11 +136,9 @@ class PopVAERunner:
 
 
 def _stack_settings(stack: CovariateStack) -> dict[str, Any]:
-    files = []
-    for path in stack.paths:
-        st = path.stat()
-        files.append([str(path), st.st_size, st.st_mtime_ns])
-    return {"covariates": files, "band_names": stack.band_names, "floor_bands": stack.floor_bands,
+    from popcorn.inference.tiles import file_fingerprints
+
+    return {"covariates": file_fingerprints(stack.paths), "band_names": stack.band_names, "floor_bands": stack.floor_bands,
             "floor_weights": stack.floor_weights, "nodata_threshold": stack.nodata_threshold,
             "resampling": [str(r) for r in stack._resampling]}
 

@@ -7,7 +7,8 @@ a *model runner* ``runner(core, read, data) -> {name: float32 array on the core}
 ``key``. Each finished tile is saved atomically to ``<work>/tiles/`` (named by its core) and
 listed in ``<work>/state.json`` (a rerun with the same key skips finished tiles); the products
 (:class:`Product`) are assembled window by window into temporary files and renamed only when
-complete (COG, nodata -1, provenance tags). POPCORN's maps
+complete (COG, nodata -1, provenance tags); a caller may record the finished run
+(:class:`FinishedRecord`) to reuse it on a rerun of the same settings. POPCORN's maps
 (:mod:`popcorn.inference.maps`) and popVAE's (:mod:`popcorn.inference.popvae`) use it.
 """
 
@@ -19,7 +20,7 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ NODATA = -1.0
 
 
 PARTIAL_DIR = ".popcorn-partial"
+
+
+FINISHED_RECORD = "prediction.json"
+"""The record of a finished run beside its products (:class:`FinishedRecord`)."""
 
 
 STATE_VERSION = 1
@@ -153,6 +158,49 @@ class Shard:
 def _atomic_json(path: Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=str))
+
+
+def file_fingerprints(paths: Iterable[str | os.PathLike[str]]) -> list[list[Any]]:
+    """``[path, size in bytes, modification time in ns]`` of each file, in the order given: enough
+    to tell that a file was replaced, rewritten or removed since a run read or wrote it."""
+    rows = []
+    for path in paths:
+        stat = os.stat(path)
+        rows.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return rows
+
+
+@dataclass
+class FinishedRecord:
+    """The record of a finished run, written beside its products: its ``key``, the fingerprints of
+    the files it read and of the files it wrote, and a ``summary`` for its caller. A rerun with the
+    same key on unchanged inputs whose outputs are all still there, unchanged, reuses them instead
+    of predicting anew; anything else (other settings, a rewritten input, a missing or edited
+    output, an unreadable record) means predicting anew."""
+
+    path: Path
+
+    def read(self, key: str, inputs: list[list[Any]]) -> dict[str, Any] | None:
+        """The record's ``{"outputs": {name: path}, "summary": ...}`` if it still holds, else None."""
+        try:
+            record = json.loads(self.path.read_text())
+            if record["key"] != key or record["inputs"] != inputs:
+                return None
+            outputs = {name: Path(path) for name, (path, _, _) in record["outputs"].items()}
+            if file_fingerprints(outputs.values()) != list(record["outputs"].values()):
+                return None
+            return {"outputs": outputs, "summary": record["summary"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, key: str, inputs: list[list[Any]], outputs: dict[str, Path], summary: dict[str, Any]) -> None:
+        """Record a finished run (atomically, after every output is in place)."""
+        written = {name: file_fingerprints([path])[0] for name, path in outputs.items()}
+        _atomic_json(self.path, {"key": key, "inputs": inputs, "outputs": written, "summary": summary})
+
+    def discard(self) -> None:
+        """Forget the record before its outputs are overwritten (a crash then leaves none)."""
+        self.path.unlink(missing_ok=True)
 
 
 def _tile_name(core: Window) -> str:

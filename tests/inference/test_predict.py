@@ -251,3 +251,49 @@ def test_member_statistic_option_reaches_the_maps(setup) -> None:
     _, _, grid = open_imagery(world.imagery_dir, ["summer"])
     regions = CensusRegions(world.census_regions, world.census_counts, grid)
     assert _read(out / "population_1ha_rescaled.tif").sum() == pytest.approx(sum(regions.counts.values()), rel=1e-5)
+
+
+
+def test_a_finished_map_is_reused_only_while_it_still_holds(setup) -> None:
+    """A rerun with the same settings on unchanged inputs reuses the finished maps (no tile computed,
+    no file rewritten, the same result, collocation weights included); other census matching, an
+    edited or deleted output, a rewritten input or ``resume=False`` predict anew."""
+    root, world, ckpts = setup
+    out = root / "reuse"
+    three = [str(c) for c in ckpts] + [str(_checkpoint(root / "m2.ckpt", 102))]
+    settings = PredictSettings(checkpoints=three, imagery_root=str(world.imagery_dir),
+                               seasons=["summer", "winter", "spring"], tile_size=100, overlap=32,
+                               census=str(world.census_regions), counts=str(world.census_counts),
+                               member_statistic="collocation", season_statistic="collocation")
+    first = predict(settings, out, progress=False)
+    assert first.tiles_computed == first.tiles_total > 0 and (out / "prediction.json").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = predict(settings, out, progress=False)
+    assert again.tiles_computed == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    assert again.outputs == first.outputs and again.scale_factors == first.scale_factors
+    assert again.scale_percentiles == pytest.approx(first.scale_percentiles)
+    assert np.allclose(again.member_weights.weights, first.member_weights.weights)
+    assert np.allclose(again.season_collocation_weights.weights, first.season_collocation_weights.weights)
+    assert again.season_collocation_weights.seasons == ["summer", "winter", "spring"]
+    assert (again.n_members, again.tiles_total, again.megapixels) == (9, first.tiles_total, first.megapixels)
+
+    # the rest on one checkpoint x one season (cheaper)
+    one = dataclasses.replace(settings, checkpoints=three[:1], seasons=["summer"], member_statistic="mean",
+                              season_statistic="mean")
+    first = predict(one, out, progress=False)
+    capped = dataclasses.replace(one, rescale_cap=1.0)  # other census matching: predicted anew
+    assert predict(capped, out, progress=False).tiles_computed == first.tiles_total
+    assert predict(capped, out, progress=False).tiles_computed == 0
+    with rasterio.open(out / "population_1ha_rescaled.tif", "r+", IGNORE_COG_LAYOUT_BREAK="YES") as dst:  # edited
+        dst.write(np.zeros((1, *dst.shape), np.float32))
+    assert predict(capped, out, progress=False).tiles_computed == first.tiles_total
+    (out / "population_1ha.tif").unlink()  # a deleted output
+    assert predict(capped, out, progress=False).tiles_computed == first.tiles_total
+    counts = Path(world.census_counts)  # an input written again (same content, new time)
+    counts.write_bytes(counts.read_bytes())
+    assert predict(capped, out, progress=False).tiles_computed == first.tiles_total
+    assert predict(capped, out, progress=False).tiles_computed == 0
+    assert predict(capped, out, progress=False, resume=False).tiles_computed == first.tiles_total
+    (out / "prediction.json").write_text("{")  # an unreadable record
+    assert predict(capped, out, progress=False).tiles_computed == first.tiles_total
