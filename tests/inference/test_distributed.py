@@ -56,6 +56,8 @@ def test_two_processes_equal_one_bit_for_bit(job) -> None:
     assert two.tiles_computed < 16  # rank 0 computed only its share; rank 1 the rest
     _assert_same_maps(root / "two", root / "one")
     assert not (root / "two" / ".popcorn-partial").exists()  # the tile store is removed after assembly
+    again = predict_distributed(settings, root / "two", devices=2, progress=False)  # every rank sees the record
+    assert again is not None and again.reused and again.tiles_computed == 0 and again.outputs == two.outputs
 
 
 def _cli(settings: PredictSettings, out: Path, devices: int) -> list[str]:

@@ -269,7 +269,8 @@ def test_a_finished_map_is_reused_only_while_it_still_holds(setup) -> None:
     assert first.tiles_computed == first.tiles_total > 0 and (out / "prediction.json").exists()
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = predict(settings, out, progress=False)
-    assert again.tiles_computed == 0
+    assert again.tiles_computed == 0 and again.reused and not first.reused
+    assert again.seconds == pytest.approx(first.seconds)  # what predicting them took then
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     assert again.outputs == first.outputs and again.scale_factors == first.scale_factors
     assert again.scale_percentiles == pytest.approx(first.scale_percentiles)
