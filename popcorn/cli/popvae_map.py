@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--devices", type=int, default=1,
                    help="processes sharing the tiles (CPU processes, or GPUs with --device cuda); default 1")
-    p.add_argument("--restart", action="store_true", help="ignore a partial run of --out and start over")
+    p.add_argument("--restart", action="store_true", help="ignore a partial or finished run of --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--reference", help="reference raster for the pixel R^2")
     p.add_argument("--census", help="census polygons")

@@ -13,7 +13,9 @@ maps (:func:`popcorn.inference.tiles.run_tiles` + :func:`popcorn.inference.tiles
   non-empty patches); pixels whose covariates are all no-data are nodata. As every pixel sees the
   same patch whatever the tiling, a tiled map equals the one-piece map;
 - finished tiles are kept in ``.<map name>.partial/`` next to the map, so an interrupted run
-  resumes (same model weights, covariates, normalisation and tile size); the GeoTIFF (float32
+  resumes (same model weights, covariates, normalisation and tile size), and a finished map is
+  recorded in ``<map stem>.prediction.json`` and reused as it is while those, the tags, the popcorn
+  version and the map file itself are unchanged (``resume=False`` predicts anew); the GeoTIFF (float32
   people per pixel, CRS and transform of the first covariate, nodata -1, Cloud-Optimized when
   GDAL has the COG driver) is assembled under a temporary name and renamed at the end; its tags
   record the checkpoint, model digest, covariates, normalisation and clip.
@@ -153,7 +155,7 @@ def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: 
     (:mod:`popcorn.inference.distributed`) this process computes its share of the tiles; rank 0
     then assembles the map and returns its path, the other ranks return None."""
     from popcorn import __version__
-    from popcorn.inference.tiles import Product, assemble, run_tiles
+    from popcorn.inference.tiles import FinishedRecord, Product, assemble, run_tiles
 
     runner = PopVAERunner(model, normalizer, batch_size, device)
     net = runner.net
@@ -170,6 +172,14 @@ def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: 
                 "patch_size": net.patch_size, "tile_size": int(tile_size), "log_clip": LOG_CLIP_MAX,
                 "version": STATE_VERSION}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    record = FinishedRecord(out.with_name(f"{out.stem}.prediction.json"))
+    record_key = hashlib.sha256(json.dumps([key, __version__, tags or {}], sort_keys=True).encode()).hexdigest()
+    if resume and record.read(record_key, []) is not None:
+        log.info("%s: the map of this model and these covariates is already there (%s); reused (--restart predicts "
+                 "anew)", out, record.path.name)
+        return out if shard is None or shard.rank == 0 else None
+    if shard is None or shard.rank == 0:
+        record.discard()
     run = run_tiles(tiles, covariate_reader(stack), runner, out.parent / f".{out.name}.partial", key,
                     {"settings": settings}, resume=resume, progress=progress, desc="popVAE", stop_after=stop_after,
                     on_tile=on_tile, shard=shard)
@@ -182,6 +192,7 @@ def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: 
             "empty_patches": "0 people", "tile_size": str(tile_size), **(tags or {})}
     path = assemble([Product("population", out, "population", meta)], grid, window, run)["population"]
     run.cleanup()
+    record.write(record_key, [], {"population": path}, {})
     return path
 
 

@@ -332,6 +332,15 @@ def test_tiled_prediction_equals_one_piece_resumes_and_matches_training_patches(
     predict_map(task, stack, dm.normalizer, out, tile_size=7, batch_size=7, on_tile=second.append)
     assert len(second) == 7 and not set(first) & set(second)
     np.testing.assert_array_equal(_read_map(out), wb)  # same settings: bit for bit
+    # a finished map is reused as it is (no tile, file untouched); other tags or resume=False predict anew
+    stamp, again = out.stat().st_mtime_ns, []
+    assert predict_map(task, stack, dm.normalizer, out, tile_size=7, on_tile=again.append) == out
+    assert again == [] and out.stat().st_mtime_ns == stamp and (tmp_path / "crash.prediction.json").exists()
+    predict_map(task, stack, dm.normalizer, out, tile_size=7, tags={"checkpoint": "x"}, on_tile=again.append)
+    assert len(again) == 12
+    predict_map(task, stack, dm.normalizer, out, tile_size=7, tags={"checkpoint": "x"}, resume=False,
+                on_tile=again.append)
+    assert len(again) == 24
 
 
 # ----------------------------------------------------------------------------- evaluation
