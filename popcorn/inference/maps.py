@@ -270,15 +270,13 @@ def predict(
         [key, __version__, prefix, *(getattr(settings, name) for name in RESCALING_FIELDS)]).encode()).hexdigest()
     inputs = file_fingerprints([*s1.files, *s2.files, *(p for p in (settings.census, settings.counts, settings.area)
                                                           if p is not None)])
-    finished = record.read(record_key, inputs) if resume else None
+    finished = record.reusable(record_key, inputs, resume=resume, owner=shard is None or shard.rank == 0)
     if finished is not None:
         log.info("%s: the maps of these settings are already there (%s); reused (--restart predicts anew)",
                  out, record.path.name)
         if shard is not None and shard.rank != 0:
             return None
         return PredictResult.from_record(out, finished["outputs"], finished["summary"], grid, window)
-    if shard is None or shard.rank == 0:
-        record.discard()
     census = (
         CensusTiles(settings.census, settings.counts, grid, settings.id_column, settings.count_column)
         if settings.census else None
@@ -299,9 +297,6 @@ def predict(
 
     # --- census sums (pass 1 over the finished tiles), then the GeoTIFFs (pass 2)
     products = _popcorn_products(settings, members, seasons, out, prefix, weights, seasons_w)
-    for written, csv_name in ((weights, "member_weights.csv"), (seasons_w, "season_collocation_weights.csv")):
-        if written is not None:
-            written.write_csv(out / f"{prefix}{csv_name}")
     scale_csv = percentiles = None
     if census is not None:
         tags = dict(products[0].tags, census=f"{settings.census};{settings.counts}")
@@ -317,6 +312,8 @@ def predict(
     mpx = sum(c[2] * c[3] for c in cores) / 1e6
     result = PredictResult(out, outputs, grid, window, len(members) * len(seasons), len(cores), run.computed,
                            seconds, mpx, scale_csv, percentiles, weights, seasons_w)
+    for name, path in result.weight_tables(prefix).items():
+        getattr(result, name).write_csv(path)
     record.write(record_key, inputs, result.written(prefix), result.summary())
     return result
 

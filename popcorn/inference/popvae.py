@@ -140,9 +140,9 @@ class PopVAERunner:
 def _stack_settings(stack: CovariateStack) -> dict[str, Any]:
     from popcorn.inference.tiles import file_fingerprints
 
-    return {"covariates": file_fingerprints(stack.paths), "band_names": stack.band_names, "floor_bands": stack.floor_bands,
-            "floor_weights": stack.floor_weights, "nodata_threshold": stack.nodata_threshold,
-            "resampling": [str(r) for r in stack._resampling]}
+    return {"covariates": file_fingerprints(stack.paths), "band_names": stack.band_names,
+            "floor_bands": stack.floor_bands, "floor_weights": stack.floor_weights,
+            "nodata_threshold": stack.nodata_threshold, "resampling": [str(r) for r in stack._resampling]}
 
 
 def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: str | os.PathLike[str], *,
@@ -174,12 +174,11 @@ def predict_map(model: Any, stack: CovariateStack, normalizer: Normalizer, out: 
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     record = FinishedRecord(out.with_name(f"{out.stem}.prediction.json"))
     record_key = hashlib.sha256(json.dumps([key, __version__, tags or {}], sort_keys=True).encode()).hexdigest()
-    if resume and record.read(record_key, []) is not None:
+    owner = shard is None or shard.rank == 0
+    if record.reusable(record_key, [], resume=resume, owner=owner) is not None:
         log.info("%s: the map of this model and these covariates is already there (%s); reused (--restart predicts "
                  "anew)", out, record.path.name)
-        return out if shard is None or shard.rank == 0 else None
-    if shard is None or shard.rank == 0:
-        record.discard()
+        return out if owner else None
     run = run_tiles(tiles, covariate_reader(stack), runner, out.parent / f".{out.name}.partial", key,
                     {"settings": settings}, resume=resume, progress=progress, desc="popVAE", stop_after=stop_after,
                     on_tile=on_tile, shard=shard)

@@ -106,7 +106,7 @@ class PredictResult:
     def from_record(cls, out: Path, outputs: dict[str, Path], summary: dict[str, Any], grid: RasterGrid,
                     window: Window) -> PredictResult:
         """The result of a finished run read back from its record (nothing computed now)."""
-        maps = {k: v for k, v in outputs.items() if k not in RECORDED_TABLES}
+        maps = {k: v for k, v in outputs.items() if k != "scale_factors" and k not in WEIGHT_TABLES}
         percentiles, member_w, season_w = (summary["scale_percentiles"], summary["member_weights"],
                                            summary["season_collocation_weights"])
         return cls(out, maps, grid, window, summary["n_members"], summary["tiles_total"], 0, summary["seconds"],
@@ -115,18 +115,19 @@ class PredictResult:
                    None if member_w is None else MemberWeights.from_record(member_w),
                    None if season_w is None else SeasonCollocationWeights.from_record(season_w), reused=True)
 
+    def weight_tables(self, prefix: str = "") -> dict[str, Path]:
+        """The CSV of each set of collocation weights the run computed, by field name."""
+        return {name: self.out_dir / f"{prefix}{csv}" for name, csv in WEIGHT_TABLES.items()
+                if getattr(self, name) is not None}
+
     def written(self, prefix: str = "") -> dict[str, Path]:
         """Every file the run wrote: the maps and the tables (what its record fingerprints)."""
-        files = {**self.outputs, **({} if self.scale_factors is None else {"scale_factors": self.scale_factors})}
-        for obj, name in ((self.member_weights, "member_weights.csv"),
-                          (self.season_collocation_weights, "season_collocation_weights.csv")):
-            if obj is not None:
-                files[name] = self.out_dir / f"{prefix}{name}"
-        return files
+        scale = {} if self.scale_factors is None else {"scale_factors": self.scale_factors}
+        return {**self.outputs, **scale, **self.weight_tables(prefix)}
 
 
-RECORDED_TABLES = ("scale_factors", "member_weights.csv", "season_collocation_weights.csv")
-"""The files of a run's record that are tables, not maps (:meth:`PredictResult.written`)."""
+WEIGHT_TABLES = {"member_weights": "member_weights.csv", "season_collocation_weights": "season_collocation_weights.csv"}
+"""The file name of each :class:`PredictResult` field of collocation weights beside the maps."""
 
 
 def settings_key(settings: PredictSettings, checkpoint_sha256: Sequence[str], window: Window) -> str:

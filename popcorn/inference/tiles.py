@@ -180,6 +180,15 @@ class FinishedRecord:
 
     path: Path
 
+    def reusable(self, key: str, inputs: list[list[Any]], *, resume: bool, owner: bool) -> dict[str, Any] | None:
+        """The finished run to reuse (:meth:`read`), or None after the ``owner`` process (rank 0)
+        has forgotten the record, whose outputs are about to be overwritten (``resume=False``: never
+        reuse)."""
+        finished = self.read(key, inputs) if resume else None
+        if finished is None and owner:
+            self.path.unlink(missing_ok=True)  # a crash from here on leaves no record
+        return finished
+
     def read(self, key: str, inputs: list[list[Any]]) -> dict[str, Any] | None:
         """The record's ``{"outputs": {name: path}, "summary": ...}`` if it still holds, else None."""
         try:
@@ -195,12 +204,8 @@ class FinishedRecord:
 
     def write(self, key: str, inputs: list[list[Any]], outputs: dict[str, Path], summary: dict[str, Any]) -> None:
         """Record a finished run (atomically, after every output is in place)."""
-        written = {name: file_fingerprints([path])[0] for name, path in outputs.items()}
+        written = dict(zip(outputs, file_fingerprints(outputs.values())))
         _atomic_json(self.path, {"key": key, "inputs": inputs, "outputs": written, "summary": summary})
-
-    def discard(self) -> None:
-        """Forget the record before its outputs are overwritten (a crash then leaves none)."""
-        self.path.unlink(missing_ok=True)
 
 
 def _tile_name(core: Window) -> str:
