@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "other seasons' mean at the pixel; all (the flag alone): in the pretraining, every member's "
                         "training and every map (data.season_gap_fill); maps: in the maps only, the networks trained "
                         "on the paper's reading (popcorn predict --season-gap-fill); default: the paper's reading")
+    p.add_argument("--harmonise-seasons", action="store_true",
+                   help="beyond the paper: every world's seasonal composites (evaluated and occupancy source "
+                        "worlds) harmonised first (popcorn harmonise: each season's band 2nd/98th percentiles mapped "
+                        "onto their mean over the seasons), into <world>_harmonised beside it; the networks, the "
+                        "maps and the baselines all read the harmonised composites")
     p.add_argument("--tta", action="store_true",
                    help="beyond the paper: every map (each checkpoint x season) averaged over the tile's 8 flips and "
                         "quarter turns (popcorn predict --tta; 8 x the prediction time); the members are unchanged")
@@ -284,10 +289,11 @@ def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]
     if bad:
         raise SystemExit(f"error: occupancy source worlds {bad} are evaluated or held out; their labels must not train")
     run = out / (f"occupancy_pretraining_{'_'.join(map(str, args.occupancy_sources))}"
-                 f"{'' if seed is None else f'_seed{seed}'}{'_gapfill' if args.season_gap_fill == 'all' else ''}")
+                 f"{'' if seed is None else f'_seed{seed}'}{'_gapfill' if args.season_gap_fill == 'all' else ''}"
+                 f"{'_harmonised' if args.harmonise_seasons else ''}")
     export = run / "occupancy_weights.pt"
-    worlds = [Path(make_settlement_world(args.data_root, size_px=args.size_px, seed=s,
-                                         mean_region_ha=args.mean_region_ha).directory)
+    worlds = [world_inputs(Path(make_settlement_world(args.data_root, size_px=args.size_px, seed=s,
+                                                      mean_region_ha=args.mean_region_ha).directory), args)
               for s in args.occupancy_sources]
     return exported_run([
         sys.executable, "-m", "popcorn.cli.pretrain_occupancy", "fit",
@@ -299,6 +305,23 @@ def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]
         *([] if seed is None else [f"--seed_everything={seed}"]),
         *(["--data.season_gap_fill=true"] if args.season_gap_fill == "all" else []),
     ], export, argparse.Namespace(threads=(args.threads or 1) * (1 if seed is not None else max(1, args.jobs))))
+
+
+def world_inputs(world: Path, args: argparse.Namespace) -> Path:
+    """The folder whose imagery the networks and baselines read for ``world``: the world itself, or
+    with ``--harmonise-seasons`` ``<world>_harmonised`` beside it (its composites harmonised, links
+    to every other file of the world)."""
+    if not args.harmonise_seasons:
+        return world
+    from popcorn.prep.harmonise import harmonise_seasons
+
+    target = world.parent / f"{world.name}_harmonised"
+    harmonise_seasons(world, target, progress=False)  # kept when already harmonised the same way
+    for path in world.iterdir():
+        link = target / path.name
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(path.resolve())
+    return target
 
 
 #: The network options an occupancy export must share with the fit, at the fit's defaults.
@@ -524,7 +547,7 @@ def run_world(seed: int, args: argparse.Namespace, out: Path) -> WorldResult:
     t0 = time.perf_counter()
     world_obj = make_settlement_world(args.data_root, size_px=args.size_px, seed=seed,
                                       mean_region_ha=args.mean_region_ha, domain_shift=args.world_shift)
-    world = Path(getattr(world_obj, "directory", world_obj))
+    world = world_inputs(Path(getattr(world_obj, "directory", world_obj)), args)
     world_seconds = time.perf_counter() - t0
     ids, counts = census_ids(world)
     n_px = float((ids > 0).sum())
@@ -807,6 +830,7 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
           f"{SEASON_STATISTIC_HEADER.get(args.season_statistic, '')}"
           f"{GAP_FILL_HEADER.get(args.season_gap_fill, '')}"
           f"{', every map averaged over the 8 flips and quarter turns of its tiles (--tta)' if args.tta else ''}"
+          f"{', seasons harmonised (--harmonise-seasons)' if args.harmonise_seasons else ''}"
           f"{f', each member on its own {args.member_region_fraction:.0%} of the regions' if args.member_region_fraction < 1 else ''}",
           flush=True)
     imagery_log = logging.getLogger("popcorn.datasets.sentinel")

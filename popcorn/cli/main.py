@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("popcorn.cli.evaluate", "compare maps with fine reference data and baselines"),
     "census": ("popcorn.cli.census", "prepare census regions and counts"),
     "download": ("popcorn.cli.download", "seasonal Sentinel-1/-2 composites from a STAC API"),
+    "harmonise": ("popcorn.cli.harmonise", "seasonal composites harmonised across seasons (beyond the paper)"),
     "adapt-builtup": ("popcorn.cli.adapt_builtup", "train or adapt the built-up extractor (no target labels)"),
     "pretrain-occupancy": ("popcorn.cli.pretrain_occupancy", "learn the occupancy branch from a source's fine population"),
     "popvae": ("popcorn.cli.popvae", "train popVAE on covariates and a reference population (LightningCLI)"),

@@ -321,3 +321,34 @@ def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path: Path, monk
     assert bench.exported_run(command, export, trained) == (str(export), 3.0)
     with pytest.raises(SystemExit, match=re.escape("(only before: --trainer.max_epochs=16; only now: --trainer.max_epochs=1)")):
         bench.exported_run([*command[:3], "--trainer.max_epochs=1", command[4]], export, trained)
+
+
+def test_harmonise_seasons_feeds_every_network_the_harmonised_composites(tmp_path: Path, monkeypatch) -> None:
+    """--harmonise-seasons: the occupancy pretraining's sources and each evaluated world are read from
+    <world>_harmonised (harmonised S1/S2, links to every other file), and the pretraining export gets
+    its own folder; without the option the worlds are read as they are."""
+    bench = load_benchmark("bench_accuracy")
+    root = tmp_path / "worlds"
+    args = bench.build_parser().parse_args(["--data-root", str(root), "--size-px", "250", "--mean-region-ha", "40",
+                                            "--occupancy-sources", "201", "--harmonise-seasons"])
+    seen = {}
+
+    def fake_run(cmd: list[str], export: Path, run_args: object) -> tuple[str, float]:
+        seen["cmd"], seen["export"] = cmd, export
+        return str(export), 1.0
+
+    monkeypatch.setattr(bench, "exported_run", fake_run)
+    bench.pretrain_occupancy(args, tmp_path / "out", [111])
+    assert seen["export"].parent.name == "occupancy_pretraining_201_harmonised"
+    harmonised = root / "world_settlements_250px_seed201_harmonised"
+    assert f"--data.imagery_roots=[{harmonised}]" in seen["cmd"]
+    assert f"--data.population_rasters=[{harmonised / 'population_10m.tif'}]" in seen["cmd"]
+    world = root / "world_settlements_250px_seed201"
+    for name in ("S2_summer.tif", "S1_winter.tif"):
+        with rasterio.open(harmonised / name) as src:
+            assert not (harmonised / name).is_symlink() and "harmonisation" in src.tags()
+    for path in world.iterdir():
+        if not path.name.startswith(("S1_", "S2_")):
+            assert (harmonised / path.name).resolve() == path.resolve()
+    args.harmonise_seasons = False
+    assert bench.world_inputs(world, args) == world
