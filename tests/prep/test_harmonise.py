@@ -13,7 +13,7 @@ from popcorn.cli.main import main
 from popcorn.datasets.sentinel import open_imagery
 from popcorn.errors import PopcornInputError
 from popcorn.prep.harmonise import apply_mapping, harmonise_seasons, mappings_for
-from tests.conftest import SEASON_LIST, write_raster
+from conftest import SEASON_LIST, write_raster
 
 H, W = 64, 96
 #: Each season is a linear transform (gain, offset) of one base scene, per sensor.
