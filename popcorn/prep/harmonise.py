@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import rasterio
 from rasterio.enums import Resampling
 from tqdm.auto import tqdm
 
-from popcorn.datasets.sentinel import SEASONS, Sentinel1Composite, Sentinel2Composite, check_seasons
+from popcorn.datasets.sentinel import SEASONS, check_seasons, open_imagery
 from popcorn.errors import PopcornInputError
 from popcorn.io import atomic_path
 
@@ -39,9 +38,6 @@ DEFAULT_PERCENTILES: tuple[float, float] = (2.0, 98.0)
 
 DEFAULT_MAX_SAMPLES = 4_000_000
 """Pixels per season and sensor read to estimate the percentiles (a decimated read beyond it)."""
-
-SENSORS = {"S1": Sentinel1Composite, "S2": Sentinel2Composite}
-"""Sensor prefix -> the dataset class whose file naming and nodata rules the files follow."""
 
 TAG = "harmonisation"
 """Dataset tag of a harmonised file: its gain and offset per band, JSON."""
@@ -70,21 +66,6 @@ class HarmonisationResult:
         """JSON-ready summary (``harmonisation.json``)."""
         return {"outputs": [p.name for p in self.outputs], "reference": self.reference,
                 "mappings": {s: {k: asdict(m) for k, m in by.items()} for s, by in self.mappings.items()}}
-
-
-def season_files(root: Path, sensor: str, seasons: Sequence[str]) -> dict[str, list[Path]]:
-    """``{season: [files]}`` of one sensor under ``root``, named as the dataset classes expect."""
-    regex = re.compile(SENSORS[sensor].filename_regex, re.VERBOSE)
-    found: dict[str, list[Path]] = {}
-    for path in sorted(root.iterdir()):
-        match = regex.match(path.name)
-        if match and match.group("season") in seasons:
-            found.setdefault(match.group("season"), []).append(path)
-    missing = [s for s in seasons if s not in found]
-    if missing:
-        raise PopcornInputError(f"{root}: no {sensor} composite for season(s) {missing} (expected "
-                                f"{sensor}_<season>.tif); harmonising needs every season asked for")
-    return found
 
 
 def _valid(values: np.ndarray, nodata: float | None) -> np.ndarray:
@@ -202,11 +183,11 @@ def harmonise_seasons(
     low, high = percentiles
     if not 0 <= low < high <= 100:
         raise PopcornInputError(f"percentiles must satisfy 0 <= low < high <= 100, got {low:g} {high:g}")
-    if not root.is_dir():
-        raise PopcornInputError(f"imagery folder {root} does not exist")
     if out.resolve() == root.resolve():
         raise PopcornInputError(f"--out {out} is the imagery folder itself; give another folder (the inputs stay)")
-    files = {sensor: season_files(root, sensor, seasons) for sensor in SENSORS}
+    # the datasets' own reading: naming, tiles per season, every season there, CRS, bands, one grid
+    s1, s2, _ = open_imagery(root, seasons)
+    files = {ds.sensor: {s: [Path(f) for f in ds.files_of(s)] for s in seasons} for ds in (s1, s2)}
     result = HarmonisationResult()
     jobs = []
     for sensor, by_season in files.items():
@@ -231,4 +212,4 @@ def harmonise_seasons(
 
 
 __all__ = ["BandMapping", "DEFAULT_PERCENTILES", "HarmonisationResult", "apply_mapping", "band_percentiles",
-           "harmonise_seasons", "mappings_for", "season_files"]
+           "harmonise_seasons", "mappings_for"]
