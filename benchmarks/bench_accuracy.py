@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summarize", nargs="+", metavar="RESULTS_JSON",
                    help="print issue 9's targets of saved runs (their results.json), one row per world and "
                         "the totals, and stop (no training, no weights needed)")
+    p.add_argument("--summarize-matching", choices=("run", "paper"), default="run",
+                   help="with --summarize: which census matching the rescaled targets (margin, warehouses, "
+                        "dense fill) read: the run's own (default) or the paper's rescaling, which a run with "
+                        "--rescale-cap also reports for the same maps")
     p.add_argument("--adapt-epochs", type=int, default=0,
                    help="first adapt the built-up weights to each world's imagery, no labels "
                         "(popcorn adapt-builtup, experiments/builtup/adapt_published.yaml) "
@@ -714,10 +718,14 @@ class WorldTargets:
                 self.warehouses <= 0.25, self.fill >= 0.7)
 
 
-def world_targets(res: WorldResult, members: int) -> WorldTargets:
-    """What issue 9's targets read from one world's result (``members`` = the Bag's size)."""
+def world_targets(res: WorldResult, members: int, matching: str = "run") -> WorldTargets:
+    """What issue 9's targets read from one world's result (``members`` = the Bag's size); ``matching``
+    "paper" reads the paper's rescaling of the same maps where the run matched with a cap (its
+    "(paper)" rows; a run without a cap has only the paper's)."""
     m = res.metrics
     bag = f"{members} models x 4 seasons (Bag)"
+    paper = matching == "paper" and f"{bag} rescaled (paper)" in m
+    rescaled, where_rescaled = (" rescaled (paper)", "Bag rescaled (paper)") if paper else (" rescaled", "Bag rescaled")
     not_types = ("zero-resident built-up", "non-built pixels", WAREHOUSES_BESIDE_DENSE)
     wh = next((res.where[g] for g in res.where if "warehouse" in g and g not in not_types), {})
     wh_base = max(wh.get("BuiltUp disaggregation", float("nan")), 1e-9)
@@ -726,12 +734,12 @@ def world_targets(res: WorldResult, members: int) -> WorldTargets:
     order = [m[k]["r2"] for k in ordering_rows(m, members)]
     best_baseline = max(m["BuiltUp disaggregation"]["r2"], m["Uniform areal weighting"]["r2"])
     return WorldTargets(
-        seed=res.seed, margin=m[f"{bag} rescaled"]["r2"] - best_baseline, best_baseline=best_baseline,
+        seed=res.seed, margin=m[f"{bag}{rescaled}"]["r2"] - best_baseline, best_baseline=best_baseline,
         bag_raw=m[f"{bag} raw"]["r2"], builtup=m["BuiltUp disaggregation"]["r2"],
         ordering=(order[0], order[1], order[2]),
-        warehouses=wh.get("Bag rescaled", float("nan")) / wh_base,
+        warehouses=wh.get(where_rescaled, float("nan")) / wh_base,
         warehouses_raw=wh.get("Bag raw", float("nan")) / wh_base, warehouse_builtup=wh_base,
-        dense=dense, fill=res.where[dense]["Bag rescaled"] / res.where[dense]["truth"] if dense else float("nan"))
+        dense=dense, fill=res.where[dense][where_rescaled] / res.where[dense]["truth"] if dense else float("nan"))
 
 
 def verdict(results: list[WorldResult], members: int) -> None:
@@ -776,33 +784,39 @@ def bag_size(res: WorldResult) -> int:
     return sizes[0]
 
 
-def summarize(paths: list[str]) -> int:
-    """Issue 9's targets of saved runs (``results.json`` files), one row per world and the totals;
-    the number of targets met."""
-    print("| run | world | margin | Bag raw - BuiltUp | 1x1 / 1x4 / Bag raw | warehouses | dense fill | targets met |")
-    print("|---|---|---:|---:|---|---:|---:|---:|")
+def summarize(paths: list[str], matching: str = "run") -> int:
+    """Issue 9's targets of saved runs (``results.json`` files), one row per world and the totals,
+    the rescaled ones read with the run's census matching or the paper's; the number of targets met."""
+    if matching == "paper":
+        print("census matching: the paper's rescaling (the runs' \"(paper)\" rows where they matched with a cap)")
+    print("| run | world | margin | Bag raw - BuiltUp | 1x1 / 1x4 / Bag raw | warehouses | dense fill | Bag rescaled "
+          "| targets met |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
     met = worlds = 0
+    rescaled_sum = 0.0
     for path in paths:
         try:
             results = [WorldResult(**d) for d in json.loads(Path(path).read_text())]
         except (OSError, ValueError, TypeError) as err:
             raise SystemExit(f"error: {path} is not a results.json of this benchmark ({err})") from None
         for res in results:
-            t = world_targets(res, bag_size(res))
+            t = world_targets(res, bag_size(res), matching)
             ok = t.met()
             met, worlds = met + sum(ok), worlds + 1
+            rescaled_sum += t.margin + t.best_baseline
             missed = "" if all(ok) else " (not: " + ", ".join(n for n, o in zip(TARGETS, ok) if not o) + ")"
             print(f"| {path} | {res.seed} | {t.margin:+.3f} | {t.bag_raw - t.builtup:+.3f} | "
                   f"{' / '.join(f'{v:.4f}' for v in t.ordering)} | {t.warehouses:.3f} | {t.fill:.2f} | "
-                  f"{sum(ok)} of 5{missed} |")
-    print(f"\n{met} of {5 * worlds} targets on {worlds} worlds")
+                  f"{t.margin + t.best_baseline:.4f} | {sum(ok)} of 5{missed} |")
+    print(f"\n{met} of {5 * worlds} targets on {worlds} worlds; mean Bag rescaled R^2 "
+          f"{rescaled_sum / max(worlds, 1):.4f}")
     return met
 
 
 def main(argv: list[str] | None = None) -> list[WorldResult]:
     args = build_parser().parse_args(argv)
     if args.summarize:
-        summarize(args.summarize)
+        summarize(args.summarize, args.summarize_matching)
         return []
     if not Path(args.builtup_weights).exists() and "://" not in args.builtup_weights:
         print(f"the published built-up extractor is not at {args.builtup_weights}: this benchmark "

@@ -156,8 +156,11 @@ def expand_config(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
     A config may start with ``base: [other.yaml, ...]`` (paths relative to it): those are read
     first, recursively, and the config itself last, so its keys override theirs (LightningCLI
     merges successive ``--config`` files). A config with a ``base`` key is passed as a copy
-    without that key; one without is passed unchanged.
+    without that key; one without is passed unchanged. The copy's folder is removed when the
+    process exits (LightningCLI reads it while parsing; the run saves its merged config itself).
     """
+    import atexit
+    import shutil
     import tempfile
 
     import yaml
@@ -179,7 +182,9 @@ def expand_config(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
         if not base_path.is_file():
             raise PopcornInputError(f"config {path}: base config {base_path} does not exist")
         expanded += expand_config(str(base_path), (*_seen, key))
-    copy = Path(tempfile.mkdtemp(prefix="popcorn-config-")) / file.name
+    folder = tempfile.mkdtemp(prefix="popcorn-config-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    copy = Path(folder) / file.name
     copy.write_text(yaml.safe_dump(content, sort_keys=False))
     return [*expanded, str(copy)]
 

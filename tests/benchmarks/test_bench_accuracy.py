@@ -195,8 +195,9 @@ def test_season_statistic_reaches_the_maps_of_several_seasons_only(tmp_path: Pat
 
 
 def saved_world(seed: int, order: tuple[float, float, float], warehouse_people: float, dense_fill: float,
-                members: int = 3) -> dict:
-    """One world of a results.json as the benchmark writes it (only what the targets read)."""
+                members: int = 3, paper: tuple[float, float, float] | None = None) -> dict:
+    """One world of a results.json as the benchmark writes it (only what the targets read); ``paper``:
+    the Bag's R^2, warehouse people and dense fill under the paper's rescaling, as a capped run reports."""
     bag = f"{members} models x 4 seasons (Bag)"
     metrics = {"1 model x 1 season (summer) raw": order[0], "1 model x 4 seasons raw": order[1],
                f"{bag} raw": order[2], f"{bag} rescaled": 0.80, "BuiltUp disaggregation": 0.70,
@@ -205,6 +206,10 @@ def saved_world(seed: int, order: tuple[float, float, float], warehouse_people: 
              "industrial_warehouses": {"truth": 0.0, "Bag rescaled": warehouse_people, "Bag raw": warehouse_people,
                                        "BuiltUp disaggregation": 100.0},
              "zero-resident built-up": {"truth": 0.0, "Bag rescaled": 5.0, "BuiltUp disaggregation": 50.0}}
+    if paper:
+        metrics[f"{bag} rescaled (paper)"] = paper[0]
+        where["industrial_warehouses"]["Bag rescaled (paper)"] = paper[1]
+        where["informal_core"]["Bag rescaled (paper)"] = 1000.0 * paper[2]
     return {"seed": seed, "n_regions": 60, "mean_region_ha": 100.0, "people": 1e5,
             "metrics": {k: {"r2": v} for k, v in metrics.items()}, "where": where}
 
@@ -219,14 +224,25 @@ def test_summarize_counts_the_targets_of_saved_runs(tmp_path: Path, capsys) -> N
     first.write_text(json.dumps([saved_world(1, (0.70, 0.72, 0.75), 20.0, 0.9),
                                  saved_world(2, (0.73, 0.72, 0.75), 30.0, 0.9)]))
     second = tmp_path / "b.json"
-    second.write_text(json.dumps([saved_world(3, (0.70, 0.72, 0.75), 20.0, 0.6, members=5)]))
+    second.write_text(json.dumps([saved_world(3, (0.70, 0.72, 0.75), 20.0, 0.6, members=5,
+                                              paper=(0.84, 10.0, 0.95))]))
     assert bench.main(["--summarize", str(first), str(second)]) == []
     out = capsys.readouterr().out
     rows = {int(line.split("|")[2]): line for line in out.splitlines() if line.startswith(f"| {tmp_path}")}
-    assert rows[1].endswith("| 5 of 5 |") and "| +0.100 | +0.050 | 0.7000 / 0.7200 / 0.7500 | 0.200 | 0.90 |" in rows[1]
+    assert rows[1].endswith("| 5 of 5 |")
+    assert "| +0.100 | +0.050 | 0.7000 / 0.7200 / 0.7500 | 0.200 | 0.90 | 0.8000 |" in rows[1]
     assert rows[2].endswith("3 of 5 (not: raw 1x1 < 1x4 < Bag, warehouses <= 0.25 of BuiltUp's) |")
     assert rows[3].endswith("4 of 5 (not: dense-core fill >= 0.7) |")
-    assert "12 of 15 targets on 3 worlds" in out
+    assert "12 of 15 targets on 3 worlds; mean Bag rescaled R^2 0.8000" in out
+    # the paper's rescaling of the same maps: only world 3 reports it, so only world 3's row changes
+    assert bench.main(["--summarize", str(first), str(second), "--summarize-matching", "paper"]) == []
+    paper_out = capsys.readouterr().out
+    paper_rows = {int(line.split("|")[2]): line for line in paper_out.splitlines()
+                  if line.startswith(f"| {tmp_path}")}
+    assert "census matching: the paper's rescaling" in paper_out
+    assert paper_rows[1] == rows[1] and paper_rows[2] == rows[2]
+    assert "| +0.140 | +0.050 | 0.7000 / 0.7200 / 0.7500 | 0.100 | 0.95 | 0.8400 | 5 of 5 |" in paper_rows[3]
+    assert "13 of 15 targets on 3 worlds; mean Bag rescaled R^2 0.8133" in paper_out
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(SystemExit, match=f"error: {bad} is not a results.json"):

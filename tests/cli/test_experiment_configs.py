@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -117,3 +120,9 @@ def test_country_configs_share_one_base(tmp_path) -> None:
     (tmp_path / "c.yaml").write_text("base: [missing.yaml]\n")
     with pytest.raises(PopcornInputError, match="missing.yaml does not exist"):
         expand_config(str(tmp_path / "c.yaml"))
+    # the copy without the base key lives as long as the process that parses it, no longer
+    code = f"from popcorn.fit import expand_config; print(expand_config({str(EXP / 'rwa.yaml')!r})[-1])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    copy = Path(done.stdout.strip())
+    assert copy.name == "rwa.yaml" and copy.parent.name.startswith("popcorn-config-")
+    assert not copy.parent.exists()
