@@ -31,6 +31,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def open_georeferenced(path: str | os.PathLike[str], what: str) -> Iterator[Any]:
+    """Open raster ``path`` for reading (a rasterio dataset), or raise one clear
+    :class:`~popcorn.errors.PopcornInputError` naming ``what`` and the file when it is missing or
+    has no CRS: every reader of a user's raster checks the same two things the same way."""
+    import rasterio
+
+    from popcorn.errors import PopcornInputError
+
+    if not Path(path).exists():
+        raise PopcornInputError(f"{what} {path} does not exist")
+    with rasterio.open(path) as src:
+        if src.crs is None:
+            raise PopcornInputError(f"{what} {path} has no CRS; set it (gdal_edit.py -a_srs ...)")
+        yield src
+
+
 def geotiff_profile(
     height: int, width: int, *, count: int = 1, dtype: str = "float32", crs: Any = None, transform: Any = None,
     nodata: float | None = None, predictor: int | None = None, block: int = 256, **extra: Any,

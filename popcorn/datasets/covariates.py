@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from popcorn.errors import PopcornInputError
+from popcorn.io import atomic_path, open_georeferenced
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ class CovariateStack:
         nodata_threshold: float = NODATA_THRESHOLD,
         resampling: str | Sequence[str] = "nearest",
     ) -> None:
-        import rasterio
         from rasterio.enums import Resampling
 
         if isinstance(paths, (str, os.PathLike)):
@@ -79,9 +79,6 @@ class CovariateStack:
         self.paths = [Path(p) for p in paths]
         if not self.paths:
             raise PopcornInputError("no covariate raster given (data.covariates is empty)")
-        for p in self.paths:
-            if not p.exists():
-                raise PopcornInputError(f"covariate raster {p} does not exist")
         self.nodata_threshold = float(nodata_threshold)
         rs = [resampling] * len(self.paths) if isinstance(resampling, str) else list(resampling)
         if len(rs) != len(self.paths):
@@ -90,17 +87,13 @@ class CovariateStack:
             self._resampling = [Resampling[r] for r in rs]
         except KeyError as err:
             raise PopcornInputError(f"resampling {err} is not a rasterio resampling name (nearest, bilinear, average...)") from err
-        with rasterio.open(self.paths[0]) as src:
-            if src.crs is None:
-                raise PopcornInputError(f"covariate raster {self.paths[0]} has no CRS; set it (gdal_edit.py -a_srs ...)")
+        with open_georeferenced(self.paths[0], "covariate raster") as src:
             self.crs, self.transform = src.crs, src.transform
             self.height, self.width = src.height, src.width
         names: list[str] = []
         self._same_grid: list[bool] = []
         for p in self.paths:
-            with rasterio.open(p) as src:
-                if src.crs is None:
-                    raise PopcornInputError(f"covariate raster {p} has no CRS; set it (gdal_edit.py -a_srs ...)")
+            with open_georeferenced(p, "covariate raster") as src:
                 same = (src.crs == self.crs and src.transform.almost_equals(self.transform, 1e-9)
                         and (src.height, src.width) == (self.height, self.width))
                 self._same_grid.append(same)
@@ -261,8 +254,6 @@ class Normalizer:
         return cls(d["min"], d["max"], d.get("band_names"), d.get("clip", True))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        from popcorn.io import atomic_path
-
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2))
         return Path(path)
@@ -284,16 +275,10 @@ def read_reference(path: str | os.PathLike[str], stack: CovariateStack, nodata_v
     No-data (``nodata_values``, the raster's nodata, NaN, negative values) -> 0 when
     ``nodata_to_zero`` (paper), else NaN (those pixels are then never sampled).
     """
-    import rasterio
-
     from popcorn.datasets.resample import map_on_grid
 
     p = Path(path)
-    if not p.exists():
-        raise PopcornInputError(f"reference population raster {p} does not exist")
-    with rasterio.open(p) as src:
-        if src.crs is None:
-            raise PopcornInputError(f"reference population raster {p} has no CRS")
+    with open_georeferenced(p, "reference population raster") as src:
         same = (src.crs == stack.crs and src.transform.almost_equals(stack.transform, 1e-9)
                 and (src.height, src.width) == stack.shape)
         if same:

@@ -21,9 +21,8 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window as RioWindow
 
-from popcorn.errors import PopcornInputError
 from popcorn.evaluation.dasymetric import RegionRasterizer, scale_factors_from_sums
-from popcorn.io import atomic_path, geotiff_profile
+from popcorn.io import atomic_path, geotiff_profile, open_georeferenced
 
 BLOCK = 2048
 NODATA = -1.0
@@ -65,11 +64,7 @@ def disaggregate(
     from popcorn.datasets.census import read_regions
 
     weights = Path(weights)
-    if not weights.exists():
-        raise PopcornInputError(f"weight raster {weights} does not exist")
-    with rasterio.open(weights) as src:
-        if src.crs is None:
-            raise PopcornInputError(f"weight raster {weights} has no CRS")
+    with open_georeferenced(weights, "weight raster") as src:
         regions = RegionRasterizer(read_regions(census, counts, src.crs, id_column, count_column), src.crs)
         n = regions.n
         sums = np.zeros(n)

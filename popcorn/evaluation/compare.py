@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window as RioWindow
@@ -50,7 +49,7 @@ from popcorn.evaluation.intervals import (
     r2_interval,
 )
 from popcorn.evaluation.metrics import regression_metrics
-from popcorn.io import atomic_path
+from popcorn.io import atomic_path, open_georeferenced
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +92,7 @@ def evaluate_against_raster(maps: dict[str, str], truth: str | os.PathLike[str],
     """Every map vs a fine truth raster, over the truth's valid cells (streamed in blocks); each
     cell's bootstrap block is a square of ``interval_block_cells`` cells (:func:`add_intervals`)."""
     truth = Path(truth)
-    if not truth.exists():
-        raise PopcornInputError(f"truth raster {truth} does not exist")
-    with rasterio.open(truth) as ref:
-        if ref.crs is None:
-            raise PopcornInputError(f"truth raster {truth} has no CRS")
+    with open_georeferenced(truth, "truth raster") as ref:
         for name, path in maps.items():
             if not Path(path).exists():
                 raise PopcornInputError(f"map {name!r}: file {path} does not exist")

@@ -59,7 +59,7 @@ import pandas as pd
 
 from popcorn.datasets.grid import RasterGrid, burn_ids
 from popcorn.errors import PopcornInputError
-from popcorn.io import atomic_path, geotiff_profile
+from popcorn.io import atomic_path, geotiff_profile, open_georeferenced
 from popcorn.prep.census_boundaries import (
     assign_region_ids,
     read_boundaries,
@@ -77,14 +77,8 @@ Grid = RasterGrid
 
 
 def grid_from_reference(path: str | os.PathLike[str]) -> Grid:
-    import rasterio
-
     path = Path(path)
-    if not path.exists():
-        raise PopcornInputError(f"reference raster {path} does not exist")
-    with rasterio.open(path) as src:
-        if src.crs is None:
-            raise PopcornInputError(f"reference raster {path} has no CRS")
+    with open_georeferenced(path, "reference raster") as src:
         if src.transform.b or src.transform.d:
             raise PopcornInputError(f"reference raster {path} is rotated; use a north-up grid")
         return Grid(src.crs, src.transform, src.height, src.width)
