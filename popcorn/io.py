@@ -48,6 +48,25 @@ def open_georeferenced(path: str | os.PathLike[str], what: str) -> Iterator[Any]
         yield src
 
 
+def read_georeferenced_vector(path: str | os.PathLike[str], what: str, **read_options: Any) -> Any:
+    """Read vector file ``path`` (a GeoDataFrame; ``read_options`` go to ``geopandas.read_file``,
+    e.g. ``layer``, ``rows``), or raise one clear :class:`~popcorn.errors.PopcornInputError`
+    naming ``what`` and the file when it is missing, unreadable or has no CRS."""
+    import geopandas as gpd
+
+    from popcorn.errors import PopcornInputError
+
+    if not Path(path).exists():
+        raise PopcornInputError(f"{what} {path} does not exist")
+    try:
+        frame = gpd.read_file(path, **read_options)
+    except Exception as err:  # noqa: BLE001 - driver errors come in many types
+        raise PopcornInputError(f"cannot read {what} {path} ({err})") from err
+    if frame.crs is None:
+        raise PopcornInputError(f"{what} {path} has no CRS; set it (e.g. ogr2ogr -a_srs EPSG:4326)")
+    return frame
+
+
 def geotiff_profile(
     height: int, width: int, *, count: int = 1, dtype: str = "float32", crs: Any = None, transform: Any = None,
     nodata: float | None = None, predictor: int | None = None, block: int = 256, **extra: Any,

@@ -42,3 +42,48 @@ def test_the_census_grid_reports_a_reference_raster_without_crs_in_one_line(tmp_
         dst.write(np.ones((1, 4, 5), "float32"))
     with pytest.raises(PopcornInputError, match="reference raster .*grid.tif has no CRS"):
         grid_from_reference(path)
+
+
+def test_read_georeferenced_vector_reads_a_layer_with_a_crs(tmp_path):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from popcorn.io import read_georeferenced_vector
+
+    path = tmp_path / "regions.gpkg"
+    gpd.GeoDataFrame({"region_id": [1, 2]}, geometry=[box(0, 0, 1, 1), box(1, 0, 2, 1)],
+                     crs="EPSG:32736").to_file(path)
+    frame = read_georeferenced_vector(path, "census regions file", rows=1)
+    assert frame.crs.to_epsg() == 32736 and list(frame.region_id) == [1]
+
+
+@pytest.mark.parametrize("case", ["missing", "unreadable", "no crs"])
+def test_read_georeferenced_vector_names_the_file_and_what_to_do(tmp_path, case):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from popcorn.io import read_georeferenced_vector
+
+    path = tmp_path / "units.gpkg"
+    if case == "unreadable":
+        path.write_text("not a vector file")
+    elif case == "no crs":
+        gpd.GeoDataFrame({"id": [1]}, geometry=[box(0, 0, 1, 1)]).to_file(path)
+    expected = {"missing": r"^area file .*units\.gpkg does not exist$",
+                "unreadable": r"^cannot read area file .*units\.gpkg \(",
+                "no crs": r"^area file .*units\.gpkg has no CRS; set it \(e\.g\. ogr2ogr -a_srs"}[case]
+    with pytest.raises(PopcornInputError, match=expected):
+        read_georeferenced_vector(path, "area file")
+
+
+def test_census_regions_without_crs_stop_with_the_file_named(tmp_path):
+    """A caller, not only the helper: the census regions reader (every fit and baseline reads it)."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from popcorn.datasets.census import read_regions
+
+    path = tmp_path / "regions.gpkg"
+    gpd.GeoDataFrame({"region_id": [1], "count": [10]}, geometry=[box(0, 0, 1, 1)]).to_file(path)
+    with pytest.raises(PopcornInputError, match="census regions file .*regions.gpkg has no CRS"):
+        read_regions(path, None, "EPSG:32736")

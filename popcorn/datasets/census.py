@@ -32,6 +32,7 @@ from torchgeo.datasets.utils import GeoSlice
 from popcorn.datasets.grid import RasterGrid, Window, burn_ids, clip_window
 from popcorn.datasets.sentinel import index_crs, index_rows, resolve_query, same_step
 from popcorn.errors import PopcornInputError
+from popcorn.io import read_georeferenced_vector
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +115,7 @@ def read_regions(
     """Read and validate regions + counts; return a GeoDataFrame (``region_id``, ``count``,
     ``geometry``) in ``crs``, sorted by id."""
     regions = Path(regions)
-    if not regions.exists():
-        raise PopcornInputError(f"census regions file {regions} does not exist")
-    try:
-        gdf = gpd.read_file(regions)
-    except Exception as err:  # driver errors come in many types
-        raise PopcornInputError(f"cannot read census regions {regions} ({err})") from err
-    if gdf.crs is None:
-        raise PopcornInputError(
-            f"{regions} has no CRS; set it (e.g. ogr2ogr -a_srs EPSG:4326) so the regions can be "
-            "placed on the imagery"
-        )
+    gdf = read_georeferenced_vector(regions, "census regions file")
     _check_columns(gdf, [id_column], str(regions))
     ids = _as_int_ids(gdf[id_column], str(regions), id_column)
     _check_duplicates(ids, str(regions), id_column)

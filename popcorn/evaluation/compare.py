@@ -49,7 +49,7 @@ from popcorn.evaluation.intervals import (
     r2_interval,
 )
 from popcorn.evaluation.metrics import regression_metrics
-from popcorn.io import atomic_path, open_georeferenced
+from popcorn.io import atomic_path, open_georeferenced, read_georeferenced_vector
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +130,10 @@ def evaluate_against_units(
     grid laid over the units: give the maps' own grid and the zonal sums are exact sums of
     their pixels (units are reprojected to it; parts of units outside it count as 0).
     """
-    import geopandas as gpd
-
     from popcorn.datasets.census import read_regions
     from popcorn.evaluation.dasymetric import RegionRasterizer
 
-    head = gpd.read_file(units, rows=1) if Path(units).exists() else None
-    if head is None:
-        raise PopcornInputError(f"census units file {units} does not exist")
-    if head.crs is None:
-        raise PopcornInputError(f"census units {units} have no CRS")
+    head = read_georeferenced_vector(units, "census units file", rows=1)
     if grid is None:
         crs = head.crs if head.crs.is_projected else head.estimate_utm_crs()
         frame = read_regions(units, counts, crs, id_column, count_column)

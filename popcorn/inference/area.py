@@ -13,6 +13,7 @@ import shapely
 
 from popcorn.datasets.grid import RasterGrid, Window, clip_window
 from popcorn.errors import PopcornInputError
+from popcorn.io import read_georeferenced_vector
 from popcorn.inference.tiles import ALIGN
 
 __all__ = ["resolve_area"]
@@ -56,17 +57,8 @@ def resolve_area(
             left, bottom, right, top = transform_bounds(bbox_crs, grid.crs, left, bottom, right, top)
         return _snap_window(grid, left, bottom, right, top, f"bounding box {list(bbox)}"), None
     if area is not None:
-        import geopandas as gpd
-
         path = Path(area)
-        if not path.exists():
-            raise PopcornInputError(f"area file {path} does not exist")
-        try:
-            frame = gpd.read_file(path)
-        except Exception as err:  # noqa: BLE001
-            raise PopcornInputError(f"cannot read the area file {path} ({err})") from err
-        if frame.crs is None:
-            raise PopcornInputError(f"area file {path} has no CRS; set it (ogr2ogr -a_srs ...)")
+        frame = read_georeferenced_vector(path, "area file")
         frame = frame[~(frame.geometry.isna() | frame.geometry.is_empty)]
         if frame.empty:
             raise PopcornInputError(f"area file {path} has no geometry")

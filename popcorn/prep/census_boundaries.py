@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from popcorn.errors import PopcornInputError
+from popcorn.io import read_georeferenced_vector
 from popcorn.prep.census_tables import _MAX_LIST, _fmt, _id_text, _norm_id
 
 log = logging.getLogger("popcorn.prep.census")
@@ -26,14 +27,7 @@ def read_boundaries(path: str | os.PathLike[str], id_column: str, layer: str | N
     import geopandas as gpd
 
     path = Path(path)
-    if not path.exists():
-        raise PopcornInputError(f"boundary file {path} does not exist")
-    try:
-        gdf = gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
-    except Exception as err:
-        raise PopcornInputError(f"cannot read boundary file {path} ({err})") from err
-    if gdf.crs is None:
-        raise PopcornInputError(f"{path} has no CRS; set it (e.g. ogr2ogr -a_srs EPSG:4326)")
+    gdf = read_georeferenced_vector(path, "boundary file", **({"layer": layer} if layer else {}))
     if id_column not in gdf.columns:
         raise PopcornInputError(
             f"{path}: id column {id_column!r} not found; columns: "

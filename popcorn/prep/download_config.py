@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from popcorn.errors import PopcornInputError, require
+from popcorn.io import read_georeferenced_vector
 
 log = logging.getLogger("popcorn.prep.download")
 
@@ -222,19 +223,10 @@ def make_grid(bbox: Sequence[float], crs: str | int | None = None, res: float = 
 
 def read_aoi(path: str | os.PathLike[str]) -> tuple[tuple[float, float, float, float], Any]:
     """Bounding box (lon/lat) and union geometry (EPSG:4326) of a vector file."""
-    import geopandas as gpd
-
     path = Path(path)
-    if not path.exists():
-        raise PopcornInputError(f"area-of-interest file {path} does not exist")
-    try:
-        gdf = gpd.read_file(path)
-    except Exception as err:
-        raise PopcornInputError(f"cannot read area-of-interest file {path} ({err})") from err
+    gdf = read_georeferenced_vector(path, "area-of-interest file")
     if gdf.empty:
         raise PopcornInputError(f"area-of-interest file {path} holds no geometry")
-    if gdf.crs is None:
-        raise PopcornInputError(f"area-of-interest file {path} has no CRS; set one")
     geom = gdf.to_crs("EPSG:4326").geometry.union_all()
     return tuple(float(v) for v in geom.bounds), geom
 
