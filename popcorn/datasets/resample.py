@@ -22,6 +22,7 @@ from rasterio.windows import Window as RioWindow
 from rasterio.windows import from_bounds
 
 from popcorn.errors import PopcornInputError
+from popcorn.io import open_georeferenced
 
 EARTH_RADIUS = 6371008.8
 
@@ -63,9 +64,7 @@ def _integer_factor(src_t: Affine, dst_t: Affine) -> int | None:
 
 def check_overlap(path: str | os.PathLike[str], crs: CRS, bounds: tuple[float, float, float, float], what: str) -> None:
     """Raise :class:`PopcornInputError` unless raster ``path`` overlaps ``bounds`` (in ``crs``)."""
-    with rasterio.open(path) as src:
-        if src.crs is None:
-            raise PopcornInputError(f"map {path} has no CRS; set it (gdal_edit.py -a_srs ...)")
+    with open_georeferenced(path, "map") as src:
         try:
             left, bottom, right, top = transform_bounds(src.crs, crs, *src.bounds)
         except Exception as err:  # noqa: BLE001 - projection failures

@@ -13,8 +13,8 @@ import shapely
 
 from popcorn.datasets.grid import RasterGrid, Window, clip_window
 from popcorn.errors import PopcornInputError
-from popcorn.io import read_georeferenced_vector
 from popcorn.inference.tiles import ALIGN
+from popcorn.io import read_georeferenced_vector
 
 __all__ = ["resolve_area"]
 
