@@ -20,13 +20,14 @@ def expectation_rows() -> list[tuple[str, str, str, int, int, str]]:
     text = (ROOT / "README.md").read_text()
     start = text.index("**What to expect**")
     table = text[start:text.index("\n\n", text.index("\n|", start))]
-    rows = [ROW.match(line) for line in table.splitlines() if line.startswith("| 9")]
+    body = [line for line in table.splitlines() if line.startswith("|")][2:]  # past the header and |---|
+    rows = [ROW.match(line) for line in body]
     assert rows and all(rows), f"a row of the README's What to expect table is not in the expected form:\n{table}"
     return [(m[1], m[2], m[3] or "run", int(m[4]), int(m[5]), m[6]) for m in rows if m]
 
 
-def test_the_table_lists_every_kept_clean_run() -> None:
-    """The table has a row per group of worlds, each of three worlds (15 targets)."""
+def test_the_table_has_rows_of_three_worlds_each() -> None:
+    """The table has at least three rows, each a group of three worlds (15 targets)."""
     rows = expectation_rows()
     assert len(rows) >= 3
     assert all(total == 15 for *_, total, _ in rows)
