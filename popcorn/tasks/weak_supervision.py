@@ -70,6 +70,7 @@ class WeakSupervisionTask(LightningModule):
         region_credit: float = 0.0,
         region_credit_min_score: float = 0.05,
         season_consistency: float = 0.0,
+        census_fit_per_view: bool = False,
         output_dir: str | None = None,
     ) -> None:
         """Args:
@@ -115,6 +116,10 @@ class WeakSupervisionTask(LightningModule):
         season_consistency: weight of :func:`season_consistency_loss` between the seasonal views
             of a region (beyond the paper; 0 = paper; needs the data module's
             ``seasons_per_region >= 2``).
+        census_fit_per_view: each seasonal view of a region fits the count on its own (the log-L1
+            of each view's sum, averaged), so that one season's shortfall cannot hide behind
+            another's surplus; False = the views' mean map fits it (the same with one view per
+            region, as the paper; beyond the paper when True).
         output_dir: where test maps and tables go; default the logger's directory.
         """
         super().__init__()
@@ -266,7 +271,10 @@ class WeakSupervisionTask(LightningModule):
         mask = batch["region_mask"].to(out["population"].dtype)
         per_sample = (out["population"][:, 0] * mask).sum(dim=(1, 2))
         sums, counts = sum_by_region(per_sample, batch["region_id"], batch["count"].float())
-        data_loss = region_log_l1(sums, counts, self.hparams.region_weighting)
+        if self.hparams.census_fit_per_view:
+            data_loss = region_log_l1(per_sample, batch["count"].float(), self.hparams.region_weighting)
+        else:
+            data_loss = region_log_l1(sums, counts, self.hparams.region_weighting)
         valid = batch.get("valid_mask", torch.ones_like(mask, dtype=torch.bool)).bool()
         area = valid.to(mask.dtype) if self.hparams.occupancy_regularisation_area == "crop" else mask
         occupancy = (out["occupancy"][:, 0] * area).sum() / area.sum().clamp(min=1)

@@ -231,6 +231,19 @@ def test_a_regions_seasons_are_averaged_in_the_log_l1() -> None:
     assert sums.shape == (1,) and torch.allclose(sums, per_view.mean().view(1), rtol=0, atol=1e-4)
     assert not torch.allclose(sums, per_view[:1], rtol=0, atol=1e-3)  # not one view alone
     assert torch.allclose(data_loss, region_log_l1(per_view.mean().view(1), counts[:1]))
+    # census_fit_per_view: each view fits the count on its own, the mean of the views' log errors
+    each = WeakSupervisionTask(occupancy_bias_init=2.0, occupancy_activation="exp", census_fit_per_view=True)
+    each.load_state_dict(task.state_dict())
+    _, each_loss, _, each_sums, _, _ = each._region_step(four)
+    expected = (torch.log1p(four["count"]) - torch.log1p(per_view)).abs().mean()
+    assert torch.allclose(each_loss, expected, atol=1e-5)
+    # a count between the views' sums: their mean fits it, the views miss in opposite ways
+    four["count"] = torch.full_like(four["count"], float(per_view.mean()))
+    assert float(task._region_step(four)[1]) < 1e-5
+    assert float(each._region_step(four)[1]) > 1e-4
+    assert torch.allclose(each_sums, sums)  # the region's reported sum stays the views' mean
+    one = {key: value[:1] for key, value in four.items()}  # one view per region (the paper): the same
+    assert torch.allclose(each._region_step(one)[1], task._region_step(one)[1], atol=1e-6)
 
 
 def test_season_consistency_loss() -> None:
