@@ -270,9 +270,10 @@ class WeakSupervisionTask(LightningModule):
         out = self(*self._inputs(batch), clean)
         mask = batch["region_mask"].to(out["population"].dtype)
         per_sample = (out["population"][:, 0] * mask).sum(dim=(1, 2))
-        sums, counts = sum_by_region(per_sample, batch["region_id"], batch["count"].float())
+        view_counts = batch["count"].float()
+        sums, counts = sum_by_region(per_sample, batch["region_id"], view_counts)
         if self.hparams.census_fit_per_view:
-            data_loss = region_log_l1(per_sample, batch["count"].float(), self.hparams.region_weighting)
+            data_loss = region_log_l1(per_sample, view_counts, self.hparams.region_weighting)
         else:
             data_loss = region_log_l1(sums, counts, self.hparams.region_weighting)
         valid = batch.get("valid_mask", torch.ones_like(mask, dtype=torch.bool)).bool()
