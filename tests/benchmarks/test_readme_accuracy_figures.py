@@ -9,10 +9,11 @@ import re
 import pytest
 from paths import ROOT, load_benchmark
 
-#: One row: worlds, the kept results file (relative to benchmarks/results/), an optional
-#: ``--summarize-matching`` value, the targets met and their total, the mean Bag rescaled R^2.
-ROW = re.compile(r"^\| (\d{3}-\d{3}) \| `([\w/.]+\.json)`(?: \(`--summarize-matching (\w+)`\))? \| "
-                 r"(\d+) of (\d+) \| (0\.\d{4}) \|")
+#: One row: worlds, the kept results files (relative to benchmarks/results/; several joined by " + "
+#: when the worlds came from more than one run), an optional ``--summarize-matching`` value, the
+#: targets met and their total, the mean Bag rescaled R^2.
+ROW = re.compile(r"^\| (\d{3}-\d{3}) \| (`[\w/.]+\.json`(?: \+ `[\w/.]+\.json`)*)"
+                 r"(?: \(`--summarize-matching (\w+)`\))? \| (\d+) of (\d+) \| (0\.\d{4}) \|")
 
 
 def expectation_rows() -> list[tuple[str, str, str, int, int, str]]:
@@ -35,13 +36,15 @@ def test_the_table_has_rows_of_three_worlds_each() -> None:
 
 @pytest.mark.parametrize("row", expectation_rows(), ids=lambda r: r[0])
 def test_each_row_is_what_summarize_reads_from_its_file(row, capsys) -> None:
-    worlds, name, matching, met, total, mean = row
-    path = ROOT / "benchmarks" / "results" / name
-    assert path.exists(), f"the README names {path}, which is not kept"
+    worlds, names, matching, met, total, mean = row
+    paths = [ROOT / "benchmarks" / "results" / name.strip("`") for name in names.split(" + ")]
+    for path in paths:
+        assert path.exists(), f"the README names {path}, which is not kept"
     bench = load_benchmark("bench_accuracy")
-    assert bench.main(["--summarize", str(path), "--summarize-matching", matching]) == []
+    assert bench.main(["--summarize", *map(str, paths), "--summarize-matching", matching]) == []
     out = capsys.readouterr().out
-    seeds = sorted(int(line.split("|")[2]) for line in out.splitlines() if line.startswith(f"| {path}"))
+    seeds = sorted(int(line.split("|")[2]) for line in out.splitlines()
+                   if any(line.startswith(f"| {path} |") for path in paths))
     first, last = (int(w) for w in worlds.split("-"))
     assert seeds == list(range(first, last + 1))
     assert f"{met} of {total} targets on {len(seeds)} worlds; mean Bag rescaled R^2 {mean}" in out
