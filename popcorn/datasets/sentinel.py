@@ -401,11 +401,11 @@ class _SeasonalComposite(RasterDataset):
             key = f"{season}:{','.join(used)}"
             if key not in self._reported_gaps:
                 self._reported_gaps.add(key)
-                log.warning(
-                    "%s %s (%s): NaN gap larger than %d connected pixels near pixel window %s; "
-                    "left as missing (NaN). Check the composite for missing acquisitions.",
-                    self.sensor, season, ", ".join(used), m, window,
-                )
+                hint = "" if self.season_gap_fill else (" The networks read it as open land; season_gap_fill (popcorn "
+                                                        "predict --season-gap-fill) reads it from the other seasons.")
+                log.warning("%s %s (%s): NaN gap larger than %d connected pixels near pixel window %s; left as missing "
+                            "(NaN). Check the composite for missing acquisitions.%s",
+                            self.sensor, season, ", ".join(used), m, window, hint)
         if fill.any():
             valid = ~np.isnan(big).any(axis=0)
             if valid.any():

@@ -108,6 +108,7 @@ def test_s1_db_small_gap_filled_large_gap_kept_and_warned(
     assert torch.isnan(autumn[:, 5:17, 5:17]).all()
     assert torch.isnan(autumn).sum() == 2 * 144
     assert "S1_autumn.tif" in caplog.text and "autumn" in caplog.text
+    assert "--season-gap-fill" in caplog.text  # the warning says what to do
     # a small window inside the big gap stays NaN (not mistaken for a small gap)
     assert torch.isnan(s1.read_window("autumn", (33, 53, 2, 2))).all()
 
