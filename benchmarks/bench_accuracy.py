@@ -799,11 +799,13 @@ def summarize(paths: list[str], matching: str = "run") -> int:
     print("|---|---|---:|---:|---|---:|---:|---:|---:|")
     met = worlds = 0
     rescaled_sum = 0.0
+    saved: list[WorldResult] = []
     for path in paths:
         try:
             results = [WorldResult(**d) for d in json.loads(Path(path).read_text())]
         except (OSError, ValueError, TypeError) as err:
             raise SystemExit(f"error: {path} is not a results.json of this benchmark ({err})") from None
+        saved += results
         for res in results:
             t = world_targets(res, bag_size(res), matching)
             ok = t.met()
@@ -815,7 +817,41 @@ def summarize(paths: list[str], matching: str = "run") -> int:
                   f"{t.bag_rescaled:.4f} | {sum(ok)} of 5{missed} |")
     print(f"\n{met} of {5 * worlds} targets on {worlds} worlds; mean Bag rescaled R^2 "
           f"{rescaled_sum / max(worlds, 1):.4f}")
+    print_first_step_by_season(saved)
     return met
+
+
+def first_step_by_season(res: WorldResult) -> tuple[str, dict[str, float], float, dict[str, float]] | None:
+    """The ordering's first step beside the single model's seasons: (the 1 x 1 row's season, raw 1 ha
+    R^2 by season, that season's lead over the model's best other season, the step with its interval);
+    None for a run that saved no seasons or steps."""
+    first = next((k for k in res.metrics if k.startswith("1 model x 1 season (")), None)
+    if not (first and res.by_season and res.ordering_steps):
+        return None
+    season = first.split("(")[1].split(")")[0]
+    by_season = {s: v["model raw"] for s, v in res.by_season.items()}
+    lead = by_season[season] - max(v for s, v in by_season.items() if s != season)
+    return season, by_season, lead, next(iter(res.ordering_steps.values()))
+
+
+def print_first_step_by_season(results: list[WorldResult]) -> None:
+    """Where the first step (one model's four seasons over its single season) fails: it can only when
+    no average of the seasons beats the single one, which is likeliest where that season is the model's
+    best (the seasons' errors correlate > 0.9; README "what any weighting of one member's seasons can reach")."""
+    rows = [(res.seed, r) for res in results if (r := first_step_by_season(res)) is not None]
+    if not rows:
+        return
+    print("\n| world | first member's raw R^2 by season | single season's lead over its best other | "
+          "first step [95 %] |")
+    print("|---|---|---:|---|")
+    for seed, (season, by_season, lead, step) in rows:
+        seasons = " / ".join(f"{s} {v:.4f}" for s, v in by_season.items())
+        print(f"| {seed} | {seasons} | {season} {lead:+.4f} | {step['estimate']:+.4f} "
+              f"[{step['low']:+.4f}, {step['high']:+.4f}] |")
+    best = [step["estimate"] > 0 for _, (_, _, lead, step) in rows if lead > 0]
+    other = [step["estimate"] > 0 for _, (_, _, lead, step) in rows if lead <= 0]
+    print(f"first step met on {sum(best)} of the {len(best)} worlds where the single season is the first "
+          f"member's best, on {sum(other)} of the {len(other)} others")
 
 
 def main(argv: list[str] | None = None) -> list[WorldResult]:

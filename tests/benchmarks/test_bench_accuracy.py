@@ -195,9 +195,11 @@ def test_season_statistic_reaches_the_maps_of_several_seasons_only(tmp_path: Pat
 
 
 def saved_world(seed: int, order: tuple[float, float, float], warehouse_people: float, dense_fill: float,
-                members: int = 3, paper: tuple[float, float, float] | None = None) -> dict:
+                members: int = 3, paper: tuple[float, float, float] | None = None,
+                seasons: tuple[float, float, float, float] | None = None) -> dict:
     """One world of a results.json as the benchmark writes it (only what the targets read); ``paper``:
-    the Bag's R^2, warehouse people and dense fill under the paper's rescaling, as a capped run reports."""
+    the Bag's R^2, warehouse people and dense fill under the paper's rescaling, as a capped run reports;
+    ``seasons``: the first member's raw R^2 in spring, summer, autumn, winter, with the first step."""
     bag = f"{members} models x 4 seasons (Bag)"
     metrics = {"1 model x 1 season (summer) raw": order[0], "1 model x 4 seasons raw": order[1],
                f"{bag} raw": order[2], f"{bag} rescaled": 0.80, "BuiltUp disaggregation": 0.70,
@@ -210,8 +212,17 @@ def saved_world(seed: int, order: tuple[float, float, float], warehouse_people: 
         metrics[f"{bag} rescaled (paper)"] = paper[0]
         where["industrial_warehouses"]["Bag rescaled (paper)"] = paper[1]
         where["informal_core"]["Bag rescaled (paper)"] = 1000.0 * paper[2]
-    return {"seed": seed, "n_regions": 60, "mean_region_ha": 100.0, "people": 1e5,
-            "metrics": {k: {"r2": v} for k, v in metrics.items()}, "where": where}
+    saved = {"seed": seed, "n_regions": 60, "mean_region_ha": 100.0, "people": 1e5,
+             "metrics": {k: {"r2": v} for k, v in metrics.items()}, "where": where}
+    if seasons:
+        names = ("spring", "summer", "autumn", "winter")
+        saved["by_season"] = {n: {"model raw": v, "BuiltUp disaggregation": 0.5} for n, v in zip(names, seasons)}
+        step = order[1] - order[0]
+        saved["ordering_steps"] = {"first": {"estimate": step, "low": step - 0.01, "high": step + 0.01, "level": 0.95,
+                                             "share_above_zero": 0.5},
+                                   "second": {"estimate": order[2] - order[1], "low": 0.0, "high": 0.1,
+                                              "level": 0.95, "share_above_zero": 0.9}}
+    return saved
 
 
 def test_summarize_counts_the_targets_of_saved_runs(tmp_path: Path, capsys) -> None:
@@ -221,8 +232,8 @@ def test_summarize_counts_the_targets_of_saved_runs(tmp_path: Path, capsys) -> N
     bench = load_benchmark("bench_accuracy")
     first = tmp_path / "a" / "results.json"
     first.parent.mkdir()
-    first.write_text(json.dumps([saved_world(1, (0.70, 0.72, 0.75), 20.0, 0.9),
-                                 saved_world(2, (0.73, 0.72, 0.75), 30.0, 0.9)]))
+    first.write_text(json.dumps([saved_world(1, (0.70, 0.72, 0.75), 20.0, 0.9, seasons=(0.71, 0.70, 0.74, 0.72)),
+                                 saved_world(2, (0.73, 0.72, 0.75), 30.0, 0.9, seasons=(0.72, 0.73, 0.71, 0.70))]))
     second = tmp_path / "b.json"
     second.write_text(json.dumps([saved_world(3, (0.70, 0.72, 0.75), 20.0, 0.6, members=5,
                                               paper=(0.84, 10.0, 0.95))]))
@@ -234,6 +245,13 @@ def test_summarize_counts_the_targets_of_saved_runs(tmp_path: Path, capsys) -> N
     assert rows[2].endswith("3 of 5 (not: raw 1x1 < 1x4 < Bag, warehouses <= 0.25 of BuiltUp's) |")
     assert rows[3].endswith("4 of 5 (not: dense-core fill >= 0.7) |")
     assert "12 of 15 targets on 3 worlds; mean Bag rescaled R^2 0.8000" in out
+    # the first step beside the first member's seasons (world 3 saved none, so it has no row there)
+    assert ("| 1 | spring 0.7100 / summer 0.7000 / autumn 0.7400 / winter 0.7200 | summer -0.0400 | "
+            "+0.0200 [+0.0100, +0.0300] |") in out
+    assert "| 2 | spring 0.7200 / summer 0.7300 / autumn 0.7100 / winter 0.7000 | summer +0.0100 | -0.0100" in out
+    assert not [line for line in out.splitlines() if line.startswith("| 3 |")]
+    assert ("first step met on 0 of the 1 worlds where the single season is the first member's best, "
+            "on 1 of the 1 others") in out
     # the paper's rescaling of the same maps: only world 3 reports it, so only world 3's row changes
     assert bench.main(["--summarize", str(first), str(second), "--summarize-matching", "paper"]) == []
     paper_out = capsys.readouterr().out
