@@ -830,6 +830,8 @@ def first_step_by_season(res: WorldResult) -> tuple[str, dict[str, float], float
         return None
     season = first.split("(")[1].split(")")[0]
     by_season = {s: v["model raw"] for s, v in res.by_season.items()}
+    if season not in by_season or len(by_season) < 2:
+        return None
     lead = by_season[season] - max(v for s, v in by_season.items() if s != season)
     return season, by_season, lead, next(iter(res.ordering_steps.values()))
 
