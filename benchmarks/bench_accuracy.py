@@ -825,8 +825,8 @@ def first_step_by_season(res: WorldResult) -> tuple[str, dict[str, float], float
     """The ordering's first step beside the single model's seasons: (the 1 x 1 row's season, raw 1 ha
     R^2 by season, that season's lead over the model's best other season, the step with its interval);
     None for a run that saved no seasons or steps."""
-    first = next((k for k in res.metrics if k.startswith("1 model x 1 season (")), None)
-    if not (first and res.by_season and res.ordering_steps):
+    first = ordering_rows(res.metrics, bag_size(res))[0]  # "1 model x 1 season (<season>) raw"
+    if not (res.by_season and res.ordering_steps and "(" in first):
         return None
     season = first.split("(")[1].split(")")[0]
     by_season = {s: v["model raw"] for s, v in res.by_season.items()}
