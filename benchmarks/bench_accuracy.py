@@ -825,15 +825,16 @@ def first_step_by_season(res: WorldResult) -> tuple[str, dict[str, float], float
     """The ordering's first step beside the single model's seasons: (the 1 x 1 row's season, raw 1 ha
     R^2 by season, that season's lead over the model's best other season, the step with its interval);
     None for a run that saved no seasons or steps."""
-    first = ordering_rows(res.metrics, bag_size(res))[0]  # "1 model x 1 season (<season>) raw"
-    if not (res.by_season and res.ordering_steps and "(" in first):
+    first, second = ordering_rows(res.metrics, bag_size(res))[:2]  # "1 model x 1 season (<season>) raw", ...
+    step = (res.ordering_steps or {}).get(f"{second} - {first}")  # the key ordering_steps writes
+    if not (res.by_season and step and "(" in first):
         return None
     season = first.split("(")[1].split(")")[0]
     by_season = {s: v["model raw"] for s, v in res.by_season.items()}
     if season not in by_season or len(by_season) < 2:
         return None
     lead = by_season[season] - max(v for s, v in by_season.items() if s != season)
-    return season, by_season, lead, next(iter(res.ordering_steps.values()))
+    return season, by_season, lead, step
 
 
 def print_first_step_by_season(results: list[WorldResult]) -> None:

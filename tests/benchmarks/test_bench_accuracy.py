@@ -218,10 +218,11 @@ def saved_world(seed: int, order: tuple[float, float, float], warehouse_people: 
         names = ("spring", "summer", "autumn", "winter")
         saved["by_season"] = {n: {"model raw": v, "BuiltUp disaggregation": 0.5} for n, v in zip(names, seasons)}
         step = order[1] - order[0]
-        saved["ordering_steps"] = {"first": {"estimate": step, "low": step - 0.01, "high": step + 0.01, "level": 0.95,
-                                             "share_above_zero": 0.5},
-                                   "second": {"estimate": order[2] - order[1], "low": 0.0, "high": 0.1,
-                                              "level": 0.95, "share_above_zero": 0.9}}
+        one, four = "1 model x 1 season (summer) raw", "1 model x 4 seasons raw"  # keys as ordering_steps writes
+        saved["ordering_steps"] = {f"{four} - {one}": {"estimate": step, "low": step - 0.01, "high": step + 0.01,
+                                                       "level": 0.95, "share_above_zero": 0.5},
+                                   f"{bag} raw - {four}": {"estimate": order[2] - order[1], "low": 0.0, "high": 0.1,
+                                                           "level": 0.95, "share_above_zero": 0.9}}
     return saved
 
 
