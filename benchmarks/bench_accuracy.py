@@ -645,6 +645,11 @@ def ordering_rows(names: Iterable[str], members: int) -> list[str]:
     return [k for k in names if k.endswith(" raw") and k.startswith(starts)]
 
 
+def ordering_step_key(first: str, second: str) -> str:
+    """The key of the step from row ``first`` to row ``second`` in :func:`ordering_steps`' results."""
+    return f"{second} - {first}"
+
+
 def ordering_steps(maps_1ha: dict[str, np.ndarray], truth: np.ndarray, members: int) -> dict[str, dict[str, float]]:
     """Each step of the ordering 1 x 1 < 1 x 4 < Bag (raw R^2 differences) with its 95 % block-bootstrap
     interval over 1 km blocks: whether the step would hold on another draw of places."""
@@ -652,7 +657,8 @@ def ordering_steps(maps_1ha: dict[str, np.ndarray], truth: np.ndarray, members: 
 
     rows = ordering_rows(maps_1ha, members)
     blocks = grid_blocks(truth.shape)
-    return {f"{second} - {first}": r2_difference_interval(maps_1ha[first], maps_1ha[second], truth, blocks).as_dict()
+    return {ordering_step_key(first, second):
+            r2_difference_interval(maps_1ha[first], maps_1ha[second], truth, blocks).as_dict()
             for first, second in zip(rows, rows[1:])}
 
 
@@ -826,7 +832,7 @@ def first_step_by_season(res: WorldResult) -> tuple[str, dict[str, float], float
     R^2 by season, that season's lead over the model's best other season, the step with its interval);
     None for a run that saved no seasons or steps."""
     first, second = ordering_rows(res.metrics, bag_size(res))[:2]  # "1 model x 1 season (<season>) raw", ...
-    step = (res.ordering_steps or {}).get(f"{second} - {first}")  # the key ordering_steps writes
+    step = (res.ordering_steps or {}).get(ordering_step_key(first, second))
     if not (res.by_season and step and "(" in first):
         return None
     season = first.split("(")[1].split(")")[0]
