@@ -27,7 +27,8 @@ the fine population of those worlds (``popcorn pretrain-occupancy``; never an ev
 seed) and every member starts from it (``--pretrain-per-member``: each member from its own
 pretraining, seeded like the member); ``--world-shift NAME`` evaluates worlds with another look;
 ``--member-statistic median`` (beyond the paper) makes the ensemble rows the per-pixel median of
-the members' maps (own maps folder ``maps_median``; the members are reused);
+the members' maps (own maps folder ``maps_median``; the members are reused), ``harmonic`` their
+per-pixel harmonic mean (``maps_harmonic``);
 ``--member-region-fraction F`` (beyond the paper, bagging) trains each member on its own random
 share F of the census regions and prints its out-of-bag census R^2 on the rest.
 
@@ -158,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "each composite observed around it; popcorn predict --season-weights)")
     p.add_argument("--member-statistic", choices=MEMBER_STATISTICS, default="mean",
                    help="how the ensemble rows combine the members' season-averaged maps: mean (the paper), the "
-                        "per-pixel median, or collocation weights (beyond the paper; popcorn predict "
-                        "--member-statistic)")
+                        "per-pixel median, collocation weights or the per-pixel harmonic mean (beyond the paper; "
+                        "popcorn predict --member-statistic)")
     p.add_argument("--season-statistic", choices=SEASON_STATISTICS, default="mean",
                    help="how each checkpoint's seasonal maps combine in the four-season rows: mean (the paper), "
                         "their per-pixel median or their collocation-weighted mean (beyond the paper; popcorn "

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the ensemble with it; beyond the paper); collocation: their mean weighted by the inverse "
                         "of each one's own error variance, estimated without labels from how the checkpoints' 1 ha "
                         "maps differ (a first pass over the tiles; >= 3 checkpoints; member_weights.csv; beyond "
-                        "the paper)")
+                        "the paper); harmonic: per 10 m pixel, the harmonic mean of each checkpoint's season-averaged "
+                        "map (people stay where every member puts them; a roof only some members populate keeps "
+                        "little; beyond the paper)")
     g.add_argument("--season-statistic", choices=SEASON_STATISTICS, default="mean",
                    help="how each checkpoint's seasonal maps combine: mean (the paper); their per-pixel median at "
                         "10 m (a season that misleads the checkpoint at a place does not pull its map; beyond the "

@@ -12,7 +12,10 @@ takes per pixel the median of each checkpoint's season-averaged map, so that one
 census training went astray (people moved between building types the census cannot tell apart)
 does not pull the ensemble with it; ``"collocation"`` (beyond the paper) weights each checkpoint in
 the mean by the inverse of its own error variance, estimated from how it differs from the others
-(:mod:`popcorn.inference.collocation`).
+(:mod:`popcorn.inference.collocation`); ``"harmonic"`` (beyond the paper) takes per pixel the harmonic
+mean of the checkpoints' season-averaged maps, which follows the members that put fewer people on
+the pixel: people stay where all members place them, while a pixel that only some members populate
+(a warehouse roof the census cannot tell from housing) keeps little of them.
 
 Within one checkpoint, ``season_statistic="mean"`` (the paper) averages its seasonal maps;
 ``"median"`` (beyond the paper) takes their per-pixel median, so that a season whose composite
@@ -31,8 +34,12 @@ import torch
 import torch.nn.functional as F
 
 SEASON_WEIGHTS = ("equal", "observed")
-MEMBER_STATISTICS = ("mean", "median", "collocation")
+MEMBER_STATISTICS = ("mean", "median", "collocation", "harmonic")
 SEASON_STATISTICS = ("mean", "median", "collocation")
+#: Member statistics that need each checkpoint's own map of a tile, not only the running mean.
+CHECKPOINT_WISE_MEMBER_STATISTICS = ("median", "harmonic")
+#: Member statistics made per pixel from the checkpoints' maps (:func:`combine_members`).
+PER_PIXEL_MEMBER_STATISTICS = ("mean", *CHECKPOINT_WISE_MEMBER_STATISTICS)
 OBSERVED_WINDOW_PX = 8  # half-width of the window whose observed share weights a season (80 m)
 
 
@@ -114,15 +121,22 @@ class CheckpointSeasons:
 
 def combine_members(member_maps: list[np.ndarray], statistic: str,
                     shares: Sequence[float] | None = None) -> np.ndarray:
-    """Per-pixel ensemble of the checkpoints' (season-combined) maps by ``statistic``: "mean"
-    (weighted by ``shares``, default all alike) or "median"."""
-    if statistic not in ("mean", "median"):
-        raise ValueError(f"member statistic must be mean or median here, got {statistic!r}")
-    stack = np.stack(member_maps)
+    """Per-pixel ensemble of the checkpoints' (season-combined) maps by ``statistic``: "mean" or
+    "harmonic" (weighted by ``shares``, default all alike; the harmonic mean is 0 where a member's
+    map is 0 or below) or "median"."""
+    if statistic not in PER_PIXEL_MEMBER_STATISTICS:
+        raise ValueError(f"member statistic must be one of {PER_PIXEL_MEMBER_STATISTICS} here, got {statistic!r}")
+    stack = np.stack(member_maps).astype(np.float64)
     if statistic == "median":
         return np.median(stack, axis=0)
     weights = np.ones(len(member_maps)) if shares is None else np.asarray(shares, np.float64)
-    return np.tensordot(weights / weights.sum(), stack, axes=1)
+    weights = weights / weights.sum()
+    if statistic == "mean":
+        return np.tensordot(weights, stack, axes=1)
+    positive = (stack > 0).all(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inverse = np.tensordot(weights, 1.0 / np.where(stack > 0, stack, 1.0), axes=1)
+        return np.where(positive, 1.0 / inverse, np.where(np.isnan(stack).any(axis=0), np.nan, 0.0))
 
 
 class DihedralMean(torch.nn.Module):

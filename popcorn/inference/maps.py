@@ -14,7 +14,8 @@
   1 ha sums (not a sum of 10 m stds). With ``season_weights="observed"`` each season counts per
   pixel by how much of its composite is observed around the pixel; with ``member_statistic="median"``
   the population maps are the per-pixel median of the checkpoints' season means (1 ha = sums of
-  the 10 m median; :mod:`popcorn.inference.ensemble`); with ``"collocation"`` a first pass over the
+  the 10 m median; ``"harmonic"``: their harmonic mean; :mod:`popcorn.inference.ensemble`); with
+  ``"collocation"`` a first pass over the
   tiles maps each checkpoint alone at 1 ha, and the checkpoints are weighted by the inverse of their
   own error variance estimated from their pairwise differences (:mod:`popcorn.inference.collocation`).
   With ``season_statistic="median"`` each checkpoint's seasons are combined by their per-pixel
@@ -55,6 +56,7 @@ from popcorn.inference.area import resolve_area
 from popcorn.inference.collocation import (MIN_MEMBERS, MemberWeights, SeasonCollocationWeights, member_weights,
                                           season_collocation_weights_of)
 from popcorn.inference.ensemble import (
+    CHECKPOINT_WISE_MEMBER_STATISTICS,
     CheckpointSeasons,
     RunningMean,
     combine_members,
@@ -93,6 +95,8 @@ def ensemble_name(settings: PredictSettings) -> str:
                 "(N-cornered hat)")
     if settings.member_statistic == "median":
         return f"per-pixel median over the checkpoints of their {seasons}"
+    if settings.member_statistic == "harmonic":
+        return f"per-pixel harmonic mean over the checkpoints of their {seasons}"
     return "ensemble mean" if settings.season_statistic == "mean" else f"mean of the checkpoints' {seasons}"
 
 
@@ -124,7 +128,7 @@ def predict_tile(
     _, cell_n = block_sum_partial(np.zeros((h, w)), valid)
     weights = season_weights(data, seasons_by, (dr, dc, h, w))
     pop10, pop1 = RunningMean(), RunningMean()
-    per_checkpoint = members_by == "median" or season_statistic == "median"
+    per_checkpoint = members_by in CHECKPOINT_WISE_MEMBER_STATISTICS or season_statistic == "median"
     by_member = [CheckpointSeasons(season_statistic) for _ in members] if per_checkpoint else []
     bu_sum = np.zeros((h, w), np.float64)
     occ_sum = np.zeros((h, w), np.float64)
@@ -153,8 +157,9 @@ def predict_tile(
                 occ_weight += weight * ok
     nan = np.float32(np.nan)
     out: dict[str, np.ndarray] = {}
-    pop10_map = (combine_members([m.combined() for m in by_member], "median" if members_by == "median" else "mean",
-                                 member_weights) if by_member else pop10.mean)
+    member_statistic = members_by if members_by in CHECKPOINT_WISE_MEMBER_STATISTICS else "mean"
+    pop10_map = (combine_members([m.combined() for m in by_member], member_statistic, member_weights)
+                 if by_member else pop10.mean)
     out["population_10m"] = np.where(valid, pop10_map, nan).astype(np.float32)
     out["population_10m_std"] = np.where(valid, pop10.std(), nan).astype(np.float32)
     out["builtup_score"] = np.where(valid, bu_sum / pop10.weight, nan).astype(np.float32)

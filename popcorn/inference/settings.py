@@ -32,7 +32,8 @@ class PredictSettings:
     paper's plain mean) or "observed" (each season weighted per pixel by how much of its
     composite around the pixel is observed, :mod:`popcorn.inference.ensemble`). ``member_statistic``:
     "mean" (the paper), "median" of the checkpoints' season-averaged maps per 10 m pixel, or
-    "collocation" (their mean weighted by the inverse of each one's own error variance).
+    "collocation" (their mean weighted by the inverse of each one's own error variance) or "harmonic"
+    (the per-pixel harmonic mean of their season-averaged maps).
     ``season_statistic``: "mean" (the paper), "median" of each checkpoint's seasonal maps per 10 m
     pixel, or "collocation" (their mean weighted per checkpoint by the inverse of each season's own
     error variance; >= 3 seasons); both set the seasons' weights, so not with ``season_weights="observed"``.

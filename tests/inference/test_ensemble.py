@@ -149,6 +149,19 @@ def test_combine_members_mean_and_median() -> None:
     assert np.allclose(combine_members(maps, "mean", [1.0, 0.0, 3.0]), [[7.0, 2.0]])  # (1 + 27) / 4, (5 + 3) / 4
 
 
+def test_combine_members_harmonic_follows_the_members_that_place_fewer_people() -> None:
+    maps = [np.array([[1.0, 5.0, 4.0, np.nan]]), np.array([[2.0, 0.0, 4.0, 1.0]]), np.array([[4.0, 1.0, 4.0, 2.0]])]
+    harmonic = combine_members(maps, "harmonic")
+    assert np.isclose(harmonic[0, 0], 3 / (1 + 1 / 2 + 1 / 4))  # 1.714: below the mean 2.33 and the median 2
+    assert harmonic[0, 1] == 0.0  # one member puts nobody there: nobody in the ensemble
+    assert np.isclose(harmonic[0, 2], 4.0)  # members that agree keep their value
+    assert np.isnan(harmonic[0, 3])  # nodata stays nodata
+    stack = np.stack(maps)[:, 0, :3]
+    assert (harmonic[0, :3] <= np.exp(np.log(np.maximum(stack, 1e-12)).mean(0)) + 1e-9).all()  # <= geometric mean
+    weighted = combine_members(maps, "harmonic", [1.0, 0.0, 3.0])
+    assert np.isclose(weighted[0, 0], 1 / (0.25 / 1 + 0.75 / 4))  # 2.29: weights as in the mean
+
+
 def test_checkpoint_seasons_mean_and_median() -> None:
     maps = [np.array([[1.0, 5.0]]), np.array([[2.0, 0.0]]), np.array([[9.0, 1.0]]), np.array([[4.0, 4.0]])]
     mean, median = CheckpointSeasons("mean"), CheckpointSeasons("median")
@@ -209,10 +222,24 @@ def test_member_median_is_the_median_of_each_checkpoints_season_mean(three_membe
     assert mean["tags"]["member_statistic"] == "mean"
 
 
+def test_member_harmonic_is_the_harmonic_mean_of_each_checkpoints_season_mean(three_members) -> None:
+    _, ckpts, alone, run = three_members
+    harmonic, median = run(ckpts, "harmonic", "harmonic"), run(ckpts, "median", "median")
+    stack = np.stack([a["population_10m"] for a in alone])
+    positive = (stack > 0).all(0)
+    expected = np.where(positive, len(stack) / (1 / np.where(positive, stack, 1.0)).sum(0), 0.0)
+    assert np.allclose(harmonic["population_10m"], expected, rtol=1e-4, atol=1e-5)
+    assert (harmonic["population_10m"] <= stack.mean(0) + 1e-5).all()
+    assert np.abs(harmonic["population_10m"] - median["population_10m"]).max() > 1e-3  # the option changes the map
+    assert np.allclose(harmonic["population_1ha"], block_sum(harmonic["population_10m"]), atol=1e-3)
+    assert harmonic["tags"]["member_statistic"] == "harmonic" and "harmonic" in harmonic["tags"]["units"]
+
+
 def test_unknown_member_statistic_refused(gapped_world) -> None:
     root, imagery, ckpt = gapped_world
     settings = PredictSettings(checkpoints=[str(ckpt)], imagery_root=str(imagery), member_statistic="trimmed")
-    with pytest.raises(PopcornInputError, match="--member-statistic must be one of mean, median, collocation"):
+    expected = "--member-statistic must be one of mean, median, collocation, harmonic"
+    with pytest.raises(PopcornInputError, match=expected):
         predict(settings, root / "bad_statistic", progress=False)
 
 
