@@ -51,17 +51,17 @@ def member_statistics(world: Path, run_world: Path) -> dict[str, dict[str, float
     ids, counts = census_ids(world)
     builtup, _ = dasymetric_rescale(score, ids, counts)
     single = evaluate({"x": block_sum(maps[0], FINE)}, truth)["x"]["r2"]
+    bags = {statistic: combine_members(maps, statistic) for statistic in PER_PIXEL_MEMBER_STATISTICS}
+    matched = {statistic: dasymetric_rescale(bag, ids, counts)[0] for statistic, bag in bags.items()}
+    where = where_people_go({**matched, "BuiltUp": builtup}, world, ids)  # the world's rasters read once
+    warehouses, core = where["industrial_warehouses"], where["informal_core"]
     rows: dict[str, dict[str, float]] = {}
-    for statistic in PER_PIXEL_MEMBER_STATISTICS:
-        bag = combine_members(maps, statistic)
-        matched, _ = dasymetric_rescale(bag, ids, counts)
-        r2 = evaluate({"raw": block_sum(bag, FINE), "matched": block_sum(matched, FINE)}, truth)
-        where = where_people_go({"bag": matched, "builtup": builtup}, world, ids)
-        warehouses, core = where["industrial_warehouses"], where["informal_core"]
+    for statistic, bag in bags.items():
+        r2 = evaluate({"raw": block_sum(bag, FINE), "matched": block_sum(matched[statistic], FINE)}, truth)
         rows[statistic] = {"members": float(len(maps)), "bag_raw": r2["raw"]["r2"], "step": r2["raw"]["r2"] - single,
                            "bag_matched": r2["matched"]["r2"],
-                           "warehouses": warehouses["bag"] / max(warehouses["builtup"], 1e-9),
-                           "dense_fill": core["bag"] / max(core["truth"], 1e-9)}
+                           "warehouses": warehouses[statistic] / max(warehouses["BuiltUp"], 1e-9),
+                           "dense_fill": core[statistic] / max(core["truth"], 1e-9)}
     return rows
 
 

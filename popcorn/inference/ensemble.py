@@ -133,10 +133,9 @@ def combine_members(member_maps: list[np.ndarray], statistic: str,
     weights = weights / weights.sum()
     if statistic == "mean":
         return np.tensordot(weights, stack, axes=1)
-    positive = (stack > 0).all(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inverse = np.tensordot(weights, 1.0 / np.where(stack > 0, stack, 1.0), axes=1)
-        return np.where(positive, 1.0 / inverse, np.where(np.isnan(stack).any(axis=0), np.nan, 0.0))
+    positive = stack > 0
+    inverse = np.tensordot(weights, 1.0 / np.where(positive, stack, 1.0), axes=1)
+    return np.where(positive.all(axis=0), 1.0 / inverse, np.where(np.isnan(stack).any(axis=0), np.nan, 0.0))
 
 
 class DihedralMean(torch.nn.Module):
