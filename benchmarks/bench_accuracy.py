@@ -25,7 +25,8 @@ coarse census only, then predicts and evaluates at 1 ha against the world's trut
 With ``--occupancy-sources SEED ...`` (beyond the paper) the occupancy branch is first trained on
 the fine population of those worlds (``popcorn pretrain-occupancy``; never an evaluated or held-out
 seed) and every member starts from it (``--pretrain-per-member``: each member from its own
-pretraining, seeded like the member); ``--world-shift NAME`` evaluates worlds with another look;
+pretraining, seeded like the member; ``--pretrain-lr-schedule cosine``: its learning rate falls to 0
+over its steps); ``--world-shift NAME`` evaluates worlds with another look;
 ``--member-statistic median`` (beyond the paper) makes the ensemble rows the per-pixel median of
 the members' maps (own maps folder ``maps_median``; the members are reused), ``harmonic`` their
 per-pixel harmonic mean (``maps_harmonic``);
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluated or held-out world; the members' network options from --fit-args), then start every member from it")
     p.add_argument("--pretrain-epochs", type=int, default=8, help="epochs of that pretraining (default 8)")
     p.add_argument("--pretrain-batches", type=int, default=250, help="batches of 4 patches per pretraining epoch")
+    p.add_argument("--pretrain-lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="that pretraining's learning rate: constant (default) or cosine, falling to 0 over its "
+                        "steps (a settled export; members' pretrainings differ less in quality)")
     p.add_argument("--pretrain-per-member", action="store_true",
                    help="one pretraining per member, seeded with the member's seed, so that the members are "
                         "trained independently as the paper's are (default: one pretraining, seed 0, shared)")
@@ -295,7 +299,8 @@ def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]
         raise SystemExit(f"error: occupancy source worlds {bad} are evaluated or held out; their labels must not train")
     run = out / (f"occupancy_pretraining_{'_'.join(map(str, args.occupancy_sources))}"
                  f"{'' if seed is None else f'_seed{seed}'}{'_gapfill' if args.season_gap_fill == 'all' else ''}"
-                 f"{'_harmonised' if args.harmonise_seasons else ''}")
+                 f"{'_harmonised' if args.harmonise_seasons else ''}"
+                 f"{'_cosine' if args.pretrain_lr_schedule == 'cosine' else ''}")
     export = run / "occupancy_weights.pt"
     worlds = [world_inputs(Path(make_settlement_world(args.data_root, size_px=args.size_px, seed=s,
                                                       mean_region_ha=args.mean_region_ha).directory), args)
@@ -309,6 +314,7 @@ def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int]
         f"--trainer.max_epochs={args.pretrain_epochs}", f"--data.batches_per_epoch={args.pretrain_batches}",
         *([] if seed is None else [f"--seed_everything={seed}"]),
         *(["--data.season_gap_fill=true"] if args.season_gap_fill == "all" else []),
+        *(["--model.lr_schedule=cosine"] if args.pretrain_lr_schedule == "cosine" else []),
     ], export, argparse.Namespace(threads=(args.threads or 1) * (1 if seed is not None else max(1, args.jobs))))
 
 
@@ -922,7 +928,8 @@ def run_worlds(args: argparse.Namespace, out: Path, worlds: list[int]) -> list[W
             if args.pretrain_per_member or member == members[0]:
                 print(f"occupancy branch {f'of member {member} ' if args.pretrain_per_member else ''}pretrained on "
                       f"the fine population of worlds {args.occupancy_sources} ({args.pretrain_epochs} epochs x "
-                      f"{args.pretrain_batches} batches) in {seconds:.0f} s -> {export}", flush=True)
+                      f"{args.pretrain_batches} batches, {args.pretrain_lr_schedule} learning rate) in {seconds:.0f} s "
+                      f"-> {export}", flush=True)
     results = []
     for seed in worlds:
         res = run_world(seed, args, out)

@@ -65,6 +65,7 @@ class OccupancyPretrainingTask(LightningModule):
         weight_decay: float = 0.0,
         hectare_px: int = 10,
         hectare_weight: float = 1.0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
     ) -> None:
         """Args:
         builtup_weights: the frozen extractor (path or URL), the one ``popcorn fit`` will use.
@@ -72,8 +73,13 @@ class OccupancyPretrainingTask(LightningModule):
             the network's options, as :class:`popcorn.tasks.WeakSupervisionTask`'s.
         lr, weight_decay: Adam settings.
         hectare_px, hectare_weight: the 1 ha blocks (pixels per side) and their term's weight.
+        lr_schedule: constant (default) or cosine: the learning rate falls from ``lr`` to 0 over the
+            run's steps, so that the export is a settled network rather than wherever the last step left
+            a constant-rate Adam (seeds then differ less in quality).
         """
         super().__init__()
+        if lr_schedule not in ("constant", "cosine"):
+            raise PopcornInputError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if hectare_px < 1 or hectare_weight < 0 or lr <= 0:
             raise PopcornInputError(
                 f"hectare_px >= 1, hectare_weight >= 0 and lr > 0 are needed; got {hectare_px}, {hectare_weight}, {lr}"
@@ -96,9 +102,14 @@ class OccupancyPretrainingTask(LightningModule):
                       prog_bar=True, batch_size=n)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.Adam(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.Adam(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        steps = max(1, int(self.trainer.estimated_stepping_batches))  # a resumed run: the same command
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def export_occupancy(self, path: str | os.PathLike[str]) -> None:
         """Write the occupancy branch, head and options (temporary file, then rename)."""

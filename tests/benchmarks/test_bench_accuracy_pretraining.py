@@ -25,7 +25,8 @@ def test_pretrained_members_with_gap_fill_tta_and_season_median(tmp_path: Path) 
                              "--pretrain-batches", "3", "--season-gap-fill", "--tta", "--season-statistic", "median",
                              out="out_pretrained")
     export = tmp_path / "out_pretrained" / "occupancy_pretraining_102_gapfill" / "occupancy_weights.pt"
-    assert "occupancy branch pretrained on the fine population of worlds [102] (1 epochs x 3 batches)" in out
+    assert ("occupancy branch pretrained on the fine population of worlds [102] (1 epochs x 3 batches, constant "
+            "learning rate)") in out
     assert export.exists() and f"-> {export}" in out
     assert "season gaps filled with the mean of the other seasons" in out
     assert "every map averaged over the 8 flips and quarter turns of its tiles (--tta)" in out
@@ -51,15 +52,17 @@ def test_pretrained_members_with_gap_fill_tta_and_season_median(tmp_path: Path) 
 def test_pretraining_per_member_with_bagging(tmp_path: Path) -> None:
     """--pretrain-per-member: each member starts from its own pretraining, seeded like the member;
     with --member-region-fraction (bagging, the same run) each member also trains on its own share
-    of the regions, drawn with its seed, and is scored out of bag on the rest."""
+    of the regions, drawn with its seed, and is scored out of bag on the rest; --pretrain-lr-schedule
+    cosine reaches every pretraining (its own export folders)."""
     out = run_tiny_benchmark(tmp_path, "--occupancy-sources", "102", "--pretrain-epochs", "1",
                              "--pretrain-batches", "3", "--pretrain-per-member", "--member-region-fraction", "0.7",
-                             out="out_per_member")
-    assert "each member on its own 70% of the regions" in out
+                             "--pretrain-lr-schedule", "cosine", out="out_per_member")
+    assert "each member on its own 70% of the regions" in out and "batches, cosine learning rate)" in out
     weights = {}
     for member in (1600, 1601):
-        export = tmp_path / "out_per_member" / f"occupancy_pretraining_102_seed{member}" / "occupancy_weights.pt"
+        export = tmp_path / "out_per_member" / f"occupancy_pretraining_102_seed{member}_cosine" / "occupancy_weights.pt"
         assert f"occupancy branch of member {member} pretrained" in out and f"-> {export}" in out
+        assert "--model.lr_schedule=cosine" in json.loads((export.parent / "done.json").read_text())["command"]
         done = tmp_path / "out_per_member" / "world_101" / f"member_{member}" / "done.json"
         command = json.loads(done.read_text())["command"]
         assert f"--model.occupancy_weights={export}" in command

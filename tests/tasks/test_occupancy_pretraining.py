@@ -126,6 +126,62 @@ def test_pretraining_learns_and_fit_starts_from_its_export(
         WeakSupervisionTask(builtup_weights=extractor_file, occupancy_weights=str(tmp_path / "other.pt"))
 
 
+def test_cosine_schedule_falls_to_zero_over_the_run(tiny_settlement_world: Path, extractor_file: str) -> None:
+    """lr_schedule="cosine": each step's rate below the last, from ``lr`` down to 0 after the
+    run's final step; "constant" keeps ``lr``; anything else is refused."""
+    rates: dict[str, list[float]] = {}
+
+    class Record(L.Callback):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+            rates.setdefault(self.name, []).append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    for schedule in ("constant", "cosine"):
+        task = OccupancyPretrainingTask(extractor_file, lr=1e-3, lr_schedule=schedule)
+        trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, callbacks=[Record(schedule)])
+        trainer.fit(task, source(tiny_settlement_world, batch_size=2, batches_per_epoch=3))
+        if schedule == "cosine":
+            assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert rates["constant"] == [1e-3] * 6
+    cosine = rates["cosine"]
+    assert len(cosine) == 6 and cosine[0] == pytest.approx(1e-3)
+    assert all(b < a for a, b in zip(cosine, cosine[1:])), cosine
+    assert cosine[3] == pytest.approx(0.5e-3)  # halfway through the 6 steps: half the rate
+    with pytest.raises(PopcornInputError, match="lr_schedule must be 'constant' or 'cosine', got 'step'"):
+        OccupancyPretrainingTask(extractor_file, lr_schedule="step")  # type: ignore[arg-type]
+
+
+def test_cosine_run_interrupted_and_resumed_ends_where_one_run_does(
+    tiny_settlement_world: Path, extractor_file: str, tmp_path: Path
+) -> None:
+    """Stopped after its first epoch and resumed from last.ckpt with the same settings, a cosine
+    run's rate and weights end as one uninterrupted run's."""
+
+    class StopAfterFirstEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, *args: object) -> None:
+            trainer.should_stop = True
+
+    def fit(folder: str, stop: bool = False, resume: str | None = None) -> OccupancyPretrainingTask:
+        L.seed_everything(0)
+        task = OccupancyPretrainingTask(extractor_file, lr=1e-2, lr_schedule="cosine")
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)
+        trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, callbacks=[checkpoint, *([StopAfterFirstEpoch()] if stop else [])])
+        trainer.fit(task, source(tiny_settlement_world, batch_size=2, batches_per_epoch=3), ckpt_path=resume)
+        return task
+
+    straight = fit("straight")
+    fit("resumed", stop=True)
+    resumed = fit("resumed", resume=str(tmp_path / "resumed" / "last.ckpt"))
+    assert resumed.trainer.global_step == straight.trainer.global_step == 6
+    assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    for name, value in straight.model.occupancy_export()["occupancy"].items():
+        torch.testing.assert_close(resumed.model.occupancy_export()["occupancy"][name], value, msg=name)
+
+
 def test_cli_exports_and_resumes(tiny_settlement_world: Path, extractor_file: str, tmp_path: Path) -> None:
     """`popcorn pretrain-occupancy`: the export loads into a fit; run again, it resumes from
     last.ckpt and continues to the same weights as one uninterrupted run."""
