@@ -14,7 +14,7 @@ the labelled, observed part of the patch). The built-up extractor stays frozen (
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from popcorn.models.builtup import BuiltUpExtractor
 from popcorn.models.popcorn import Popcorn
 
 __all__ = ["OccupancyPretrainingTask", "fine_log_l1"]
+
+#: The pretraining's learning-rate schedules (``lr_schedule``).
+LrSchedule = Literal["constant", "cosine"]
 
 
 def fine_log_l1(population: Tensor, people: Tensor, hectare_px: int = 10) -> tuple[Tensor, Tensor]:
@@ -65,7 +68,7 @@ class OccupancyPretrainingTask(LightningModule):
         weight_decay: float = 0.0,
         hectare_px: int = 10,
         hectare_weight: float = 1.0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_schedule: LrSchedule = "constant",
     ) -> None:
         """Args:
         builtup_weights: the frozen extractor (path or URL), the one ``popcorn fit`` will use.
@@ -78,7 +81,7 @@ class OccupancyPretrainingTask(LightningModule):
             a constant-rate Adam (seeds then differ less in quality).
         """
         super().__init__()
-        if lr_schedule not in ("constant", "cosine"):
+        if lr_schedule not in get_args(LrSchedule):
             raise PopcornInputError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if hectare_px < 1 or hectare_weight < 0 or lr <= 0:
             raise PopcornInputError(
