@@ -26,7 +26,8 @@ With ``--occupancy-sources SEED ...`` (beyond the paper) the occupancy branch is
 the fine population of those worlds (``popcorn pretrain-occupancy``; never an evaluated or held-out
 seed) and every member starts from it (``--pretrain-per-member``: each member from its own
 pretraining, seeded like the member; ``--pretrain-lr-schedule cosine``: its learning rate falls to 0
-over its steps); ``--world-shift NAME`` evaluates worlds with another look;
+over its steps; ``--member-occupancy-sources 201,202 203,204 ...`` instead: each member's own
+pretraining on its own group of worlds); ``--world-shift NAME`` evaluates worlds with another look;
 ``--member-statistic median`` (beyond the paper) makes the ensemble rows the per-pixel median of
 the members' maps (own maps folder ``maps_median``; the members are reused), ``harmonic`` their
 per-pixel harmonic mean (``maps_harmonic``);
@@ -191,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-per-member", action="store_true",
                    help="one pretraining per member, seeded with the member's seed, so that the members are "
                         "trained independently as the paper's are (default: one pretraining, seed 0, shared)")
+    p.add_argument("--member-occupancy-sources", nargs="+", default=None, metavar="SEED[,SEED...]",
+                   help="beyond the paper: one group of occupancy source worlds per member, in member order "
+                        "(comma-separated seeds), member k's own pretraining reading the k-th group's fine population "
+                        "in place of --occupancy-sources (implies --pretrain-per-member), so that the members learn "
+                        "from different labelled worlds and their errors differ")
     p.add_argument("--member-region-fraction", type=float, default=1.0, metavar="F",
                    help="beyond the paper (bagging): each member trains on its own random share F of the census "
                         "regions (popcorn.fit's data.val_fraction = 1 - F, split_seed = the member's seed), so that "
@@ -287,24 +293,46 @@ def region_subset_args(seed: int, fraction: float) -> list[str]:
     return [f"--data.init_args.val_fraction={1.0 - fraction:.6g}", f"--data.init_args.split_seed={seed}"]
 
 
+def member_source_groups(args: argparse.Namespace) -> dict[int, list[int]] | None:
+    """Each member's occupancy source worlds from ``--member-occupancy-sources`` (member seed ->
+    world seeds), or None without it; a malformed list stops here, before any work."""
+    if args.member_occupancy_sources is None:
+        return None
+    if args.occupancy_sources:
+        raise SystemExit("error: give either --occupancy-sources (every member's) or --member-occupancy-sources "
+                         "(one group per member), not both")
+    if len(args.member_occupancy_sources) != args.members:
+        raise SystemExit(f"error: --member-occupancy-sources gives {len(args.member_occupancy_sources)} groups for "
+                         f"{args.members} members; give one comma-separated group per member, e.g. 201,202 203,204")
+    groups = {}
+    for k, group in enumerate(args.member_occupancy_sources):
+        try:
+            groups[1600 + k] = [int(seed) for seed in group.split(",")]
+        except ValueError:
+            raise SystemExit(f"error: --member-occupancy-sources group {group!r} is not comma-separated world seeds "
+                             "(e.g. 201,202)") from None
+    return groups
+
+
 def pretrain_occupancy(args: argparse.Namespace, out: Path, evaluated: list[int],
-                       seed: int | None = None) -> tuple[str, float]:
-    """Train the occupancy branch on the fine population of ``--occupancy-sources`` (settlement
-    worlds that are neither evaluated nor held out), with the config's seed or ``seed``;
-    (export, seconds), reused when done."""
+                       seed: int | None = None, sources: list[int] | None = None) -> tuple[str, float]:
+    """Train the occupancy branch on the fine population of ``sources`` (default
+    ``--occupancy-sources``; settlement worlds that are neither evaluated nor held out), with the
+    config's seed or ``seed``; (export, seconds), reused when done."""
     from popcorn.datasets.synthetic.settlements import HELD_OUT_SEEDS, make_settlement_world
 
-    bad = sorted(set(args.occupancy_sources) & (set(evaluated) | set(HELD_OUT_SEEDS)))
+    sources = args.occupancy_sources if sources is None else sources
+    bad = sorted(set(sources) & (set(evaluated) | set(HELD_OUT_SEEDS)))
     if bad:
         raise SystemExit(f"error: occupancy source worlds {bad} are evaluated or held out; their labels must not train")
-    run = out / (f"occupancy_pretraining_{'_'.join(map(str, args.occupancy_sources))}"
+    run = out / (f"occupancy_pretraining_{'_'.join(map(str, sources))}"
                  f"{'' if seed is None else f'_seed{seed}'}{'_gapfill' if args.season_gap_fill == 'all' else ''}"
                  f"{'_harmonised' if args.harmonise_seasons else ''}"
                  f"{'_cosine' if args.pretrain_lr_schedule == 'cosine' else ''}")
     export = run / "occupancy_weights.pt"
     worlds = [world_inputs(Path(make_settlement_world(args.data_root, size_px=args.size_px, seed=s,
                                                       mean_region_ha=args.mean_region_ha).directory), args)
-              for s in args.occupancy_sources]
+              for s in sources]
     return exported_run([
         sys.executable, "-m", "popcorn.cli.pretrain_occupancy", "fit",
         "--config", str(ROOT / "experiments" / "occupancy" / "pretrain.yaml"),
@@ -882,6 +910,7 @@ def main(argv: list[str] | None = None) -> list[WorldResult]:
     from popcorn.datasets.synthetic.settlements import HELD_OUT_SEEDS, TUNING_SEEDS
 
     region_subset_args(0, args.member_region_fraction)  # a bad fraction stops here, before any work
+    member_source_groups(args)  # so does a bad list of member source worlds
     worlds = args.worlds or list(HELD_OUT_SEEDS)
     out = Path(args.out)
     if args.restart and out.exists():
@@ -917,17 +946,19 @@ def run_worlds(args: argparse.Namespace, out: Path, worlds: list[int]) -> list[W
     """The occupancy pretraining (when asked), every world, the targets and the wall time."""
     t0 = time.perf_counter()
     args.occupancy_exports = {}
-    if args.occupancy_sources:
+    groups = member_source_groups(args)
+    if args.occupancy_sources or groups:
         members = [1600 + k for k in range(args.members)]
-
+        sources = groups or {m: args.occupancy_sources for m in members}
+        per_member = args.pretrain_per_member or groups is not None
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each pretraining is a process
-            pretrained = (list(pool.map(lambda m: pretrain_occupancy(args, out, worlds, m), members))
-                          if args.pretrain_per_member else [pretrain_occupancy(args, out, worlds)] * len(members))
+            pretrained = (list(pool.map(lambda m: pretrain_occupancy(args, out, worlds, m, sources[m]), members))
+                          if per_member else [pretrain_occupancy(args, out, worlds)] * len(members))
         for member, (export, seconds) in zip(members, pretrained):
             args.occupancy_exports[member] = export
-            if args.pretrain_per_member or member == members[0]:
-                print(f"occupancy branch {f'of member {member} ' if args.pretrain_per_member else ''}pretrained on "
-                      f"the fine population of worlds {args.occupancy_sources} ({args.pretrain_epochs} epochs x "
+            if per_member or member == members[0]:
+                print(f"occupancy branch {f'of member {member} ' if per_member else ''}pretrained on "
+                      f"the fine population of worlds {sources[member]} ({args.pretrain_epochs} epochs x "
                       f"{args.pretrain_batches} batches, {args.pretrain_lr_schedule} learning rate) in {seconds:.0f} s "
                       f"-> {export}", flush=True)
     results = []
