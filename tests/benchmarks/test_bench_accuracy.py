@@ -144,6 +144,62 @@ def test_occupancy_sources_never_include_evaluated_or_held_out_worlds(tmp_path: 
     assert not any(tmp_path.iterdir())  # refused before any world is made or trained
 
 
+def test_member_occupancy_sources_give_each_member_its_own_source_worlds(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--member-occupancy-sources: member k's own pretraining (seeded like the member, per member even
+    without --pretrain-per-member) reads the k-th group's worlds, in its own export folder; the
+    members' fits start from their own exports. The pretraining itself is replaced by a recorder here
+    (test_bench_accuracy_pretraining.py trains per-member pretrainings end to end)."""
+    bench = load_benchmark("bench_accuracy")
+    commands = {}
+
+    def record(cmd: list[str], export: Path, args) -> tuple[str, float]:
+        commands[export.parent.name] = cmd
+        return str(export), 0.0
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_args) -> None:
+        raise Stop
+
+    monkeypatch.setattr(bench, "exported_run", record)
+    monkeypatch.setattr(bench, "run_world", stop)  # the worlds themselves are not the point here
+    args = bench.build_parser().parse_args(
+        ["--members", "2", "--size-px", "240", "--mean-region-ha", "40", "--data-root", str(tmp_path / "worlds"),
+         "--member-occupancy-sources", "102", "102,103", "--pretrain-lr-schedule", "cosine"])
+    with pytest.raises(Stop):
+        bench.run_worlds(args, tmp_path / "out", [101])
+    assert set(commands) == {"occupancy_pretraining_102_seed1600_cosine",
+                             "occupancy_pretraining_102_103_seed1601_cosine"}
+    printed = capsys.readouterr().out
+    for folder, member, worlds in (("occupancy_pretraining_102_seed1600_cosine", 1600, ["102"]),
+                                   ("occupancy_pretraining_102_103_seed1601_cosine", 1601, ["102", "103"])):
+        (roots,) = [a for a in commands[folder] if a.startswith("--data.imagery_roots=")]
+        assert [Path(r).name.rsplit("seed", 1)[1] for r in roots.split("=", 1)[1][1:-1].split(",")] == worlds
+        assert f"--seed_everything={member}" in commands[folder] and "--model.lr_schedule=cosine" in commands[folder]
+        assert args.occupancy_exports[member] == str(tmp_path / "out" / folder / "occupancy_weights.pt")
+        assert f"member {member} pretrained on the fine population of worlds [{', '.join(worlds)}]" in printed
+    world = Path(roots.split("=", 1)[1][1:-1].split(",")[0])
+    command = bench.member_command(world, tmp_path / "m", 1601, args, "w.pt")
+    assert f"--model.occupancy_weights={args.occupancy_exports[1601]}" in command
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--member-occupancy-sources", "201,202"], "gives 1 groups for 2 members"),
+    (["--member-occupancy-sources", "201,202", "203;204"], "group '203;204' is not comma-separated world seeds"),
+    (["--member-occupancy-sources", "201", "202", "--occupancy-sources", "201"], "not both"),
+])
+def test_member_occupancy_sources_refuse_a_bad_list_before_any_work(tmp_path: Path, options: list[str],
+                                                                    message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--builtup-weights", str(BENCH), "--members", "2", *options,
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode != 0 and message in proc.stderr and "--member-occupancy-sources" in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
 def test_member_region_fraction_draws_each_members_own_regions(tmp_path: Path) -> None:
     from popcorn.datamodules.census import split_ids
 
