@@ -293,9 +293,9 @@ def region_subset_args(seed: int, fraction: float) -> list[str]:
     return [f"--data.init_args.val_fraction={1.0 - fraction:.6g}", f"--data.init_args.split_seed={seed}"]
 
 
-def member_source_groups(args: argparse.Namespace) -> dict[int, list[int]] | None:
-    """Each member's occupancy source worlds from ``--member-occupancy-sources`` (member seed ->
-    world seeds), or None without it; a malformed list stops here, before any work."""
+def member_source_groups(args: argparse.Namespace) -> list[list[int]] | None:
+    """Each member's occupancy source worlds from ``--member-occupancy-sources`` (world seeds, in
+    member order), or None without it; a malformed list stops here, before any work."""
     if args.member_occupancy_sources is None:
         return None
     if args.occupancy_sources:
@@ -304,10 +304,10 @@ def member_source_groups(args: argparse.Namespace) -> dict[int, list[int]] | Non
     if len(args.member_occupancy_sources) != args.members:
         raise SystemExit(f"error: --member-occupancy-sources gives {len(args.member_occupancy_sources)} groups for "
                          f"{args.members} members; give one comma-separated group per member, e.g. 201,202 203,204")
-    groups = {}
-    for k, group in enumerate(args.member_occupancy_sources):
+    groups = []
+    for group in args.member_occupancy_sources:
         try:
-            groups[1600 + k] = [int(seed) for seed in group.split(",")]
+            groups.append([int(seed) for seed in group.split(",")])
         except ValueError:
             raise SystemExit(f"error: --member-occupancy-sources group {group!r} is not comma-separated world seeds "
                              "(e.g. 201,202)") from None
@@ -949,7 +949,7 @@ def run_worlds(args: argparse.Namespace, out: Path, worlds: list[int]) -> list[W
     groups = member_source_groups(args)
     if args.occupancy_sources or groups:
         members = [1600 + k for k in range(args.members)]
-        sources = groups or {m: args.occupancy_sources for m in members}
+        sources = dict(zip(members, groups or [args.occupancy_sources] * len(members)))
         per_member = args.pretrain_per_member or groups is not None
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each pretraining is a process
             pretrained = (list(pool.map(lambda m: pretrain_occupancy(args, out, worlds, m, sources[m]), members))

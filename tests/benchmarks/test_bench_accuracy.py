@@ -179,8 +179,7 @@ def test_member_occupancy_sources_give_each_member_its_own_source_worlds(tmp_pat
         assert f"--seed_everything={member}" in commands[folder] and "--model.lr_schedule=cosine" in commands[folder]
         assert args.occupancy_exports[member] == str(tmp_path / "out" / folder / "occupancy_weights.pt")
         assert f"member {member} pretrained on the fine population of worlds [{', '.join(worlds)}]" in printed
-    world = Path(roots.split("=", 1)[1][1:-1].split(",")[0])
-    command = bench.member_command(world, tmp_path / "m", 1601, args, "w.pt")
+    command = bench.member_command(tmp_path / "world", tmp_path / "m", 1601, args, "w.pt")
     assert f"--model.occupancy_weights={args.occupancy_exports[1601]}" in command
 
 
